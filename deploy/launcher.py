@@ -269,6 +269,10 @@ class TritonServer:
                 f"tritonserver exited with code {self._process.returncode} before it was ready\n{self.log_tail()}"
             )
 
+    def poll(self) -> int | None:
+        """Triton's exit code once it has exited, else None."""
+        return self._process.poll() if self._process else None
+
     def wait(self) -> int:
         """Block until Triton exits; return its exit code."""
         assert self._process is not None

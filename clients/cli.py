@@ -1,0 +1,139 @@
+"""The ``tritonrag`` command line: export models, run Triton, bring the stack up."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer
+from tritonrag.server.config import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML settings file (env TRITONRAG_* wins).")]
+
+
+class Task(StrEnum):
+    embedder = "embedder"
+    reranker = "reranker"
+
+
+class Target(StrEnum):
+    python = "python"
+    native = "native"
+
+
+class Quantization(StrEnum):
+    int8 = "int8"
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return Settings.load(config)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+
+
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="hf:<id>, pypi:<package> or path:<dir>")],
+    task: Annotated[Task, typer.Option(help="What the model serves as.")],
+    repository: Annotated[Path | None, typer.Option(help="Model repository (default: the configured one).")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name in the repository (default: the task).")] = None,
+    quantize: Annotated[Quantization | None, typer.Option(help="Also quantise the weights.")] = None,
+    target: Annotated[Target, typer.Option(help="native also writes configs for the full Triton container.")] = (
+        Target.python
+    ),
+    native_repository: Annotated[Path | None, typer.Option(help="Where --target native writes its models.")] = None,
+    max_sequence_length: Annotated[int | None, typer.Option(min=8, help="Token limit (default: the model's).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Export a model to ONNX as a new version in the model repository, with a parity check."""
+    from tritonrag.export.exporter import ExportError, export_model
+
+    settings = _settings(config)
+    try:
+        result = export_model(
+            source,
+            task.value,
+            repository or settings.triton.repository,
+            model_name=name,
+            quantize=quantize.value if quantize else None,
+            target=target.value,
+            max_sequence_length=max_sequence_length,
+            native_repository=native_repository,
+        )
+    except ExportError as exc:
+        typer.echo(f"export failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"exported {source} as version {result.version}: {result.version_dir}")
+    for key, value in result.parity.items():
+        typer.echo(f"  parity {key}: {value}")
+
+
+def has_version(model_dir: Path) -> bool:
+    """True when ``model_dir`` holds at least one exported version."""
+    return model_dir.is_dir() and any(v.name.isdigit() and (v / "model.onnx").is_file() for v in model_dir.iterdir())
+
+
+def _serve_until_signalled(server: TritonServer) -> int:
+    """Run until SIGINT/SIGTERM or until Triton exits; stop Triton cleanly; return an exit code."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        code = server.poll()
+        if code is not None:
+            typer.echo(f"tritonserver exited with code {code}", err=True)
+            return code or 1
+    server.stop()
+    return 0
+
+
+def _start_triton(settings: Settings) -> TritonServer:
+    t = settings.triton
+    server = TritonServer(
+        t.repository,
+        TritonEndpoints(t.address, t.http_port, t.grpc_port, t.metrics_port),
+        t.models,
+        settings.work_dir,
+        log_verbose=t.log_verbose,
+    )
+    try:
+        server.start(timeout_s=t.startup_timeout_s)
+    except TritonLaunchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    ep = server.endpoints
+    typer.echo(f"Triton ready: HTTP {ep.http_url}, gRPC {ep.grpc_url}, metrics {ep.metrics_url}")
+    typer.echo(f"models: {', '.join(t.models)} from {t.repository}")
+    return server
+
+
+@app.command()
+def triton(config: ConfigOption = None) -> None:
+    """Run Triton on the model repository until interrupted."""
+    server = _start_triton(_settings(config))
+    raise typer.Exit(_serve_until_signalled(server))
+
+
+@app.command()
+def up(config: ConfigOption = None) -> None:
+    """Bring the stack up on embedded defaults, exporting the default models first if missing."""
+    settings = _settings(config)
+    for name in settings.triton.models:
+        if has_version(settings.triton.repository / name):
+            continue
+        source = settings.default_sources.get(name)
+        if source is None:
+            typer.echo(f"error: model '{name}' has no version and no default source to export it from", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"exporting {name} from {source} (first start only)")
+        export(source, Task(name), config=config)
+    server = _start_triton(settings)
+    raise typer.Exit(_serve_until_signalled(server))
