@@ -39,14 +39,14 @@ def test_instance_kind_follows_the_device(gpu: bool, kind: str) -> None:
 
 
 def test_missing_config_names_the_model(tmp_path: Path) -> None:
-    with pytest.raises(TritonLaunchError, match="model 'nope' has no .*config.pbtxt"):
+    with pytest.raises(TritonLaunchError, match=r"model 'nope' has no .*config\.pbtxt"):
         load_model_config(tmp_path, "nope")
 
 
 def test_broken_config_names_the_model(tmp_path: Path) -> None:
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.pbtxt").write_text("max_batch_size: [")
-    with pytest.raises(TritonLaunchError, match="model 'bad'.*does not parse"):
+    with pytest.raises(TritonLaunchError, match=r"model 'bad'.*does not parse"):
         load_model_config(tmp_path, "bad")
 
 
