@@ -1,0 +1,214 @@
+"""Request and response types of the core, shared by the HTTP and gRPC front-ends.
+
+Validation lives here, once: both front-ends build these models from their wire format,
+so a bad field gets the same message over HTTP (422) and gRPC (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MetadataValue = str | int | float | bool | list[str] | list[int] | list[float]
+Metadata = dict[str, MetadataValue]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+
+
+class IndexType(StrEnum):
+    """FAISS index family; ``auto`` picks by collection size."""
+
+    flat = "flat"
+    ivf = "ivf"
+    hnsw = "hnsw"
+    auto = "auto"
+
+
+class SearchMode(StrEnum):
+    dense = "dense"
+    sparse = "sparse"
+    hybrid = "hybrid"
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Chunking(Strict):
+    """How documents are cut: windows of the embedder's tokens, with overlap."""
+
+    chunk_tokens: int = Field(200, ge=16, le=512)
+    overlap_tokens: int = Field(40, ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> Chunking:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError("overlap_tokens must be smaller than chunk_tokens")
+        return self
+
+
+class CollectionCreate(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    chunking: Chunking = Chunking()
+    index_type: IndexType = IndexType.auto
+
+
+class ModelVersion(BaseModel):
+    name: str
+    version: str
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    chunking: Chunking
+    index_type: IndexType
+    active_index: str
+    documents: int
+    chunks: int
+    size_bytes: int
+    generation: int
+    embedder: ModelVersion | None
+    created_at: float
+
+
+class DocumentIn(Strict):
+    id: str = Field(min_length=1, max_length=256)
+    text: str = Field(min_length=1)
+    metadata: Metadata = {}
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text is empty")
+        return value
+
+
+class Document(BaseModel):
+    id: str
+    text: str
+    metadata: Metadata
+    chunks: int
+    updated_at: float
+
+
+class UpsertRequest(Strict):
+    documents: list[DocumentIn] = Field(min_length=1)
+
+    @field_validator("documents")
+    @classmethod
+    def _unique_ids(cls, documents: list[DocumentIn]) -> list[DocumentIn]:
+        seen: set[str] = set()
+        for doc in documents:
+            if doc.id in seen:
+                raise ValueError(f"document id {doc.id!r} appears twice in one request")
+            seen.add(doc.id)
+        return documents
+
+
+class UpsertResult(BaseModel):
+    collection: str
+    documents: int
+    chunks: int
+    job_id: str | None = None
+
+
+class Condition(Strict):
+    """One metadata test: ``eq``/``in`` on any value, ``gt``/``gte``/``lt``/``lte`` on numbers."""
+
+    field: str = Field(min_length=1, max_length=128)
+    op: Literal["eq", "in", "gt", "gte", "lt", "lte"]
+    value: MetadataValue
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> Condition:
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("'in' takes a list value")
+        if self.op in ("gt", "gte", "lt", "lte") and (
+            isinstance(self.value, bool) or not isinstance(self.value, int | float)
+        ):
+            raise ValueError(f"'{self.op}' takes a number")
+        return self
+
+
+class And(Strict):
+    and_: list[Filter] = Field(alias="and", min_length=1)
+
+
+class Or(Strict):
+    or_: list[Filter] = Field(alias="or", min_length=1)
+
+
+Filter = Annotated[Condition | And | Or, Field(union_mode="left_to_right")]
+And.model_rebuild()
+Or.model_rebuild()
+
+
+class DeleteByFilterRequest(Strict):
+    filters: Filter
+
+
+class Mmr(Strict):
+    lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0)
+
+
+class SearchRequest(Strict):
+    collection: str = Field(pattern=NAME_PATTERN)
+    query: str = Field(min_length=1, max_length=4096)
+    top_k: int = Field(10, ge=1, le=100)
+    mode: SearchMode = SearchMode.hybrid
+    filters: Filter | None = None
+    rerank: bool = False
+    rerank_top_n: int = Field(50, ge=1, le=200)
+    mmr: Mmr | None = None
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query is empty")
+        return value
+
+
+class SearchHit(BaseModel):
+    doc_id: str
+    chunk_id: int
+    text: str
+    start: int
+    end: int
+    metadata: Metadata
+    score: float
+    scores: dict[str, float]
+
+
+class SearchResponse(BaseModel):
+    collection: str
+    hits: list[SearchHit]
+    timings_ms: dict[str, float]
+    degraded: list[str] = []
+
+
+class DocumentError(BaseModel):
+    doc_id: str
+    error: str
+
+
+class JobInfo(BaseModel):
+    id: str
+    collection: str
+    status: JobStatus
+    total: int
+    done: int
+    failed: int
+    errors: list[DocumentError]
+    created_at: float
+    updated_at: float
