@@ -19,16 +19,24 @@ $(INSTALLED): pyproject.toml deploy/install-system-deps.sh
 	for d in server export clients deploy; do ln -sfn ../../../$$d $(VENV)/src/tritonrag/$$d; done
 	touch $(INSTALLED)
 
-install: $(INSTALLED)
+# The gRPC code (messages, stubs, typing stubs), generated from the .proto and git-ignored.
+PROTO := clients/proto/tritonrag/v1/tritonrag.proto
+GRPC_CODE := $(PROTO:.proto=_pb2.py)
+
+$(GRPC_CODE): $(PROTO) clients/proto/build.py $(INSTALLED)
+	$(BIN)/python clients/proto/build.py
+
+install: $(INSTALLED) $(GRPC_CODE)
 
 ## Export the default models if missing and run the stack on embedded defaults.
-up: $(INSTALLED)
+up: $(INSTALLED) $(GRPC_CODE)
 	HF_HUB_OFFLINE=1 $(BIN)/tritonrag up
 
-lint: $(INSTALLED)
+lint: $(INSTALLED) $(GRPC_CODE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy -p tritonrag tests bench
+	$(BIN)/mypy -p tritonrag
+	$(BIN)/mypy tests bench
 
 ## Lint, types and the whole test suite.
 test: lint

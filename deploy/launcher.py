@@ -83,6 +83,8 @@ def free_port(address: str = "127.0.0.1") -> int:
 
 def _check_port_free(address: str, port: int, what: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As Triton binds: a port left in TIME_WAIT by a stopped server is free to reuse.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address, port))
         except OSError as exc:

@@ -7,9 +7,9 @@ so a bad field gets the same message over HTTP (422) and gRPC (INVALID_ARGUMENT)
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 MetadataValue = str | int | float | bool | list[str] | list[int] | list[float]
 Metadata = dict[str, MetadataValue]
@@ -148,7 +148,17 @@ class Or(Strict):
     or_: list[Filter] = Field(alias="or", min_length=1)
 
 
-Filter = Annotated[Condition | And | Or, Field(union_mode="left_to_right")]
+def _filter_kind(value: Any) -> str:
+    """Which filter model a value is: ``and``/``or`` by key, else a condition."""
+    if isinstance(value, dict):
+        return "and" if "and" in value else "or" if "or" in value else "condition"
+    return "and" if isinstance(value, And) else "or" if isinstance(value, Or) else "condition"
+
+
+Filter = Annotated[
+    Annotated[Condition, Tag("condition")] | Annotated[And, Tag("and")] | Annotated[Or, Tag("or")],
+    Discriminator(_filter_kind),
+]
 And.model_rebuild()
 Or.model_rebuild()
 

@@ -1,0 +1,175 @@
+"""The text-in Triton models on a real tritonserver, with tiny models exported by the real exporter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from transformers import AutoModelForCausalLM
+from tritonclient.utils import InferenceServerException
+
+from tests import reference
+from tests.serving import embed, rerank, running_triton, text_input
+from tritonrag.deploy.launcher import TritonLaunchError, TritonServer
+from tritonrag.export.runtime.encoding import ModelMetadata
+
+SENTENCES = [
+    "Hi.",
+    "What is the capital of France?",
+    "Paris is the capital and most populous city of France, on the Seine.",
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch of the red barn.",
+    "Short one.",
+]
+PAIRS = [
+    ("capital of france", "Paris is the capital of France."),
+    ("capital of france", "Bananas are yellow and grow in bunches on tall plants in warm places."),
+    ("how do vaccines work", "Vaccines train the immune system."),
+    ("how do vaccines work", "The stock market fell."),
+]
+
+
+def test_embedder_equals_pytorch_for_mixed_lengths_in_one_request(
+    tiny_client: grpcclient.InferenceServerClient, tiny_sources: dict[str, Path]
+) -> None:
+    served = embed(tiny_client, SENTENCES)
+    expected = reference.embeddings(tiny_sources["embedder"], SENTENCES, max_length=32)
+    assert served.shape == expected.shape == (len(SENTENCES), 32)
+    assert (served * expected).sum(axis=1).min() >= 0.999
+
+
+def test_over_long_text_is_truncated_by_default_and_rejected_when_configured(
+    tiny_client: grpcclient.InferenceServerClient, tiny_sources: dict[str, Path]
+) -> None:
+    long_text = " ".join(["word"] * 100)
+    served = embed(tiny_client, [long_text])
+    expected = reference.embeddings(tiny_sources["embedder"], [long_text], max_length=32)
+    assert float(served[0] @ expected[0]) >= 0.999
+    with pytest.raises(InferenceServerException, match=r"102 tokens, over the model's limit of 32") as caught:
+        embed(tiny_client, [long_text], model="embedder_strict")
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_cross_encoder_scores_equal_pytorch(
+    tiny_client: grpcclient.InferenceServerClient, tiny_sources: dict[str, Path]
+) -> None:
+    served = np.concatenate([rerank(tiny_client, q, [p]) for q, p in PAIRS])
+    batched = np.concatenate([rerank(tiny_client, PAIRS[0][0], [p for _, p in PAIRS[:2]])])
+    expected = reference.cross_encoder_scores(tiny_sources["cross_encoder"], PAIRS, max_length=32)
+    assert np.abs(served - expected).max() <= 1e-3
+    assert np.abs(batched - expected[:2]).max() <= 1e-3
+
+
+def test_generative_reranker_scores_equal_pytorch(
+    tiny_client: grpcclient.InferenceServerClient, tiny_sources: dict[str, Path], tiny_repository: Path
+) -> None:
+    version_dir = tiny_repository / "reranker_generative" / "1"
+    metadata = ModelMetadata.read(version_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_sources["generative"])
+    scorer = reference.YesNoReference(model, version_dir, metadata.extra["yes_token_id"], metadata.extra["no_token_id"])
+    queries, passages = zip(*PAIRS, strict=True)
+    # One request with rows of different lengths: padding must not change any row's score.
+    inputs = [text_input("QUERY", queries), text_input("PASSAGE", passages)]
+    served = tiny_client.infer("reranker_generative", inputs).as_numpy("SCORE").reshape(-1)
+    assert np.abs(served - scorer.scores(list(PAIRS))).max() <= 1e-3
+
+
+def _stats(server: TritonServer, model: str) -> tuple[int, int]:
+    url = f"http://{server.endpoints.http_url}/v2/models/{model}/stats"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        stats = json.loads(response.read())["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+async def _concurrent_embeddings(url: str, texts: list[str]) -> list[np.ndarray]:
+    client = aioclient.InferenceServerClient(url)
+    try:
+        results = await asyncio.gather(*(client.infer("embedder", [text_input("TEXT", [t])]) for t in texts))
+    finally:
+        await client.close()
+    return [r.as_numpy("EMBEDDING")[0] for r in results]
+
+
+def test_concurrent_requests_are_batched_without_changing_results(
+    tiny_triton: TritonServer, tiny_client: grpcclient.InferenceServerClient
+) -> None:
+    texts = [f"{SENTENCES[i % len(SENTENCES)]} (request {i})" for i in range(32)]
+    before = _stats(tiny_triton, "embedder")
+    batched = asyncio.run(_concurrent_embeddings(tiny_triton.endpoints.grpc_url, texts))
+    inferences, executions = (a - b for a, b in zip(_stats(tiny_triton, "embedder"), before, strict=True))
+    assert inferences == 32
+    assert executions < inferences, f"{executions} executions for {inferences} requests: nothing was batched"
+    alone = embed(tiny_client, texts)
+    assert np.abs(np.stack(batched) - alone).max() < 1e-5
+
+
+def _error(call: object) -> InferenceServerException:
+    assert callable(call)
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return caught.value
+
+
+def test_bad_inputs_get_clear_invalid_argument_errors(tiny_client: grpcclient.InferenceServerClient) -> None:
+    empty = _error(lambda: embed(tiny_client, ["fine", "  "]))
+    assert empty.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "TEXT[1]: text is empty" in empty.message()
+
+    not_utf8 = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+    not_utf8.set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=object))
+    assert "TEXT[0] is not valid UTF-8" in _error(lambda: tiny_client.infer("embedder", [not_utf8])).message()
+
+    numbers = grpcclient.InferInput("TEXT", [1, 1], "INT32")
+    numbers.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+    wrong_type = _error(lambda: tiny_client.infer("embedder", [numbers]))
+    assert "TYPE_STRING" in wrong_type.message() or "BYTES" in wrong_type.message()
+
+    one_query = [text_input("QUERY", ["q", "q"]), text_input("PASSAGE", ["p"])]
+    assert _error(lambda: tiny_client.infer("reranker", one_query)).status() == "StatusCode.INVALID_ARGUMENT"
+
+    empty_passage = _error(lambda: rerank(tiny_client, "query", [""]))
+    assert "passage is empty" in empty_passage.message()
+
+
+def test_unknown_model_is_named(tiny_client: grpcclient.InferenceServerClient) -> None:
+    unknown = _error(lambda: embed(tiny_client, ["x"], model="no_such_model"))
+    assert "no_such_model" in unknown.message()
+
+
+async def _mixed_batch(url: str) -> list[object]:
+    client = aioclient.InferenceServerClient(url)
+    try:
+        calls = [client.infer("embedder", [text_input("TEXT", ["" if i % 4 == 0 else f"text {i}"])]) for i in range(16)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await client.close()
+
+
+def test_a_bad_request_fails_alone_within_a_batch(tiny_triton: TritonServer) -> None:
+    results = asyncio.run(_mixed_batch(tiny_triton.endpoints.grpc_url))
+    for i, result in enumerate(results):
+        if i % 4 == 0:
+            assert isinstance(result, InferenceServerException) and "text is empty" in result.message()
+        else:
+            assert not isinstance(result, BaseException), result
+            assert result.as_numpy("EMBEDDING").shape == (1, 32)  # type: ignore[attr-defined]
+
+
+def test_a_model_that_fails_to_load_is_named_with_tritons_reason(tiny_repository: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    broken = repository / "embedder" / "1"
+    broken.mkdir(parents=True)
+    for name in ("model.py", "tokenizer.json", "tritonrag.json"):
+        (broken / name).write_bytes((tiny_repository / "embedder" / "1" / name).read_bytes())
+    (broken / "model.onnx").write_bytes(b"this is not an onnx graph")
+    (repository / "embedder" / "config.pbtxt").write_bytes((tiny_repository / "embedder" / "config.pbtxt").read_bytes())
+    with (
+        pytest.raises(TritonLaunchError, match=r"model 'embedder' failed to load: .*(ONNX|onnx|protobuf)"),
+        running_triton(repository, ["embedder"], tmp_path / "work"),
+    ):
+        pass
