@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 from enum import StrEnum
@@ -10,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer
+from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
 from tritonrag.server.config import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -54,7 +55,8 @@ def export(
     config: ConfigOption = None,
 ) -> None:
     """Export a model to ONNX as a new version in the model repository, with a parity check."""
-    from tritonrag.export.exporter import ExportError, export_model
+    from tritonrag.export.errors import ExportError
+    from tritonrag.export.exporter import export_model
 
     settings = _settings(config)
     try:
@@ -122,9 +124,32 @@ def triton(config: ConfigOption = None) -> None:
     raise typer.Exit(_serve_until_signalled(server))
 
 
+def _run_orchestrator(settings: Settings) -> None:
+    """Serve the HTTP and gRPC APIs until SIGINT/SIGTERM."""
+    from tritonrag.server.app import serve
+
+    api = settings.api
+    try:
+        for what, port in (("HTTP", api.http_port), ("gRPC", api.grpc_port)):
+            check_port_free(api.host, port, f"orchestrator {what}")
+    except TritonLaunchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(
+        f"orchestrator: HTTP http://{api.host}:{api.http_port}/v1 (docs at /docs), gRPC {api.host}:{api.grpc_port}"
+    )
+    asyncio.run(serve(settings))
+
+
+@app.command("serve")
+def serve_command(config: ConfigOption = None) -> None:
+    """Run the orchestrator (HTTP + gRPC) against already running Triton servers."""
+    _run_orchestrator(_settings(config))
+
+
 @app.command()
 def up(config: ConfigOption = None) -> None:
-    """Bring the stack up on embedded defaults, exporting the default models first if missing."""
+    """Bring the stack up on embedded defaults: export missing default models, start Triton and the orchestrator."""
     settings = _settings(config)
     for name in settings.triton.models:
         if has_version(settings.triton.repository / name):
@@ -136,4 +161,11 @@ def up(config: ConfigOption = None) -> None:
         typer.echo(f"exporting {name} from {source} (first start only)")
         export(source, Task(name), config=config)
     server = _start_triton(settings)
-    raise typer.Exit(_serve_until_signalled(server))
+    try:
+        _run_orchestrator(settings)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    app()

@@ -81,7 +81,8 @@ def free_port(address: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _check_port_free(address: str, port: int, what: str) -> None:
+def check_port_free(address: str, port: int, what: str) -> None:
+    """Raise TritonLaunchError naming ``what`` when ``port`` cannot be bound on ``address``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As Triton binds: a port left in TIME_WAIT by a stopped server is free to reuse.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,7 +90,7 @@ def _check_port_free(address: str, port: int, what: str) -> None:
             sock.bind((address, port))
         except OSError as exc:
             raise TritonLaunchError(
-                f"Triton {what} port {port} on {address} is already in use ({exc.strerror}); "
+                f"{what} port {port} on {address} is already in use ({exc.strerror}); "
                 f"stop what holds it or choose another port"
             ) from exc
 
@@ -185,7 +186,7 @@ class TritonServer:
             raise TritonLaunchError(f"model repository {self.repository} does not exist")
         ep = self.endpoints
         for what, port in (("HTTP", ep.http_port), ("gRPC", ep.grpc_port), ("metrics", ep.metrics_port)):
-            _check_port_free(ep.address, port, what)
+            check_port_free(ep.address, port, f"Triton {what}")
         configs = {name: load_model_config(self.repository, name) for name in self.models}
         self.work_dir.mkdir(parents=True, exist_ok=True)
         command = [

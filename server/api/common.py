@@ -1,0 +1,54 @@
+"""What both front-ends share: the core they call, and how a failed validation is worded."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from ..errors import InvalidArgumentError
+from ..schema import (
+    CollectionCreate,
+    CollectionInfo,
+    DeleteByFilterRequest,
+    Document,
+    JobInfo,
+    SearchRequest,
+    SearchResponse,
+    UpsertRequest,
+    UpsertResult,
+)
+
+
+class Core(Protocol):
+    """The use cases the front-ends call: ``RagCore`` (server/pipeline.py) or a test double."""
+
+    async def create_collection(self, request: CollectionCreate) -> CollectionInfo: ...
+    async def list_collections(self) -> list[CollectionInfo]: ...
+    async def get_collection(self, name: str) -> CollectionInfo: ...
+    async def delete_collection(self, name: str) -> None: ...
+    async def upsert_documents(self, collection: str, request: UpsertRequest) -> UpsertResult: ...
+    async def get_document(self, collection: str, doc_id: str) -> Document: ...
+    async def delete_document(self, collection: str, doc_id: str) -> None: ...
+    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> int: ...
+    async def search(self, request: SearchRequest) -> SearchResponse: ...
+    async def get_job(self, job_id: str) -> JobInfo: ...
+    async def readiness(self) -> dict[str, bool]: ...
+
+
+def invalid_argument(errors: Sequence[Mapping[str, Any]]) -> InvalidArgumentError:
+    """One error for a failed validation, worded the same over HTTP and gRPC.
+
+    ``errors`` are pydantic's (``ValidationError.errors()``). The message lists every problem as
+    ``field.path: problem``, sorted, since the order of keys differs between a JSON object and a
+    protobuf Struct; ``field`` names the first one.
+    """
+    problems = sorted((".".join(map(str, error["loc"])), _problem(error)) for error in errors)
+    message = "; ".join(f"{field}: {problem}" if field else problem for field, problem in problems)
+    return InvalidArgumentError(message, field=problems[0][0] or None)
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """Pydantic's message, without the "Value error, " it puts before our validators' own words."""
+    if error["type"] == "value_error" and "ctx" in error:
+        return str(error["ctx"]["error"])
+    return str(error["msg"])

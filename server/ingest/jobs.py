@@ -1,0 +1,283 @@
+"""``JobRunner``: large upserts as background jobs that survive a restart.
+
+A job's documents are written to a payload file (``<jobs_dir>/<name>.jsonl``, one document per
+line) before its row is created in the catalog; the row's JSON payload names the file and the
+byte offset up to which every document is settled. After each batch of ``batch_documents`` the
+runner records, in one catalog update, the new offset with the progress counts and errors, so a
+restarted runner resumes at the first unsettled batch. A batch whose upsert was acknowledged just
+before a crash is upserted again on resume, which replaces the same documents: at least once,
+never lost.
+
+A batch that fails with a transient error (Triton unavailable, a deadline) is retried with backoff;
+when that does not help, or the collection is gone, the job stops and its remaining documents
+count as failed. Any other failure is narrowed down to the documents that cause it, which are
+recorded as failed while the others are upserted. A job ends ``succeeded`` when at least one of
+its documents was upserted (its failures are listed), else ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonrag.server.config import IngestSettings
+from tritonrag.server.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotFoundError,
+    TritonRagError,
+    UnavailableError,
+)
+from tritonrag.server.routing.resilience import backoff_delay
+from tritonrag.server.schema import DocumentError, DocumentIn, JobInfo, JobStatus
+from tritonrag.server.store.catalog import Catalog, JobRecord
+
+log = logging.getLogger(__name__)
+
+Upsert = Callable[[str, Sequence[DocumentIn]], Awaitable[int]]
+"""``upsert(collection, documents) -> chunks written``; returns once the documents are stored."""
+
+FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed})
+_TRANSIENT = (UnavailableError, DeadlineExceededError)
+
+
+class _JobStoppedError(Exception):
+    """The job cannot go on; every document not yet settled fails with this reason."""
+
+
+@dataclass
+class _JobState:
+    """A job's settled state, as stored in its catalog row."""
+
+    file: str
+    offset: int
+    done: int
+    failed: int
+    errors: list[DocumentError] = field(default_factory=list)
+
+    def payload(self) -> dict[str, Any]:
+        return {"file": self.file, "offset": self.offset}
+
+
+class JobRunner:
+    """Runs upsert jobs in the background, ``concurrent_jobs`` at a time, recording them in the catalog."""
+
+    def __init__(
+        self, catalog: Catalog, upsert: Upsert, jobs_dir: Path, settings: IngestSettings | None = None
+    ) -> None:
+        self._catalog = catalog
+        self._upsert = upsert
+        self._jobs_dir = jobs_dir
+        self.settings = settings or IngestSettings()
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()  # queued or running here
+        self._workers: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Requeue unfinished jobs (oldest first), drop orphaned payload files, and start the workers."""
+        if self._workers:
+            return
+        self._jobs_dir.mkdir(parents=True, exist_ok=True)
+        unfinished = await asyncio.to_thread(self._unfinished)
+        keep = {str(record.payload.get("file")) for record in unfinished if isinstance(record.payload, dict)}
+        for path in self._jobs_dir.glob("*.jsonl"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+        for record in unfinished:
+            info = record.info
+            log.info("resuming job %s (%d of %d documents settled)", info.id, info.done + info.failed, info.total)
+            self._enqueue(info.id)
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"ingest-job-worker-{n}")
+            for n in range(self.settings.concurrent_jobs)
+        ]
+
+    async def close(self) -> None:
+        """Stop the workers; a job they were running stays ``running`` and resumes at the next start."""
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        self._workers = []
+
+    async def submit(self, collection: str, documents: Sequence[DocumentIn]) -> str:
+        """Persist ``documents`` as a new queued job and return its id."""
+        if not documents:
+            raise InvalidArgumentError("a job needs at least one document", field="documents")
+        self._jobs_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{uuid.uuid4().hex}.jsonl"
+        await asyncio.to_thread(_write_payload, self._jobs_dir / name, documents)
+        record = await asyncio.to_thread(
+            self._catalog.create_job, collection, len(documents), {"file": name, "offset": 0}
+        )
+        self._enqueue(record.info.id)
+        return record.info.id
+
+    async def get(self, job_id: str) -> JobInfo:
+        """The job's state; ``NotFoundError`` when there is none."""
+        return (await asyncio.to_thread(self._catalog.get_job, job_id)).info
+
+    async def list_jobs(self, collection: str | None = None) -> list[JobInfo]:
+        """Every job, oldest first (only those of ``collection`` when given)."""
+        records = await asyncio.to_thread(self._catalog.list_jobs, None, collection)
+        return [record.info for record in records]
+
+    async def wait(self, job_id: str, poll_s: float = 0.05) -> JobInfo:
+        """The job's state once it has finished."""
+        while True:
+            info = await self.get(job_id)
+            if info.status in FINISHED:
+                return info
+            await asyncio.sleep(poll_s)
+
+    def _enqueue(self, job_id: str) -> None:
+        if job_id not in self._queued:
+            self._queued.add(job_id)
+            self._queue.put_nowait(job_id)
+
+    def _unfinished(self) -> list[JobRecord]:
+        records = self._catalog.list_jobs(JobStatus.running) + self._catalog.list_jobs(JobStatus.queued)
+        return sorted(records, key=lambda r: (r.info.created_at, r.info.id))
+
+    async def _work(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            try:
+                await self._run(job_id)
+            except Exception:  # a broken job must not take the worker down
+                log.exception("job %s failed unexpectedly", job_id)
+            finally:
+                self._queued.discard(job_id)
+                self._queue.task_done()
+
+    async def _run(self, job_id: str) -> None:
+        record = await asyncio.to_thread(self._catalog.get_job, job_id)
+        info = record.info
+        if info.status in FINISHED:
+            return
+        payload = record.payload if isinstance(record.payload, dict) else {}
+        state = _JobState(
+            str(payload.get("file")), int(payload.get("offset", 0)), info.done, info.failed, list(info.errors)
+        )
+        path = self._jobs_dir / state.file
+        await asyncio.to_thread(self._catalog.update_job, job_id, status=JobStatus.running)
+        try:
+            if not path.is_file():
+                raise _JobStoppedError(f"the job's documents are gone ({path} is missing)")
+            while True:
+                batch, next_offset = await asyncio.to_thread(
+                    _read_batch, path, state.offset, self.settings.batch_documents
+                )
+                if not batch:
+                    break
+                done, errors = await self._settle(info.collection, batch)
+                state.offset = next_offset
+                state.done += done
+                state.failed += len(errors)
+                self._report(state, errors)
+                await asyncio.to_thread(self._save, job_id, state, None)
+        except _JobStoppedError as stopped:
+            log.warning("job %s stopped: %s", job_id, stopped)
+            remaining = await asyncio.to_thread(_read_ids, path, state.offset) if path.is_file() else []
+            self._report(state, [DocumentError(doc_id=doc_id, error=str(stopped)) for doc_id in remaining])
+            state.failed = info.total - state.done
+            await asyncio.to_thread(self._save, job_id, state, JobStatus.failed)
+        else:
+            status = JobStatus.succeeded if state.done else JobStatus.failed
+            await asyncio.to_thread(self._save, job_id, state, status)
+        path.unlink(missing_ok=True)
+        log.info("job %s finished: %d done, %d failed", job_id, state.done, state.failed)
+
+    def _report(self, state: _JobState, errors: Sequence[DocumentError]) -> None:
+        """Keep the first ``max_reported_errors`` errors of a job."""
+        room = max(0, self.settings.max_reported_errors - len(state.errors))
+        state.errors.extend(errors[:room])
+
+    def _save(self, job_id: str, state: _JobState, status: JobStatus | None) -> None:
+        self._catalog.update_job(
+            job_id,
+            status=status,
+            done=state.done,
+            failed=state.failed,
+            errors=state.errors,
+            payload=state.payload(),
+        )
+
+    async def _settle(self, collection: str, batch: Sequence[DocumentIn]) -> tuple[int, list[DocumentError]]:
+        """Upsert ``batch``; on a failure that is not transient, split it to find the failing documents.
+
+        Returns how many documents were upserted and the errors of the others.
+        """
+        try:
+            await self._upsert_retrying(collection, batch)
+            return len(batch), []
+        except _JobStoppedError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                if not isinstance(exc, TritonRagError):
+                    log.exception("upserting document %r failed", batch[0].id)
+                return 0, [DocumentError(doc_id=batch[0].id, error=_message(exc))]
+        middle = len(batch) // 2
+        first_done, first_errors = await self._settle(collection, batch[:middle])
+        second_done, second_errors = await self._settle(collection, batch[middle:])
+        return first_done + second_done, first_errors + second_errors
+
+    async def _upsert_retrying(self, collection: str, batch: Sequence[DocumentIn]) -> None:
+        """One batch, retried with backoff while the failure is transient; raises ``_JobStoppedError`` when
+        retrying does not help or the collection is gone."""
+        for attempt in range(self.settings.max_attempts):
+            try:
+                await self._upsert(collection, batch)
+                return
+            except NotFoundError as exc:
+                raise _JobStoppedError(exc.message) from exc
+            except _TRANSIENT as exc:
+                if attempt + 1 == self.settings.max_attempts:
+                    raise _JobStoppedError(f"{exc.message} (after {attempt + 1} attempts)") from exc
+                delay = backoff_delay(attempt, self.settings.backoff_base_s, self.settings.backoff_max_s)
+                log.info("upsert into %r failed (%s); retrying in %.1fs", collection, exc.message, delay)
+                await asyncio.sleep(delay)
+
+
+def _message(exc: Exception) -> str:
+    return exc.message if isinstance(exc, TritonRagError) else f"{type(exc).__name__}: {exc}"
+
+
+def _write_payload(path: Path, documents: Sequence[DocumentIn]) -> None:
+    """One JSON document per line, flushed to disk before the job that names it is created."""
+    with path.open("w", encoding="utf-8") as out:
+        for document in documents:
+            out.write(document.model_dump_json())
+            out.write("\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _read_batch(path: Path, offset: int, size: int) -> tuple[list[DocumentIn], int]:
+    """Up to ``size`` documents from byte ``offset``, and the offset after them."""
+    with path.open("rb") as source:
+        source.seek(offset)
+        documents = []
+        for _ in range(size):
+            line = source.readline()
+            if not line:
+                break
+            documents.append(DocumentIn.model_validate_json(line))
+        return documents, source.tell()
+
+
+def _read_ids(path: Path, offset: int) -> list[str]:
+    """The ids of the documents from byte ``offset`` on."""
+    with path.open("rb") as source:
+        source.seek(offset)
+        return [str(json.loads(line)["id"]) for line in source if line.strip()]

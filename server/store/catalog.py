@@ -1,0 +1,202 @@
+"""`Catalog`: ``catalog.sqlite`` (WAL): the collections (spec, creation time) and the job table.
+
+CRUD only: what a job does is the job runner's (``server/ingest/jobs.py``); a job row keeps its
+progress, per-document errors and a JSON ``payload`` (what the runner needs to resume it, e.g.
+the pending documents or source paths).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tritonrag.server.errors import AlreadyExistsError, NotFoundError
+from tritonrag.server.schema import CollectionCreate, DocumentError, JobInfo, JobStatus
+from tritonrag.server.store.sqlite import connect, transaction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    status TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    errors TEXT NOT NULL DEFAULT '[]',
+    payload TEXT NOT NULL DEFAULT 'null',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, created_at);
+"""
+_JOB_COLUMNS = "id, collection, status, total, done, failed, errors, payload, created_at, updated_at"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job's public state and the JSON ``payload`` its runner keeps to resume it."""
+
+    info: JobInfo
+    payload: Any
+
+
+class Catalog:
+    """The catalog database; thread-safe (one connection behind a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        """Open or create the catalog at ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = connect(path)
+        self._lock = threading.Lock()
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._conn.close()
+
+    def healthy(self) -> bool:
+        """Whether the catalog answers a query."""
+        try:
+            with self._lock:
+                self._conn.execute("SELECT count(*) FROM collections").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+
+    # --- collections --------------------------------------------------------------------------
+
+    def create_collection(self, spec: CollectionCreate) -> None:
+        """Record a new collection; `AlreadyExistsError` if the name is taken."""
+        try:
+            with self._lock, transaction(self._conn) as conn:
+                conn.execute(
+                    "INSERT INTO collections(name, spec, created_at) VALUES (?, ?, ?)",
+                    (spec.name, spec.model_dump_json(), time.time()),
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExistsError(f"collection {spec.name!r} already exists", field="name") from None
+
+    def get_collection(self, name: str) -> CollectionCreate:
+        """The spec of the collection ``name``; `NotFoundError` if there is none."""
+        return CollectionCreate.model_validate_json(self._collection_column(name, "spec"))
+
+    def collection_created_at(self, name: str) -> float:
+        """When the collection ``name`` was created (Unix time); `NotFoundError` if there is none."""
+        return float(self._collection_column(name, "created_at"))
+
+    def _collection_column(self, name: str, column: Literal["spec", "created_at"]) -> Any:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {column} FROM collections WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"collection {name!r} does not exist", field="collection")
+        return row[0]
+
+    def list_collections(self) -> list[str]:
+        """The names of every collection, sorted."""
+        with self._lock:
+            rows = self._conn.execute("SELECT name FROM collections ORDER BY name").fetchall()
+        return [row[0] for row in rows]
+
+    def delete_collection(self, name: str) -> None:
+        """Forget the collection ``name`` (its jobs stay, as history); `NotFoundError` if there is none."""
+        with self._lock:
+            deleted = self._conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount
+        if not deleted:
+            raise NotFoundError(f"collection {name!r} does not exist", field="collection")
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def create_job(self, collection: str, total: int, payload: Any = None) -> JobRecord:
+        """Record a new ``queued`` job over ``total`` documents with its resumable ``payload`` (JSON)."""
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        with self._lock, transaction(self._conn) as conn:
+            conn.execute(
+                "INSERT INTO jobs(id, collection, status, total, payload, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, collection, JobStatus.queued.value, total, json.dumps(payload), now, now),
+            )
+        return self.get_job(job_id)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        """The job ``job_id``; `NotFoundError` if there is none."""
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
+        return _job(row)
+
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        status: JobStatus | None = None,
+        done: int | None = None,
+        failed: int | None = None,
+        errors: Sequence[DocumentError] | None = None,
+        payload: Any = None,
+    ) -> JobRecord:
+        """Set the given fields (None leaves a field as it is) and ``updated_at``; returns the job."""
+        changes: dict[str, Any] = {
+            "status": None if status is None else status.value,
+            "done": done,
+            "failed": failed,
+            "errors": None if errors is None else json.dumps([error.model_dump() for error in errors]),
+            "payload": None if payload is None else json.dumps(payload),
+        }
+        columns = [column for column, value in changes.items() if value is not None]
+        assignments = "".join(f"{column} = ?, " for column in columns)
+        with self._lock:
+            updated = self._conn.execute(
+                f"UPDATE jobs SET {assignments}updated_at = ? WHERE id = ?",
+                (*(changes[column] for column in columns), time.time(), job_id),
+            ).rowcount
+        if not updated:
+            raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
+        return self.get_job(job_id)
+
+    def list_jobs(self, status: JobStatus | None = None, collection: str | None = None) -> list[JobRecord]:
+        """Jobs, oldest first, optionally only those with ``status`` and/or of ``collection``."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs "
+                "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR collection = ?2) ORDER BY created_at, id",
+                (None if status is None else status.value, collection),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget the job ``job_id``; `NotFoundError` if there is none."""
+        with self._lock:
+            deleted = self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount
+        if not deleted:
+            raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
+
+
+def _job(row: tuple[Any, ...]) -> JobRecord:
+    job_id, collection, status, total, done, failed, errors, payload, created_at, updated_at = row
+    info = JobInfo(
+        id=job_id,
+        collection=collection,
+        status=JobStatus(status),
+        total=total,
+        done=done,
+        failed=failed,
+        errors=[DocumentError.model_validate(error) for error in json.loads(errors)],
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+    return JobRecord(info, json.loads(payload))

@@ -1,0 +1,384 @@
+"""`DocumentStore`: one collection's ``store.sqlite``, the source of truth.
+
+Documents, their metadata, their chunks (text, offsets, float32 vector) and a generation
+counter that every committed write bumps. The FAISS and BM25 indexes are derived from it.
+A write is one SQLite transaction; its commit is the acknowledgement point.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from tritonrag.server.errors import InvalidArgumentError, NotFoundError
+from tritonrag.server.schema import Document, DocumentIn, Metadata
+from tritonrag.server.store.sqlite import connect, transaction
+
+FloatMatrix = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
+SqlValue = str | int | float
+
+# Chunk ids are never reused (AUTOINCREMENT), so a chunk id names one immutable text and vector
+# forever: a derived index is brought up to date by the difference of its id set and the store's.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    doc_id TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    chunk_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_id, chunk_id);
+CREATE TABLE IF NOT EXISTS chunk_content (
+    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(chunk_id) ON DELETE CASCADE,
+    start_char INTEGER NOT NULL,
+    end_char INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS doc_metadata (
+    doc_id TEXT NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value NOT NULL
+);
+CREATE INDEX IF NOT EXISTS doc_metadata_lookup ON doc_metadata(key, kind, value, doc_id);
+CREATE INDEX IF NOT EXISTS doc_metadata_by_doc ON doc_metadata(doc_id);
+INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0);
+"""
+_INT64_MAX = 2**63 - 1
+_READ_BATCH = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """One chunk of a document: ``text == document.text[start:end]``."""
+
+    text: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedDocument:
+    """A document ready to store: its chunks and one vector per chunk, ``(len(chunks), dimension)``."""
+
+    document: DocumentIn
+    chunks: Sequence[ChunkSpan]
+    vectors: FloatMatrix
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    """A chunk as stored, with its document's id and metadata."""
+
+    chunk_id: int
+    doc_id: str
+    text: str
+    start: int
+    end: int
+    metadata: Metadata
+    vector: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one committed write did, for the derived indexes to apply."""
+
+    generation: int
+    documents: int
+    removed: IdArray
+    added: IdArray
+    vectors: FloatMatrix
+    texts: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class DocQuery:
+    """An SQL ``SELECT doc_id …`` over the store's tables, with its parameters."""
+
+    sql: str
+    params: tuple[SqlValue, ...]
+
+
+def unit_vectors(vectors: npt.ArrayLike, dimension: int, field: str) -> FloatMatrix:
+    """``vectors`` as a C-contiguous float32 matrix of L2-normalised rows, ``dimension`` wide."""
+    matrix = np.array(vectors, dtype=np.float32, ndmin=2, copy=True, order="C")
+    if matrix.ndim != 2 or matrix.shape[1] != dimension:
+        raise InvalidArgumentError(f"vectors must be {dimension} wide, got shape {matrix.shape}", field=field)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise InvalidArgumentError("vectors must be finite and non-zero", field=field)
+    matrix /= norms
+    return matrix
+
+
+def encode_scalar(value: str | int | float | bool) -> tuple[str, SqlValue]:
+    """A metadata scalar as ``(kind, value)`` in ``doc_metadata``: ``s`` text, ``n`` number, ``b`` bool (0/1)."""
+    if isinstance(value, bool):
+        return "b", int(value)
+    if isinstance(value, str):
+        return "s", value
+    if isinstance(value, int) and abs(value) > _INT64_MAX:
+        return "n", float(value)
+    return "n", value
+
+
+def _metadata_rows(doc_id: str, metadata: Metadata) -> Iterator[tuple[str, str, str, SqlValue]]:
+    """One row per scalar; a list-valued field gives one row per element."""
+    for key, value in metadata.items():
+        for element in value if isinstance(value, list) else [value]:
+            yield (doc_id, key, *encode_scalar(element))
+
+
+def _ids(values: Sequence[int] | IdArray) -> IdArray:
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def _json_list(values: Sequence[str] | IdArray) -> str:
+    return json.dumps(values.tolist() if isinstance(values, np.ndarray) else list(values))
+
+
+class DocumentStore:
+    """One collection's documents, chunks, metadata and vectors in SQLite (WAL).
+
+    Thread-safe: writes are serialised on one connection, reads use a pool of connections.
+    Consistency across several calls is the caller's (see `Collection`).
+    """
+
+    def __init__(self, path: Path, dimension: int) -> None:
+        """Open or create the store at ``path`` for vectors ``dimension`` wide."""
+        self.path = path
+        self.dimension = dimension
+        self._writer = connect(path)
+        self._write_lock = threading.Lock()
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all_readers: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
+        self._writer.executescript(_SCHEMA)
+        with transaction(self._writer) as conn:
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('dimension', ?)", (dimension,))
+            stored = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()[0]
+            self._generation: int = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+        if stored != dimension:
+            self.close()
+            raise InvalidArgumentError(f"{path} holds {stored}-d vectors, not {dimension}-d", field="dimension")
+
+    @property
+    def generation(self) -> int:
+        """The number of committed writes so far."""
+        return self._generation
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def upsert(self, documents: Sequence[PreparedDocument]) -> Change:
+        """Insert or replace ``documents`` (each replaces all chunks of its id) in one transaction."""
+        doc_ids = [prepared.document.id for prepared in documents]
+        if len(set(doc_ids)) != len(doc_ids):
+            raise InvalidArgumentError("a document id appears twice in one upsert", field="documents")
+        vectors = [self._checked_vectors(prepared) for prepared in documents]
+        texts = [chunk.text for prepared in documents for chunk in prepared.chunks]
+        now = time.time()
+        with self._write_lock, transaction(self._writer) as conn:
+            removed = self._remove_documents(conn, doc_ids)
+            conn.executemany(
+                "INSERT INTO documents(doc_id, text, metadata, updated_at) VALUES (?, ?, ?, ?)",
+                [(p.document.id, p.document.text, json.dumps(p.document.metadata), now) for p in documents],
+            )
+            conn.executemany(
+                "INSERT INTO doc_metadata(doc_id, key, kind, value) VALUES (?, ?, ?, ?)",
+                [row for p in documents for row in _metadata_rows(p.document.id, p.document.metadata)],
+            )
+            first = self._next_chunk_id(conn)
+            added = np.arange(first, first + len(texts), dtype=np.int64)
+            owners = [p.document.id for p in documents for _ in p.chunks]
+            spans = [chunk for p in documents for chunk in p.chunks]
+            matrix = np.concatenate(vectors) if vectors else self._no_vectors()
+            conn.executemany(
+                "INSERT INTO chunks(chunk_id, doc_id) VALUES (?, ?)", zip(added.tolist(), owners, strict=True)
+            )
+            conn.executemany(
+                "INSERT INTO chunk_content(chunk_id, start_char, end_char, text, vector) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (chunk_id, span.start, span.end, span.text, row.tobytes())
+                    for chunk_id, span, row in zip(added.tolist(), spans, matrix, strict=True)
+                ],
+            )
+            generation = self._bump(conn)
+        return Change(generation, len(documents), removed, added, matrix, texts)
+
+    def delete(self, doc_ids: Sequence[str]) -> Change:
+        """Delete the documents ``doc_ids`` (absent ids are ignored) in one transaction."""
+        with self._write_lock, transaction(self._writer) as conn:
+            found = conn.execute(
+                "SELECT doc_id FROM documents WHERE doc_id IN (SELECT value FROM json_each(?))", (_json_list(doc_ids),)
+            ).fetchall()
+            return self._delete_found(conn, [row[0] for row in found])
+
+    def delete_where(self, query: DocQuery) -> Change:
+        """Delete the documents that ``query`` selects, in one transaction."""
+        with self._write_lock, transaction(self._writer) as conn:
+            found = conn.execute(query.sql, query.params).fetchall()
+            return self._delete_found(conn, [row[0] for row in found])
+
+    def _delete_found(self, conn: sqlite3.Connection, doc_ids: list[str]) -> Change:
+        removed = self._remove_documents(conn, doc_ids)
+        generation = self._bump(conn) if doc_ids else self._generation
+        return Change(generation, len(doc_ids), removed, _ids([]), self._no_vectors(), [])
+
+    def _checked_vectors(self, prepared: PreparedDocument) -> FloatMatrix:
+        field = f"documents[{prepared.document.id}].vectors"
+        if not prepared.chunks:
+            return self._no_vectors()
+        matrix = unit_vectors(prepared.vectors, self.dimension, field)
+        if matrix.shape[0] != len(prepared.chunks):
+            raise InvalidArgumentError(f"{len(prepared.chunks)} chunks but {matrix.shape[0]} vectors", field=field)
+        return matrix
+
+    def _remove_documents(self, conn: sqlite3.Connection, doc_ids: Sequence[str]) -> IdArray:
+        """Delete ``doc_ids`` with their chunks and metadata; return the removed chunk ids."""
+        ids = json.dumps(list(doc_ids))
+        removed = conn.execute(
+            "SELECT chunk_id FROM chunks WHERE doc_id IN (SELECT value FROM json_each(?))", (ids,)
+        ).fetchall()
+        conn.execute("DELETE FROM documents WHERE doc_id IN (SELECT value FROM json_each(?))", (ids,))
+        return _ids([row[0] for row in removed])
+
+    @staticmethod
+    def _next_chunk_id(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
+        return 1 + (int(row[0]) if row else 0)
+
+    def _bump(self, conn: sqlite3.Connection) -> int:
+        generation: int = conn.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'generation' RETURNING value"
+        ).fetchone()[0]
+        self._generation = generation
+        return generation
+
+    # --- reads --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = connect(self.path)
+            with self._pool_lock:
+                self._all_readers.append(conn)
+        try:
+            yield conn
+        finally:
+            self._readers.put(conn)
+
+    def get(self, doc_id: str) -> Document:
+        """The document ``doc_id``; `NotFoundError` if there is none."""
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT text, metadata, updated_at, (SELECT count(*) FROM chunks WHERE doc_id = ?) "
+                "FROM documents WHERE doc_id = ?",
+                (doc_id, doc_id),
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"document {doc_id!r} does not exist", field="doc_id")
+        text, metadata, updated_at, chunks = row
+        return Document(id=doc_id, text=text, metadata=json.loads(metadata), chunks=chunks, updated_at=updated_at)
+
+    def chunks(self, chunk_ids: Sequence[int] | IdArray) -> list[StoredChunk]:
+        """The chunks ``chunk_ids`` in that order; ids that are not stored are left out."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT c.chunk_id, c.doc_id, cc.text, cc.start_char, cc.end_char, d.metadata, cc.vector "
+                "FROM chunks c JOIN chunk_content cc USING (chunk_id) JOIN documents d USING (doc_id) "
+                "WHERE c.chunk_id IN (SELECT value FROM json_each(?))",
+                (_json_list(_ids(chunk_ids)),),
+            ).fetchall()
+        metadata: dict[str, Metadata] = {}
+        found = {}
+        for chunk_id, doc_id, text, start, end, meta_json, blob in rows:
+            meta = metadata.setdefault(doc_id, json.loads(meta_json))
+            vector = np.frombuffer(blob, dtype=np.float32)
+            found[chunk_id] = StoredChunk(chunk_id, doc_id, text, start, end, meta, vector)
+        return [found[chunk_id] for chunk_id in _ids(chunk_ids).tolist() if chunk_id in found]
+
+    def chunk_ids(self, query: DocQuery | None = None) -> IdArray:
+        """The ids of all chunks, or of the chunks of the documents ``query`` selects, ascending."""
+        sql, params = "SELECT chunk_id FROM chunks ORDER BY chunk_id", tuple[SqlValue, ...]()
+        if query is not None:
+            sql = f"SELECT chunk_id FROM chunks WHERE doc_id IN ({query.sql}) ORDER BY chunk_id"
+            params = query.params
+        with self._reader() as conn:
+            return np.fromiter((row[0] for row in conn.execute(sql, params)), dtype=np.int64)
+
+    def counts(self) -> tuple[int, int]:
+        """``(documents, chunks)``."""
+        with self._reader() as conn:
+            documents, chunks = conn.execute(
+                "SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks)"
+            ).fetchone()
+        return documents, chunks
+
+    def chunk_count(self) -> int:
+        """The number of chunks (the number of vectors)."""
+        return self.counts()[1]
+
+    def sample_vectors(self, n: int, seed: int = 0) -> FloatMatrix:
+        """Up to ``n`` vectors chosen uniformly at random (fixed ``seed``), e.g. to train an IVF index."""
+        ids = self.chunk_ids()
+        if len(ids) > n:
+            ids = np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
+        return np.concatenate([vectors for _, vectors in self.iter_vectors(ids)] or [self._no_vectors()])
+
+    def iter_vectors(self, ids: IdArray | None = None) -> Iterator[tuple[IdArray, FloatMatrix]]:
+        """``(ids, vectors)`` batches of the chunks ``ids`` (all chunks when None), ascending by id."""
+        for ids_, blobs in self._iter_content("vector", ids):
+            yield ids_, np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dimension)
+
+    def iter_texts(self, ids: IdArray | None = None) -> Iterator[tuple[IdArray, list[str]]]:
+        """``(ids, texts)`` batches of the chunks ``ids`` (all chunks when None), ascending by id."""
+        yield from self._iter_content("text", ids)
+
+    def _iter_content(
+        self, column: Literal["vector", "text"], ids: IdArray | None
+    ) -> Iterator[tuple[IdArray, list[Any]]]:
+        if ids is None:
+            with self._reader() as conn:
+                cursor = conn.execute(f"SELECT chunk_id, {column} FROM chunk_content ORDER BY chunk_id")
+                while rows := cursor.fetchmany(_READ_BATCH):
+                    yield _ids([row[0] for row in rows]), [row[1] for row in rows]
+            return
+        ordered = np.sort(_ids(ids))
+        for start in range(0, len(ordered), _READ_BATCH):
+            batch = ordered[start : start + _READ_BATCH]
+            with self._reader() as conn:
+                rows = conn.execute(
+                    f"SELECT chunk_id, {column} FROM chunk_content "
+                    "WHERE chunk_id IN (SELECT value FROM json_each(?)) ORDER BY chunk_id",
+                    (_json_list(batch),),
+                ).fetchall()
+            yield _ids([row[0] for row in rows]), [row[1] for row in rows]
+
+    def _no_vectors(self) -> FloatMatrix:
+        return np.empty((0, self.dimension), np.float32)
+
+    def close(self) -> None:
+        """Close every connection."""
+        with self._write_lock:
+            for conn in [*self._all_readers, self._writer]:
+                conn.close()
+            self._all_readers.clear()

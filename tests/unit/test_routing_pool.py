@@ -1,0 +1,406 @@
+"""TritonPool routing, retries, breakers and error mapping against fake Triton clients."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+
+from tritonrag.server.config import RoutingSettings
+from tritonrag.server.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from tritonrag.server.routing.resilience import BreakerState
+from tritonrag.server.routing.triton_pool import REQUEST_ID_HEADER, TritonPool, served_version_dir
+from tritonrag.server.schema import ModelVersion
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def rpc_error(status: str, message: str = "boom") -> InferenceServerException:
+    return InferenceServerException(msg=message, status=f"StatusCode.{status}")
+
+
+def embedding(text: str) -> list[float]:
+    """A recognisable fake vector: the text's length and its first character."""
+    return [float(len(text)), float(ord(text[0]))]
+
+
+@dataclass
+class Call:
+    model: str
+    rows: list[str]
+    request_id: str
+    headers: dict[str, str]
+    timeout: float | None
+
+
+@dataclass
+class FakeTriton:
+    """One fake endpoint: scripted failures, optional latency, and a record of what it was asked."""
+
+    url: str
+    server_ready: bool = True
+    models: dict[str, str] = field(default_factory=lambda: {"embedder": "1", "reranker": "3"})
+    max_batch_size: int = 4
+    failures: list[InferenceServerException] = field(default_factory=list)
+    latency_s: float = 0.0
+    gate: asyncio.Event | None = None
+    calls: list[Call] = field(default_factory=list)
+    closed: bool = False
+
+    async def is_server_ready(self, *, client_timeout: float | None = None) -> bool:
+        if not self.server_ready:
+            raise rpc_error("UNAVAILABLE", "connection refused")
+        return True
+
+    async def is_model_ready(self, model_name: str, *, client_timeout: float | None = None) -> bool:
+        return model_name in self.models
+
+    async def get_model_metadata(self, model_name: str, *, client_timeout: float | None = None) -> Any:
+        return SimpleNamespace(versions=[self.models[model_name]])
+
+    async def get_model_config(
+        self, model_name: str, model_version: str, *, client_timeout: float | None = None
+    ) -> Any:
+        return SimpleNamespace(config=SimpleNamespace(max_batch_size=self.max_batch_size))
+
+    async def infer(
+        self,
+        model_name: str,
+        inputs: list[Any],
+        *,
+        request_id: str,
+        headers: dict[str, str],
+        client_timeout: float | None,
+    ) -> Any:
+        columns = [[b.decode() for b in deserialize_bytes_tensor(i._get_content())] for i in inputs]
+        self.calls.append(Call(model_name, columns[-1], request_id, headers, client_timeout))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.latency_s:
+            if client_timeout is not None and self.latency_s > client_timeout:
+                await asyncio.sleep(client_timeout)
+                raise rpc_error("DEADLINE_EXCEEDED", "Deadline Exceeded")
+            await asyncio.sleep(self.latency_s)
+        if self.failures:
+            raise self.failures.pop(0)
+        if not self.server_ready:
+            raise rpc_error("UNAVAILABLE", "connection refused")
+        if model_name == "embedder":
+            out = np.array([embedding(t) for t in columns[0]], dtype=np.float32)
+            return SimpleNamespace(as_numpy=lambda name: out if name == "EMBEDDING" else None)
+        scores = np.array([[len(p) - len(q)] for q, p in zip(*columns, strict=True)], dtype=np.float32)
+        return SimpleNamespace(as_numpy=lambda name: scores if name == "SCORE" else None)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Fleet:
+    """Fake endpoints by url, and a factory the pool uses to reach them."""
+
+    def __init__(self, *fakes: FakeTriton) -> None:
+        self.fakes = {f.url: f for f in fakes}
+
+    def __call__(self, url: str) -> FakeTriton:
+        return self.fakes[url]
+
+    def __getitem__(self, url: str) -> FakeTriton:
+        return self.fakes[url]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+SETTINGS = RoutingSettings(
+    backoff_base_s=0.001,
+    backoff_max_s=0.002,
+    probe_interval_s=3600,
+    breaker_failures=2,
+    breaker_cooldown_s=10.0,
+    max_attempts=3,
+)
+
+
+def pool_of(fleet: Fleet, settings: RoutingSettings = SETTINGS, clock: Callable[[], float] | None = None) -> TritonPool:
+    extra = {"clock": clock} if clock else {}
+    return TritonPool(list(fleet.fakes), settings, client_factory=fleet, rng=random.Random(0), **extra)
+
+
+def test_embed_splits_into_max_batch_rows_and_keeps_order() -> None:
+    fleet = Fleet(FakeTriton("a:1", max_batch_size=3))
+    texts = [f"{'x' * i}{chr(97 + i)}" for i in range(10)]
+
+    async def scenario() -> npt.NDArray[np.float32]:
+        async with pool_of(fleet) as pool:
+            return await pool.embed(texts, request_id="req-1")
+
+    vectors = run(scenario())
+    assert vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors, np.array([embedding(t) for t in texts], dtype=np.float32))
+    calls = fleet["a:1"].calls
+    assert sorted(len(c.rows) for c in calls) == [1, 3, 3, 3]
+    assert {c.request_id for c in calls} == {"req-1"}
+    assert all(c.headers == {REQUEST_ID_HEADER: "req-1"} for c in calls)
+
+
+def test_rerank_sends_pairs_and_returns_a_flat_vector() -> None:
+    fleet = Fleet(FakeTriton("a:1"))
+
+    async def scenario() -> npt.NDArray[np.float32]:
+        async with pool_of(fleet) as pool:
+            return await pool.rerank("q", ["a", "bbb", "cc", "dddd", "e"])
+
+    scores = run(scenario())
+    assert scores.shape == (5,)
+    np.testing.assert_array_equal(scores, [0, 2, 1, 3, 0])
+    assert all(c.model == "reranker" for c in fleet["a:1"].calls)
+
+
+def test_empty_inputs_need_no_request() -> None:
+    fleet = Fleet(FakeTriton("a:1"))
+
+    async def scenario() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        async with pool_of(fleet) as pool:
+            return await pool.embed([]), await pool.rerank("q", [])
+
+    vectors, scores = run(scenario())
+    assert vectors.shape[0] == 0 and scores.shape == (0,)
+    assert fleet["a:1"].calls == []
+
+
+def test_least_outstanding_requests_wins() -> None:
+    fleet = Fleet(FakeTriton("a:1", gate=asyncio.Event()), FakeTriton("b:1", gate=asyncio.Event()))
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            held = [asyncio.create_task(pool.embed(["held"])) for _ in range(4)]
+            await asyncio.sleep(0.01)
+            assert [s.outstanding for s in pool.status()] == [2, 2]  # spread evenly
+            gate_b = fleet["b:1"].gate
+            assert gate_b is not None
+            gate_b.set()  # b answers from now on; a stays busy
+            await asyncio.sleep(0.01)
+            assert [s.outstanding for s in pool.status()] == [2, 0]
+            for _ in range(5):
+                await pool.embed(["next"])
+            assert [s.outstanding for s in pool.status()] == [2, 0]
+            gate_a = fleet["a:1"].gate
+            assert gate_a is not None
+            gate_a.set()
+            await asyncio.gather(*held)
+            assert [s.outstanding for s in pool.status()] == [0, 0]
+
+    run(scenario())
+    assert [c.rows for c in fleet["b:1"].calls] == [["held"]] * 2 + [["next"]] * 5
+
+
+def test_unavailable_is_retried_on_another_endpoint() -> None:
+    fleet = Fleet(FakeTriton("a:1"), FakeTriton("b:1"))
+    for fake in fleet.fakes.values():
+        fake.failures = [rpc_error("UNAVAILABLE")]
+
+    async def scenario() -> npt.NDArray[np.float32]:
+        async with pool_of(fleet) as pool:
+            return await pool.embed(["hello"])
+
+    np.testing.assert_array_equal(run(scenario()), [embedding("hello")])
+    calls = fleet["a:1"].calls + fleet["b:1"].calls
+    assert len(calls) == 3  # a and b failed once each, the third attempt succeeded
+    assert len(fleet["a:1"].calls) >= 1 and len(fleet["b:1"].calls) >= 1
+
+
+def test_invalid_argument_is_not_retried_and_keeps_tritons_message() -> None:
+    fleet = Fleet(FakeTriton("a:1", failures=[rpc_error("INVALID_ARGUMENT", "TEXT[0]: text is empty")]))
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            await pool.embed([" "])
+
+    with pytest.raises(InvalidArgumentError, match=r"TEXT\[0\]: text is empty"):
+        run(scenario())
+    assert len(fleet["a:1"].calls) == 1
+
+
+def test_other_triton_errors_are_unavailable_without_retry() -> None:
+    fleet = Fleet(FakeTriton("a:1", failures=[rpc_error("INTERNAL", "stub crashed")]))
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            await pool.embed(["x"])
+
+    with pytest.raises(UnavailableError, match=r"\[INTERNAL\] stub crashed"):
+        run(scenario())
+    assert len(fleet["a:1"].calls) == 1
+
+
+def test_one_failing_sub_batch_fails_the_call_and_cancels_the_rest() -> None:
+    fleet = Fleet(FakeTriton("a:1", max_batch_size=1, latency_s=0.05))
+    fleet["a:1"].failures = [rpc_error("INVALID_ARGUMENT", "bad row")]
+
+    async def scenario() -> list[int]:
+        async with pool_of(fleet) as pool:
+            with pytest.raises(InvalidArgumentError, match="bad row"):
+                await pool.embed(["a", "b", "c"])
+            return [s.outstanding for s in pool.status()]
+
+    assert run(scenario()) == [0]
+
+
+def test_breakers_open_then_the_pool_is_unavailable_at_once() -> None:
+    clock = FakeClock()
+    fleet = Fleet(FakeTriton("a:1"), FakeTriton("b:1"))
+    for fake in fleet.fakes.values():
+        fake.failures = [rpc_error("UNAVAILABLE")] * 10
+
+    async def scenario() -> None:
+        async with pool_of(fleet, clock=clock) as pool:
+            with pytest.raises(UnavailableError, match="failed after 3 attempts"):
+                await pool.embed(["x"])
+            with pytest.raises(UnavailableError, match="no Triton endpoint can serve 'embedder'"):
+                await pool.embed(["x"])
+            assert {s.breaker for s in pool.status()} == {BreakerState.open}
+            assert not await pool.ready("embedder")
+            calls_before = sum(len(f.calls) for f in fleet.fakes.values())
+            with pytest.raises(UnavailableError):
+                await pool.embed(["x"])
+            assert sum(len(f.calls) for f in fleet.fakes.values()) == calls_before  # refused without trying
+
+            # After the cool-down one trial per endpoint goes through; a success closes that breaker.
+            for fake in fleet.fakes.values():
+                fake.failures.clear()
+            clock.now += SETTINGS.breaker_cooldown_s
+            assert {s.breaker for s in pool.status()} == {BreakerState.half_open}
+            assert await pool.ready("embedder")
+            await pool.embed(["x"])
+            assert sorted(s.breaker for s in pool.status()) == [BreakerState.closed, BreakerState.half_open]
+
+    run(scenario())
+
+
+def test_probe_excludes_endpoints_that_are_down_and_readmits_them() -> None:
+    fleet = Fleet(FakeTriton("a:1", server_ready=False), FakeTriton("b:1"))
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            for _ in range(4):
+                await pool.embed(["x"])
+            assert fleet["a:1"].calls == []
+            fleet["a:1"].server_ready = True
+            await pool.probe()
+            assert all(s.ready for s in pool.status())
+            fleet["b:1"].server_ready = False
+            await pool.probe()
+            for _ in range(3):
+                await pool.embed(["x"])
+            assert len(fleet["a:1"].calls) == 3
+
+    run(scenario())
+
+
+def test_model_readiness_and_versions_come_from_the_probe() -> None:
+    fleet = Fleet(FakeTriton("a:1", models={"embedder": "2"}), FakeTriton("b:1", models={"embedder": "3"}))
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            assert await pool.ready() and await pool.ready("embedder")
+            assert not await pool.ready("reranker")
+            assert await pool.model_version("embedder") == ModelVersion(name="embedder", version="3")
+            with pytest.raises(UnavailableError, match="no Triton endpoint serves a ready 'reranker'"):
+                await pool.model_version("reranker")
+            with pytest.raises(UnavailableError, match="reranker"):
+                await pool.rerank("q", ["p"])
+            fleet["a:1"].models["reranker"] = "5"  # loaded after the last probe: found on demand
+            assert await pool.model_version("reranker") == ModelVersion(name="reranker", version="5")
+
+    run(scenario())
+
+
+def test_model_unloaded_since_the_probe_is_routed_around() -> None:
+    fleet = Fleet(FakeTriton("a:1"), FakeTriton("b:1"))
+    fleet["a:1"].failures = [rpc_error("NOT_FOUND", "Request for unknown model: 'embedder' is not found")]
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            while not fleet["a:1"].calls:
+                await pool.embed(["x"])
+            assert [sorted(s.models) for s in pool.status()] == [["reranker"], ["embedder", "reranker"]]
+            assert {s.breaker for s in pool.status()} == {BreakerState.closed}
+            calls_to_a = len(fleet["a:1"].calls)
+            for _ in range(3):
+                await pool.embed(["x"])
+            assert len(fleet["a:1"].calls) == calls_to_a
+            await pool.probe()  # the next probe finds it again
+            assert [sorted(s.models) for s in pool.status()] == [["embedder", "reranker"]] * 2
+
+    run(scenario())
+
+
+def test_deadline_exceeded_when_the_endpoint_is_too_slow() -> None:
+    fleet = Fleet(FakeTriton("a:1", latency_s=1.0))
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            with pytest.raises(DeadlineExceededError, match="within the deadline"):
+                await pool.embed(["x"], deadline_s=0.05)
+            # The caller's own deadline says nothing about the endpoint.
+            assert [s.breaker for s in pool.status()] == [BreakerState.closed]
+
+    run(scenario())
+    assert fleet["a:1"].calls[0].timeout == pytest.approx(0.05, abs=0.01)
+
+
+def test_a_hung_endpoint_times_out_per_attempt_and_the_call_moves_on() -> None:
+    settings = SETTINGS.model_copy(update={"attempt_timeout_s": 0.05})
+    fleet = Fleet(FakeTriton("a:1", latency_s=10.0), FakeTriton("b:1"))
+
+    async def scenario() -> dict[str, BreakerState]:
+        async with pool_of(fleet, settings) as pool:
+            for _ in range(50):
+                np.testing.assert_array_equal(await pool.embed(["x"], deadline_s=2.0), [embedding("x")])
+                if pool.status()[0].breaker is BreakerState.open:
+                    break
+            for _ in range(5):
+                await pool.embed(["x"], deadline_s=2.0)
+            return {s.url: s.breaker for s in pool.status()}
+
+    assert run(scenario()) == {"a:1": BreakerState.open, "b:1": BreakerState.closed}
+    assert len(fleet["a:1"].calls) == settings.breaker_failures  # then it is left alone
+
+
+def test_close_closes_every_client() -> None:
+    fleet = Fleet(FakeTriton("a:1"), FakeTriton("b:1"))
+
+    async def scenario() -> None:
+        pool = pool_of(fleet)
+        await pool.start()
+        await pool.close()
+
+    run(scenario())
+    assert all(f.closed for f in fleet.fakes.values())
+
+
+def test_served_version_dir(tmp_path: Path) -> None:
+    version = tmp_path / "embedder" / "4"
+    version.mkdir(parents=True)
+    with pytest.raises(UnavailableError, match=r"embedder version 4 has no tokenizer\.json"):
+        served_version_dir(tmp_path, ModelVersion(name="embedder", version="4"))
+    (version / "tokenizer.json").write_text("{}")
+    assert served_version_dir(tmp_path, ModelVersion(name="embedder", version="4")) == version

@@ -1,0 +1,73 @@
+"""Catalog: collections and jobs in catalog.sqlite."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tritonrag.server.errors import AlreadyExistsError, NotFoundError
+from tritonrag.server.schema import CollectionCreate, DocumentError, IndexType, JobStatus
+from tritonrag.server.store.catalog import Catalog
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    return Catalog(tmp_path / "catalog.sqlite")
+
+
+def test_collections_crud(catalog: Catalog) -> None:
+    spec = CollectionCreate(name="docs", index_type=IndexType.hnsw)
+    catalog.create_collection(spec)
+    catalog.create_collection(CollectionCreate(name="alpha"))
+    assert catalog.get_collection("docs") == spec
+    assert 0 < catalog.collection_created_at("docs") <= time.time()
+    with pytest.raises(AlreadyExistsError):
+        catalog.create_collection(CollectionCreate(name="docs"))
+    assert catalog.list_collections() == ["alpha", "docs"]
+    catalog.delete_collection("docs")
+    for call in (
+        lambda: catalog.get_collection("docs"),
+        lambda: catalog.collection_created_at("docs"),
+        lambda: catalog.delete_collection("docs"),
+    ):
+        with pytest.raises(NotFoundError):
+            call()
+    assert catalog.healthy()
+    catalog.close()
+    assert not catalog.healthy()
+
+
+def test_jobs_crud_and_filters(catalog: Catalog) -> None:
+    first = catalog.create_job("docs", total=3, payload={"documents": [{"id": "a"}]})
+    second = catalog.create_job("other", total=1)
+    assert first.info.status is JobStatus.queued and first.payload == {"documents": [{"id": "a"}]}
+    assert second.payload is None
+    errors = [DocumentError(doc_id="b", error="empty text")]
+    updated = catalog.update_job(first.info.id, status=JobStatus.running, done=2, failed=1, errors=errors)
+    assert (updated.info.done, updated.info.failed, updated.info.errors) == (2, 1, errors)
+    assert updated.payload == first.payload and updated.info.updated_at >= first.info.updated_at
+    assert catalog.update_job(first.info.id, payload=[]).payload == []
+    assert [job.info.id for job in catalog.list_jobs()] == [first.info.id, second.info.id]
+    assert [job.info.id for job in catalog.list_jobs(status=JobStatus.running)] == [first.info.id]
+    assert [job.info.id for job in catalog.list_jobs(collection="other")] == [second.info.id]
+    assert catalog.list_jobs(status=JobStatus.failed) == []
+    catalog.delete_job(second.info.id)
+    for call in (
+        lambda: catalog.get_job(second.info.id),
+        lambda: catalog.update_job(second.info.id, done=1),
+        lambda: catalog.delete_job(second.info.id),
+    ):
+        with pytest.raises(NotFoundError):
+            call()
+
+
+def test_catalog_survives_reopen(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    catalog.create_collection(CollectionCreate(name="docs"))
+    job = catalog.create_job("docs", total=5, payload={"paths": ["/data/a.txt"]})
+    catalog.close()
+    reopened = Catalog(tmp_path / "catalog.sqlite")
+    assert reopened.get_collection("docs").name == "docs"
+    assert reopened.get_job(job.info.id) == job
