@@ -63,7 +63,7 @@ class Samples:
     exec_batch: list[float]  # served only: Triton's inference_count / execution_count
     queue_ms: list[float]  # served only: average queue time per request
     compute_ms: list[float]  # served only: average compute time (input + infer + output) per request
-    client_cpu: list[float]  # served only: this process's CPU time / wall time
+    cpu_ms: list[float]  # CPU time per text: this process, plus Triton and its backend stubs when served
 
     @classmethod
     def empty(cls, label: str) -> Samples:
@@ -122,6 +122,37 @@ def torch_embedder(max_length: int) -> Callable[[Sequence[str]], Embeddings]:
     return embed
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of process ``root`` and its descendants, read from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    seconds: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended during the scan
+            continue
+        pid = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += seconds.get(pid, 0.0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def measure_batched(
+    embed: Callable[[Sequence[str]], Embeddings], texts: Sequence[str], batch: int, samples: Samples
+) -> Embeddings:
+    """One in-process round, added to ``samples``; returns the embeddings."""
+    cpu = time.process_time()
+    throughput, latencies, embeddings = run_batched(embed, texts, batch)
+    add_round(samples, throughput, latencies, (time.process_time() - cpu) / len(texts))
+    return embeddings
+
+
 def run_batched(
     embed: Callable[[Sequence[str]], Embeddings], texts: Sequence[str], batch: int
 ) -> tuple[float, list[float], Embeddings]:
@@ -178,25 +209,27 @@ async def run_served(client: Any, inputs: Sequence[Any], concurrency: int) -> tu
     return len(inputs) / (time.perf_counter() - start), latencies, np.stack(outputs)
 
 
-async def measure_served(client: Any, inputs: Sequence[Any], concurrency: int, samples: Samples) -> Embeddings:
+async def measure_served(
+    client: Any, server_pid: int, inputs: Sequence[Any], concurrency: int, samples: Samples
+) -> Embeddings:
     """One served round at ``concurrency``, added to ``samples``; returns the embeddings."""
     before = await StatsSnapshot.read(client)
-    cpu = time.process_time()
-    wall = time.perf_counter()
+    cpu = time.process_time() + tree_cpu_seconds(server_pid)
     throughput, latencies, embeddings = await run_served(client, inputs, concurrency)
-    samples.client_cpu.append((time.process_time() - cpu) / (time.perf_counter() - wall))
+    cpu = time.process_time() + tree_cpu_seconds(server_pid) - cpu
     after = await StatsSnapshot.read(client)
     requests = after.requests - before.requests
     samples.exec_batch.append((after.inferences - before.inferences) / max(1, after.executions - before.executions))
     samples.queue_ms.append((after.queue_ns - before.queue_ns) / max(1, requests) / 1e6)
     samples.compute_ms.append((after.compute_ns - before.compute_ns) / max(1, requests) / 1e6)
-    add_round(samples, throughput, latencies)
+    add_round(samples, throughput, latencies, cpu / len(inputs))
     return embeddings
 
 
-def add_round(samples: Samples, throughput: float, latencies: Sequence[float]) -> None:
-    """Record a round's throughput and latency percentiles."""
+def add_round(samples: Samples, throughput: float, latencies: Sequence[float], cpu_per_text: float) -> None:
+    """Record a round's throughput, latency percentiles and CPU seconds per text."""
     p50, p95 = percentiles(latencies, [50, 95])
+    samples.cpu_ms.append(cpu_per_text * 1e3)
     samples.throughput.append(throughput)
     samples.p50_ms.append(p50)
     samples.p95_ms.append(p95)
@@ -259,14 +292,14 @@ def results_report(rows: Sequence[Samples], key: dict[str, Samples]) -> str:
         return f"{statistics.median(values):.{digits}f}" if values else "-"
 
     lines = [
-        "| configuration | texts/s | p50 ms | p95 ms | avg exec batch | queue ms | compute ms | client CPU |",
+        "| configuration | texts/s | p50 ms | p95 ms | avg exec batch | queue ms | compute ms | CPU ms/text |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
-        cpu = f"{statistics.median(row.client_cpu):.0%}" if row.client_cpu else "-"
         lines.append(
             f"| {row.label} | {median(row.throughput, 1)} | {median(row.p50_ms, 1)} | {median(row.p95_ms, 1)} "
-            f"| {median(row.exec_batch, 1)} | {median(row.queue_ms, 1)} | {median(row.compute_ms, 1)} | {cpu} |"
+            f"| {median(row.exec_batch, 1)} | {median(row.queue_ms, 1)} | {median(row.compute_ms, 1)} "
+            f"| {median(row.cpu_ms, 1)} |"
         )
     lines += ["", "| target | ratio | result |", "| --- | ---: | --- |"]
     served = statistics.median(key["served"].throughput)
@@ -293,8 +326,9 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
     with (
         (work_dir / "triton.log").open("w") as log,
-        TritonServer(args.repository, endpoints, [MODEL], work_dir, log_stream=log),
+        TritonServer(args.repository, endpoints, [MODEL], work_dir, log_stream=log) as server,
     ):
+        assert server.pid is not None
         client = grpcclient.InferenceServerClient(endpoints.grpc_url)
         inputs = [text_input(text) for text in texts]
         print("warm-up", file=sys.stderr)
@@ -305,11 +339,10 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
         for round_number in range(1, args.rounds + 1):
             for name, (label, embed) in baselines.items():
                 print(f"round {round_number}: {label}", file=sys.stderr)
-                throughput, latencies, outputs[name] = run_batched(embed, texts, args.batch)
-                add_round(batched[name], throughput, latencies)
+                outputs[name] = measure_batched(embed, texts, args.batch, batched[name])
             for level, samples in served.items():
                 print(f"round {round_number}: {samples.label}", file=sys.stderr)
-                outputs["served"] = await measure_served(client, inputs, level, samples)
+                outputs["served"] = await measure_served(client, server.pid, inputs, level, samples)
         load.append(os.getloadavg()[0])
         pa_report = (
             perf_analyzer(args.perf_analyzer, endpoints.grpc_url, texts, args.concurrency, work_dir)

@@ -13,6 +13,7 @@ import typer
 
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
 from tritonrag.server.config import Settings
+from tritonrag.server.ingest.progress import Progress
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -139,6 +140,55 @@ def _run_orchestrator(settings: Settings) -> None:
         f"orchestrator: HTTP http://{api.host}:{api.http_port}/v1 (docs at /docs), gRPC {api.host}:{api.grpc_port}"
     )
     asyncio.run(serve(settings))
+
+
+@app.command("ingest")
+def ingest_command(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (.txt .md .html .json .jsonl .pdf).")],
+    collection: Annotated[str, typer.Option(help="The collection to fill.")],
+    url: Annotated[str | None, typer.Option(help="Orchestrator HTTP URL (default: the configured one).")] = None,
+    create: Annotated[bool, typer.Option(help="Create the collection when it does not exist.")] = True,
+    batch: Annotated[int, typer.Option(min=1, max=1000, help="Documents per request.")] = 32,
+    config: ConfigOption = None,
+) -> None:
+    """Ingest files into a collection with a progress line; a rerun resumes where an interrupted one stopped."""
+    from tritonrag.server.ingest.extract import extract_paths
+    from tritonrag.server.schema import CollectionCreate
+
+    from .http_client import ApiError, TritonRagClient
+    from .ingest import IngestState, ingest
+
+    settings = _settings(config)
+    extraction = extract_paths(paths)
+    for error in extraction.errors:
+        typer.echo(f"skipped {error.path}: {error.error}", err=True)
+    base_url = url or f"http://{settings.api.host}:{settings.api.http_port}"
+    state = IngestState(settings.work_dir / "ingest" / f"{collection}.json")
+
+    def report(progress: Progress, errors: list[str]) -> None:
+        for error in errors:
+            typer.echo(f"\nfailed {error}", err=True)
+        typer.echo(f"\r{progress.line()}", nl=False, err=True)
+
+    with TritonRagClient(base_url) as client:
+        try:
+            try:
+                client.get_collection(collection)
+            except ApiError as exc:
+                if exc.status != 404 or not create:
+                    raise
+                client.create_collection(CollectionCreate(name=collection))
+            progress = ingest(client, collection, extraction, state, batch, report)
+        except ApiError as exc:
+            typer.echo(f"\nerror: {exc}", err=True)
+            raise typer.Exit(1) from exc
+    skipped = len(extraction.documents) - progress.total
+    typer.echo(
+        f"\ningested {progress.done} documents ({progress.chunks} chunks) into {collection!r}; "
+        f"{progress.failed} failed, {skipped} already there"
+    )
+    if progress.failed:
+        raise typer.Exit(1)
 
 
 @app.command("serve")

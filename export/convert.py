@@ -53,6 +53,18 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_name:
         raise
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    _drop_weight_shapes(onnx_file)
+
+
+def _drop_weight_shapes(onnx_file: Path) -> None:
+    """Remove the exporter's shape annotations of weights: ONNX Runtime's quantiser transposes Gemm weights
+    in place and then fails shape inference against the stale annotation."""
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    kept = [info for info in model.graph.value_info if info.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    onnx.save(model, str(onnx_file))
 
 
 def _matmuls_with_weight_shape(onnx_file: Path, shape: tuple[int, int]) -> list[str]:

@@ -108,8 +108,7 @@ class YesNoGraph(nn.Module):
     """Causal-LM score: logit("yes") - logit("no") at each row's last real token (rows are right-padded).
 
     The difference of two logits is one dot product with the difference of their output-embedding rows,
-    so the graph holds that vector, not the vocabulary projection. (A projection tied to the input
-    embeddings would also trip ONNX Runtime's int8 quantiser, which transposes the shared weight.)
+    so the graph holds that vector instead of projecting onto the whole vocabulary.
     """
 
     def __init__(self, model: PreTrainedModel, yes_id: int, no_id: int) -> None:

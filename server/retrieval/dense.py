@@ -56,17 +56,19 @@ _MAX_THREADS = faiss.omp_get_max_threads()
 
 @dataclass(frozen=True, slots=True)
 class DenseParams:
-    """Index parameters; the defaults reach recall@10 ≥ 0.95 on the benchmark (docs/BENCHMARKS.md)."""
+    """Index parameters, tuned with bench/search.py (docs/BENCHMARKS.md, "Vector search")."""
 
-    nlist: int = 1024
-    nprobe: int = 16
-    hnsw_m: int = 32
+    nlist: int = 1024  # IVF lists; fixed, so an IVF index exists from 39 * nlist vectors on
+    nprobe: int = 64  # IVF lists searched per query
+    hnsw_m: int = 32  # HNSW graph degree
     ef_construction: int = 64
     ef_search: int = 64
-    auto_threshold: int = 50_000
+    auto_threshold: int = 50_000  # ``auto``: Flat below, auto_kind from here (back to Flat below half)
+    # IVF rather than HNSW for ``auto``: cheap incremental adds and real deletes, where HNSW needs
+    # tombstones and whole rebuilds that take minutes at a million vectors on a few cores.
     auto_kind: IndexType = IndexType.ivf
-    exact_fraction: float = 0.125
-    max_deleted_fraction: float = 0.2
+    exact_fraction: float = 0.125  # filtered searches allowing at most this share are exact
+    max_deleted_fraction: float = 0.2  # HNSW is rebuilt once tombstones pass this share
 
     @property
     def ivf_min_vectors(self) -> int:

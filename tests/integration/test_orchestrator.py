@@ -5,8 +5,11 @@ HTTP through a real socket, gRPC through a real channel, SQLite and FAISS on dis
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -264,3 +267,41 @@ def test_kill_9_during_ingest_keeps_everything_acknowledged(
             assert info["chunks"] == info["documents"]
     finally:
         stop_orchestrator(restarted)
+
+
+def test_ingest_cli_shows_progress_and_resumes(orchestrator: Orchestrator, http: httpx2.Client, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Owls hunt at night and see well in the dark.")
+    (corpus / "b.md").write_text("# Foxes\n\nFoxes are small omnivores of the dog family.")
+    (corpus / "c.jsonl").write_text(
+        "\n".join(json.dumps({"id": f"line-{i}", "text": f"Line record {i} about rivers."}) for i in range(5))
+    )
+    (corpus / "broken.json").write_text("{not json")
+    env = {**os.environ, "TRITONRAG_WORK_DIR": str(tmp_path / "work")}
+    command = [
+        sys.executable,
+        "-m",
+        "tritonrag.clients.cli",
+        "ingest",
+        str(corpus),
+        "--collection",
+        "files",
+        "--url",
+        orchestrator.http_url,
+        "--batch",
+        "2",
+    ]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert first.returncode == 0, first.stderr
+    assert "7/7 documents" in first.stderr and "chunks/s" in first.stderr and "ETA" in first.stderr
+    assert "skipped" in first.stderr and "broken.json" in first.stderr
+    assert "ingested 7 documents" in first.stdout
+    assert http.get("/v1/collections/files").json()["documents"] == 7
+
+    (corpus / "a.txt").write_text("Owls hunt at night; their hearing is extraordinary.")
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert second.returncode == 0, second.stderr
+    assert "ingested 1 documents" in second.stdout and "6 already there" in second.stdout
+    hits = search(http, collection="files", query="owls hearing", mode="sparse", top_k=1)["hits"]
+    assert "extraordinary" in hits[0]["text"]

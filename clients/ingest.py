@@ -1,0 +1,97 @@
+"""``tritonrag ingest``: files → documents → the orchestrator, in batches, resumable.
+
+Each batch that the API acknowledges is recorded in a state file (by document id and a hash
+of its content), written atomically; a rerun of the same command skips what was recorded, so
+an interrupted ingest resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tritonrag.server.ingest.extract import Extraction
+from tritonrag.server.ingest.progress import Progress
+from tritonrag.server.schema import DocumentIn
+
+from .http_client import ApiError, TritonRagClient
+
+
+def content_hash(document: DocumentIn) -> str:
+    """A digest of what an upsert of ``document`` writes."""
+    payload = json.dumps([document.text, document.metadata], sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+class IngestState:
+    """Documents already acknowledged for one collection, persisted in a JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def pending(self, documents: Sequence[DocumentIn]) -> list[DocumentIn]:
+        """The documents not yet acknowledged with their current content."""
+        return [d for d in documents if self.done.get(d.id) != content_hash(d)]
+
+    def record(self, documents: Sequence[DocumentIn]) -> None:
+        """Mark ``documents`` acknowledged; the file is replaced atomically."""
+        self.done.update({d.id: content_hash(d) for d in documents})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        with temporary.open("w") as file:
+            json.dump(self.done, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+
+
+def ingest(
+    client: TritonRagClient,
+    collection: str,
+    extraction: Extraction,
+    state: IngestState,
+    batch_documents: int,
+    report: Callable[[Progress, list[str]], None],
+) -> Progress:
+    """Upsert the pending documents of ``extraction`` in batches, recording each acknowledged batch.
+
+    A batch the API refuses as bad input is retried document by document, so one bad document
+    fails alone; ``report`` gets the progress and the new error messages after each batch.
+    """
+    pending = state.pending(extraction.documents)
+    progress = Progress(len(pending))
+    for start in range(0, len(pending), batch_documents):
+        batch = pending[start : start + batch_documents]
+        errors: list[str] = []
+        try:
+            progress.advance(len(batch), chunks=_upsert(client, collection, batch))
+            state.record(batch)
+        except ApiError as exc:
+            if exc.status == 404 or exc.status >= 500 or len(batch) == 1:
+                raise
+            for document in batch:
+                try:
+                    progress.advance(1, chunks=_upsert(client, collection, [document]))
+                    state.record([document])
+                except ApiError as single:
+                    if single.status == 404 or single.status >= 500:
+                        raise
+                    progress.advance(0, failed=1)
+                    errors.append(f"{document.id}: {single.message}")
+        report(progress, errors)
+    return progress
+
+
+def _upsert(client: TritonRagClient, collection: str, documents: list[DocumentIn]) -> int:
+    """Chunks written; when the API runs the upsert as a job, wait for it."""
+    result = client.upsert(collection, documents)
+    if result.job_id is None:
+        return result.chunks
+    job = client.wait_for_job(result.job_id)
+    if job.failed:
+        raise ApiError(422, "INVALID_ARGUMENT", "; ".join(f"{e.doc_id}: {e.error}" for e in job.errors))
+    return 0
