@@ -7,6 +7,7 @@ weights in ``<file>.data`` beside the graph.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import onnx
@@ -36,16 +37,19 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_name:
     dynamic_shapes = {name: {0: batch, 1: sequence} for name in inputs}
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     try:
-        program = torch.onnx.export(
-            module,
-            (),
-            kwargs=inputs,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            input_names=list(inputs),
-            output_names=[output_name],
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # Every input names the same two axes on purpose; torch warns that the names are shared.
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+            program = torch.onnx.export(
+                module,
+                (),
+                kwargs=inputs,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=list(inputs),
+                output_names=[output_name],
+                verbose=False,
+            )
         if program is None:
             raise ExportError("torch.onnx.export returned no program")
         program.save(str(onnx_file), external_data=size > EXTERNAL_DATA_BYTES)

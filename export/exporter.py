@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from .prompt import answer_token_ids, render_prompt
 from .repository import ensure_config, publish, staging_dir, write_json, write_model_py
 from .runtime.encoding import METADATA_FILE, TOKENIZER_FILE, ModelTokenizer
 from .sources import ModelSource, resolve_source
+
+__all__ = ["ExportError", "ExportResult", "ParityThresholds", "export_model"]
 
 Quantization = Literal["int8"]
 Target = Literal["python", "native"]
@@ -59,7 +62,8 @@ def export_model(
     It appears only once the ONNX graph matched PyTorch (``thresholds``); on any error nothing is left.
     ``target="native"`` also writes tokenizer, ONNX and ensemble models into ``native_repository``.
     """
-    _check_choices(task, quantize, target, native_repository)
+    name = model_name or task
+    _check_choices(task, name, quantize, target, native_repository)
     started = time.monotonic()
     resolved = resolve_source(source)
     config = resolved.load_config()
@@ -70,7 +74,6 @@ def export_model(
     metadata = _metadata(resolved, task, head, tokenizer, config, max_sequence_length)
     answer_ids = (metadata["yes_token_id"], metadata["no_token_id"]) if head == "generative_yes_no" else None
     graph = build_graph(head, model, answer_ids)
-    name = model_name or task
     model_dir = repository / name
 
     with staging_dir(model_dir) as staging:
@@ -101,9 +104,11 @@ def export_model(
     return ExportResult(name, version, version_dir, reports, tuple(native_dirs))
 
 
-def _check_choices(task: str, quantize: str | None, target: str, native_repository: Path | None) -> None:
+def _check_choices(task: str, name: str, quantize: str | None, target: str, native_repository: Path | None) -> None:
     if task not in get_args(Task):
         raise ExportError(f"unknown task {task!r}: expected one of {get_args(Task)}")
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise ExportError(f"bad model name {name!r}: use letters, digits, '_', '-' and '.', not first")
     if quantize is not None and quantize not in get_args(Quantization):
         raise ExportError(f"unknown quantization {quantize!r}: expected one of {get_args(Quantization)}")
     if target not in get_args(Target):

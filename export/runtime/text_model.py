@@ -1,4 +1,4 @@
-"""The Triton Python-backend model shared by the embedder and the reranker.
+"""The Triton Python-backend models of the exported text-in models (embedder, reranker, native tokenizer).
 
 Triton's dynamic batcher hands ``execute`` a list of requests. Each request may carry
 several rows. Rows from all valid requests are tokenised, sorted by length and cut into
@@ -10,7 +10,7 @@ own; the others in the batch are answered normally.
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,49 +39,97 @@ def _parameter(config: dict[str, Any], key: str, default: str) -> str:
     return str(value) if value not in (None, "") else default
 
 
-class TextModel(ABC):
-    """A text-in ONNX model served by Triton's Python backend."""
+def encode_texts(tokenizer: ModelTokenizer, request: Any, truncate: bool) -> list[Encoding]:
+    """Token rows of an embedder request (``TEXT``)."""
+    encodings = []
+    for row, text in enumerate(decode_strings(request, "TEXT")):
+        try:
+            encodings.append(tokenizer.encode_text(text, truncate=truncate))
+        except InputError as exc:
+            raise InputError(f"TEXT[{row}]: {exc}") from exc
+    return encodings
 
-    output_name: str
+
+def encode_pairs(tokenizer: ModelTokenizer, request: Any, truncate: bool) -> list[Encoding]:
+    """Token rows of a reranker request (``QUERY`` and ``PASSAGE``, row by row)."""
+    queries, passages = decode_strings(request, "QUERY"), decode_strings(request, "PASSAGE")
+    if len(queries) != len(passages):
+        raise InputError(f"QUERY has {len(queries)} rows but PASSAGE has {len(passages)}; they must match")
+    encodings = []
+    for row, (query, passage) in enumerate(zip(queries, passages, strict=True)):
+        try:
+            encodings.append(tokenizer.encode_pair(query, passage, truncate=truncate))
+        except InputError as exc:
+            raise InputError(f"row {row}: {exc}") from exc
+    return encodings
+
+
+REQUEST_ENCODERS: dict[str, Callable[[ModelTokenizer, Any, bool], list[Encoding]]] = {
+    "embedder": encode_texts,
+    "reranker": encode_pairs,
+}
+OUTPUT_NAMES = {"embedder": "EMBEDDING", "reranker": "SCORE"}
+
+
+def error_response(error: InputError) -> Any:
+    """An INVALID_ARG response for one bad request."""
+    return pb_utils.InferenceResponse(
+        output_tensors=[], error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+    )
+
+
+class TokenizingModel:
+    """A Python-backend model that tokenises its requests as this version's task requires."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        """Load the tokenizer and an ONNX Runtime session from this version's directory."""
-        config = json.loads(args["model_config"])
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.tokenizer = ModelTokenizer.from_version_dir(version_dir)
-        self.truncate = _parameter(config, "truncate", "true").lower() == "true"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_parameter(config, "intra_op_threads", "0"))
-        gpu = args.get("model_instance_kind") == "GPU"
-        providers = execution_providers(int(args.get("model_instance_device_id", "0")), gpu, version_dir / "trt_cache")
-        session = ort.InferenceSession(str(version_dir / "model.onnx"), options, providers=providers)
-        self.runner = SortedBatchRunner(
-            session,
-            self.tokenizer,
-            max_rows=int(config.get("max_batch_size") or 1),
-            max_tokens=int(_parameter(config, "max_batch_tokens", "16384")),
-        )
+        """Read the tokenizer and metadata of this version, and the model's parameters."""
+        self.config = json.loads(args["model_config"])
+        self.version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.tokenizer = ModelTokenizer.from_version_dir(self.version_dir)
+        self.truncate = _parameter(self.config, "truncate", "true").lower() == "true"
+        self._encode = REQUEST_ENCODERS[self.tokenizer.metadata.task]
 
-    @abstractmethod
-    def encode_request(self, request: Any) -> list[Encoding]:
-        """Token rows of one request; raises ``InputError`` for bad input."""
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        """One response per request, in order; bad requests get an INVALID_ARG error response."""
+    def encode_all(self, requests: list[Any]) -> list[list[Encoding] | InputError]:
+        """Each request's token rows, or the input error that makes it bad."""
         encoded: list[list[Encoding] | InputError] = []
         for request in requests:
             try:
-                encoded.append(self.encode_request(request))
+                encoded.append(self._encode(self.tokenizer, request, self.truncate))
             except InputError as exc:
                 encoded.append(exc)
+        return encoded
+
+
+class TextModel(TokenizingModel):
+    """A text-in ONNX model: the whole dynamic batch in length-sorted sub-batches, one response per request."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        """Also load an ONNX Runtime session on the best execution provider present."""
+        super().initialize(args)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(_parameter(self.config, "intra_op_threads", "0"))
+        gpu = args.get("model_instance_kind") == "GPU"
+        device = int(args.get("model_instance_device_id", "0"))
+        providers = execution_providers(device, gpu, self.version_dir / "trt_cache")
+        session = ort.InferenceSession(str(self.version_dir / "model.onnx"), options, providers=providers)
+        self.output_name = OUTPUT_NAMES[self.tokenizer.metadata.task]
+        self.runner = SortedBatchRunner(
+            session,
+            self.tokenizer,
+            max_rows=int(self.config.get("max_batch_size") or 1),
+            max_tokens=int(_parameter(self.config, "max_batch_tokens", "16384")),
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """One response per request, in order; bad requests get an INVALID_ARG error response."""
+        encoded = self.encode_all(requests)
         rows = [e for item in encoded if not isinstance(item, InputError) for e in item]
         values = self.runner.run(rows) if rows else np.zeros((0,), dtype=np.float32)
         responses = []
         start = 0
         for item in encoded:
             if isinstance(item, InputError):
-                error = pb_utils.TritonError(str(item), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                responses.append(error_response(item))
                 continue
             chunk = values[start : start + len(item)].reshape(len(item), -1)
             start += len(item)

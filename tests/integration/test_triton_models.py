@@ -175,3 +175,25 @@ def test_a_model_that_fails_to_load_is_named_with_tritons_reason(tiny_repository
         running_triton(repository, ["embedder"], tmp_path / "work"),
     ):
         pass
+
+
+def test_native_tokenizer_model_serves_the_graph_inputs(tiny_sources: dict[str, Path], tmp_path: Path) -> None:
+    """The ``--target native`` tokenizer runs on the Python backend; its ONNX and ensemble parts need the
+    full Triton container (the pip-installed server has no onnxruntime backend), so those are checked as configs."""
+    from tritonrag.export.exporter import export_model
+    from tritonrag.export.runtime.encoding import ModelTokenizer
+
+    native = tmp_path / "native"
+    result = export_model(
+        f"path:{tiny_sources['embedder']}", "embedder", tmp_path / "repo", target="native", native_repository=native
+    )
+    texts = ["short", "a somewhat longer sentence for padding"]
+    with running_triton(native, ["embedder_tokenizer"], tmp_path / "work") as server:
+        client = grpcclient.InferenceServerClient(server.endpoints.grpc_url)
+        reply = client.infer("embedder_tokenizer", [text_input("TEXT", texts)])
+        empty = _error(lambda: client.infer("embedder_tokenizer", [text_input("TEXT", [""])]))
+    expected = ModelTokenizer.from_version_dir(result.version_dir)
+    arrays = expected.pad([expected.encode_text(t) for t in texts])
+    for name, array in arrays.items():
+        assert (reply.as_numpy(name) == array).all(), name
+    assert "text is empty" in empty.message()

@@ -111,6 +111,7 @@ def test_embedder_metadata_and_graph(embedder_versions: list[ExportResult], embe
     assert data["quantization"] is None and "prompt" not in data
     assert data["parity"] == result.parity["fp32"]
     assert result.parity["fp32"]["value"] >= 0.9999 and result.parity["fp32"]["rows"] == 8
+    assert result.parity["fp32"]["alone_vs_batched"] >= 0.9999
     ModelMetadata.read(result.version_dir)  # what the Triton model reads
     graph = onnx.load(str(result.version_dir / "model.onnx"))
     assert [i.name for i in graph.graph.input] == data["inputs"]
@@ -149,6 +150,7 @@ def test_cross_encoder_scores_are_the_logit(cross_encoder_native: ExportResult, 
     assert data["head"] == "sequence_classification" and "prompt" not in data
     report = cross_encoder_native.parity["fp32"]
     assert report["value"] <= 1e-3 and report["same_order"] and report["rows"] == 6
+    assert report["alone_vs_batched"] <= 1e-3
     tokenizer = AutoTokenizer.from_pretrained(cross_encoder_dir)  # type: ignore[no-untyped-call]
     batch = tokenizer([q for q, _ in PAIRS], [p for _, p in PAIRS], padding=True, return_tensors="pt")
     with torch.inference_mode():
@@ -226,13 +228,13 @@ def test_reranker_int8_is_reported_not_judged(cross_encoder_dir: Path, tmp_path:
     result = export_model(f"path:{cross_encoder_dir}", "reranker", tmp_path, quantize="int8")
     report = result.parity["int8"]
     assert report["metric"] == "max_abs_diff" and report["threshold"] is None
-    assert {"value", "same_order", "spearman", "rows"} <= report.keys()
+    assert {"value", "same_order", "spearman", "rows", "alone_vs_batched"} <= report.keys()
     assert metadata(result)["quantization"]["parity"] == report
 
 
 def test_failed_parity_leaves_nothing(cross_encoder_dir: Path, tmp_path: Path) -> None:
     impossible = ParityThresholds(max_abs_diff=-1.0)
-    with pytest.raises(ExportError, match="disagrees with the PyTorch reference"):
+    with pytest.raises(ExportError, match="disagrees with the PyTorch reference or depends on padding"):
         export_model(f"path:{cross_encoder_dir}", "reranker", tmp_path, thresholds=impossible)
     assert list(tmp_path.iterdir()) == []
 
@@ -310,6 +312,8 @@ def test_bundled_packages_resolve_without_import() -> None:
 def test_bad_choices_are_refused(embedder_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="unknown task"):
         export_model(f"path:{embedder_dir}", "classifier", tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(ExportError, match="bad model name"):
+        export_model(f"path:{embedder_dir}", "embedder", tmp_path, model_name="../escape")
     with pytest.raises(ExportError, match="native_repository is required"):
         export_model(f"path:{embedder_dir}", "embedder", tmp_path, target="native")
     with pytest.raises(ExportError, match=r"outside 1\.\.512"):
