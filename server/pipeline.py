@@ -139,7 +139,9 @@ class RagCore:
         async with self._open_lock:
             if name not in self._collections:
                 spec = await asyncio.to_thread(self._catalog.get_collection, name)
-                dimension = await self._embedding_dimension()
+                # An existing collection opens without Triton, so BM25 search works while the embedder is down.
+                stored = await asyncio.to_thread(Collection.stored_dimension, self._collection_dir(name))
+                dimension = stored if stored is not None else await self._embedding_dimension()
                 self._collections[name] = await asyncio.to_thread(
                     Collection.open, self._collection_dir(name), spec, dimension
                 )

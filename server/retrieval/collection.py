@@ -36,6 +36,7 @@ from tritonrag.server.store.documents import (
     IdArray,
     PreparedDocument,
     StoredChunk,
+    stored_dimension,
 )
 
 # The types of this interface that live in the store are part of it too.
@@ -124,6 +125,11 @@ class Collection:
             collection._saved_generation = store.generation
         collection.snapshot()
         return collection
+
+    @staticmethod
+    def stored_dimension(directory: Path) -> int | None:
+        """The vector width of the collection stored in ``directory``; None when it has no store yet."""
+        return stored_dimension(directory / STORE_FILE)
 
     @property
     def name(self) -> str:

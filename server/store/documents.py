@@ -7,6 +7,7 @@ A write is one SQLite transaction; its commit is the acknowledgement point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import sqlite3
@@ -152,6 +153,15 @@ def _ids(values: Sequence[int] | IdArray) -> IdArray:
 
 def _json_list(values: Sequence[str] | IdArray) -> str:
     return json.dumps(values.tolist() if isinstance(values, np.ndarray) else list(values))
+
+
+def stored_dimension(path: Path) -> int | None:
+    """The vector width a store at ``path`` was created for; None when there is no store yet."""
+    if not path.is_file():
+        return None
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()
+    return int(row[0]) if row else None
 
 
 class DocumentStore:
