@@ -20,6 +20,7 @@ import pytest
 from tritonrag.server.config import IngestSettings
 from tritonrag.server.errors import NotFoundError, UnavailableError
 from tritonrag.server.pipeline import RagCore
+from tritonrag.server.routing.triton_pool import TritonPool
 from tritonrag.server.schema import CollectionCreate, DocumentIn, ModelVersion, SearchRequest, UpsertRequest
 from tritonrag.server.store.catalog import Catalog
 
