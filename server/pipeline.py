@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import IngestSettings
-from .errors import NotFoundError, UnavailableError
+from .errors import DeadlineExceededError, NotFoundError, UnavailableError
 from .ingest.chunking import Chunker
 from .ingest.jobs import JobRunner
 from .retrieval.collection import Collection, PreparedDocument, ScoredChunk, StoredChunk
@@ -266,7 +266,7 @@ class RagCore:
             started = time.perf_counter()
             try:
                 found.query_vector = (await self._pool.embed([request.query]))[0]
-            except UnavailableError:
+            except (UnavailableError, DeadlineExceededError):
                 found.degraded.append("embed")
                 mode = SearchMode.sparse
             timer.stage("embed", started)
@@ -300,7 +300,7 @@ class RagCore:
         candidates = found.order[:top_n]
         try:
             scores = await self._pool.rerank(query, [found.chunks[c].text for c in candidates])
-        except UnavailableError:
+        except (UnavailableError, DeadlineExceededError):
             found.degraded.append("rerank")
             return
         for chunk_id, score in zip(candidates, scores, strict=True):
