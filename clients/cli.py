@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
+from tritonrag.export.repository import versions
 from tritonrag.server.config import Settings
 from tritonrag.server.ingest.progress import Progress
 
@@ -81,7 +82,7 @@ def export(
 
 def has_version(model_dir: Path) -> bool:
     """True when ``model_dir`` holds at least one exported version."""
-    return model_dir.is_dir() and any(v.name.isdigit() and (v / "model.onnx").is_file() for v in model_dir.iterdir())
+    return any((model_dir / str(v) / "model.onnx").is_file() for v in versions(model_dir))
 
 
 def _serve_until_signalled(server: TritonServer) -> int:

@@ -32,7 +32,6 @@ async def running_core(settings: Settings) -> AsyncIterator[RagCore]:
         pool,
         settings.ingest,
         embedder_model=settings.routing.embedder_model,
-        reranker_model=settings.routing.reranker_model,
     )
     try:
         await core.start()
@@ -43,7 +42,7 @@ async def running_core(settings: Settings) -> AsyncIterator[RagCore]:
         catalog.close()
 
 
-async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
+async def serve(settings: Settings) -> None:
     """Serve HTTP and gRPC until cancelled (or until uvicorn is told to exit by a signal)."""
     async with running_core(settings) as core:
         api = settings.api
@@ -56,10 +55,6 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
         log.info("orchestrator: HTTP http://%s:%d, gRPC %s:%d", api.host, api.http_port, api.host, api.grpc_port)
         serving = asyncio.create_task(http_server.serve())
         try:
-            while not http_server.started and not serving.done():
-                await asyncio.sleep(0.05)
-            if started is not None:
-                started.set()
             await serving
         finally:
             http_server.should_exit = True

@@ -94,7 +94,6 @@ class RagCore:
         pool: TritonPool,
         ingest: IngestSettings,
         embedder_model: str = "embedder",
-        reranker_model: str = "reranker",
     ) -> None:
         self._data_dir = data_dir
         self._repository = repository
@@ -102,7 +101,6 @@ class RagCore:
         self._pool = pool
         self._inline_max = ingest.inline_max_documents
         self._embedder = embedder_model
-        self._reranker = reranker_model
         self._collections: dict[str, Collection] = {}
         self._open_lock = asyncio.Lock()
         self._dimension: int | None = None
