@@ -65,25 +65,35 @@ def ingest(
     pending = state.pending(extraction.documents)
     progress = Progress(len(pending))
     for start in range(0, len(pending), batch_documents):
-        batch = pending[start : start + batch_documents]
         errors: list[str] = []
-        try:
-            progress.advance(len(batch), chunks=_upsert(client, collection, batch))
-            state.record(batch)
-        except ApiError as exc:
-            if exc.status == 404 or exc.status >= 500 or len(batch) == 1:
-                raise
-            for document in batch:
-                try:
-                    progress.advance(1, chunks=_upsert(client, collection, [document]))
-                    state.record([document])
-                except ApiError as single:
-                    if single.status == 404 or single.status >= 500:
-                        raise
-                    progress.advance(0, failed=1)
-                    errors.append(f"{document.id}: {single.message}")
+        _settle(client, collection, pending[start : start + batch_documents], state, progress, errors)
         report(progress, errors)
     return progress
+
+
+def _settle(
+    client: TritonRagClient,
+    collection: str,
+    documents: list[DocumentIn],
+    state: IngestState,
+    progress: Progress,
+    errors: list[str],
+) -> None:
+    """Upsert ``documents``; when the API refuses them as bad input, retry one by one, so a bad one fails alone."""
+    try:
+        chunks = _upsert(client, collection, documents)
+    except ApiError as exc:
+        if exc.status == 404 or exc.status >= 500:
+            raise
+        if len(documents) == 1:
+            progress.advance(0, failed=1)
+            errors.append(f"{documents[0].id}: {exc.message}")
+            return
+        for document in documents:
+            _settle(client, collection, [document], state, progress, errors)
+        return
+    state.record(documents)
+    progress.advance(len(documents), chunks=chunks)
 
 
 def _upsert(client: TritonRagClient, collection: str, documents: list[DocumentIn]) -> int:
