@@ -118,7 +118,6 @@ def test_requests_survive_a_killed_endpoint_and_its_breaker_closes_after_restart
             # Both carry load; waiting for it, not for a request count, since one fast server can take
             # a burst alone while the other's probe answer is in flight.
             await eventually(lambda: inference_count(a) > 0 and inference_count(b) > 0, 30, "both servers carry load")
-            assert served > 0
 
             assert a.pid is not None
             os.killpg(a.pid, signal.SIGKILL)  # Triton and its Python-backend stubs
