@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -31,23 +32,33 @@ def onnx_files(onnx_file: Path) -> list[Path]:
     return [path for path in (onnx_file, external_data_file(onnx_file)) if path.exists()]
 
 
-def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_name: str, onnx_file: Path) -> None:
-    """Export ``module(**inputs)`` with dynamic batch and sequence axes; graph inputs keep the order of ``inputs``."""
+def text_dynamic_shapes(inputs: dict[str, torch.Tensor]) -> tuple[dict[int, Any], ...]:
+    """Dynamic batch and sequence axes for every input of a text graph."""
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dynamic_shapes = {name: {0: batch, 1: sequence} for name in inputs}
+    return tuple({0: batch, 1: sequence} for _ in inputs)
+
+
+def export_onnx(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: tuple[Any, ...],
+    onnx_file: Path,
+) -> None:
+    """Export ``module(*args)`` with ``dynamic_shapes`` (one entry per argument), naming inputs and outputs."""
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     try:
         with warnings.catch_warnings():
-            # Every input names the same two axes on purpose; torch warns that the names are shared.
+            # Inputs name the same axes on purpose; torch warns that the names are shared.
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
             program = torch.onnx.export(
                 module,
-                (),
-                kwargs=inputs,
+                args,
                 dynamo=True,
                 dynamic_shapes=dynamic_shapes,
-                input_names=list(inputs),
-                output_names=[output_name],
+                input_names=input_names,
+                output_names=output_names,
                 verbose=False,
             )
         if program is None:

@@ -6,19 +6,23 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
-from .convert import export_onnx, onnx_files, quantize_int8
+from .convert import export_onnx, onnx_files, quantize_int8, text_dynamic_shapes
 from .errors import ExportError
-from .graphs import AUTO_CLASSES, OUTPUT_NAMES, Head, Task, build_graph, select_head
+from .generation_parity import GenerationParity
+from .graphs import AUTO_CLASSES, OUTPUT_NAMES, DecoderGraph, Head, Task, build_graph, select_head
 from .native import write_native
 from .parity import ParityCheck, ParityThresholds
 from .prompt import answer_token_ids, render_prompt
 from .repository import ensure_config, publish, staging_dir, write_json, write_model_py
+from .runtime.decoding import CacheShape
 from .runtime.encoding import METADATA_FILE, TOKENIZER_FILE, ModelTokenizer
 from .sources import ModelSource, resolve_source
 
@@ -28,6 +32,7 @@ Quantization = Literal["int8"]
 Target = Literal["python", "native"]
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
+DEFAULT_CONTEXT_WINDOW = 2048  # generator: prompt plus completion
 DEFAULT_THRESHOLDS = ParityThresholds()
 ONNX_FILE = "model.onnx"
 
@@ -79,17 +84,10 @@ def export_model(
     with staging_dir(model_dir) as staging:
         tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
         write_json(staging / METADATA_FILE, metadata)
-        parity = ParityCheck(task, graph, ModelTokenizer.from_version_dir(staging), thresholds)
-        onnx_file = staging / ONNX_FILE
-        log.info("%s: exporting to ONNX", source)
-        export_onnx(graph, parity.torch_inputs(), OUTPUT_NAMES[task], onnx_file)
-        reports = {"fp32": parity.check(onnx_file)}
-        metadata["parity"] = reports["fp32"]
-        if task == "embedder":
-            metadata["dimension"] = int(parity.reference.shape[-1])
-        if quantize == "int8":
-            reports["int8"] = _quantize(onnx_file, parity, _ffn_down_shape(config))
-            metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
+        if isinstance(graph, DecoderGraph):
+            reports = _export_generator(source, graph, staging, metadata, quantize, _ffn_down_shape(config))
+        else:
+            reports = _export_text_model(source, task, graph, staging, metadata, quantize, thresholds, config)
         write_json(staging / METADATA_FILE, metadata)
         write_model_py(staging, task)
         native_dirs: list[Path] = []
@@ -104,6 +102,69 @@ def export_model(
     return ExportResult(name, version, version_dir, reports, tuple(native_dirs))
 
 
+def _export_text_model(
+    source: str,
+    task: Task,
+    graph: torch.nn.Module,
+    staging: Path,
+    metadata: dict[str, Any],
+    quantize: Quantization | None,
+    thresholds: ParityThresholds,
+    config: PretrainedConfig,
+) -> dict[str, dict[str, Any]]:
+    """Embedder or reranker: the graph, its parity report(s), and the embedding width in ``metadata``."""
+    parity = ParityCheck(task, graph, ModelTokenizer.from_version_dir(staging), thresholds)
+    onnx_file = staging / ONNX_FILE
+    inputs = parity.torch_inputs()
+    log.info("%s: exporting to ONNX", source)
+    export_onnx(
+        graph, tuple(inputs.values()), list(inputs), [OUTPUT_NAMES[task]], text_dynamic_shapes(inputs), onnx_file
+    )
+    reports = {"fp32": parity.check(onnx_file)}
+    metadata["parity"] = reports["fp32"]
+    if task == "embedder":
+        metadata["dimension"] = int(parity.reference.shape[-1])
+    if quantize == "int8":
+        reports["int8"] = _quantize(onnx_file, parity.check_int8, _ffn_down_shape(config))
+        metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
+    return reports
+
+
+def _export_generator(
+    source: str,
+    graph: DecoderGraph,
+    staging: Path,
+    metadata: dict[str, Any],
+    quantize: Quantization | None,
+    float_weight_shape: tuple[int, int] | None,
+) -> dict[str, dict[str, Any]]:
+    """Generator: the KV-cache decoder graph and its greedy parity report(s)."""
+    shape = CacheShape(metadata["num_layers"], metadata["num_kv_heads"], metadata["head_dim"])
+    log.info("%s: greedy reference continuations in PyTorch", source)
+    parity = GenerationParity(graph.model, staging, shape)
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    total, past = torch.export.Dim("total"), torch.export.Dim("past")
+    dynamic_shapes = (
+        {0: batch, 1: sequence},
+        {0: batch, 1: total},
+        {0: batch, 1: sequence},
+        tuple({0: batch, 2: past} for _ in shape.past_names()),
+    )
+    names = ["input_ids", "attention_mask", "position_ids", *shape.past_names()]
+    onnx_file = staging / ONNX_FILE
+    log.info("%s: exporting the decoder to ONNX", source)
+    with graph.grouped_attention():
+        export_onnx(
+            graph, parity.example_inputs(), names, ["logits", *shape.present_names()], dynamic_shapes, onnx_file
+        )
+    reports = {"fp32": parity.check(onnx_file)}
+    metadata["parity"] = reports["fp32"]
+    if quantize == "int8":
+        reports["int8"] = _quantize(onnx_file, parity.check_int8, float_weight_shape)
+        metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
+    return reports
+
+
 def _check_choices(task: str, name: str, quantize: str | None, target: str, native_repository: Path | None) -> None:
     if task not in get_args(Task):
         raise ExportError(f"unknown task {task!r}: expected one of {get_args(Task)}")
@@ -115,6 +176,8 @@ def _check_choices(task: str, name: str, quantize: str | None, target: str, nati
         raise ExportError(f"unknown target {target!r}: expected one of {get_args(Target)}")
     if (target == "native") != (native_repository is not None):
         raise ExportError("native_repository is required with target='native', and only then")
+    if target == "native" and task == "generator":
+        raise ExportError("the generator has no native target: its continuous batching runs in the Python backend")
 
 
 def _ffn_down_shape(config: PretrainedConfig) -> tuple[int, int] | None:
@@ -123,13 +186,15 @@ def _ffn_down_shape(config: PretrainedConfig) -> tuple[int, int] | None:
     return (int(intermediate), int(hidden)) if intermediate and hidden else None
 
 
-def _quantize(onnx_file: Path, parity: ParityCheck, float_weight_shape: tuple[int, int] | None) -> dict[str, Any]:
-    """Replace ``onnx_file`` by its int8 version, once its parity report is in."""
+def _quantize(
+    onnx_file: Path, check: Callable[[Path], dict[str, Any]], float_weight_shape: tuple[int, int] | None
+) -> dict[str, Any]:
+    """Replace ``onnx_file`` by its int8 version, once ``check`` has reported on it."""
     int8_dir = onnx_file.parent / "int8"
     int8_dir.mkdir()
     int8_file = int8_dir / onnx_file.name
     quantize_int8(onnx_file, int8_file, float_weight_shape)
-    report = parity.check_int8(int8_file)
+    report = check(int8_file)
     for path in onnx_files(onnx_file):
         path.unlink()
     for path in onnx_files(int8_file):
@@ -155,7 +220,7 @@ def _metadata(
         "task": task,
         "head": head,
         "source": source.spec,
-        "max_sequence_length": _max_sequence_length(source, tokenizer, config, max_sequence_length),
+        "max_sequence_length": _max_sequence_length(source, task, tokenizer, config, max_sequence_length),
         "inputs": inputs,
         "pad_token_id": next(int(i) for i in pad_ids if i is not None),
         "quantization": None,
@@ -163,20 +228,43 @@ def _metadata(
     if head == "generative_yes_no":
         metadata["prompt"] = render_prompt(tokenizer)
         metadata["yes_token_id"], metadata["no_token_id"] = answer_token_ids(tokenizer)
+    if head == "causal_lm":
+        metadata.update(_generator_metadata(tokenizer, config))
     return metadata
 
 
+def _generator_metadata(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> dict[str, Any]:
+    """What the generator's engine and the orchestrator's prompt packing need besides the graph."""
+    heads = int(config.num_attention_heads)
+    stop_ids: set[int] = set()
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        stop_ids.update([value] if isinstance(value, int) else value or [])
+    if not stop_ids:
+        raise ExportError("the model names no end-of-sequence token, so a generation could not stop by itself")
+    return {
+        "inputs": ["input_ids", "attention_mask", "position_ids"],
+        "num_layers": int(config.num_hidden_layers),
+        "num_kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        "vocab_size": int(config.vocab_size),
+        "stop_token_ids": sorted(stop_ids),
+        "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+        "bos_token": tokenizer.bos_token or "",
+        "eos_token": tokenizer.eos_token or "",
+    }
+
+
 def _max_sequence_length(
-    source: ModelSource, tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig, requested: int | None
+    source: ModelSource, task: Task, tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig, requested: int | None
 ) -> int:
     """``requested``, else the smallest of sentence-transformers' ``max_seq_length``, the tokenizer's and the
-    model's limits and ``DEFAULT_MAX_SEQUENCE_LENGTH``."""
+    model's limits and ``DEFAULT_MAX_SEQUENCE_LENGTH`` (``DEFAULT_CONTEXT_WINDOW`` for a generator)."""
     positions = getattr(config, "max_position_embeddings", None)
     if requested is not None:
         if requested < 1 or (positions is not None and requested > positions):
             raise ExportError(f"max_sequence_length {requested} is outside 1..{positions} for this model")
         return requested
-    limits = [DEFAULT_MAX_SEQUENCE_LENGTH]
+    limits = [DEFAULT_CONTEXT_WINDOW if task == "generator" else DEFAULT_MAX_SEQUENCE_LENGTH]
     if positions is not None:
         limits.append(int(positions))
     if tokenizer.model_max_length < 1_000_000:  # transformers uses a huge number for "no limit"

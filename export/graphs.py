@@ -1,30 +1,35 @@
 """Torch modules that put each model's final head inside the exported graph.
 
-Every graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the model has them),
-right-padded int64 ``[batch, sequence]``, and returns the served result: L2-normalised embeddings
-``[batch, dimension]`` or one relevance score per row ``[batch, 1]``.
+The text graphs take ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the model has them),
+right-padded int64 ``[batch, sequence]``, and return the served result: L2-normalised embeddings
+``[batch, dimension]`` or one relevance score per row ``[batch, 1]``. The generator's graph is one
+decoding step with a KV cache (``DecoderGraph``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import (
+    AttentionInterface,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    DynamicCache,
     PretrainedConfig,
     PreTrainedModel,
 )
 
 from .errors import ExportError
 
-Task = Literal["embedder", "reranker"]
-Head = Literal["mean_pool", "cls_pool", "sequence_classification", "generative_yes_no"]
+Task = Literal["embedder", "reranker", "generator"]
+Head = Literal["mean_pool", "cls_pool", "sequence_classification", "generative_yes_no", "causal_lm"]
 
 OUTPUT_NAMES: dict[Task, str] = {"embedder": "sentence_embedding", "reranker": "score"}
 AUTO_CLASSES: dict[Head, Any] = {
@@ -32,6 +37,7 @@ AUTO_CLASSES: dict[Head, Any] = {
     "cls_pool": AutoModel,
     "sequence_classification": AutoModelForSequenceClassification,
     "generative_yes_no": AutoModelForCausalLM,
+    "causal_lm": AutoModelForCausalLM,
 }
 
 
@@ -49,9 +55,14 @@ def select_head(task: Task, config: PretrainedConfig, folder: Path, gguf: bool) 
             return "cls_pool"
         raise ExportError(f"{pooling_file}: only mean or CLS pooling is supported; it says {pooling}")
     architectures = config.architectures or []
+    causal = gguf or any(name.endswith("ForCausalLM") for name in architectures)
+    if task == "generator":
+        if not causal:
+            raise ExportError(f"a generator needs a causal LM; the model is {architectures}")
+        return "causal_lm"
     if any(name.endswith("ForSequenceClassification") for name in architectures):
         return "sequence_classification"
-    if gguf or any(name.endswith("ForCausalLM") for name in architectures):
+    if causal:
         return "generative_yes_no"
     raise ExportError(
         f"a reranker needs a sequence-classification cross-encoder or a causal LM; the model is {architectures}"
@@ -134,6 +145,91 @@ class YesNoGraph(nn.Module):
         return score
 
 
+GROUPED_ATTENTION = "tritonrag_grouped"
+
+
+def grouped_query_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Eager attention for grouped-query models without copying each KV head once per query head.
+
+    transformers' eager path repeats keys and values to the number of query heads; in a decoding
+    step that copy of the whole cache costs more than the attention itself. Here the query heads
+    that share a KV head are stacked along the query axis instead (head ``h`` uses KV head
+    ``h // groups``, as ``repeat_kv`` orders them), so the cache is read once, as it is.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * length, dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores.reshape(batch, kv_heads, groups, length, -1) + attention_mask[:, :, None, :, : key.shape[-2]]
+        scores = scores.reshape(batch, kv_heads, groups * length, -1)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(probs, value).reshape(batch, heads, length, dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_ATTENTION, grouped_query_attention)
+
+
+class DecoderGraph(nn.Module):
+    """One decoding step with a KV cache: ``(input_ids, attention_mask, position_ids, *past)`` →
+    ``(logits, *present)``.
+
+    ``past`` is each layer's key then value ``[batch, kv_heads, past, head_dim]``; ``attention_mask``
+    ``[batch, past + sequence]`` marks real tokens (rows are left-padded); ``position_ids`` are explicit,
+    so padding does not shift positions. The causal mask is built here as an additive float mask,
+    which the model takes as it is. Only the last position is projected onto the vocabulary.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = int(model.config.num_hidden_layers)
+
+    @contextmanager
+    def grouped_attention(self) -> Iterator[None]:
+        """Trace with ``grouped_query_attention`` (the same numbers as eager, less copying), then restore."""
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(GROUPED_ATTENTION)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(previous)  # type: ignore[operator]
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        past_length, new = past[0].shape[2], input_ids.shape[1]
+        keys = torch.arange(past_length + new, device=input_ids.device)
+        queries = torch.arange(new, device=input_ids.device) + past_length
+        allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+        blocked = torch.tensor(torch.finfo(torch.float32).min, device=input_ids.device)
+        mask = torch.where(allowed, torch.tensor(0.0, device=input_ids.device), blocked)
+        cache = DynamicCache()
+        for layer in range(self.num_layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        present = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+        return (output.logits[:, -1, :], *present)
+
+
 def build_graph(head: Head, model: PreTrainedModel, answer_ids: tuple[int, int] | None = None) -> nn.Module:
     """The module to export for ``head``; ``answer_ids`` (yes, no) is needed by ``generative_yes_no``."""
     graph: nn.Module
@@ -141,6 +237,8 @@ def build_graph(head: Head, model: PreTrainedModel, answer_ids: tuple[int, int] 
         graph = EmbedderGraph(model, "mean" if head == "mean_pool" else "cls")
     elif head == "sequence_classification":
         graph = SequenceClassificationGraph(model)
+    elif head == "causal_lm":
+        graph = DecoderGraph(model)
     elif answer_ids is None:
         raise ExportError("generative_yes_no needs the token ids of the answers yes and no")
     else:

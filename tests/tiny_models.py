@@ -70,8 +70,9 @@ def tiny_cross_encoder(folder: Path, num_labels: int = 1) -> Path:
     return folder
 
 
-def tiny_generative_reranker(folder: Path) -> Path:
-    """A 2-layer ``LlamaForCausalLM`` (hidden 64) with SmolLM2's tokenizer and chat template, from its GGUF."""
+def tiny_causal_lm(folder: Path) -> Path:
+    """A 2-layer ``LlamaForCausalLM`` (hidden 64) with SmolLM2's tokenizer and chat template, from its GGUF;
+    served as a generative reranker or as a generator."""
     tokenizer = _tokenizer(SMOLLM2)
     config = LlamaConfig(  # type: ignore[no-untyped-call]
         vocab_size=len(tokenizer),
@@ -92,8 +93,12 @@ def tiny_generative_reranker(folder: Path) -> Path:
 
 
 def export_tiny_repository(repository: Path, tasks: Sequence[Task]) -> Path:
-    """A model repository with a tiny ``embedder`` and/or ``reranker`` (cross-encoder), version 1 each."""
-    builders: dict[str, Callable[[Path], Path]] = {"embedder": tiny_embedder, "reranker": tiny_cross_encoder}
+    """A model repository with a tiny ``embedder``, ``reranker`` (cross-encoder) and/or ``generator``, version 1."""
+    builders: dict[str, Callable[[Path], Path]] = {
+        "embedder": tiny_embedder,
+        "reranker": tiny_cross_encoder,
+        "generator": tiny_causal_lm,
+    }
     with tempfile.TemporaryDirectory() as sources:
         for task in tasks:
             folder = builders[task](Path(sources) / task)

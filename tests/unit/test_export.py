@@ -49,7 +49,7 @@ def cross_encoder_dir(models: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def generative_dir(models: Path) -> Path:
-    return tiny_models.tiny_generative_reranker(models / "generative")
+    return tiny_models.tiny_causal_lm(models / "generative")
 
 
 @pytest.fixture(scope="module")

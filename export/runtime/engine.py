@@ -1,0 +1,265 @@
+"""Continuous batching: one loop steps every running sequence together, one token each per step.
+
+A submitted sequence waits in a bounded queue until a slot and enough KV-cache room are free;
+then its prompt is prefilled (one new sequence per step, so running streams keep flowing) and it
+joins the batch at the next step. Sequences that finish (a stop token or string, ``max_tokens``)
+or are cancelled leave the batch at once, and their cache rows are freed.
+
+The engine is plain Python over a ``Decoder``: the Triton model runs ``serve_forever`` in a
+thread; the export-time parity check and the tests drive it with ``run_until_idle``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .decoding import CacheShape, Decoder, Floats, KVBatch
+from .encoding import TOKENIZER_FILE, InputError, ModelMetadata
+from .inference import execution_providers
+from .sampling import Sampler, SamplingParams
+from .text_stream import TextStream
+
+FinishReason = Literal["stop", "length", "cancelled"]
+# (new text, finish reason or None, prompt tokens, completion tokens)
+Emit = Callable[[str, FinishReason | None, int, int], None]
+
+
+class BusyError(RuntimeError):
+    """The wait queue is full."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Bounds of the engine: concurrent sequences, KV-cache slots (padding included), waiting requests."""
+
+    context_window: int
+    max_sequences: int = 8
+    max_kv_tokens: int = 16384
+    max_queue: int = 64
+    truncate_prompt: bool = True  # cut an over-long prompt from the start, or reject it
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One sequence to generate, and where its output goes."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Emit
+    is_cancelled: Callable[[], bool] = lambda: False
+    # Filled in by the engine.
+    max_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+    sampler: Sampler | None = None
+    text: TextStream | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The longest this sequence can grow: prompt plus ``max_tokens``."""
+        return len(self.prompt_ids) + self.max_tokens
+
+
+class GenerationEngine:
+    """The continuous-batching loop over one decoder. ``submit`` and ``cancel`` are thread-safe."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        new_text_stream: Callable[[Sequence[str]], TextStream],
+        stop_token_ids: Sequence[int],
+        limits: EngineLimits,
+    ) -> None:
+        self.decoder = decoder
+        self.limits = limits
+        self._new_text = new_text_stream
+        self._stop_ids = frozenset(stop_token_ids)
+        self._waiting: deque[GenerationRequest] = deque()
+        self._running: list[GenerationRequest] = []
+        self._batch: KVBatch | None = None
+        self._wake = threading.Condition()
+        self.steps = 0  # decode steps run, for tests and metrics
+        self.max_batch_rows = 0  # the most sequences ever stepped together
+
+    @classmethod
+    def from_version_dir(
+        cls,
+        version_dir: Path,
+        onnx_file: Path | None = None,
+        threads: int = 0,
+        gpu_device: int | None = None,
+        **limits: Any,
+    ) -> GenerationEngine:
+        """The engine of an exported generator version: its graph, tokenizer, stop tokens and context window.
+
+        ``limits`` override ``EngineLimits`` fields; ``threads`` 0 lets ONNX Runtime choose.
+        """
+        metadata = ModelMetadata.read(version_dir)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers = execution_providers(gpu_device or 0, gpu_device is not None, version_dir / "trt_cache")
+        session = ort.InferenceSession(str(onnx_file or version_dir / "model.onnx"), options, providers=providers)
+        extra = metadata.extra
+        shape = CacheShape(int(extra["num_layers"]), int(extra["num_kv_heads"]), int(extra["head_dim"]))
+        tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
+        return cls(
+            Decoder(session, shape),
+            lambda stop: TextStream(tokenizer, stop),
+            [int(i) for i in extra["stop_token_ids"]],
+            replace(EngineLimits(context_window=metadata.max_sequence_length), **limits),
+        )
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue ``request``; ``InputError`` if it can never fit, ``BusyError`` if the queue is full."""
+        self._fit(request)
+        request.sampler = Sampler(request.params)
+        with self._wake:
+            if len(self._waiting) >= self.limits.max_queue:
+                raise BusyError(
+                    f"{len(self._waiting)} requests are waiting already (max_queue {self.limits.max_queue})"
+                )
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def _fit(self, request: GenerationRequest) -> None:
+        """Set ``max_tokens`` and cut (or reject) a prompt that leaves no room in the context window."""
+        window, prompt = self.limits.context_window, len(request.prompt_ids)
+        wanted = request.params.max_tokens
+        if prompt == 0:
+            raise InputError("the prompt is empty")
+        if wanted is not None and wanted >= window:
+            raise InputError(f"max_tokens {wanted} leaves no room for a prompt in the context window of {window}")
+        room = window - (wanted or 1)
+        if prompt > room:
+            if not self.limits.truncate_prompt:
+                raise InputError(
+                    f"the prompt has {prompt} tokens; with max_tokens {wanted or 1} it exceeds the context window "
+                    f"of {window} tokens"
+                )
+            request.prompt_ids = request.prompt_ids[prompt - room :]
+        request.max_tokens = wanted if wanted is not None else window - len(request.prompt_ids)
+        if request.reserved_tokens > self.limits.max_kv_tokens:
+            raise InputError(
+                f"prompt plus max_tokens is {request.reserved_tokens} tokens, over the KV-cache budget "
+                f"of {self.limits.max_kv_tokens}"
+            )
+
+    @property
+    def idle(self) -> bool:
+        with self._wake:
+            return not self._waiting and not self._running
+
+    def run_until_idle(self) -> None:
+        """Step until every submitted sequence has finished."""
+        while not self.idle:
+            self.step()
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Step while there is work; sleep until ``submit`` (or ``stop``) wakes the loop."""
+        while not stop.is_set():
+            with self._wake:
+                if not self._waiting and not self._running:
+                    self._wake.wait(timeout=0.5)
+                    continue
+            self.step()
+        for request in [*self._running, *self._waiting]:
+            self._finish(request, "cancelled")
+
+    def wake(self) -> None:
+        """Wake an idle loop (e.g. to see a stop event)."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def step(self) -> None:
+        """One iteration: drop cancelled sequences, admit and prefill one waiting sequence, decode one token each."""
+        self._drop_cancelled()
+        request = self._admit()
+        if request is not None:
+            self._prefill(request)
+        if self._running and self._batch is not None:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            for request in [r for r in self._waiting if r.is_cancelled()]:
+                self._waiting.remove(request)
+                self._finish(request, "cancelled")
+        cancelled = [i for i, r in enumerate(self._running) if r.is_cancelled()]
+        for index in cancelled:
+            self._finish(self._running[index], "cancelled")
+        self._keep([i for i in range(len(self._running)) if i not in set(cancelled)])
+
+    def _admit(self) -> GenerationRequest | None:
+        """The next waiting request, if a slot and the KV budget allow it now (first come, first served)."""
+        with self._wake:
+            if not self._waiting or len(self._running) >= self.limits.max_sequences:
+                return None
+            request = self._waiting[0]
+            longest = max([request.reserved_tokens, *(r.reserved_tokens for r in self._running)])
+            if (len(self._running) + 1) * longest > self.limits.max_kv_tokens and self._running:
+                return None
+            return self._waiting.popleft()
+
+    def _prefill(self, request: GenerationRequest) -> None:
+        request.text = self._new_text(request.params.stop)
+        logits, cache = self.decoder.prefill(request.prompt_ids)
+        if self._advance(request, logits):
+            return
+        self._running.append(request)
+        self._batch = cache if self._batch is None else self._batch.extend(cache)
+
+    def _decode(self) -> None:
+        assert self._batch is not None
+        tokens = [r.generated[-1] for r in self._running]
+        logits, self._batch = self.decoder.step(self._batch, tokens)
+        self.steps += 1
+        self.max_batch_rows = max(self.max_batch_rows, len(tokens))
+        finished = {i for i, r in enumerate(self._running) if self._advance(r, logits[i])}
+        if finished:
+            self._keep([i for i in range(len(self._running)) if i not in finished])
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only these running sequences (and their cache rows)."""
+        if len(rows) == len(self._running):
+            return
+        self._running = [self._running[i] for i in rows]
+        self._batch = self._batch.select(rows) if self._running and self._batch is not None else None
+
+    def _advance(self, request: GenerationRequest, logits: Floats) -> bool:
+        """Choose the request's next token and stream its text; whether the request has finished."""
+        assert request.sampler is not None and request.text is not None
+        token = request.sampler.choose(logits, [*request.prompt_ids, *request.generated])
+        request.generated.append(token)
+        reason: FinishReason | None = None
+        if token in self._stop_ids:
+            reason = "stop"
+            delta = ""
+        else:
+            delta = request.text.push(token)
+            if request.text.stopped:
+                reason = "stop"
+            elif len(request.generated) >= request.max_tokens:
+                reason = "length"
+        if reason is None:
+            if delta:
+                self._emit(request, delta, None)
+            return False
+        self._finish(request, reason, delta)
+        return True
+
+    def _finish(self, request: GenerationRequest, reason: FinishReason, delta: str = "") -> None:
+        rest = request.text.flush() if request.text is not None and reason != "cancelled" else ""
+        self._emit(request, delta + rest, reason)
+
+    @staticmethod
+    def _emit(request: GenerationRequest, text: str, reason: FinishReason | None) -> None:
+        request.emit(text, reason, len(request.prompt_ids), len(request.generated))

@@ -1,0 +1,149 @@
+"""The Triton Python-backend model of an exported generator: decoupled, continuously batched.
+
+``execute`` only validates and queues requests (the model is decoupled, so it returns at once);
+a background thread runs the ``GenerationEngine``, which streams each request's text through the
+request's response sender, one response per step that produced text, the last one flagged final.
+A request whose client went away (Triton marks it cancelled) leaves the batch at the next step.
+See ``generation`` for the inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
+from tokenizers import Tokenizer
+
+from .chat import ChatTemplate
+from .encoding import TOKENIZER_FILE, InputError, ModelMetadata
+from .engine import BusyError, FinishReason, GenerationEngine, GenerationRequest
+from .generation import BUSY_ERROR, INPUT_ERROR
+from .sampling import SamplingParams
+from .text_model import decode_strings
+
+log = logging.getLogger(__name__)
+
+
+def _parameter(config: dict[str, Any], key: str, default: str) -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value")
+    return str(value) if value not in (None, "") else default
+
+
+def _optional_text(request: Any, name: str) -> str | None:
+    if pb_utils.get_input_tensor_by_name(request, name) is None:
+        return None
+    rows = decode_strings(request, name)
+    if len(rows) != 1:
+        raise InputError(f"{name} must hold exactly one string; it has {len(rows)}")
+    return rows[0]
+
+
+def _error(message: str, code: Any) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+class _Stream:
+    """Sends one request's deltas through its response sender; a failed send marks the client gone."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.sender = request.get_response_sender()
+        self.gone = False
+
+    def is_cancelled(self) -> bool:
+        return self.gone or bool(self.request.is_cancelled())
+
+    def emit(self, text: str, reason: FinishReason | None, prompt_tokens: int, completion_tokens: int) -> None:
+        outputs = [
+            pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("FINISH_REASON", np.array([(reason or "").encode()], dtype=np.object_)),
+            pb_utils.Tensor("PROMPT_TOKENS", np.array([prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("COMPLETION_TOKENS", np.array([completion_tokens], dtype=np.int32)),
+        ]
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if reason else 0
+        try:
+            self.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=flags)
+        except Exception as exc:  # the client's stream is gone; the engine drops the sequence next step
+            if not self.gone:
+                log.info("generator: a response could not be sent (%s); cancelling the request", exc)
+            self.gone = True
+
+
+class TritonPythonModel:
+    """A decoupled generator: requests join the running batch at the next step and stream their text."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        """Load the decoder, tokenizer and chat template; start the batching loop."""
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException("the generator must be decoupled (model_transaction_policy)")
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        metadata = ModelMetadata.read(version_dir)
+        gpu = args.get("model_instance_kind") == "GPU"
+        self.engine = GenerationEngine.from_version_dir(
+            version_dir,
+            threads=int(_parameter(config, "intra_op_threads", "0")),
+            gpu_device=int(args.get("model_instance_device_id", "0")) if gpu else None,
+            max_sequences=int(_parameter(config, "max_sequences", "16")),
+            max_kv_tokens=int(_parameter(config, "max_kv_tokens", "32768")),
+            max_queue=int(_parameter(config, "max_queue", "64")),
+            truncate_prompt=_parameter(config, "truncate_prompt", "true").lower() == "true",
+        )
+        self.tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
+        template = metadata.extra.get("chat_template")
+        extra = metadata.extra
+        self.chat = ChatTemplate(template, extra.get("bos_token", ""), extra.get("eos_token", "")) if template else None
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self.engine.serve_forever, args=(self._stop,), name="generator-loop")
+        self._loop.start()
+
+    def _prompt_ids(self, request: Any) -> list[int]:
+        prompt, messages = _optional_text(request, "PROMPT"), _optional_text(request, "MESSAGES")
+        if (prompt is None) == (messages is None):
+            raise InputError("give exactly one of PROMPT and MESSAGES")
+        if messages is not None:
+            if self.chat is None:
+                raise InputError("this model has no chat template; send PROMPT instead of MESSAGES")
+            try:
+                prompt = self.chat.render(json.loads(messages))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"MESSAGES is not valid JSON: {exc}") from exc
+        assert prompt is not None
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
+
+    @staticmethod
+    def _params(request: Any) -> SamplingParams:
+        text = _optional_text(request, "PARAMETERS")
+        if text is None:
+            return SamplingParams()
+        try:
+            return SamplingParams.parse(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"PARAMETERS is not valid JSON: {exc}") from exc
+
+    def execute(self, requests: list[Any]) -> None:
+        """Queue each request; a bad or refused one gets a final error response at once."""
+        for request in requests:
+            stream = _Stream(request)
+            try:
+                generation = GenerationRequest(
+                    self._prompt_ids(request), self._params(request), stream.emit, stream.is_cancelled
+                )
+                self.engine.submit(generation)
+            except InputError as exc:
+                response = _error(INPUT_ERROR + str(exc), pb_utils.TritonError.INVALID_ARG)
+                stream.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except BusyError as exc:
+                response = _error(BUSY_ERROR + str(exc), pb_utils.TritonError.UNAVAILABLE)
+                stream.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self) -> None:
+        """Stop the loop; sequences still running end as cancelled."""
+        self._stop.set()
+        self.engine.wake()
+        self._loop.join()

@@ -1,0 +1,157 @@
+"""The continuous-batching engine over a real exported (tiny) decoder graph, without Triton."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Tokenizer
+
+from tritonrag.export.runtime.encoding import InputError
+from tritonrag.export.runtime.engine import BusyError, FinishReason, GenerationEngine, GenerationRequest
+from tritonrag.export.runtime.sampling import SamplingParams
+
+
+@dataclass
+class Collected:
+    """What the engine emitted for one request."""
+
+    deltas: list[str] = field(default_factory=list)
+    reason: FinishReason | None = None
+    counts: tuple[int, int] = (0, 0)
+    cancelled: bool = False
+
+    def emit(self, text: str, reason: FinishReason | None, prompt_tokens: int, completion_tokens: int) -> None:
+        assert self.reason is None, "nothing may follow the final response"
+        self.deltas.append(text)
+        self.reason, self.counts = reason, (prompt_tokens, completion_tokens)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+
+@pytest.fixture(scope="module")
+def version_dir(tiny_repository: Path) -> Path:
+    return tiny_repository / "generator" / "1"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(version_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+
+
+def engine(version_dir: Path, **limits: Any) -> GenerationEngine:
+    return GenerationEngine.from_version_dir(version_dir, threads=1, **limits)
+
+
+def request(tokenizer: Tokenizer, prompt: str, **params: Any) -> tuple[GenerationRequest, Collected]:
+    out = Collected()
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    return GenerationRequest(ids, SamplingParams(**params), out.emit, lambda: out.cancelled), out
+
+
+PROMPTS: list[tuple[str, dict[str, Any]]] = [
+    ("Hello", {"max_tokens": 3}),
+    ("The weather today is sunny and warm, with a light breeze from the west.", {"max_tokens": 12}),
+    ("One two three", {"max_tokens": 7, "temperature": 0.8, "seed": 11}),
+    ("A much longer prompt " * 6, {"max_tokens": 9, "temperature": 1.2, "top_k": 20, "seed": 5}),
+    ("Question: what is two plus two?", {"max_tokens": 15, "top_p": 0.9, "temperature": 0.7, "seed": 2}),
+    ("x", {"max_tokens": 1}),
+    ("Repeat after me: la la la", {"max_tokens": 10, "repetition_penalty": 1.3}),
+    ("Stop words", {"max_tokens": 20, "temperature": 1.0, "seed": 3, "stop": ["e"]}),
+]
+
+
+def test_each_of_eight_concurrent_requests_gets_what_it_gets_alone(version_dir: Path, tokenizer: Tokenizer) -> None:
+    alone = []
+    for prompt, params in PROMPTS:
+        single = engine(version_dir)
+        item, out = request(tokenizer, prompt, **params)
+        single.submit(item)
+        single.run_until_idle()
+        alone.append((item.generated, out.text, out.reason, out.counts))
+
+    batched = engine(version_dir, max_sequences=8)
+    items = [request(tokenizer, prompt, **params) for prompt, params in PROMPTS]
+    for item, _ in items:
+        batched.submit(item)
+    batched.run_until_idle()
+    together = [(item.generated, out.text, out.reason, out.counts) for item, out in items]
+
+    assert together == alone
+    assert batched.max_batch_rows >= 4  # they ran together (one prefill per step; short ones finish early)
+    assert [reason for *_, reason, _ in together].count("length") >= 6
+    assert together[7][2] == "stop" and "e" not in together[7][1]  # the stop string ended it, unseen
+
+
+def test_a_new_request_joins_while_others_run(version_dir: Path, tokenizer: Tokenizer) -> None:
+    loop = engine(version_dir)
+    long, long_out = request(tokenizer, "Tell me a long story", max_tokens=40)
+    loop.submit(long)
+    for _ in range(5):
+        loop.step()
+    short, short_out = request(tokenizer, "Hi", max_tokens=3)
+    loop.submit(short)
+    for _ in range(4):
+        loop.step()
+    assert short_out.reason == "length" and short_out.counts[1] == 3
+    assert long_out.reason is None  # still running when the newcomer finished
+    loop.run_until_idle()
+    assert long_out.reason == "length" and long_out.counts[1] == 40
+
+
+def test_cancelling_frees_the_slot_for_a_queued_request(version_dir: Path, tokenizer: Tokenizer) -> None:
+    loop = engine(version_dir, max_sequences=1)
+    first, first_out = request(tokenizer, "First", max_tokens=100)
+    second, second_out = request(tokenizer, "Second", max_tokens=2)
+    loop.submit(first)
+    loop.submit(second)
+    for _ in range(5):
+        loop.step()
+    produced = len(first.generated)
+    assert produced >= 5 and not second.generated  # one slot: the second waits
+    first_out.cancelled = True
+    loop.run_until_idle()
+    assert first_out.reason == "cancelled" and len(first.generated) == produced
+    assert second_out.reason == "length" and second_out.counts[1] == 2
+    assert loop.max_batch_rows == 1
+
+
+def test_a_full_queue_refuses_at_once(version_dir: Path, tokenizer: Tokenizer) -> None:
+    loop = engine(version_dir, max_queue=2)
+    loop.submit(request(tokenizer, "a", max_tokens=2)[0])
+    loop.submit(request(tokenizer, "b", max_tokens=2)[0])
+    with pytest.raises(BusyError, match="2 requests are waiting already"):
+        loop.submit(request(tokenizer, "c", max_tokens=2)[0])
+
+
+def test_the_kv_budget_bounds_the_batch(version_dir: Path, tokenizer: Tokenizer) -> None:
+    loop = engine(version_dir, max_kv_tokens=60)
+    items = [request(tokenizer, "Some words here", max_tokens=20) for _ in range(3)]  # 3 + 20 tokens each
+    for item, _ in items:
+        loop.submit(item)
+    loop.run_until_idle()
+    assert loop.max_batch_rows == 2  # 2 x 23 fits in 60 slots; 3 x 23 does not
+    assert all(out.reason == "length" for _, out in items)
+    with pytest.raises(InputError, match="over the KV-cache budget of 60"):
+        loop.submit(request(tokenizer, "Some words here", max_tokens=58)[0])
+
+
+def test_over_long_prompts_are_cut_from_the_start_or_rejected(version_dir: Path, tokenizer: Tokenizer) -> None:
+    words = " ".join(f"w{i}" for i in range(400))
+    cut = engine(version_dir)  # context window 256
+    item, out = request(tokenizer, words, max_tokens=6)
+    full = tokenizer.encode(words, add_special_tokens=False).ids
+    cut.submit(item)
+    cut.run_until_idle()
+    assert item.prompt_ids == full[len(full) - 250 :]
+    assert out.counts == (250, 6)
+
+    strict = engine(version_dir, truncate_prompt=False)
+    with pytest.raises(InputError, match=f"the prompt has {len(full)} tokens; with max_tokens 6 it exceeds"):
+        strict.submit(request(tokenizer, words, max_tokens=6)[0])
+    with pytest.raises(InputError, match="max_tokens 300 leaves no room"):
+        strict.submit(request(tokenizer, "hi", max_tokens=300)[0])

@@ -1,0 +1,126 @@
+"""The generator's building blocks: parameters, sampling, text streaming, the KV batch, chat templates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from tests import tiny_models
+from tritonrag.export.runtime.chat import ChatTemplate
+from tritonrag.export.runtime.decoding import KVBatch
+from tritonrag.export.runtime.encoding import InputError
+from tritonrag.export.runtime.sampling import Sampler, SamplingParams
+from tritonrag.export.runtime.text_stream import TextStream
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> Tokenizer:
+    backend: Tokenizer = tiny_models._tokenizer(tiny_models.SMOLLM2).backend_tokenizer
+    return backend
+
+
+def test_parameters_parse_and_default() -> None:
+    params = SamplingParams.parse({"max_tokens": 5, "temperature": 0.5, "stop": "END", "seed": 3, "top_k": 4})
+    assert params == SamplingParams(max_tokens=5, temperature=0.5, top_k=4, seed=3, stop=("END",))
+    assert SamplingParams.parse({"seed": None, "max_tokens": None}) == SamplingParams()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"temperature": -1}, "temperature must be in [0.0, 2.0]"),
+        ({"top_p": 0}, "top_p must be in (0.0, 1.0]"),
+        ({"max_tokens": 0}, "max_tokens must be an integer"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+        ({"stop": [""]}, "stop must be a list of non-empty strings"),
+        ({"stop": ["a"] * 9}, "at most 8 stop strings"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"beam_width": 2}, "unknown generation parameters: ['beam_width']"),
+    ],
+)
+def test_bad_parameters_are_named(params: dict[str, object], message: str) -> None:
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        SamplingParams.parse(params)
+
+
+def test_greedy_picks_the_largest_logit_and_penalises_repeats() -> None:
+    logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
+    assert Sampler(SamplingParams()).choose(logits, []) == 1
+    # 3.0 / 1.2 = 2.5 < 2.9: a seen token loses to the runner-up.
+    assert Sampler(SamplingParams(repetition_penalty=1.2)).choose(logits, [1]) == 2
+
+
+def test_seeded_sampling_repeats_and_top_k_one_is_greedy() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1000).astype(np.float32)
+    params = SamplingParams(temperature=1.0, seed=7)
+    first, second = Sampler(params), Sampler(params)
+    draws = [first.choose(logits, []) for _ in range(20)]
+    assert draws == [second.choose(logits, []) for _ in range(20)]
+    assert len(set(draws)) > 5  # it does sample
+    top1 = Sampler(SamplingParams(temperature=1.5, top_k=1, seed=1))
+    assert {top1.choose(logits, []) for _ in range(10)} == {int(np.argmax(logits))}
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=0))
+    assert {sampler.choose(logits, []) for _ in range(200)} == {0, 1}
+
+
+def test_text_stream_cuts_stop_strings_and_never_leaks_them(smollm2_tokenizer: Tokenizer) -> None:
+    ids = smollm2_tokenizer.encode("The answer is Paris. END of story").ids
+    stream = TextStream(smollm2_tokenizer, stop=["END"])
+    pieces = []
+    for token in ids:
+        pieces.append(stream.push(token))
+        if stream.stopped:
+            break
+    assert stream.stopped
+    assert "".join(pieces) == "The answer is Paris. "
+    assert all("E" not in piece for piece in pieces)
+
+
+def test_text_stream_holds_back_a_split_character(smollm2_tokenizer: Tokenizer) -> None:
+    ids = smollm2_tokenizer.encode("café 😀!").ids
+    stream = TextStream(smollm2_tokenizer)
+    pieces = [stream.push(token) for token in ids]
+    assert "".join(pieces) + stream.flush() == "café 😀!"
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def _batch(lengths: list[int], layers: int = 2) -> KVBatch:
+    """One row per length, cache values = row number + 1, left-padded with zeros."""
+    width = max(lengths)
+    mask = np.array([[0] * (width - n) + [1] * n for n in lengths], dtype=np.int64)
+    past = [np.zeros((len(lengths), 1, width, 2), dtype=np.float32) for _ in range(layers)]
+    for row, n in enumerate(lengths):
+        for layer in past:
+            layer[row, :, width - n :, :] = row + 1
+    return KVBatch(past, mask, np.array(lengths, dtype=np.int64))
+
+
+def test_kv_batch_extend_left_pads_and_select_trims() -> None:
+    merged = _batch([3, 1]).extend(_batch([5]))
+    assert merged.mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
+    assert merged.positions.tolist() == [3, 1, 5]
+    assert merged.past[0][2, 0, :, 0].tolist() == [1, 1, 1, 1, 1]  # the new row's own values
+    assert merged.past[0][0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]
+    kept = merged.select([1, 0])
+    assert kept.length == 3 and kept.padded_tokens == 6
+    assert kept.mask.tolist() == [[0, 0, 1], [1, 1, 1]]
+    assert kept.past[1][0, 0, :, 0].tolist() == [0, 0, 2]
+
+
+def test_chat_template_renders_as_transformers_does() -> None:
+    tokenizer = tiny_models._tokenizer(tiny_models.SMOLLM2)
+    assert isinstance(tokenizer.chat_template, str)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    chat = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.render(messages) == expected
+    with pytest.raises(InputError, match="messages\\[0\\]: role must be one of"):
+        chat.render([{"role": "robot", "content": "x"}])
+    with pytest.raises(InputError, match="messages is empty"):
+        chat.render([])
