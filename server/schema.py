@@ -222,3 +222,150 @@ class JobInfo(BaseModel):
     errors: list[DocumentError]
     created_at: float
     updated_at: float
+
+
+# Generation
+
+
+class FinishReason(StrEnum):
+    """Why a generation ended: a stop token or string, ``max_tokens``, or the client went away."""
+
+    stop = "stop"
+    length = "length"
+    cancelled = "cancelled"
+
+
+class GenerationParams(Strict):
+    """Sampling parameters, as the generator model takes them (its ``PARAMETERS`` input, as JSON).
+
+    ``temperature`` 0 is greedy decoding; the same ``seed`` with the same input gives the same output.
+    ``max_tokens`` None means as many as the context window leaves.
+    """
+
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1000)  # 0: no top-k cut
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        if any(len(s) > 256 for s in stop):
+            raise ValueError("stop strings are at most 256 characters")
+        return stop
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerationDelta(BaseModel):
+    """One streamed piece of a generation; the last one has ``finish_reason`` and the final token counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# RAG answers
+
+
+class Grounding(Strict):
+    """Where a grounded answer takes its context from: a retrieval over one collection."""
+
+    collection: str = Field(pattern=NAME_PATTERN)
+    top_k: int = Field(5, ge=1, le=50)  # passages retrieved and offered to the generator, best first
+    mode: SearchMode = SearchMode.hybrid
+    filters: Filter | None = None
+    rerank: bool = False
+
+
+class QueryRequest(Grounding):
+    """``POST /v1/query``: retrieve, pack the passages into the generator's context, answer with citations."""
+
+    query: str = Field(min_length=1, max_length=4096)
+    generation: GenerationParams = GenerationParams(max_tokens=256)
+    stream: bool = False
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query is empty")
+        return value
+
+
+class Source(BaseModel):
+    """A passage given to the generator, numbered as the answer cites it (``[citation]``)."""
+
+    citation: int
+    doc_id: str
+    chunk_id: int
+    text: str
+    start: int
+    end: int
+    metadata: Metadata
+    score: float
+    cited: bool = False  # the answer refers to it
+
+
+class QueryResponse(BaseModel):
+    collection: str
+    answer: str
+    sources: list[Source]
+    dropped_passages: int  # retrieved but left out: they did not fit the context window
+    usage: Usage
+    finish_reason: FinishReason
+    timings_ms: dict[str, float]  # embed, search, rerank, generate, total
+    degraded: list[str] = []
+
+
+class SourcesEvent(BaseModel):
+    """First event of a streamed answer."""
+
+    type: Literal["sources"] = "sources"
+    sources: list[Source]
+    dropped_passages: int
+    degraded: list[str] = []
+
+
+class DeltaEvent(BaseModel):
+    """A piece of the answer's text."""
+
+    type: Literal["delta"] = "delta"
+    text: str
+
+
+class DoneEvent(BaseModel):
+    """Last event of a streamed answer."""
+
+    type: Literal["done"] = "done"
+    usage: Usage
+    finish_reason: FinishReason
+    timings_ms: dict[str, float]
+    cited: list[int]  # citation numbers the answer used
+    degraded: list[str] = []
+
+
+QueryEvent = SourcesEvent | DeltaEvent | DoneEvent
+
+
+class Embeddings(BaseModel):
+    """Vectors of texts, in order, from one embedder version."""
+
+    model: ModelVersion
+    vectors: list[list[float]]
+    prompt_tokens: int

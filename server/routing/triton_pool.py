@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
@@ -27,14 +29,16 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from tritonrag.export.runtime.encoding import TOKENIZER_FILE
+from tritonrag.export.runtime.generation import BUSY_ERROR, INPUT_ERROR
 from tritonrag.server.config import RoutingSettings, Settings
 from tritonrag.server.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     TritonRagError,
     UnavailableError,
 )
-from tritonrag.server.schema import ModelVersion
+from tritonrag.server.schema import ChatMessage, FinishReason, GenerationDelta, GenerationParams, ModelVersion
 
 from .resilience import BreakerState, CircuitBreaker, backoff_delay
 
@@ -65,6 +69,10 @@ class TritonClient(Protocol):
         request_id: str,
         headers: dict[str, str],
         client_timeout: float | None,
+    ) -> Any: ...
+
+    def stream_infer(
+        self, inputs_iterator: AsyncIterator[dict[str, Any]], stream_timeout: float | None, headers: dict[str, str]
     ) -> Any: ...
 
     async def close(self) -> None: ...
@@ -150,7 +158,7 @@ class TritonPool:
         self._clock = clock
         self._rng = rng or random.Random()
         self._urls = list(dict.fromkeys(urls))
-        self._models = [settings.embedder_model, settings.reranker_model]
+        self._models = [settings.embedder_model, settings.reranker_model, settings.generator_model]
         self._endpoints: list[Endpoint] = []
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -332,6 +340,108 @@ class TritonPool:
             raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({last})")
         raise UnavailableError(f"'{model}' failed after {self.settings.max_attempts} attempts ({last})")
 
+    async def generate(
+        self,
+        params: GenerationParams,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
+        deadline_s: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncGenerator[GenerationDelta]:
+        """Stream a generation from the ``generator`` model for ``prompt`` (raw text) or ``messages`` (chat).
+
+        Deltas arrive as the model produces them; the last has the finish reason and token counts.
+        Until the first delta, an unavailable or busy endpoint is retried on another; closing the
+        iterator early (a client that went away) closes the stream, and Triton cancels the generation.
+        A full queue on every endpoint is ``ResourceExhaustedError``.
+        """
+        if (prompt is None) == (messages is None):
+            raise ValueError("generate takes a prompt or messages, not both")
+        model = self.settings.generator_model
+        deadline = self._clock() + (deadline_s if deadline_s is not None else self.settings.generate_timeout_s)
+        request_id = request_id or uuid.uuid4().hex
+        text_input = ("PROMPT", prompt) if prompt is not None else ("MESSAGES", _messages_json(messages or []))
+        inputs = [_scalar_bytes_input(*text_input), _scalar_bytes_input("PARAMETERS", params.model_dump_json())]
+        tried: list[Endpoint] = []
+        last = "no attempt was made"
+        for attempt in range(self.settings.max_attempts):
+            if attempt:
+                pause = backoff_delay(attempt - 1, self.settings.backoff_base_s, self.settings.backoff_max_s, self._rng)
+                await asyncio.sleep(min(pause, max(0.0, deadline - self._clock())))
+            if deadline - self._clock() <= 0:
+                raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({last})")
+            endpoint = self._pick(model, tried)
+            if endpoint is None:
+                break
+            tried.append(endpoint)
+            async with contextlib.aclosing(self._stream(endpoint, model, inputs, deadline, request_id)) as stream:
+                try:
+                    first = await anext(stream)
+                except _RetryableError as exc:
+                    last = f"{endpoint.url}: {exc}"
+                    continue
+                yield first
+                async for delta in stream:
+                    yield delta
+                return
+        if BUSY_ERROR in last:
+            raise ResourceExhaustedError(f"every generator is busy; retry later ({last})")
+        raise UnavailableError(f"no Triton endpoint can serve '{model}' now ({last})")
+
+    async def _stream(
+        self, endpoint: Endpoint, model: str, inputs: list[Any], deadline: float, request_id: str
+    ) -> AsyncGenerator[GenerationDelta]:
+        """One generation on one endpoint; ``_RetryableError`` before the first delta for what another may fix."""
+        done = asyncio.Event()
+
+        async def request() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+            await done.wait()  # keep the stream open: closing it cancels the generation
+
+        endpoint.breaker.acquire()
+        endpoint.outstanding += 1
+        responses = endpoint.client.stream_infer(
+            request(), stream_timeout=max(0.001, deadline - self._clock()), headers={REQUEST_ID_HEADER: request_id}
+        )
+        started = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise self._stream_failed(endpoint, model, str(error.message()), started)
+                delta = _delta(result)
+                if not started:
+                    endpoint.breaker.record_success()
+                    started = True
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+            raise self._stream_failed(endpoint, model, "the stream ended before the generation did", started)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                endpoint.breaker.release()
+                raise DeadlineExceededError(f"'{model}' did not finish within the deadline") from exc
+            raise self._stream_failed(endpoint, model, f"[{exc.code().name}] {exc.details()}", started) from exc
+        finally:
+            done.set()
+            responses.cancel()
+            endpoint.outstanding -= 1
+            if not started:
+                endpoint.breaker.release()
+
+    @staticmethod
+    def _stream_failed(endpoint: Endpoint, model: str, message: str, started: bool) -> Exception:
+        """What a failed generation stream raises: the model's own input and busy errors keep their meaning."""
+        if message.startswith(INPUT_ERROR):
+            endpoint.breaker.record_success()  # the server is fine; the input is not
+            return InvalidArgumentError(message.removeprefix(INPUT_ERROR))
+        if message.startswith(BUSY_ERROR) and not started:
+            return _RetryableError(message)  # busy, not broken: the breaker is only released
+        if not started:
+            endpoint.breaker.record_failure()
+            return _RetryableError(message)
+        return UnavailableError(f"'{model}' failed on {endpoint.url} mid-generation: {message}")
+
     def _pick(self, model: str, tried: Sequence[Endpoint]) -> Endpoint | None:
         """The routable endpoint with the fewest outstanding requests, preferring those not tried yet."""
         routable = [e for e in self._endpoints if e.routable(model)]
@@ -387,6 +497,27 @@ class TritonPool:
         if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
             return _RetryableError(message)
         return UnavailableError(f"'{model}' failed on {endpoint.url}: [{status}] {message}")
+
+
+def _scalar_bytes_input(name: str, text: str) -> Any:
+    tensor = grpcclient.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([text.encode("utf-8")], dtype=np.object_))
+    return tensor
+
+
+def _messages_json(messages: Sequence[ChatMessage]) -> str:
+    return json.dumps([message.model_dump() for message in messages])
+
+
+def _delta(result: Any) -> GenerationDelta:
+    """A ``GenerationDelta`` from one streamed response of the generator model."""
+    reason = result.as_numpy("FINISH_REASON").reshape(-1)[0].decode()
+    return GenerationDelta(
+        text=result.as_numpy("TEXT").reshape(-1)[0].decode("utf-8"),
+        finish_reason=FinishReason(reason) if reason else None,
+        prompt_tokens=int(result.as_numpy("PROMPT_TOKENS").reshape(-1)[0]),
+        completion_tokens=int(result.as_numpy("COMPLETION_TOKENS").reshape(-1)[0]),
+    )
 
 
 def _bytes_input(name: str, texts: Sequence[str]) -> Any:

