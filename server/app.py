@@ -32,6 +32,9 @@ async def running_core(settings: Settings) -> AsyncIterator[RagCore]:
         pool,
         settings.ingest,
         embedder_model=settings.routing.embedder_model,
+        reranker_model=settings.routing.reranker_model,
+        generator_model=settings.routing.generator_model,
+        query=settings.query,
     )
     try:
         await core.start()
@@ -49,7 +52,11 @@ async def serve(settings: Settings) -> None:
         grpc_server = create_grpc_server(core, api)
         await grpc_server.start()
         config = uvicorn.Config(
-            create_http_app(core, api), host=api.host, port=api.http_port, log_level="info", lifespan="off"
+            create_http_app(core, api, settings.routing.generator_model, settings.routing.embedder_model),
+            host=api.host,
+            port=api.http_port,
+            log_level="info",
+            lifespan="off",
         )
         http_server = uvicorn.Server(config)
         log.info("orchestrator: HTTP http://%s:%d, gRPC %s:%d", api.host, api.http_port, api.host, api.grpc_port)

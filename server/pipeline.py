@@ -1,40 +1,64 @@
-"""The one async core behind both front-ends: collections, documents, search and jobs."""
+"""The one async core behind both front-ends: collections, documents, search, jobs and answers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from .config import IngestSettings
-from .errors import DeadlineExceededError, NotFoundError, UnavailableError
+from tritonrag.export.runtime.encoding import ModelTokenizer
+
+from .config import IngestSettings, QuerySettings
+from .errors import DeadlineExceededError, InvalidArgumentError, NotFoundError, UnavailableError
+from .generation.extractive import NO_PASSAGES_ANSWER, extractive_answer
+from .generation.packing import ContextWindow, Packed, pack
+from .generation.prompts import cited_numbers, grounded_chat, grounded_messages
 from .ingest.chunking import Chunker
 from .ingest.jobs import JobRunner
 from .retrieval.collection import Collection, PreparedDocument, ScoredChunk, StoredChunk
 from .retrieval.fusion import mmr, reciprocal_rank_fusion
 from .routing.triton_pool import TritonPool, served_version_dir
 from .schema import (
+    ChatMessage,
     Chunking,
     CollectionCreate,
     CollectionInfo,
     DeleteByFilterRequest,
+    DeltaEvent,
     Document,
     DocumentIn,
+    DoneEvent,
+    Embeddings,
+    FinishReason,
+    GenerationDelta,
+    GenerationParams,
+    Grounding,
     JobInfo,
+    ModelVersion,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
     SearchHit,
     SearchMode,
     SearchRequest,
     SearchResponse,
+    Source,
+    SourcesEvent,
     UpsertRequest,
     UpsertResult,
+    Usage,
 )
 from .store.catalog import Catalog
+
+SEARCH_QUERY_CHARS = 4096  # SearchRequest.query's limit: a grounded chat searches with the start of its question
 
 
 class Timer:
@@ -94,6 +118,10 @@ class RagCore:
         pool: TritonPool,
         ingest: IngestSettings,
         embedder_model: str = "embedder",
+        *,
+        reranker_model: str = "reranker",
+        generator_model: str = "generator",
+        query: QuerySettings | None = None,
     ) -> None:
         self._data_dir = data_dir
         self._repository = repository
@@ -101,10 +129,15 @@ class RagCore:
         self._pool = pool
         self._inline_max = ingest.inline_max_documents
         self._embedder = embedder_model
+        self._reranker = reranker_model
+        self._generator = generator_model
+        self._query = query or QuerySettings()
         self._collections: dict[str, Collection] = {}
         self._open_lock = asyncio.Lock()
         self._dimension: int | None = None
         self._chunkers: dict[tuple[str, int, int], Chunker] = {}
+        self._embedder_tokenizers: dict[str, ModelTokenizer] = {}
+        self._windows: dict[str, ContextWindow] = {}
         self.jobs = JobRunner(catalog, self._upsert_now, data_dir / "jobs", ingest)
 
     async def start(self) -> None:
@@ -235,20 +268,7 @@ class RagCore:
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Retrieve (dense, sparse or hybrid), optionally rerank and diversify, and return the top k."""
         timer = Timer()
-        collection = await self._collection(request.collection)
-        depth = max(request.top_k, request.rerank_top_n if request.rerank else 0)
-        if request.mmr is not None:
-            depth = max(depth, 4 * request.top_k)
-        found = await self._retrieve(collection, request, depth, timer)
-        if request.rerank and found.order:
-            started = time.perf_counter()
-            await self._rerank(request.query, found, request.rerank_top_n)
-            timer.stage("rerank", started)
-        if request.mmr is not None and found.query_vector is not None and found.order:
-            started = time.perf_counter()
-            vectors = np.stack([found.chunks[c].vector for c in found.order])
-            found.order = mmr(found.query_vector, vectors, found.order, request.mmr.lambda_, request.top_k)
-            timer.stage("mmr", started)
+        found = await self._find(request, timer)
         return SearchResponse(
             collection=request.collection,
             hits=found.hits(request.top_k),
@@ -256,14 +276,34 @@ class RagCore:
             degraded=found.degraded,
         )
 
-    async def _retrieve(self, collection: Collection, request: SearchRequest, depth: int, timer: Timer) -> Candidates:
+    async def _find(self, request: SearchRequest, timer: Timer, request_id: str | None = None) -> Candidates:
+        """The candidates of a search in their final order: retrieved, then reranked and diversified if asked."""
+        collection = await self._collection(request.collection)
+        depth = max(request.top_k, request.rerank_top_n if request.rerank else 0)
+        if request.mmr is not None:
+            depth = max(depth, 4 * request.top_k)
+        found = await self._retrieve(collection, request, depth, timer, request_id)
+        if request.rerank and found.order:
+            started = time.perf_counter()
+            await self._rerank(request.query, found, request.rerank_top_n, request_id)
+            timer.stage("rerank", started)
+        if request.mmr is not None and found.query_vector is not None and found.order:
+            started = time.perf_counter()
+            vectors = np.stack([found.chunks[c].vector for c in found.order])
+            found.order = mmr(found.query_vector, vectors, found.order, request.mmr.lambda_, request.top_k)
+            timer.stage("mmr", started)
+        return found
+
+    async def _retrieve(
+        self, collection: Collection, request: SearchRequest, depth: int, timer: Timer, request_id: str | None
+    ) -> Candidates:
         """Dense and/or BM25 top-``depth`` (fused by RRF when both); BM25 alone when the embedder is down."""
         found = Candidates()
         mode = request.mode
         if mode != SearchMode.sparse:
             started = time.perf_counter()
             try:
-                found.query_vector = (await self._pool.embed([request.query]))[0]
+                found.query_vector = (await self._pool.embed([request.query], request_id=request_id))[0]
             except (UnavailableError, DeadlineExceededError):
                 found.degraded.append("embed")
                 mode = SearchMode.sparse
@@ -293,17 +333,211 @@ class RagCore:
         timer.stage("search", started)
         return found
 
-    async def _rerank(self, query: str, found: Candidates, top_n: int) -> None:
+    async def _rerank(self, query: str, found: Candidates, top_n: int, request_id: str | None) -> None:
         """Order the first ``top_n`` candidates by the reranker; leave the order as is when it is down."""
         candidates = found.order[:top_n]
         try:
-            scores = await self._pool.rerank(query, [found.chunks[c].text for c in candidates])
+            scores = await self._pool.rerank(query, [found.chunks[c].text for c in candidates], request_id=request_id)
         except (UnavailableError, DeadlineExceededError):
             found.degraded.append("rerank")
             return
         for chunk_id, score in zip(candidates, scores, strict=True):
             found.scores[chunk_id]["rerank"] = float(score)
         found.order = sorted(candidates, key=lambda c: -found.scores[c]["rerank"])
+
+    # -- answers -----------------------------------------------------------------------------
+
+    async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
+        """The events of ``query_stream`` gathered into one answer; ``Source.cited`` marks the passages it cites."""
+        sources: SourcesEvent | None = None
+        answer: list[str] = []
+        done: DoneEvent | None = None
+        async with contextlib.aclosing(self.query_stream(request, request_id)) as events:
+            async for event in events:
+                if isinstance(event, SourcesEvent):
+                    sources = event
+                elif isinstance(event, DeltaEvent):
+                    answer.append(event.text)
+                else:
+                    done = event
+        assert sources is not None and done is not None  # query_stream always sends both
+        cited = set(done.cited)
+        return QueryResponse(
+            collection=request.collection,
+            answer="".join(answer),
+            sources=[s.model_copy(update={"cited": s.citation in cited}) for s in sources.sources],
+            dropped_passages=sources.dropped_passages,
+            usage=done.usage,
+            finish_reason=done.finish_reason,
+            timings_ms=done.timings_ms,
+            degraded=done.degraded,
+        )
+
+    async def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]:
+        """Retrieve, pack the passages into the generator's window and answer: ``SourcesEvent``, then
+        ``DeltaEvent``s as the text is generated, then ``DoneEvent`` (usage, timings, citations used).
+
+        The first event waits for the generator's first token, so that a busy generator
+        (``ResourceExhaustedError``) fails the request before anything is sent. No passage to give the
+        generator (none found, or none fits): a fixed answer, without generating. Generator down (not
+        served, or failing before its first token): the best passage's first sentences, cited, and
+        ``degraded`` lists "generate"; a failure after the first token is raised. Closing the stream
+        early closes the generation, and Triton cancels it.
+        """
+        timer = Timer()
+        hits, degraded = await self._ground(request, request.query, timer, request_id)
+        window = await self._served_window() if hits else None
+        packed: Packed | None = None
+        if window is not None:
+            passages = [h.text for h in hits]
+            build = partial(grounded_messages, request.query)
+            max_tokens, default = request.generation.max_tokens, self._query.default_max_tokens
+            packed = await asyncio.to_thread(pack, window, build, passages, max_tokens, default)
+        kept = packed.kept if packed is not None else list(range(len(hits)))
+        sources = [_source(citation, hits[i]) for citation, i in enumerate(kept, start=1)]
+        started = time.perf_counter()
+        deltas = self._answer(sources, window, packed, request.generation, request_id, degraded)
+        text: list[str] = []
+        usage, finish_reason = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), FinishReason.stop
+        async with contextlib.aclosing(deltas):
+            delta: GenerationDelta | None = await anext(deltas)
+            yield SourcesEvent(sources=sources, dropped_passages=len(hits) - len(kept), degraded=list(degraded))
+            while delta is not None:
+                if delta.text:
+                    text.append(delta.text)
+                    yield DeltaEvent(text=delta.text)
+                if delta.finish_reason is not None:
+                    finish_reason, usage = delta.finish_reason, _usage(delta)
+                delta = await anext(deltas, None)
+        if sources and packed is not None:
+            timer.stage("generate", started)
+        yield DoneEvent(
+            usage=usage,
+            finish_reason=finish_reason,
+            timings_ms=timer.total(),
+            cited=cited_numbers("".join(text), len(sources)),
+            degraded=degraded,
+        )
+
+    async def _answer(
+        self,
+        sources: Sequence[Source],
+        window: ContextWindow | None,
+        packed: Packed | None,
+        params: GenerationParams,
+        request_id: str | None,
+        degraded: list[str],
+    ) -> AsyncGenerator[GenerationDelta]:
+        """The answer's deltas: generated, else one delta with the fixed or the extractive answer
+        (then "generate" is appended to ``degraded``)."""
+        if not sources:
+            yield GenerationDelta(text=NO_PASSAGES_ANSWER, finish_reason=FinishReason.stop)
+            return
+        if window is not None and packed is not None:
+            async with _closing(self._generate(window, packed, params, request_id)) as stream:
+                try:
+                    first = await anext(stream)
+                except (UnavailableError, DeadlineExceededError):
+                    pass
+                else:
+                    yield first
+                    async for delta in stream:
+                        yield delta
+                    return
+        degraded.append("generate")
+        yield GenerationDelta(text=extractive_answer(sources[0].text), finish_reason=FinishReason.stop)
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        grounding: Grounding | None = None,
+        request_id: str | None = None,
+    ) -> tuple[list[Source], AsyncIterator[GenerationDelta]]:
+        """The generator's stream over ``messages``; with ``grounding``, first a retrieval with the last user
+        message, whose passages (those that fit, numbered from 1) go into the prompt and come back as sources.
+
+        Grounded, ``max_tokens`` None is ``query.default_max_tokens`` capped by the window; the generator must
+        be served (``UnavailableError``), as there is no answer to fall back to.
+        """
+        if grounding is None:
+            return [], self._pool.generate(params, messages=messages, request_id=request_id)
+        question = next((m.content for m in reversed(messages) if m.role == "user"), "").strip()
+        if not question:
+            raise InvalidArgumentError("a grounded chat needs a last user message with text", field="messages")
+        hits, _ = await self._ground(grounding, question[:SEARCH_QUERY_CHARS], Timer(), request_id)
+        window = await self._context_window()
+        build = partial(grounded_chat, messages)
+        passages, default = [h.text for h in hits], self._query.default_max_tokens
+        packed = await asyncio.to_thread(pack, window, build, passages, params.max_tokens, default, "max_tokens")
+        sources = [_source(citation, hits[i]) for citation, i in enumerate(packed.kept, start=1)]
+        return sources, self._generate(window, packed, params, request_id)
+
+    def complete(
+        self, prompt: str, params: GenerationParams, request_id: str | None = None
+    ) -> AsyncIterator[GenerationDelta]:
+        """The generator's stream for a raw ``prompt``; ``max_tokens`` None: as many as the window leaves."""
+        return self._pool.generate(params, prompt=prompt, request_id=request_id)
+
+    async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings:
+        """Vectors of ``texts`` from the embedder Triton serves, and the tokens it read (truncated as it does)."""
+        version = await self._pool.model_version(self._embedder)
+        vectors = await self._pool.embed(texts, request_id=request_id)
+        if version.version not in self._embedder_tokenizers:
+            version_dir = served_version_dir(self._repository, version)
+            tokenizer = await asyncio.to_thread(ModelTokenizer.from_version_dir, version_dir)
+            self._embedder_tokenizers[version.version] = tokenizer
+        tokenizer = self._embedder_tokenizers[version.version]
+        tokens = sum(len(tokenizer.encode_text(text).ids) for text in texts)
+        return Embeddings(model=version, vectors=vectors.tolist(), prompt_tokens=tokens)
+
+    async def served_models(self) -> list[ModelVersion]:
+        """The version of each model (embedder, reranker, generator) that Triton serves ready now."""
+        served = []
+        for name in (self._embedder, self._reranker, self._generator):
+            with contextlib.suppress(UnavailableError):
+                served.append(await self._pool.model_version(name))
+        return served
+
+    async def _ground(
+        self, grounding: Grounding, query: str, timer: Timer, request_id: str | None
+    ) -> tuple[list[SearchHit], list[str]]:
+        """The passages a grounded answer offers the generator, best first, and the degraded retrieval stages."""
+        request = SearchRequest(
+            collection=grounding.collection,
+            query=query,
+            top_k=grounding.top_k,
+            mode=grounding.mode,
+            filters=grounding.filters,
+            rerank=grounding.rerank,
+        )
+        found = await self._find(request, timer, request_id)
+        return found.hits(grounding.top_k), found.degraded
+
+    async def _context_window(self) -> ContextWindow:
+        """The context window of the generator version Triton serves now; ``UnavailableError`` when none is."""
+        version = await self._pool.model_version(self._generator)
+        if version.version not in self._windows:
+            version_dir = served_version_dir(self._repository, version)
+            self._windows[version.version] = await asyncio.to_thread(ContextWindow.from_version_dir, version_dir)
+        return self._windows[version.version]
+
+    async def _served_window(self) -> ContextWindow | None:
+        """``_context_window``, or None when no endpoint serves the generator."""
+        try:
+            return await self._context_window()
+        except UnavailableError:
+            return None
+
+    def _generate(
+        self, window: ContextWindow, packed: Packed, params: GenerationParams, request_id: str | None
+    ) -> AsyncIterator[GenerationDelta]:
+        """The generator's stream for a packed prompt: chat messages, or the rendered text for a model without
+        a chat template."""
+        params = params.model_copy(update={"max_tokens": packed.max_tokens})
+        if window.template is None:
+            return self._pool.generate(params, prompt=window.render(packed.messages), request_id=request_id)
+        return self._pool.generate(params, messages=packed.messages, request_id=request_id)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -318,3 +552,35 @@ class RagCore:
         for collection in self._collections.values():
             await asyncio.to_thread(collection.close)
         self._collections.clear()
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[GenerationDelta]) -> AsyncIterator[AsyncIterator[GenerationDelta]]:
+    """``contextlib.aclosing`` for the pool's streams (async generators, typed as iterators)."""
+    try:
+        yield stream
+    finally:
+        if isinstance(stream, AsyncGenerator):
+            await stream.aclose()
+
+
+def _source(citation: int, hit: SearchHit) -> Source:
+    return Source(
+        citation=citation,
+        doc_id=hit.doc_id,
+        chunk_id=hit.chunk_id,
+        text=hit.text,
+        start=hit.start,
+        end=hit.end,
+        metadata=hit.metadata,
+        score=hit.score,
+    )
+
+
+def _usage(delta: GenerationDelta) -> Usage:
+    """The token counts of a generation's last delta."""
+    return Usage(
+        prompt_tokens=delta.prompt_tokens,
+        completion_tokens=delta.completion_tokens,
+        total_tokens=delta.prompt_tokens + delta.completion_tokens,
+    )

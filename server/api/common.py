@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..errors import InvalidArgumentError
 from ..schema import (
+    ChatMessage,
     CollectionCreate,
     CollectionInfo,
     DeleteByFilterRequest,
     Document,
+    Embeddings,
+    GenerationDelta,
+    GenerationParams,
+    Grounding,
     JobInfo,
+    ModelVersion,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
     SearchRequest,
     SearchResponse,
+    Source,
     UpsertRequest,
     UpsertResult,
 )
@@ -33,6 +43,20 @@ class Core(Protocol):
     async def search(self, request: SearchRequest) -> SearchResponse: ...
     async def get_job(self, job_id: str) -> JobInfo: ...
     async def readiness(self) -> dict[str, bool]: ...
+    async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse: ...
+    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncIterator[QueryEvent]: ...
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        grounding: Grounding | None = None,
+        request_id: str | None = None,
+    ) -> tuple[list[Source], AsyncIterator[GenerationDelta]]: ...
+    def complete(
+        self, prompt: str, params: GenerationParams, request_id: str | None = None
+    ) -> AsyncIterator[GenerationDelta]: ...
+    async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings: ...
+    async def served_models(self) -> list[ModelVersion]: ...
 
 
 def invalid_argument(errors: Sequence[Mapping[str, Any]]) -> InvalidArgumentError:

@@ -1,6 +1,7 @@
-"""The core's search path with a stand-in Triton pool: stage order, scores and degradation.
+"""The core's search and answer paths with a stand-in Triton pool: stage order, scores, packing,
+streaming and degradation.
 
-Store, indexes and chunker are real; only the pool (the door to Triton) is replaced.
+Store, indexes, chunker and packing are real; only the pool (the door to Triton) is replaced.
 """
 
 from __future__ import annotations
@@ -9,19 +10,43 @@ import asyncio
 import hashlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from tritonrag.server.config import IngestSettings
-from tritonrag.server.errors import NotFoundError, UnavailableError
+from tritonrag.server.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TritonRagError,
+    UnavailableError,
+)
+from tritonrag.server.generation.extractive import NO_PASSAGES_ANSWER
+from tritonrag.server.generation.packing import ContextWindow
+from tritonrag.server.generation.prompts import SYSTEM_PROMPT, grounded_messages, passage_line
 from tritonrag.server.pipeline import RagCore
 from tritonrag.server.routing.triton_pool import TritonPool
-from tritonrag.server.schema import CollectionCreate, DocumentIn, ModelVersion, SearchRequest, UpsertRequest
+from tritonrag.server.schema import (
+    ChatMessage,
+    CollectionCreate,
+    DocumentIn,
+    FinishReason,
+    GenerationDelta,
+    GenerationParams,
+    Grounding,
+    ModelVersion,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
+    SearchRequest,
+    UpsertRequest,
+)
 from tritonrag.server.store.catalog import Catalog
 
 DIMENSION = 16
@@ -36,31 +61,84 @@ def vector(text: str) -> npt.NDArray[np.float32]:
     return total / np.linalg.norm(total)
 
 
+@dataclass
+class Generation:
+    """One call of the stand-in generator, and how far its stream got."""
+
+    params: GenerationParams
+    prompt: str | None
+    messages: list[ChatMessage] | None
+    request_id: str | None
+    deltas_sent: int = 0
+    closed: bool = False
+
+
 class StandInPool:
-    """Embeds by word hashing, reranks by passage length; either can be switched off."""
+    """Embeds by word hashing, reranks by passage length, generates ``script`` piece by piece (or
+    raises ``generator_error`` first); ``served`` lists the models it reports as ready."""
 
     def __init__(self) -> None:
         self.embedder_up = True
         self.reranker_up = True
+        self.generator_error: TritonRagError | None = None
+        self.served = {"embedder", "reranker", "generator"}
+        self.script = ["Cats purr", " [1]", "."]
+        self.generations: list[Generation] = []
 
-    async def embed(self, texts: Sequence[str], deadline_s: float | None = None) -> npt.NDArray[np.float32]:
+    async def embed(
+        self, texts: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
+    ) -> npt.NDArray[np.float32]:
         if not self.embedder_up:
             raise UnavailableError("embedder is down")
         return np.stack([vector(t) for t in texts])
 
     async def rerank(
-        self, query: str, passages: Sequence[str], deadline_s: float | None = None
+        self, query: str, passages: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
     ) -> npt.NDArray[np.float32]:
         if not self.reranker_up:
             raise UnavailableError("reranker is down")
         return np.array([len(p) for p in passages], dtype=np.float32)
 
+    async def generate(
+        self,
+        params: GenerationParams,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
+        deadline_s: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[GenerationDelta]:
+        call = Generation(params, prompt, None if messages is None else list(messages), request_id)
+        self.generations.append(call)
+        try:
+            if self.generator_error is not None:
+                raise self.generator_error
+            for index, piece in enumerate(self.script, start=1):
+                last = index == len(self.script)
+                call.deltas_sent = index
+                yield GenerationDelta(
+                    text=piece,
+                    finish_reason=FinishReason.stop if last else None,
+                    prompt_tokens=PROMPT_TOKENS if last else 0,
+                    completion_tokens=len(self.script) if last else 0,
+                )
+        finally:
+            call.closed = True
+
     async def model_version(self, name: str) -> ModelVersion:
+        if name not in self.served:
+            raise UnavailableError(f"no Triton endpoint serves a ready '{name}'")
         return ModelVersion(name=name, version="1")
 
     async def ready(self, model: str | None = None) -> bool:
         return True
 
+
+PROMPT_TOKENS = 42  # what the stand-in generator reports
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 DOCS = [
     DocumentIn(id="cats", text="Cats purr and sleep all day.", metadata={"kind": "pet"}),
@@ -71,11 +149,29 @@ DOCS = [
 ]
 
 
+def write_generator(repository: Path, context_tokens: int) -> Path:
+    """Generator version 1: MiniLM's tokenizer, a ChatML template and a context window of ``context_tokens``."""
+    version_dir = repository / "generator" / "1"
+    metadata = {
+        "task": "generator",
+        "head": "causal_lm",
+        "max_sequence_length": context_tokens,
+        "pad_token_id": 0,
+        "inputs": ["input_ids", "attention_mask"],
+        "chat_template": CHATML,
+        "bos_token": "",
+        "eos_token": "<|im_end|>",
+    }
+    (version_dir / "tritonrag.json").write_text(json.dumps(metadata))
+    return version_dir
+
+
 @pytest.fixture
 def core_and_pool(tmp_path: Path, minilm_dir: Path) -> tuple[RagCore, StandInPool]:
+    for model in ("embedder", "generator"):
+        (tmp_path / "repository" / model / "1").mkdir(parents=True)
+        shutil.copy(minilm_dir / "tokenizer.json", tmp_path / "repository" / model / "1" / "tokenizer.json")
     version_dir = tmp_path / "repository" / "embedder" / "1"
-    version_dir.mkdir(parents=True)
-    shutil.copy(minilm_dir / "tokenizer.json", version_dir / "tokenizer.json")
     metadata = {
         "task": "embedder",
         "head": "mean_pool",
@@ -84,6 +180,7 @@ def core_and_pool(tmp_path: Path, minilm_dir: Path) -> tuple[RagCore, StandInPoo
         "inputs": ["input_ids", "attention_mask", "token_type_ids"],
     }
     (version_dir / "tritonrag.json").write_text(json.dumps(metadata))
+    write_generator(tmp_path / "repository", 512)
     pool = StandInPool()
     core = RagCore(
         tmp_path / "data",
@@ -149,3 +246,217 @@ def test_filters_and_unknown_collections(core_and_pool: tuple[RagCore, StandInPo
     assert ids == ["tea"]
     with pytest.raises(NotFoundError):
         asyncio.run(core.search(SearchRequest(collection="absent", query="x")))
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+
+def answer(core: RagCore, scenario: Callable[[RagCore], Awaitable[Any]]) -> Any:
+    """Fill collection "c", run ``scenario`` on the core, close it."""
+
+    async def run() -> Any:
+        await core.create_collection(CollectionCreate(name="c"))
+        await core.upsert_documents("c", UpsertRequest(documents=DOCS))
+        try:
+            return await scenario(core)
+        finally:
+            await core.close()
+
+    return asyncio.run(run())
+
+
+def query(**fields: Any) -> QueryRequest:
+    return QueryRequest.model_validate({"collection": "c", **fields})
+
+
+def test_query_answers_from_the_packed_passages_and_marks_the_cited_ones(
+    core_and_pool: tuple[RagCore, StandInPool],
+) -> None:
+    core, pool = core_and_pool
+    response: QueryResponse = answer(core, lambda c: c.query(query(query="cats purr", top_k=2), "request-1"))
+    assert response.answer == "Cats purr [1]."
+    assert [s.citation for s in response.sources] == [1, 2] and response.sources[0].doc_id == "cats"
+    assert [s.cited for s in response.sources] == [True, False]
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens) == (42, 3, 45)
+    assert response.finish_reason == FinishReason.stop and response.dropped_passages == 0 and response.degraded == []
+    assert set(response.timings_ms) == {"embed", "search", "generate", "total"}
+    [call] = pool.generations
+    assert call.messages == grounded_messages("cats purr", [s.text for s in response.sources])
+    assert call.prompt is None and call.params.max_tokens == 256 and call.request_id == "request-1" and call.closed
+
+
+def test_passages_that_do_not_fit_the_window_are_dropped(
+    core_and_pool: tuple[RagCore, StandInPool], tmp_path: Path
+) -> None:
+    core, pool = core_and_pool
+    texts = {doc.id: doc.text for doc in DOCS}
+    window = ContextWindow.from_version_dir(tmp_path / "repository" / "generator" / "1")
+
+    def cost(citation: int, doc_id: str) -> int:
+        return window.count(passage_line(citation, texts[doc_id]) + "\n")
+
+    assert cost(2, "tea") > cost(2, "cats")
+    frame = window.count(window.render(grounded_messages("pets", [])))
+    write_generator(tmp_path / "repository", frame + 64 + cost(1, "dogs") + cost(2, "cats"))
+    request = query(query="pets", mode="dense", top_k=3, rerank=True, generation={"max_tokens": 64})
+    response: QueryResponse = answer(core, lambda c: c.query(request))
+    # The reranker ranks dogs, tea, cats: tea does not fit after dogs, cats still does.
+    assert [(s.citation, s.doc_id) for s in response.sources] == [(1, "dogs"), (2, "cats")]
+    assert response.dropped_passages == 1 and "rerank" in response.timings_ms
+    assert pool.generations[0].params.max_tokens == 64
+
+
+def test_max_tokens_is_checked_against_the_window_and_defaults_when_unset(
+    core_and_pool: tuple[RagCore, StandInPool],
+) -> None:
+    core, pool = core_and_pool
+
+    async def scenario(c: RagCore) -> None:
+        with pytest.raises(InvalidArgumentError, match="leaves") as error:
+            await c.query(query(query="cats purr", generation={"max_tokens": 600}))
+        assert error.value.field == "generation.max_tokens" and pool.generations == []
+        await c.query(query(query="cats purr", generation={}))
+
+    answer(core, scenario)
+    assert pool.generations[0].params.max_tokens == 256
+
+
+def test_the_stream_sends_sources_deltas_then_done(core_and_pool: tuple[RagCore, StandInPool]) -> None:
+    core, _ = core_and_pool
+
+    async def events(c: RagCore) -> list[QueryEvent]:
+        return [event async for event in c.query_stream(query(query="cats purr", top_k=1))]
+
+    sent: list[QueryEvent] = answer(core, events)
+    assert [e.type for e in sent] == ["sources", "delta", "delta", "delta", "done"]
+    sources, *deltas, done = sent
+    assert sources.type == "sources" and [s.doc_id for s in sources.sources] == ["cats"]
+    assert [d.text for d in deltas if d.type == "delta"] == ["Cats purr", " [1]", "."]
+    assert done.type == "done" and done.cited == [1] and done.usage.total_tokens == 45
+    assert set(done.timings_ms) == {"embed", "search", "generate", "total"}
+
+
+def test_closing_the_stream_closes_the_generation(core_and_pool: tuple[RagCore, StandInPool]) -> None:
+    core, pool = core_and_pool
+
+    async def first_two(c: RagCore) -> list[QueryEvent]:
+        stream = c.query_stream(query(query="cats purr"))
+        received = [await anext(stream), await anext(stream)]
+        await stream.aclose()  # the client went away
+        return received
+
+    received: list[QueryEvent] = answer(core, first_two)
+    assert [e.type for e in received] == ["sources", "delta"]
+    [call] = pool.generations
+    assert call.closed and call.deltas_sent == 1
+
+
+def test_a_failing_generator_gives_an_extractive_answer(core_and_pool: tuple[RagCore, StandInPool]) -> None:
+    core, pool = core_and_pool
+    pool.generator_error = UnavailableError("generator is down")
+    response: QueryResponse = answer(core, lambda c: c.query(query(query="cats purr", top_k=2)))
+    assert response.answer == "Cats purr and sleep all day. [1]"
+    assert response.degraded == ["generate"] and [s.cited for s in response.sources] == [True, False]
+    assert response.usage.total_tokens == 0 and response.finish_reason == FinishReason.stop
+    assert "generate" in response.timings_ms and pool.generations[0].closed
+
+
+def test_a_busy_generator_fails_the_stream_before_its_first_event(
+    core_and_pool: tuple[RagCore, StandInPool],
+) -> None:
+    core, pool = core_and_pool
+    pool.generator_error = ResourceExhaustedError("every generator is busy")
+
+    async def first_event(c: RagCore) -> QueryEvent:
+        return await anext(c.query_stream(query(query="cats purr")))
+
+    with pytest.raises(ResourceExhaustedError):
+        answer(core, first_event)
+    assert pool.generations[0].closed
+
+
+def test_an_unserved_generator_gives_an_extractive_answer_from_every_hit(
+    core_and_pool: tuple[RagCore, StandInPool],
+) -> None:
+    core, pool = core_and_pool
+    pool.served.discard("generator")
+
+    async def embedder_down_too(c: RagCore) -> QueryResponse:
+        pool.embedder_up = False
+        return await c.query(query(query="green tea", top_k=3))
+
+    response: QueryResponse = answer(core, embedder_down_too)
+    assert response.answer == "Green tea is brewed with water below boiling. [1]"
+    assert response.degraded == ["embed", "generate"] and response.dropped_passages == 0
+    assert [s.doc_id for s in response.sources] == ["tea"] and response.sources[0].cited
+    assert pool.generations == []
+
+
+def test_no_passages_give_a_fixed_answer_without_generating(core_and_pool: tuple[RagCore, StandInPool]) -> None:
+    core, pool = core_and_pool
+    request = query(query="cats purr", filters={"field": "kind", "op": "eq", "value": "none"})
+    response: QueryResponse = answer(core, lambda c: c.query(request))
+    assert response.answer == NO_PASSAGES_ANSWER and response.sources == [] and response.degraded == []
+    assert "generate" not in response.timings_ms and pool.generations == []
+
+
+def test_chat_with_grounding_packs_passages_into_the_conversation(
+    core_and_pool: tuple[RagCore, StandInPool],
+) -> None:
+    core, pool = core_and_pool
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="green tea?")]
+    grounding = Grounding(collection="c", top_k=1, mode="sparse")
+
+    async def chat(c: RagCore) -> tuple[list[str], list[str]]:
+        sources, deltas = await c.chat(messages, GenerationParams(), grounding, "request-2")
+        return [s.doc_id for s in sources], [d.text async for d in deltas]
+
+    sources, texts = answer(core, chat)
+    assert sources == ["tea"] and texts == ["Cats purr", " [1]", "."]
+    [call] = pool.generations
+    assert call.messages == [
+        ChatMessage(role="system", content=f"{SYSTEM_PROMPT}\n\nBe brief."),
+        ChatMessage(role="user", content=f"Passages:\n[1] {DOCS[2].text}\n\nQuestion: green tea?"),
+    ]
+    assert call.params.max_tokens == 256 and call.request_id == "request-2"
+
+
+def test_chat_without_grounding_and_bad_grounded_chats(core_and_pool: tuple[RagCore, StandInPool]) -> None:
+    core, pool = core_and_pool
+    messages = [ChatMessage(role="user", content="hello")]
+    grounding = Grounding(collection="c")
+
+    async def chats(c: RagCore) -> list[str]:
+        sources, deltas = await c.chat(messages, GenerationParams())
+        assert sources == []
+        texts = [d.text async for d in deltas]
+        with pytest.raises(InvalidArgumentError) as no_question:
+            await c.chat([ChatMessage(role="system", content="x")], GenerationParams(), grounding)
+        assert no_question.value.field == "messages"
+        with pytest.raises(InvalidArgumentError) as too_long:
+            await c.chat(messages, GenerationParams(max_tokens=600), grounding)
+        assert too_long.value.field == "max_tokens"
+        return texts
+
+    assert answer(core, chats) == ["Cats purr", " [1]", "."]
+    [call] = pool.generations
+    assert call.messages == messages and call.params == GenerationParams()
+
+
+def test_complete_embed_and_served_models(core_and_pool: tuple[RagCore, StandInPool]) -> None:
+    core, pool = core_and_pool
+    pool.served.discard("reranker")
+
+    async def scenario() -> None:
+        texts = [d.text async for d in core.complete("Once upon", GenerationParams(max_tokens=5))]
+        assert texts == ["Cats purr", " [1]", "."]
+        embeddings = await core.embed(["hello world", "hi"], "request-3")
+        assert embeddings.model == ModelVersion(name="embedder", version="1")
+        assert np.allclose(embeddings.vectors, np.stack([vector("hello world"), vector("hi")]))
+        assert embeddings.prompt_tokens == 4 + 3  # with [CLS] and [SEP]
+        assert [m.name for m in await core.served_models()] == ["embedder", "generator"]
+        await core.close()
+
+    asyncio.run(scenario())
+    [call] = pool.generations
+    assert call.prompt == "Once upon" and call.messages is None and call.params.max_tokens == 5
