@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Generator
 from typing import Any
 
 import httpx2
@@ -10,15 +12,23 @@ import httpx2
 from tritonrag.server.schema import (
     CollectionCreate,
     CollectionInfo,
+    DeltaEvent,
     Document,
     DocumentIn,
+    DoneEvent,
     JobInfo,
     JobStatus,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
     SearchRequest,
     SearchResponse,
+    SourcesEvent,
     UpsertRequest,
     UpsertResult,
 )
+
+_EVENTS: dict[str, type[QueryEvent]] = {"sources": SourcesEvent, "delta": DeltaEvent, "done": DoneEvent}
 
 
 class ApiError(Exception):
@@ -47,14 +57,12 @@ class TritonRagClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = self._http.request(method, path, json=body)
+    def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> Any:
+        response = self._http.request(method, path, json=body, headers=headers)
         if response.status_code >= 400:
-            try:
-                error = response.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(response.status_code, "UNKNOWN", response.text) from None
-            raise ApiError(response.status_code, error["code"], error["message"], error.get("field"))
+            raise _api_error(response.status_code, response.text)
         return response.json() if response.content else None
 
     def create_collection(self, request: CollectionCreate) -> CollectionInfo:
@@ -74,6 +82,32 @@ class TritonRagClient:
         body = request.model_dump(mode="json", by_alias=True, exclude_none=True)
         return SearchResponse.model_validate(self._call("POST", "/v1/search", body))
 
+    def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
+        """A retrieval-augmented answer with its sources (``request.stream`` is ignored).
+
+        ``request_id`` is sent as ``x-request-id`` (the server makes one up without it).
+        """
+        body = request.model_dump(mode="json", by_alias=True, exclude_none=True) | {"stream": False}
+        return QueryResponse.model_validate(self._call("POST", "/v1/query", body, _request_id_header(request_id)))
+
+    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> Generator[QueryEvent]:
+        """The answer as it is generated: a ``SourcesEvent``, ``DeltaEvent``s, a ``DoneEvent``.
+
+        An error before the first event raises ``ApiError`` with the answer's status; an ``error``
+        event later raises ``ApiError`` with status 200 (the stream's). Leaving the loop early
+        (or ``close()``) closes the connection, which stops the generation.
+        """
+        body = request.model_dump(mode="json", by_alias=True, exclude_none=True) | {"stream": True}
+        with self._http.sse("/v1/query", method="POST", json=body, headers=_request_id_header(request_id)) as source:
+            response = source.response
+            if response.status_code >= 400:
+                raise _api_error(response.status_code, response.read().decode(errors="replace"))
+            for sse in source:
+                if sse.event == "error":
+                    raise _api_error(response.status_code, sse.data)
+                if sse.event in _EVENTS:  # other event names are for later versions
+                    yield _EVENTS[sse.event].model_validate_json(sse.data)
+
     def get_job(self, job_id: str) -> JobInfo:
         return JobInfo.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))
 
@@ -84,3 +118,16 @@ class TritonRagClient:
             if job.status in (JobStatus.succeeded, JobStatus.failed):
                 return job
             time.sleep(poll_s)
+
+
+def _api_error(status: int, body: str) -> ApiError:
+    """The error of an answer (or of an ``error`` event) whose body is ``{"error": {code, message, field}}``."""
+    try:
+        error = json.loads(body)["error"]
+        return ApiError(status, error["code"], error["message"], error.get("field"))
+    except (ValueError, KeyError, TypeError):
+        return ApiError(status, "UNKNOWN", body)
+
+
+def _request_id_header(request_id: str | None) -> dict[str, str] | None:
+    return {"x-request-id": request_id} if request_id else None

@@ -2,14 +2,18 @@
 
 Requests go through their JSON form (``json_format``) into the models of ``schema``, which
 validate them exactly as over HTTP; answers come back the same way. Every error goes
-through ``_rpc``.
+through ``_rpc``. ``QueryStream`` writes its events with ``context.write`` from within the
+handler, so a cancelled call (the client went away) cancels the handler, which closes the
+core's stream.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -24,7 +28,14 @@ from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 
 from ..config import ApiSettings
 from ..errors import TritonRagError
-from ..schema import CollectionCreate, DeleteByFilterRequest, SearchRequest, UpsertRequest
+from ..schema import (
+    CollectionCreate,
+    DeleteByFilterRequest,
+    QueryEvent,
+    QueryRequest,
+    SearchRequest,
+    UpsertRequest,
+)
 from .common import Core, invalid_argument
 
 logger = logging.getLogger(__name__)
@@ -34,7 +45,10 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TritonRag"].full_name
 _Context = grpc.aio.ServicerContext[Any, Any]
 _Request = TypeVar("_Request", bound=Message)
 _Reply = TypeVar("_Reply", bound=Message)
+_Result = TypeVar("_Result")
 _Model = TypeVar("_Model", bound=BaseModel)
+
+REQUEST_ID_KEY = "x-request-id"  # metadata key of the request id, read from the call and sent back
 
 
 def create_grpc_server(core: Core, settings: ApiSettings) -> grpc.aio.Server:
@@ -51,12 +65,15 @@ def create_grpc_server(core: Core, settings: ApiSettings) -> grpc.aio.Server:
 
 
 def _rpc(
-    method: Callable[[_Servicer, _Request, _Context], Awaitable[_Reply]],
-) -> Callable[[_Servicer, _Request, _Context], Awaitable[_Reply]]:
-    """The one mapping of errors to gRPC status codes; anything unexpected is logged and answered INTERNAL."""
+    method: Callable[[_Servicer, _Request, _Context], Awaitable[_Result]],
+) -> Callable[[_Servicer, _Request, _Context], Awaitable[_Result]]:
+    """The one mapping of errors to gRPC status codes; anything unexpected is logged and answered INTERNAL.
+
+    A streaming RPC that fails after its first message ends with the same status.
+    """
 
     @functools.wraps(method)
-    async def mapped(self: _Servicer, request: _Request, context: _Context) -> _Reply:
+    async def mapped(self: _Servicer, request: _Request, context: _Context) -> _Result:
         error: TritonRagError
         try:
             return await method(self, request, context)
@@ -96,6 +113,29 @@ def _integral(value: Any) -> Any:
 def _message(model: BaseModel, message: _Reply) -> _Reply:
     """``message`` filled from the JSON form of ``model``."""
     return json_format.ParseDict(model.model_dump(mode="json"), message)
+
+
+def _event(event: QueryEvent) -> pb.QueryEvent:
+    """A streamed event in the ``oneof`` member named by its ``type``: ``sources``, ``delta`` or ``done``."""
+    return json_format.ParseDict({event.type: event.model_dump(mode="json", exclude={"type"})}, pb.QueryEvent())
+
+
+@asynccontextmanager
+async def _closing(events: AsyncIterator[_Result]) -> AsyncIterator[AsyncIterator[_Result]]:
+    """``contextlib.aclosing`` for the core's streams: closed however the handler ends, cancelled included."""
+    try:
+        yield events
+    finally:
+        if isinstance(events, AsyncGenerator):
+            await events.aclose()
+
+
+async def _request_id(context: _Context) -> str:
+    """The caller's ``x-request-id`` metadata, or a new id; sent back in the initial metadata."""
+    given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY)
+    request_id = given if isinstance(given, str) and given else uuid.uuid4().hex
+    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+    return request_id
 
 
 class _Servicer(pb_grpc.TritonRagServicer):
@@ -155,3 +195,17 @@ class _Servicer(pb_grpc.TritonRagServicer):
     @_rpc
     async def GetJob(self, request: pb.GetJobRequest, context: _Context) -> pb.JobInfo:
         return _message(await self._core.get_job(request.id), pb.JobInfo())
+
+    @_rpc
+    async def Query(self, request: pb.QueryRequest, context: _Context) -> pb.QueryResponse:
+        query = _model(QueryRequest, request)
+        return _message(await self._core.query(query, await _request_id(context)), pb.QueryResponse())
+
+    @_rpc
+    async def QueryStream(  # type: ignore[override]  # a handler that writes with context.write returns None
+        self, request: pb.QueryRequest, context: _Context
+    ) -> None:
+        query = _model(QueryRequest, request).model_copy(update={"stream": True})
+        async with _closing(self._core.query_stream(query, await _request_id(context))) as events:
+            async for event in events:
+                await context.write(_event(event))

@@ -1,17 +1,26 @@
 """The HTTP front-end: FastAPI routes under ``/v1/`` over the core, ``/healthz``, ``/readyz`` and OpenAPI.
 
 Handlers parse (FastAPI, with the models of ``schema``), call the core and return its answer;
-every error becomes ``{"error": {"code", "message", "field"}}`` in ``_error_response``.
+every error becomes ``{"error": {"code", "message", "field"}}`` in ``_error_detail``.
+
+``POST /v1/query`` with ``"stream": true`` answers Server-Sent Events (``_EventStream``): the
+core's first event is awaited before the answer starts, so an error up to then is an ordinary
+error answer; a later one is sent as an ``error`` event. A client that goes away cancels the
+stream, which closes the core's.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.datastructures import Headers
@@ -26,12 +35,21 @@ from ..schema import (
     DeleteByFilterRequest,
     Document,
     JobInfo,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
     SearchRequest,
     SearchResponse,
     UpsertRequest,
     UpsertResult,
 )
 from .common import Core, invalid_argument
+from .openai import openai_router
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"  # read from the request (or made up) and sent back
+_T = TypeVar("_T")
 
 # Errors of the HTTP layer itself, named like the core's errors by the matching gRPC status code.
 _HTTP_LAYER_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
@@ -55,8 +73,13 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_http_app(core: Core, settings: ApiSettings) -> FastAPI:
-    """The HTTP API over ``core``; a request body over ``settings.max_request_bytes`` is refused with 413."""
+def create_http_app(
+    core: Core, settings: ApiSettings, generator_model: str = "generator", embedder_model: str = "embedder"
+) -> FastAPI:
+    """The HTTP API over ``core``, with the OpenAI-compatible routes for the named Triton models.
+
+    A request body over ``settings.max_request_bytes`` is refused with 413.
+    """
     app = FastAPI(
         title="tritonrag",
         summary="Retrieval-augmented generation served by NVIDIA Triton",
@@ -64,6 +87,7 @@ def create_http_app(core: Core, settings: ApiSettings) -> FastAPI:
         generate_unique_id_function=_operation_id,
     )
     app.include_router(_v1_routes(core))
+    app.include_router(openai_router(core, generator=generator_model, embedder=embedder_model))
     app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
 
     @app.get("/healthz", tags=["health"])
@@ -138,12 +162,102 @@ def _v1_routes(core: Core) -> APIRouter:
         """Dense, sparse or hybrid retrieval with metadata filters, optional reranking and MMR."""
         return await core.search(request)
 
+    @router.post(
+        "/query",
+        tags=["query"],
+        response_model=QueryResponse,
+        responses={
+            200: {
+                "description": "The answer; with `stream: true`, Server-Sent Events: `sources`, `delta`..., `done` "
+                "(or `error`), each `data:` the event's JSON",
+                "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
+            },
+            429: {"model": ErrorBody, "description": "The generator's queue is full; retry later"},
+        },
+    )
+    async def query(request: QueryRequest, http_request: Request, response: Response) -> QueryResponse | Response:
+        """Retrieve passages, pack them into the generator's context and answer with cited sources.
+
+        The request id is the ``x-request-id`` header, or a new one; it is sent back in the same header.
+        """
+        request_id = http_request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        if not request.stream:
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return await core.query(request, request_id)
+        events = core.query_stream(request, request_id)
+        first = await anext(events)  # an error up to here is an ordinary error answer
+        return _EventStream(_sse(first, events), headers={REQUEST_ID_HEADER: request_id})
+
     @router.get("/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str) -> JobInfo:
         """Progress and per-document errors of an upsert job."""
         return await core.get_job(job_id)
 
     return router
+
+
+_SSE_EXAMPLE = """event: sources
+data: {"type":"sources","sources":[{"citation":1,"doc_id":"paris","chunk_id":7,"text":"Paris is the capital of \
+France.","start":0,"end":31,"metadata":{"year":2024},"score":0.93,"cited":false}],"dropped_passages":0,"degraded":[]}
+
+event: delta
+data: {"type":"delta","text":"Paris"}
+
+event: delta
+data: {"type":"delta","text":" [1]."}
+
+event: done
+data: {"type":"done","usage":{"prompt_tokens":412,"completion_tokens":4,"total_tokens":416},"finish_reason":"stop",\
+"timings_ms":{"embed":4.1,"search":0.8,"generate":95.2,"total":101.3},"cited":[1],"degraded":[]}
+
+"""
+
+
+class _EventStream(StreamingResponse):
+    """Server-Sent Events; ``frames`` is closed when the answer ends, however it ends.
+
+    A client that goes away cancels the sending (Starlette listens for the disconnect), which
+    leaves ``frames`` suspended: closing it closes the core's stream too.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, frames: AsyncGenerator[str], headers: dict[str, str]) -> None:
+        super().__init__(frames, headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+        self._frames = frames
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with aclosing(self._frames):
+            await super().__call__(scope, receive, send)
+
+
+async def _sse(first: QueryEvent, events: AsyncIterator[QueryEvent]) -> AsyncGenerator[str]:
+    """``first`` (already received) and the rest of ``events`` as SSE frames; a failure becomes an ``error`` event."""
+    async with _closing(events):
+        yield _frame(first.type, first.model_dump_json())
+        try:
+            async for event in events:
+                yield _frame(event.type, event.model_dump_json())
+        except Exception as exc:
+            if not isinstance(exc, TritonRagError):
+                logger.exception("query stream failed")
+            _, detail = _error_detail(exc)
+            yield _frame("error", ErrorBody(error=detail).model_dump_json())
+
+
+def _frame(event: str, data: str) -> str:
+    """One Server-Sent Event; ``data`` is compact JSON, one line."""
+    return f"event: {event}\ndata: {data}\n\n"
+
+
+@asynccontextmanager
+async def _closing(events: AsyncIterator[_T]) -> AsyncIterator[AsyncIterator[_T]]:
+    """``contextlib.aclosing`` for the core's streams: closed however the answer ends, cancelled included."""
+    try:
+        yield events
+    finally:
+        if isinstance(events, AsyncGenerator):
+            await events.aclose()
 
 
 class _BodyLimit:
@@ -200,25 +314,25 @@ def _operation_id(route: APIRoute) -> str:
 
 
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:
-    """The one mapping of errors to HTTP answers.
+    """An error as an HTTP answer.
 
     Anything unexpected is answered 500 without details; Starlette then re-raises it to the
     server (uvicorn), which logs the traceback.
     """
+    status_code, detail = _error_detail(exc)
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    return JSONResponse(ErrorBody(error=detail).model_dump(), status_code=status_code, headers=headers)
+
+
+def _error_detail(exc: Exception) -> tuple[int, ErrorDetail]:
+    """The one mapping of errors to an HTTP status and the error body; anything unexpected is 500 without details."""
     if isinstance(exc, RequestValidationError):
         exc = _invalid_request(exc)
-    headers = None
     if isinstance(exc, TritonRagError):
-        status_code, detail = exc.http_status, ErrorDetail(code=exc.grpc_code, message=exc.message, field=exc.field)
-    elif isinstance(exc, HTTPException):
-        status_code, headers = exc.status_code, exc.headers
-        detail = ErrorDetail(code=_HTTP_LAYER_CODES.get(exc.status_code, "UNKNOWN"), message=exc.detail)
-    else:
-        status_code, detail = (
-            status.HTTP_500_INTERNAL_SERVER_ERROR,
-            ErrorDetail(code="INTERNAL", message="internal error"),
-        )
-    return JSONResponse(ErrorBody(error=detail).model_dump(), status_code=status_code, headers=headers)
+        return exc.http_status, ErrorDetail(code=exc.grpc_code, message=exc.message, field=exc.field)
+    if isinstance(exc, HTTPException):
+        return exc.status_code, ErrorDetail(code=_HTTP_LAYER_CODES.get(exc.status_code, "UNKNOWN"), message=exc.detail)
+    return status.HTTP_500_INTERNAL_SERVER_ERROR, ErrorDetail(code="INTERNAL", message="internal error")
 
 
 def _invalid_request(exc: RequestValidationError) -> InvalidArgumentError:

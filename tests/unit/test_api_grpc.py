@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -13,14 +14,27 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pydantic import BaseModel
 
-from tests.fake_core import FakeCore
+from tests.fake_core import FakeCore, sse_events
 from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.server.api.grpc_service import SERVICE_NAME, create_grpc_server
 from tritonrag.server.api.http import create_http_app
 from tritonrag.server.config import ApiSettings
-from tritonrag.server.schema import Mmr, SearchMode, SearchRequest
+from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
+from tritonrag.server.schema import (
+    DeltaEvent,
+    DoneEvent,
+    GenerationParams,
+    Mmr,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
+    SearchMode,
+    SearchRequest,
+    SourcesEvent,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -64,10 +78,31 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.TritonRagAsyncStub:
     return pb_grpc.TritonRagStub(channel)
 
 
-async def failure(call: Awaitable[Message]) -> tuple[grpc.StatusCode, str]:
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+async def failure(call: Awaitable[Message] | grpc.aio.UnaryStreamCall[Any, Any]) -> tuple[grpc.StatusCode, str]:
+    """The status of a call that fails; a streaming call is read to its end."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
+        if isinstance(call, grpc.aio.UnaryStreamCall):
+            _ = [message async for message in call]
+        else:
+            await call
     return caught.value.code(), caught.value.details() or ""
+
+
+def model_of(model: type[_Model], message: Message) -> _Model:
+    """A reply read back into the model the HTTP API answers with."""
+    return model.model_validate(
+        json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
+
+
+def event_of(message: pb.QueryEvent) -> QueryEvent:
+    kind = message.WhichOneof("event")
+    assert kind is not None
+    events: dict[str, type[QueryEvent]] = {"sources": SourcesEvent, "delta": DeltaEvent, "done": DoneEvent}
+    return model_of(events[kind], getattr(message, kind))
 
 
 async def test_collection_lifecycle(stub: pb_grpc.TritonRagAsyncStub) -> None:
@@ -186,6 +221,18 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str, Message]] = [
         "DeleteByFilter",
         pb.DeleteByFilterRequest(collection="news", filters=struct({"and": []})),
     ),
+    (
+        "/v1/query",
+        {"collection": "news", "query": "q", "generation": {"temperature": 3, "seed": -1}},
+        "Query",
+        pb.QueryRequest(collection="news", query="q", generation=pb.GenerationParams(temperature=3, seed=-1)),
+    ),
+    (
+        "/v1/query",
+        {"collection": "news", "query": " ", "stream": True, "top_k": 51, "generation": {"stop": [""]}},
+        "QueryStream",
+        pb.QueryRequest(collection="news", query=" ", top_k=51, generation=pb.GenerationParams(stop=[""])),
+    ),
 ]
 
 
@@ -207,6 +254,7 @@ async def test_a_bad_request_gets_the_same_message_over_http_and_grpc(
 
     code, details = await failure(getattr(stub, method)(request_message))
     assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, error["message"])
+    assert not core.queries
 
 
 async def test_a_message_over_the_limit_is_resource_exhausted(stub: pb_grpc.TritonRagAsyncStub) -> None:
@@ -243,3 +291,118 @@ async def test_reflection_lists_and_describes_the_service(channel: grpc.aio.Chan
     names = {service.name for service in listed.list_services_response.service}
     assert names >= {"tritonrag.v1.TritonRag", "grpc.health.v1.Health"}
     assert described.file_descriptor_response.file_descriptor_proto  # the descriptor of tritonrag/v1/tritonrag.proto
+
+
+# Query and QueryStream
+
+
+@pytest.fixture
+async def news(stub: pb_grpc.TritonRagAsyncStub) -> pb_grpc.TritonRagAsyncStub:
+    """``stub`` with a collection "news" of documents a (lang en, year 2020) and b (lang fr)."""
+    await stub.CreateCollection(pb.CreateCollectionRequest(name="news"))
+    documents = [
+        pb.DocumentIn(id="a", text="text of a", metadata=struct({"lang": "en", "year": 2020})),
+        pb.DocumentIn(id="b", text="text of b", metadata=struct({"lang": "fr"})),
+    ]
+    await stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="news", documents=documents))
+    return stub
+
+
+async def test_query_and_query_stream_answer_as_over_http(
+    news: pb_grpc.TritonRagAsyncStub, core: FakeCore, settings: ApiSettings
+) -> None:
+    core.degraded, core.dropped_passages = ["embed"], 3
+    filters = {"field": "lang", "op": "in", "value": ["en", "de"]}
+    body = {
+        "collection": "news",
+        "query": "what is new?",
+        "top_k": 4,
+        "mode": "sparse",
+        "filters": filters,
+        "rerank": True,
+        "generation": {"max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "seed": 2**40, "stop": ["\n"]},
+    }
+    message = pb.QueryRequest(
+        collection="news",
+        query="what is new?",
+        top_k=4,
+        mode="sparse",
+        filters=struct(filters),
+        rerank=True,
+        generation=pb.GenerationParams(max_tokens=4, temperature=0.5, top_p=0.9, seed=2**40, stop=["\n"]),
+    )
+    with TestClient(create_http_app(core, settings)) as client:
+        over_http = QueryResponse.model_validate(client.post("/v1/query", json=body).json())
+        http_request = core.queries[-1]
+        events_over_http = [data for _, data in sse_events(client.post("/v1/query", json=body | {"stream": True}))]
+        http_stream_request = core.queries[-1]
+
+    answer = await news.Query(message, metadata=(("x-request-id", "req-1"),))
+    assert core.queries[-1] == http_request == QueryRequest.model_validate(body)
+    assert core.request_ids[-1] == "req-1"
+    assert model_of(QueryResponse, answer) == over_http
+    assert over_http.sources[0].metadata == {"lang": "en", "year": 2020}
+    assert (over_http.dropped_passages, over_http.degraded, over_http.finish_reason) == (3, ["embed"], "length")
+
+    call = news.QueryStream(message)
+    events = [event_of(event) async for event in call]
+    assert core.queries[-1] == http_stream_request == QueryRequest.model_validate(body | {"stream": True})
+    assert [event.model_dump(mode="json") for event in events] == events_over_http
+    assert [type(event) for event in events] == [SourcesEvent] + [DeltaEvent] * 4 + [DoneEvent]
+    assert dict(await call.initial_metadata())["x-request-id"] == core.request_ids[-1]  # made up, sent back
+    assert core.streams_closed == [True, True, True, True]
+
+
+async def test_query_takes_the_defaults_of_unset_fields(news: pb_grpc.TritonRagAsyncStub, core: FakeCore) -> None:
+    answer = await news.Query(pb.QueryRequest(collection="news", query="q"))
+    assert core.queries[-1] == QueryRequest(collection="news", query="q")
+    assert core.queries[-1].generation == GenerationParams(max_tokens=256)
+    assert [(source.citation, source.doc_id, source.cited) for source in answer.sources] == [
+        (1, "a", True),
+        (2, "b", False),
+    ]
+    assert (answer.finish_reason, answer.usage.completion_tokens) == ("stop", 5)
+
+
+@pytest.mark.parametrize("method", ["Query", "QueryStream"])
+async def test_query_errors_before_the_first_event(
+    news: pb_grpc.TritonRagAsyncStub, core: FakeCore, method: str
+) -> None:
+    rpc = getattr(news, method)
+    assert await failure(rpc(pb.QueryRequest(collection="absent", query="q"))) == (
+        grpc.StatusCode.NOT_FOUND,
+        "collection 'absent' does not exist",
+    )
+    core.generation_error = ResourceExhaustedError("the generator's queue is full")
+    assert await failure(rpc(pb.QueryRequest(collection="news", query="q"))) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "the generator's queue is full",
+    )
+
+
+async def test_a_stream_failing_midway_ends_with_the_error_status(
+    news: pb_grpc.TritonRagAsyncStub, core: FakeCore
+) -> None:
+    core.mid_stream_error = UnavailableError("generator unavailable")
+    call = news.QueryStream(pb.QueryRequest(collection="news", query="q"))
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in call:
+            received.append(event.WhichOneof("event"))
+    assert received == ["sources", "delta"]
+    assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.UNAVAILABLE, "generator unavailable")
+    assert core.streams_closed == [False]
+
+
+async def test_a_cancelled_stream_closes_the_core_stream(news: pb_grpc.TritonRagAsyncStub, core: FakeCore) -> None:
+    core.pause_after_deltas = 1  # the stream waits after its first delta until the call is cancelled
+    call = news.QueryStream(pb.QueryRequest(collection="news", query="q"))
+    for expected in ("sources", "delta"):
+        event = await call.read()
+        assert isinstance(event, pb.QueryEvent) and event.WhichOneof("event") == expected
+    await asyncio.wait_for(core.stream_paused.wait(), timeout=5)
+    assert core.streams_closed == []
+
+    assert call.cancel()
+    await asyncio.wait_for(core.stream_closed.wait(), timeout=5)
+    assert core.streams_closed == [False]

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx2
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
-from tests.fake_core import FakeCore
+from tests.fake_core import FakeCore, answer_pieces, sse_events
+from tritonrag.clients.http_client import ApiError, TritonRagClient
+from tritonrag.deploy.launcher import free_port
 from tritonrag.server.api.http import create_http_app
 from tritonrag.server.config import ApiSettings
-from tritonrag.server.schema import SearchRequest
+from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
+from tritonrag.server.schema import (
+    CollectionCreate,
+    DeltaEvent,
+    DocumentIn,
+    DoneEvent,
+    FinishReason,
+    GenerationParams,
+    QueryRequest,
+    QueryResponse,
+    SearchRequest,
+    SourcesEvent,
+)
 
 LIMIT = 4096
 
@@ -37,6 +54,15 @@ def error_of(response: httpx2.Response) -> dict[str, Any]:
 
 def docs(*ids: str, **metadata: Any) -> dict[str, Any]:
     return {"documents": [{"id": doc_id, "text": f"text of {doc_id}", "metadata": metadata} for doc_id in ids]}
+
+
+@pytest.fixture
+def news(client: TestClient) -> TestClient:
+    """``client`` with a collection "news" of documents a, b (lang en) and c (lang fr)."""
+    client.post("/v1/collections", json={"name": "news"})
+    client.post("/v1/collections/news/documents", json=docs("a", "b", lang="en"))
+    client.post("/v1/collections/news/documents", json=docs("c", lang="fr"))
+    return client
 
 
 def test_collection_lifecycle(client: TestClient) -> None:
@@ -121,6 +147,19 @@ def test_delete_by_filter_and_search(client: TestClient, core: FakeCore) -> None
         ("/v1/collections/news/documents", {"documents": []}, "documents", "documents: List should have at least 1"),
         ("/v1/search", {"collection": "news", "query": "q", "top_k": 0}, "top_k", "top_k: Input should be greater"),
         ("/v1/search", {"collection": "news", "query": "q", "colour": 1}, "colour", "colour: Extra inputs"),
+        (
+            "/v1/query",
+            {"collection": "news", "query": "q", "generation": {"temperature": 3}},
+            "generation.temperature",
+            "generation.temperature: Input should be less than or equal to 2",
+        ),
+        (
+            "/v1/query",
+            {"collection": "news", "query": "q", "stream": True, "generation": {"stop": ["."] * 9}},
+            "generation.stop",
+            "generation.stop: List should have at most 8 items",
+        ),
+        ("/v1/query", {"collection": "news", "query": " ", "stream": True}, "query", "query: query is empty"),
     ],
 )
 def test_invalid_requests_are_422_naming_the_field(
@@ -194,6 +233,7 @@ def test_openapi_describes_the_routes_and_the_error_body(client: TestClient) -> 
         "/v1/collections/{name}/documents/{doc_id}",
         "/v1/collections/{name}/documents:delete",
         "/v1/search",
+        "/v1/query",
         "/v1/jobs/{job_id}",
         "/healthz",
         "/readyz",
@@ -201,3 +241,169 @@ def test_openapi_describes_the_routes_and_the_error_body(client: TestClient) -> 
     invalid = spec["paths"]["/v1/search"]["post"]["responses"]["422"]
     assert invalid["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorBody"
     assert client.get("/docs").status_code == 200
+
+    answers = spec["paths"]["/v1/query"]["post"]["responses"]["200"]["content"]
+    assert answers["application/json"]["schema"]["$ref"] == "#/components/schemas/QueryResponse"
+    assert "text/event-stream" in answers
+
+
+# POST /v1/query
+
+
+def test_query_answers_with_numbered_sources(news: TestClient, core: FakeCore) -> None:
+    body = {"collection": "news", "query": "what is new?", "filters": {"field": "lang", "op": "eq", "value": "en"}}
+    answered = news.post("/v1/query", json=body, headers={"x-request-id": "req-1"})
+    assert answered.status_code == 200
+    assert answered.headers["x-request-id"] == "req-1"
+    answer = QueryResponse.model_validate(answered.json())
+    assert answer.answer == "".join(answer_pieces("what is new?", 2))
+    assert [(source.citation, source.doc_id, source.cited) for source in answer.sources] == [
+        (1, "a", True),
+        (2, "b", False),
+    ]
+    assert (answer.finish_reason, answer.usage.completion_tokens, answer.dropped_passages) == (FinishReason.stop, 5, 0)
+    assert core.queries[-1] == QueryRequest.model_validate(body)  # generation takes its defaults: max_tokens 256
+    assert core.queries[-1].generation == GenerationParams(max_tokens=256)
+    assert core.request_ids[-1] == "req-1"
+
+    news.post("/v1/query", json={"collection": "news", "query": "q"})
+    assert core.request_ids[-1] and core.request_ids[-1] != "req-1"  # made up when not given
+
+
+def test_query_streams_sources_deltas_and_done(news: TestClient, core: FakeCore) -> None:
+    core.degraded = ["rerank"]
+    body = {"collection": "news", "query": "what is new?", "top_k": 2, "generation": {"max_tokens": 3}}
+    whole = QueryResponse.model_validate(news.post("/v1/query", json=body).json())
+    streamed = news.post("/v1/query", json=body | {"stream": True}, headers={"x-request-id": "req-2"})
+    assert (streamed.status_code, streamed.headers["x-request-id"]) == (200, "req-2")
+    assert streamed.headers["cache-control"] == "no-cache"
+
+    events = sse_events(streamed)
+    assert [name for name, _ in events] == ["sources", "delta", "delta", "delta", "done"]
+    assert all(data["type"] == name for name, data in events)
+    sources = SourcesEvent.model_validate(events[0][1])
+    deltas = [DeltaEvent.model_validate(data) for _, data in events[1:-1]]
+    done = DoneEvent.model_validate(events[-1][1])
+    assert sources == SourcesEvent(sources=whole.sources, dropped_passages=0, degraded=["rerank"])
+    assert "".join(delta.text for delta in deltas) == whole.answer == "".join(answer_pieces("what is new?", 2)[:3])
+    assert (done.usage, done.finish_reason, done.timings_ms) == (whole.usage, FinishReason.length, whole.timings_ms)
+    assert (done.cited, done.degraded) == ([], ["rerank"])
+    assert core.queries[-1] == QueryRequest.model_validate(body | {"stream": True})
+    assert core.streams_closed == [True, True]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_query_errors_before_the_first_event_are_error_answers(news: TestClient, core: FakeCore, stream: bool) -> None:
+    missing = news.post("/v1/query", json={"collection": "absent", "query": "q", "stream": stream})
+    assert missing.status_code == 404
+    assert error_of(missing) == {"code": "NOT_FOUND", "message": "collection 'absent' does not exist", "field": None}
+
+    core.generation_error = ResourceExhaustedError("the generator's queue is full")
+    busy = news.post("/v1/query", json={"collection": "news", "query": "q", "stream": stream})
+    assert busy.status_code == 429
+    assert error_of(busy) == {"code": "RESOURCE_EXHAUSTED", "message": "the generator's queue is full", "field": None}
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (UnavailableError("generator unavailable"), {"code": "UNAVAILABLE", "message": "generator unavailable"}),
+        (RuntimeError("secret internals"), {"code": "INTERNAL", "message": "internal error"}),
+    ],
+)
+def test_query_errors_after_the_first_event_are_error_events(
+    news: TestClient, core: FakeCore, failure: Exception, error: dict[str, str]
+) -> None:
+    core.mid_stream_error = failure
+    streamed = news.post("/v1/query", json={"collection": "news", "query": "q", "stream": True})
+    assert streamed.status_code == 200
+    events = sse_events(streamed)
+    assert [name for name, _ in events] == ["sources", "delta", "error"]
+    assert events[-1][1] == {"error": error | {"field": None}}
+    assert core.streams_closed == [False]
+
+
+# Over a real server: the SDK, and a client that goes away mid-stream
+
+
+@pytest.fixture
+def served(core: FakeCore) -> Iterator[str]:
+    """The HTTP API over ``core`` served by uvicorn in a thread; its base URL."""
+    settings = ApiSettings(http_port=free_port(), max_request_bytes=LIMIT)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_http_app(core, settings),
+            host=settings.host,
+            port=settings.http_port,
+            lifespan="off",
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, "uvicorn started")
+    try:
+        yield f"http://{settings.host}:{settings.http_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_sdk_query_and_query_stream(served: str, core: FakeCore) -> None:
+    request = QueryRequest(collection="news", query="what is new?", generation=GenerationParams(seed=7))
+    with TritonRagClient(served) as sdk:
+        for call in (sdk.query, lambda request: list(sdk.query_stream(request))):
+            with pytest.raises(ApiError) as missing:
+                call(request)
+            assert (missing.value.status, missing.value.code) == (404, "NOT_FOUND")
+
+        sdk.create_collection(CollectionCreate(name="news"))
+        sdk.upsert("news", [DocumentIn(id="a", text="text of a", metadata={"year": 2020})])
+        answer = sdk.query(request, request_id="req-3")
+        assert core.queries[-1] == request and core.request_ids[-1] == "req-3"
+        events = list(sdk.query_stream(request, request_id="req-4"))
+        assert core.queries[-1] == request.model_copy(update={"stream": True}) and core.request_ids[-1] == "req-4"
+
+        assert [type(event) for event in events] == [SourcesEvent] + [DeltaEvent] * 5 + [DoneEvent]
+        sources, *deltas, done = events
+        assert isinstance(sources, SourcesEvent) and isinstance(done, DoneEvent)
+        assert [source.model_copy(update={"cited": True}) for source in sources.sources] == answer.sources
+        assert sources.sources[0].metadata == {"year": 2020}
+        assert "".join(delta.text for delta in deltas if isinstance(delta, DeltaEvent)) == answer.answer
+        assert (done.usage, done.finish_reason, done.cited) == (answer.usage, answer.finish_reason, [1])
+
+        core.mid_stream_error = UnavailableError("generator unavailable")
+        received = []
+        with pytest.raises(ApiError) as failed:
+            for event in sdk.query_stream(request):
+                received.append(event)
+        assert (failed.value.status, failed.value.code, failed.value.message) == (
+            200,
+            "UNAVAILABLE",
+            "generator unavailable",
+        )
+        assert [type(event) for event in received] == [SourcesEvent, DeltaEvent]
+
+
+def test_a_client_going_away_mid_stream_closes_the_core_stream(served: str, core: FakeCore) -> None:
+    core.pause_after_deltas = 1  # the stream waits after its first delta until the client goes away
+    with TritonRagClient(served) as sdk:
+        sdk.create_collection(CollectionCreate(name="news"))
+        sdk.upsert("news", [DocumentIn(id="a", text="text of a")])
+        events = sdk.query_stream(QueryRequest(collection="news", query="q"))
+        assert isinstance(next(events), SourcesEvent)
+        assert isinstance(next(events), DeltaEvent)
+        wait_until(core.stream_paused.is_set, "the stream to pause")
+        assert core.streams_closed == []
+        events.close()  # leaving the loop early closes the connection
+
+        wait_until(lambda: core.streams_closed == [False], "the core stream to be closed")
+        assert core.streams_started == 1
