@@ -1,0 +1,641 @@
+"""The OpenAI-compatible endpoints, served by uvicorn over a scripted core, called by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import httpx2
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from openai.types.chat import ChatCompletionMessageParam
+
+from tritonrag.server.api.openai import openai_router
+from tritonrag.server.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TritonRagError,
+    UnavailableError,
+)
+from tritonrag.server.schema import (
+    ChatMessage,
+    CollectionCreate,
+    CollectionInfo,
+    DeleteByFilterRequest,
+    Document,
+    Embeddings,
+    FinishReason,
+    GenerationDelta,
+    GenerationParams,
+    Grounding,
+    JobInfo,
+    ModelVersion,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
+    SearchRequest,
+    SearchResponse,
+    Source,
+    UpsertRequest,
+    UpsertResult,
+)
+
+REPLY = ["The capital", " of France", " is Paris", " [1]."]
+PROMPT_TOKENS, COMPLETION_TOKENS = 12, 4
+VECTORS = [[0.5, -0.25, 0.125, 1.0], [0.0, 1.5, -2.0, 0.75]]  # exact in float32
+SOURCES = [
+    Source(
+        citation=1,
+        doc_id="paris",
+        chunk_id=7,
+        text="Paris is the capital of France.",
+        start=0,
+        end=31,
+        metadata={"year": 2024},
+        score=0.9,
+        cited=True,
+    )
+]
+SERVED = [ModelVersion(name=name, version="1") for name in ("embedder", "reranker", "generator")]
+GROUNDING = {
+    "collection": "docs",
+    "top_k": 3,
+    "mode": "dense",
+    "filters": {"field": "year", "op": "gte", "value": 2020},
+    "rerank": True,
+}
+Stream = Literal["finite", "busy", "idle"]
+
+
+class ScriptedCore:
+    """The core's generation and embedding calls, scripted and recorded; the rest is not used here."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the calls and the script of the last test."""
+        self.chats: list[tuple[list[ChatMessage], GenerationParams, Grounding | None]] = []
+        self.completions: list[tuple[str, GenerationParams]] = []
+        self.embedded: list[list[str]] = []
+        self.call_error: TritonRagError | None = None  # raised by the call itself
+        self.start_error: TritonRagError | None = None  # raised by the stream before the first delta
+        self.stream_error: TritonRagError | None = None  # raised by the stream after the first delta
+        self.stream: Stream = "finite"  # busy: deltas without end; idle: one delta, then nothing
+        self.finish_reason = FinishReason.stop
+        self.served = list(SERVED)
+        self.streams_closed = threading.Event()  # a stream's clean-up ran to its end (on the server's thread)
+
+    async def _deltas(self) -> AsyncIterator[GenerationDelta]:
+        try:
+            if self.start_error is not None:
+                raise self.start_error
+            yield GenerationDelta(text=REPLY[0])
+            if self.stream_error is not None:
+                raise self.stream_error
+            while self.stream == "busy":
+                await asyncio.sleep(0.005)
+                yield GenerationDelta(text=" and so on")
+            if self.stream == "idle":
+                await asyncio.Event().wait()
+            for text in REPLY[1:-1]:
+                yield GenerationDelta(text=text)
+            yield GenerationDelta(
+                text=REPLY[-1],
+                finish_reason=self.finish_reason,
+                prompt_tokens=PROMPT_TOKENS,
+                completion_tokens=COMPLETION_TOKENS,
+            )
+        finally:
+            await asyncio.sleep(0.01)  # clean-up that awaits, as a core's may: it must not be cut short
+            self.streams_closed.set()
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        grounding: Grounding | None = None,
+        request_id: str | None = None,
+    ) -> tuple[list[Source], AsyncIterator[GenerationDelta]]:
+        self.chats.append((list(messages), params, grounding))
+        if self.call_error is not None:
+            raise self.call_error
+        return (SOURCES if grounding is not None else []), self._deltas()
+
+    def complete(
+        self, prompt: str, params: GenerationParams, request_id: str | None = None
+    ) -> AsyncIterator[GenerationDelta]:
+        self.completions.append((prompt, params))
+        return self._deltas()
+
+    async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings:
+        self.embedded.append(list(texts))
+        if self.call_error is not None:
+            raise self.call_error
+        return Embeddings(
+            model=SERVED[0], vectors=[VECTORS[i % 2] for i in range(len(texts))], prompt_tokens=3 * len(texts)
+        )
+
+    async def served_models(self) -> list[ModelVersion]:
+        return self.served
+
+    async def create_collection(self, request: CollectionCreate) -> CollectionInfo:
+        raise NotImplementedError
+
+    async def list_collections(self) -> list[CollectionInfo]:
+        raise NotImplementedError
+
+    async def get_collection(self, name: str) -> CollectionInfo:
+        raise NotImplementedError
+
+    async def delete_collection(self, name: str) -> None:
+        raise NotImplementedError
+
+    async def upsert_documents(self, collection: str, request: UpsertRequest) -> UpsertResult:
+        raise NotImplementedError
+
+    async def get_document(self, collection: str, doc_id: str) -> Document:
+        raise NotImplementedError
+
+    async def delete_document(self, collection: str, doc_id: str) -> None:
+        raise NotImplementedError
+
+    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> int:
+        raise NotImplementedError
+
+    async def search(self, request: SearchRequest) -> SearchResponse:
+        raise NotImplementedError
+
+    async def get_job(self, job_id: str) -> JobInfo:
+        raise NotImplementedError
+
+    async def readiness(self) -> dict[str, bool]:
+        raise NotImplementedError
+
+    async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
+        raise NotImplementedError
+
+    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncIterator[QueryEvent]:
+        raise NotImplementedError
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port in a background thread; yields the ``/v1`` URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[ScriptedCore, str]]:
+    """One server for the module, over one core that each test resets."""
+    core = ScriptedCore()
+    app = FastAPI()  # no exception handlers: the router answers its own errors
+    app.include_router(openai_router(core))
+    with serving(app) as url:
+        yield core, url
+
+
+@pytest.fixture
+def core(served: tuple[ScriptedCore, str]) -> ScriptedCore:
+    served[0].reset()
+    return served[0]
+
+
+@pytest.fixture
+def base_url(served: tuple[ScriptedCore, str], core: ScriptedCore) -> str:
+    return served[1]
+
+
+@pytest.fixture
+def client(base_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0) as openai_client:
+        yield openai_client
+
+
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
+    """The ``error`` object of an answer, checked for OpenAI's shape."""
+    assert isinstance(exc.body, dict)
+    assert set(exc.body) == {"message", "type", "param", "code"}
+    return exc.body
+
+
+# Models
+
+
+def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [(m.id, m.object, m.owned_by) for m in models.data] == [
+        ("embedder", "model", "tritonrag"),
+        ("reranker", "model", "tritonrag"),
+        ("generator", "model", "tritonrag"),
+    ]
+    assert client.models.retrieve("generator").id == "generator"
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.models.retrieve("gpt-4o")
+    assert error_of(raised.value)["code"] == "model_not_found"
+
+
+# Chat completions
+
+
+def test_chat_completion(client: openai.OpenAI, core: ScriptedCore) -> None:
+    completion = client.chat.completions.create(
+        model="generator",
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Capital"}, {"type": "text", "text": "of France?"}]},
+        ],
+    )
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.object == "chat.completion"
+    assert completion.model == "generator"
+    [choice] = completion.choices
+    assert (choice.message.role, choice.message.content) == ("assistant", "".join(REPLY))
+    assert choice.finish_reason == "stop"
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (
+        PROMPT_TOKENS,
+        COMPLETION_TOKENS,
+        PROMPT_TOKENS + COMPLETION_TOKENS,
+    )
+    assert "tritonrag" not in (completion.model_extra or {})
+    [(messages, params, grounding)] = core.chats
+    assert messages == [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="Capital\nof France?"),
+    ]
+    assert params == GenerationParams(temperature=1.0)  # OpenAI's default temperature
+    assert grounding is None
+    assert core.streams_closed.is_set()
+
+
+def test_chat_parameters(client: openai.OpenAI, core: ScriptedCore) -> None:
+    client.chat.completions.create(
+        model="generator",
+        messages=USER,
+        max_completion_tokens=32,
+        temperature=0,
+        top_p=0.5,
+        seed=7,
+        stop="\n",
+        user="someone",  # ignored
+        extra_body={"top_k": 40, "repetition_penalty": 1.2, "presence_penalty": 0},
+    )
+    client.chat.completions.create(model="generator", messages=USER, max_tokens=8, stop=["a", "b"])
+    assert [params for _, params, _ in core.chats] == [
+        GenerationParams(
+            max_tokens=32, temperature=0.0, top_p=0.5, seed=7, stop=["\n"], top_k=40, repetition_penalty=1.2
+        ),
+        GenerationParams(max_tokens=8, temperature=1.0, stop=["a", "b"]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [(FinishReason.length, "length"), (FinishReason.cancelled, "stop")],
+)
+def test_chat_finish_reasons(client: openai.OpenAI, core: ScriptedCore, reason: FinishReason, expected: str) -> None:
+    core.finish_reason = reason
+    assert client.chat.completions.create(model="generator", messages=USER).choices[0].finish_reason == expected
+    chunks = list(client.chat.completions.create(model="generator", messages=USER, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [expected]
+
+
+def test_chat_stream(client: openai.OpenAI, core: ScriptedCore) -> None:
+    whole = client.chat.completions.create(model="generator", messages=USER).choices[0].message.content
+
+    chunks = list(client.chat.completions.create(model="generator", messages=USER, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert len({c.id for c in chunks}) == 1
+    assert all(c.usage is None for c in chunks)
+
+    with_usage = list(
+        client.chat.completions.create(
+            model="generator", messages=USER, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    *pieces, last = with_usage
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == whole
+    assert last.choices == []
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
+        PROMPT_TOKENS,
+        COMPLETION_TOKENS,
+        PROMPT_TOKENS + COMPLETION_TOKENS,
+    )
+    assert all(c.usage is None for c in pieces)
+
+
+def test_stream_is_server_sent_events(base_url: str) -> None:
+    body = {"model": "generator", "messages": USER, "stream": True}
+    with httpx2.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = response.read().decode()
+    events = text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    for event in events[:-2]:
+        assert event.startswith("data: {")
+        assert json.loads(event.removeprefix("data: "))["object"] == "chat.completion.chunk"
+
+
+def test_grounded_chat(client: openai.OpenAI, core: ScriptedCore) -> None:
+    completion = client.chat.completions.create(model="generator", messages=USER, extra_body={"tritonrag": GROUNDING})
+    sources = [source.model_dump(mode="json") for source in SOURCES]
+    assert (completion.model_extra or {})["tritonrag"] == {"sources": sources}
+    assert core.chats[0][2] == Grounding.model_validate(GROUNDING)
+
+    chunks = list(
+        client.chat.completions.create(
+            model="generator", messages=USER, stream=True, extra_body={"tritonrag": {"collection": "docs"}}
+        )
+    )
+    assert (chunks[0].model_extra or {})["tritonrag"] == {"sources": sources}
+    assert all("tritonrag" not in (c.model_extra or {}) for c in chunks[1:])
+    assert core.chats[1][2] == Grounding(collection="docs")
+
+
+# Completions
+
+
+def test_completions(client: openai.OpenAI, core: ScriptedCore) -> None:
+    completion = client.completions.create(model="generator", prompt="Paris is")
+    assert completion.object == "text_completion"
+    assert completion.id.startswith("cmpl-")
+    [choice] = completion.choices
+    assert (choice.text, choice.finish_reason) == ("".join(REPLY), "stop")
+    assert completion.usage is not None
+    assert completion.usage.total_tokens == PROMPT_TOKENS + COMPLETION_TOKENS
+
+    chunks = list(
+        client.completions.create(
+            model="generator", prompt=["Paris is"], stream=True, stream_options={"include_usage": True}, max_tokens=64
+        )
+    )
+    *pieces, last = chunks
+    assert "".join(c.choices[0].text for c in pieces) == choice.text
+    assert [c.choices[0].finish_reason for c in pieces] == [None] * (len(pieces) - 1) + ["stop"]
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.completion_tokens == COMPLETION_TOKENS
+    assert core.completions == [
+        ("Paris is", GenerationParams(max_tokens=16, temperature=1.0)),  # OpenAI's default max_tokens
+        ("Paris is", GenerationParams(max_tokens=64, temperature=1.0)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "param", "message"),
+    [
+        ({"prompt": ["one", "two"]}, "prompt", "one prompt per request"),
+        ({"prompt": [1, 2, 3]}, "prompt", "token-id arrays are not supported"),
+        ({"echo": True}, "echo", "echo is not supported"),
+        ({"logprobs": 2}, "logprobs", "logprobs are not supported"),
+        ({"extra_body": {"tritonrag": {"collection": "docs"}}}, "tritonrag", "only supported by /v1/chat"),
+    ],
+)
+def test_completions_refused(
+    client: openai.OpenAI, core: ScriptedCore, arguments: dict[str, Any], param: str, message: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(**{"model": "generator", "prompt": "Paris is", **arguments})
+    error = error_of(raised.value)
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    assert message in error["message"]
+    assert core.completions == []
+
+
+# Embeddings
+
+
+def test_embeddings(client: openai.OpenAI, core: ScriptedCore) -> None:
+    default = client.embeddings.create(model="embedder", input=["first", "second", "third"])  # base64 on the wire
+    assert [e.embedding for e in default.data] == [VECTORS[0], VECTORS[1], VECTORS[0]]
+    assert [e.index for e in default.data] == [0, 1, 2]
+    assert (default.model, default.usage.prompt_tokens, default.usage.total_tokens) == ("embedder", 9, 9)
+
+    floats = client.embeddings.create(model="embedder", input="first", encoding_format="float", dimensions=4)
+    assert [e.embedding for e in floats.data] == [VECTORS[0]]
+    assert core.embedded == [["first", "second", "third"], ["first"]]
+
+
+def test_embeddings_base64_on_the_wire(client: openai.OpenAI) -> None:
+    raw = client.embeddings.with_raw_response.create(model="embedder", input="first", encoding_format="base64")
+    encoded = json.loads(raw.text)["data"][0]["embedding"]
+    assert isinstance(encoded, str)
+    assert np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist() == VECTORS[0]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "param", "message"),
+    [
+        ({"input": [[1, 2, 3]]}, "input", "token-id arrays are not supported: send text"),
+        ({"input": [1, 2, 3]}, "input", "token-id arrays are not supported: send text"),
+        ({"input": ["fine", ""]}, "input", "input 1 is an empty string"),
+        ({"input": [["not", "tokens"]]}, "input.0", "Input should be a valid string"),
+        ({"input": []}, "input", "at least 1 item"),
+        ({"model": "generator"}, "model", "does not serve embeddings"),
+        ({"encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
+    ],
+)
+def test_embeddings_refused(client: openai.OpenAI, arguments: dict[str, Any], param: str, message: str) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.embeddings.create(**{"model": "embedder", "input": "text", **arguments})
+    error = error_of(raised.value)
+    assert error["param"] == param
+    assert message in error["message"]
+
+
+def test_embedding_dimensions(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.embeddings.create(model="embedder", input="text", dimensions=2)
+    assert error_of(raised.value) == {
+        "message": "the model `embedder` gives 4 dimensions; other sizes are not supported",
+        "type": "invalid_request_error",
+        "param": "dimensions",
+        "code": "unsupported_value",
+    }
+
+
+# Errors
+
+
+def test_unknown_model(client: openai.OpenAI, core: ScriptedCore) -> None:
+    for call in (
+        lambda: client.chat.completions.create(model="gpt-4o", messages=USER),
+        lambda: client.completions.create(model="gpt-4o", prompt="x"),
+        lambda: client.embeddings.create(model="text-embedding-3-small", input="x"),
+    ):
+        with pytest.raises(openai.NotFoundError) as raised:
+            call()
+        error = error_of(raised.value)
+        assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error")
+        assert "does not exist" in error["message"]
+    assert not core.chats and not core.completions and not core.embedded
+
+
+@pytest.mark.parametrize(
+    ("arguments", "param", "message"),
+    [
+        ({"n": 2}, "n", "only one choice"),
+        ({"logprobs": True}, "logprobs", "logprobs are not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "tools"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "repetition_penalty is"),
+        ({"frequency_penalty": 0.1}, "frequency_penalty", "repetition_penalty is"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "response_format"),
+        ({"temperature": 3.0}, "temperature", "less than or equal to 2"),
+        ({"seed": -1}, "seed", "greater than or equal to 0"),
+        ({"max_tokens": 100_000}, "max_tokens", "less than or equal to 8192"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+        ({"stop": ""}, "stop", "stop strings must not be empty"),
+        ({"model": "embedder"}, "model", "does not serve chat completions"),
+        ({"messages": []}, "messages", "at least 1 item"),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]}, "messages.0.role", "tool"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "'system', 'developer'"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content", "user messages need content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content.0.type",
+            "only text",
+        ),
+        ({"extra_body": {"tritonrag": {"collection": "docs", "topk": 3}}}, "tritonrag.topk", "Extra inputs"),
+        ({"extra_body": {"tritonrag": {"collection": "no such!"}}}, "tritonrag.collection", "match pattern"),
+        ({"extra_body": {"tritonrag": {"collection": "docs", "mode": "fuzzy"}}}, "tritonrag.mode", "'dense'"),
+    ],
+)
+def test_chat_refused(
+    client: openai.OpenAI, core: ScriptedCore, arguments: dict[str, Any], param: str, message: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(**{"model": "generator", "messages": USER, **arguments})
+    error = error_of(raised.value)
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    assert message in error["message"]
+    assert core.chats == []
+
+
+def test_malformed_requests(base_url: str) -> None:
+    malformed = httpx2.post(
+        f"{base_url}/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["code"] == "invalid_json"
+    missing = httpx2.post(f"{base_url}/chat/completions", json={"messages": USER})
+    assert missing.status_code == 400
+    assert missing.json() == {
+        "error": {
+            "message": "model: Field required",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "missing_required_parameter",
+        }
+    }
+    not_an_object = httpx2.post(f"{base_url}/embeddings", json=["text"])
+    assert not_an_object.status_code == 400
+    assert not_an_object.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_core_errors(client: openai.OpenAI, core: ScriptedCore, stream: bool) -> None:
+    core.start_error = ResourceExhaustedError("the generator's queue is full")
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="generator", messages=USER, stream=stream)
+    assert error_of(limited.value) == {
+        "message": "the generator's queue is full",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "resource_exhausted",
+    }
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model="generator", prompt="x", stream=stream)
+
+    core.start_error = InvalidArgumentError("the prompt is longer than the context window", field="messages")
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+        client.chat.completions.create(model="generator", messages=USER, stream=stream)
+    assert error_of(invalid.value)["message"] == "the prompt is longer than the context window"
+    assert error_of(invalid.value)["param"] == "messages"
+
+    core.call_error = NotFoundError("collection 'docs' does not exist", field="collection")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(
+            model="generator", messages=USER, stream=stream, extra_body={"tritonrag": {"collection": "docs"}}
+        )
+    assert error_of(missing.value)["code"] == "not_found"
+
+
+def test_model_not_ready(client: openai.OpenAI, core: ScriptedCore) -> None:
+    core.served = [model for model in SERVED if model.name != "generator"]
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(model="generator", messages=USER)
+    assert raised.value.status_code == 503
+    assert error_of(raised.value) == {
+        "message": "the model `generator` is not ready; retry later",
+        "type": "server_error",
+        "param": "model",
+        "code": "model_not_ready",
+    }
+    assert [m.id for m in client.models.list().data] == ["embedder", "reranker"]
+    assert not core.chats
+
+
+def test_embedder_unavailable(client: openai.OpenAI, core: ScriptedCore) -> None:
+    core.call_error = UnavailableError("the embedder is unavailable")
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.embeddings.create(model="embedder", input="text")
+    assert raised.value.status_code == 503
+    assert error_of(raised.value)["type"] == "server_error"
+
+
+def test_error_during_a_stream(client: openai.OpenAI, core: ScriptedCore) -> None:
+    core.stream_error = UnavailableError("the generator went away")
+    stream = client.chat.completions.create(model="generator", messages=USER, stream=True)
+    received: list[str] = []
+    with pytest.raises(openai.APIError, match="the generator went away"):
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == REPLY[0]
+    assert core.streams_closed.wait(5)
+
+
+@pytest.mark.parametrize("pace", ["busy", "idle"])
+def test_client_closing_a_stream_closes_the_core_stream(
+    client: openai.OpenAI, core: ScriptedCore, pace: Stream
+) -> None:
+    core.stream = pace  # busy: the core keeps yielding; idle: the core waits for a token that never comes
+    stream = client.chat.completions.create(model="generator", messages=USER, stream=True)
+    assert next(stream).choices[0].delta.role == "assistant"
+    assert next(stream).choices[0].delta.content == REPLY[0]
+    assert not core.streams_closed.is_set()
+    stream.close()
+    assert core.streams_closed.wait(5), "the core's stream is still open after the client left"
