@@ -24,6 +24,7 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML settin
 class Task(StrEnum):
     embedder = "embedder"
     reranker = "reranker"
+    generator = "generator"
 
 
 class Target(StrEnum):
@@ -53,7 +54,9 @@ def export(
         Target.python
     ),
     native_repository: Annotated[Path | None, typer.Option(help="Where --target native writes its models.")] = None,
-    max_sequence_length: Annotated[int | None, typer.Option(min=8, help="Token limit (default: the model's).")] = None,
+    max_sequence_length: Annotated[
+        int | None, typer.Option(min=8, help="Token limit; a generator's context window (default: the model's).")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Export a model to ONNX as a new version in the model repository, with a parity check."""
