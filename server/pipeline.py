@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -434,7 +434,7 @@ class RagCore:
             yield GenerationDelta(text=NO_PASSAGES_ANSWER, finish_reason=FinishReason.stop)
             return
         if window is not None and packed is not None:
-            async with _closing(self._generate(window, packed, params, request_id)) as stream:
+            async with contextlib.aclosing(self._generate(window, packed, params, request_id)) as stream:
                 try:
                     first = await anext(stream)
                 except (UnavailableError, DeadlineExceededError):
@@ -453,7 +453,7 @@ class RagCore:
         params: GenerationParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
-    ) -> tuple[list[Source], AsyncIterator[GenerationDelta]]:
+    ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
         """The generator's stream over ``messages``; with ``grounding``, first a retrieval with the last user
         message, whose passages (those that fit, numbered from 1) go into the prompt and come back as sources.
 
@@ -475,7 +475,7 @@ class RagCore:
 
     def complete(
         self, prompt: str, params: GenerationParams, request_id: str | None = None
-    ) -> AsyncIterator[GenerationDelta]:
+    ) -> AsyncGenerator[GenerationDelta]:
         """The generator's stream for a raw ``prompt``; ``max_tokens`` None: as many as the window leaves."""
         return self._pool.generate(params, prompt=prompt, request_id=request_id)
 
@@ -531,7 +531,7 @@ class RagCore:
 
     def _generate(
         self, window: ContextWindow, packed: Packed, params: GenerationParams, request_id: str | None
-    ) -> AsyncIterator[GenerationDelta]:
+    ) -> AsyncGenerator[GenerationDelta]:
         """The generator's stream for a packed prompt: chat messages, or the rendered text for a model without
         a chat template."""
         params = params.model_copy(update={"max_tokens": packed.max_tokens})
@@ -552,16 +552,6 @@ class RagCore:
         for collection in self._collections.values():
             await asyncio.to_thread(collection.close)
         self._collections.clear()
-
-
-@contextlib.asynccontextmanager
-async def _closing(stream: AsyncIterator[GenerationDelta]) -> AsyncIterator[AsyncIterator[GenerationDelta]]:
-    """``contextlib.aclosing`` for the pool's streams (async generators, typed as iterators)."""
-    try:
-        yield stream
-    finally:
-        if isinstance(stream, AsyncGenerator):
-            await stream.aclose()
 
 
 def _source(citation: int, hit: SearchHit) -> Source:

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -319,7 +319,7 @@ class FakeCore:
         params: GenerationParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
-    ) -> tuple[list[Source], AsyncIterator[GenerationDelta]]:
+    ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
         """The sources of ``grounding`` (none without) and the scripted answer to the last message."""
         self.chats.append((list(messages), params, grounding))
         self.request_ids.append(request_id)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol, TypeVar
+
+import anyio
 
 from ..errors import InvalidArgumentError
 from ..schema import (
@@ -44,19 +47,39 @@ class Core(Protocol):
     async def get_job(self, job_id: str) -> JobInfo: ...
     async def readiness(self) -> dict[str, bool]: ...
     async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse: ...
-    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncIterator[QueryEvent]: ...
+    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]: ...
     async def chat(
         self,
         messages: Sequence[ChatMessage],
         params: GenerationParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
-    ) -> tuple[list[Source], AsyncIterator[GenerationDelta]]: ...
+    ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]: ...
     def complete(
         self, prompt: str, params: GenerationParams, request_id: str | None = None
-    ) -> AsyncIterator[GenerationDelta]: ...
+    ) -> AsyncGenerator[GenerationDelta]: ...
     async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings: ...
     async def served_models(self) -> list[ModelVersion]: ...
+
+
+_T = TypeVar("_T")
+
+
+async def aclose_shielded(stream: AsyncGenerator[Any]) -> None:
+    """Close one of the core's streams, even from a cancelled handler: the close is shielded, so the
+    stream can still await its clean-up (closing the generation, which Triton then cancels)."""
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()
+
+
+@asynccontextmanager
+async def closing(stream: AsyncGenerator[_T]) -> AsyncIterator[AsyncGenerator[_T]]:
+    """``contextlib.aclosing`` for the core's streams, with ``aclose_shielded``: closed however the handler
+    ends, the client going away included."""
+    try:
+        yield stream
+    finally:
+        await aclose_shielded(stream)
 
 
 def invalid_argument(errors: Sequence[Mapping[str, Any]]) -> InvalidArgumentError:

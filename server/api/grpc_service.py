@@ -12,8 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -36,7 +35,7 @@ from ..schema import (
     SearchRequest,
     UpsertRequest,
 )
-from .common import Core, invalid_argument
+from .common import Core, closing, invalid_argument
 
 logger = logging.getLogger(__name__)
 
@@ -120,16 +119,6 @@ def _event(event: QueryEvent) -> pb.QueryEvent:
     return json_format.ParseDict({event.type: event.model_dump(mode="json", exclude={"type"})}, pb.QueryEvent())
 
 
-@asynccontextmanager
-async def _closing(events: AsyncIterator[_Result]) -> AsyncIterator[AsyncIterator[_Result]]:
-    """``contextlib.aclosing`` for the core's streams: closed however the handler ends, cancelled included."""
-    try:
-        yield events
-    finally:
-        if isinstance(events, AsyncGenerator):
-            await events.aclose()
-
-
 async def _request_id(context: _Context) -> str:
     """The caller's ``x-request-id`` metadata, or a new id; sent back in the initial metadata."""
     given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY)
@@ -206,6 +195,6 @@ class _Servicer(pb_grpc.TritonRagServicer):
         self, request: pb.QueryRequest, context: _Context
     ) -> None:
         query = _model(QueryRequest, request).model_copy(update={"stream": True})
-        async with _closing(self._core.query_stream(query, await _request_id(context))) as events:
+        async with closing(self._core.query_stream(query, await _request_id(context))) as events:
             async for event in events:
                 await context.write(_event(event))

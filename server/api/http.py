@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ from ..schema import (
     UpsertRequest,
     UpsertResult,
 )
-from .common import Core, invalid_argument
+from .common import Core, closing, invalid_argument
 from .openai import openai_router
 
 logger = logging.getLogger(__name__)
@@ -231,9 +231,9 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
 
 
-async def _sse(first: QueryEvent, events: AsyncIterator[QueryEvent]) -> AsyncGenerator[str]:
+async def _sse(first: QueryEvent, events: AsyncGenerator[QueryEvent]) -> AsyncGenerator[str]:
     """``first`` (already received) and the rest of ``events`` as SSE frames; a failure becomes an ``error`` event."""
-    async with _closing(events):
+    async with closing(events):
         yield _frame(first.type, first.model_dump_json())
         try:
             async for event in events:
@@ -248,16 +248,6 @@ async def _sse(first: QueryEvent, events: AsyncIterator[QueryEvent]) -> AsyncGen
 def _frame(event: str, data: str) -> str:
     """One Server-Sent Event; ``data`` is compact JSON, one line."""
     return f"event: {event}\ndata: {data}\n\n"
-
-
-@asynccontextmanager
-async def _closing(events: AsyncIterator[_T]) -> AsyncIterator[AsyncIterator[_T]]:
-    """``contextlib.aclosing`` for the core's streams: closed however the answer ends, cancelled included."""
-    try:
-        yield events
-    finally:
-        if isinstance(events, AsyncGenerator):
-            await events.aclose()
 
 
 class _BodyLimit:

@@ -19,11 +19,9 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-import anyio
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import TritonRagError
 from ..schema import ChatMessage, Embeddings, FinishReason, GenerationDelta, GenerationParams, Grounding, Source, Usage
-from .common import Core, invalid_argument
+from .common import Core, aclose_shielded, closing, invalid_argument
 
 _logger = logging.getLogger(__name__)
 
@@ -533,27 +531,10 @@ class _Tally:
         )
 
 
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    """Closes an async generator, shielded: a cancelled request must still end the core's stream cleanly."""
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with anyio.CancelScope(shield=True):
-            await aclose()
-
-
-@asynccontextmanager
-async def _closing(iterator: AsyncIterator[GenerationDelta]) -> AsyncIterator[AsyncIterator[GenerationDelta]]:
-    """``contextlib.aclosing``, with the close shielded from the request's cancellation."""
-    try:
-        yield iterator
-    finally:
-        await _aclose(iterator)
-
-
-async def _generate(deltas: AsyncIterator[GenerationDelta]) -> _Tally:
+async def _generate(deltas: AsyncGenerator[GenerationDelta]) -> _Tally:
     """A whole generation."""
     tally = _Tally()
-    async with _closing(deltas):
+    async with closing(deltas):
         async for delta in deltas:
             tally.add(delta)
     return tally
@@ -566,19 +547,19 @@ class _Started:
     before the stream's status is sent, so the client gets 429 or 503 and can retry.
     """
 
-    def __init__(self, deltas: AsyncIterator[GenerationDelta]) -> None:
+    def __init__(self, deltas: AsyncGenerator[GenerationDelta]) -> None:
         self._deltas = deltas
         self._first: GenerationDelta | None = None
 
     @classmethod
-    async def start(cls, deltas: AsyncIterator[GenerationDelta]) -> _Started:
+    async def start(cls, deltas: AsyncGenerator[GenerationDelta]) -> _Started:
         started = cls(deltas)
         try:
             started._first = await anext(deltas)
         except StopAsyncIteration:
             pass
         except BaseException:
-            await _aclose(deltas)
+            await aclose_shielded(deltas)
             raise
         return started
 
@@ -592,7 +573,7 @@ class _Started:
         return await anext(self._deltas)
 
     async def aclose(self) -> None:
-        await _aclose(self._deltas)
+        await aclose_shielded(self._deltas)
 
 
 class _EventStream(StreamingResponse):
@@ -605,7 +586,7 @@ class _EventStream(StreamingResponse):
     the generation on Triton), before it is closed.
     """
 
-    def __init__(self, events: AsyncIterator[str], source: _Started) -> None:
+    def __init__(self, events: AsyncGenerator[str], source: _Started) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
         self._events = events
         self._source = source
@@ -640,7 +621,7 @@ class _EventStream(StreamingResponse):
             watcher.cancel()
             if gone:
                 task.uncancel()
-            await _aclose(self._events)
+            await aclose_shielded(self._events)
             await self._source.aclose()
 
 
@@ -653,7 +634,7 @@ async def _events(
     deltas: _Started,
     piece: Callable[[str, OpenAIFinishReason | None], BaseModel],
     usage_chunk: Callable[[Usage], BaseModel] | None,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str]:
     """The SSE events of a generation: ``head``, one ``piece`` per delta, the usage, ``[DONE]``.
 
     An error after the stream started is sent as an ``{"error": ...}`` event, and the stream ends
@@ -702,7 +683,7 @@ def _chat_completion(model: str, tally: _Tally, extension: TritonRagExtension | 
 
 
 async def _chat_completion_stream(
-    model: str, deltas: AsyncIterator[GenerationDelta], extension: TritonRagExtension | None, include_usage: bool
+    model: str, deltas: AsyncGenerator[GenerationDelta], extension: TritonRagExtension | None, include_usage: bool
 ) -> _EventStream:
     """A role chunk (with the sources of a grounded answer), a chunk per delta, the usage chunk if asked."""
     started = await _Started.start(deltas)
@@ -726,7 +707,7 @@ def _completion(model: str, tally: _Tally) -> Completion:
     )
 
 
-async def _completion_stream(model: str, deltas: AsyncIterator[GenerationDelta], include_usage: bool) -> _EventStream:
+async def _completion_stream(model: str, deltas: AsyncGenerator[GenerationDelta], include_usage: bool) -> _EventStream:
     """A completion object per delta, and one with the usage if asked."""
     started = await _Started.start(deltas)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

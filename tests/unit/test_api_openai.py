@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -97,7 +97,7 @@ class ScriptedCore:
         self.served = list(SERVED)
         self.streams_closed = threading.Event()  # a stream's clean-up ran to its end (on the server's thread)
 
-    async def _deltas(self) -> AsyncIterator[GenerationDelta]:
+    async def _deltas(self) -> AsyncGenerator[GenerationDelta]:
         try:
             if self.start_error is not None:
                 raise self.start_error
@@ -127,7 +127,7 @@ class ScriptedCore:
         params: GenerationParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
-    ) -> tuple[list[Source], AsyncIterator[GenerationDelta]]:
+    ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
         self.chats.append((list(messages), params, grounding))
         if self.call_error is not None:
             raise self.call_error
@@ -135,7 +135,7 @@ class ScriptedCore:
 
     def complete(
         self, prompt: str, params: GenerationParams, request_id: str | None = None
-    ) -> AsyncIterator[GenerationDelta]:
+    ) -> AsyncGenerator[GenerationDelta]:
         self.completions.append((prompt, params))
         return self._deltas()
 
@@ -186,7 +186,7 @@ class ScriptedCore:
     async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
         raise NotImplementedError
 
-    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncIterator[QueryEvent]:
+    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]:
         raise NotImplementedError
 
 

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import json
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -107,7 +107,7 @@ class StandInPool:
         messages: Sequence[ChatMessage] | None = None,
         deadline_s: float | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[GenerationDelta]:
+    ) -> AsyncGenerator[GenerationDelta]:
         call = Generation(params, prompt, None if messages is None else list(messages), request_id)
         self.generations.append(call)
         try:
