@@ -34,6 +34,7 @@ async def running_core(settings: Settings) -> AsyncIterator[RagCore]:
         embedder_model=settings.routing.embedder_model,
         reranker_model=settings.routing.reranker_model,
         generator_model=settings.routing.generator_model,
+        fallback_generator_model=settings.routing.fallback_generator_model,
         query=settings.query,
     )
     try:

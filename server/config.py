@@ -41,6 +41,8 @@ class RoutingSettings(BaseModel):
     embedder_model: str = "embedder"
     reranker_model: str = "reranker"
     generator_model: str = "generator"
+    # Answers /v1/query when the generator cannot (down, or failing before its first token).
+    fallback_generator_model: str | None = None
     request_timeout_s: float = Field(30.0, gt=0)  # a call's deadline when the caller gives none
     attempt_timeout_s: float = Field(10.0, gt=0)  # one attempt on one endpoint
     generate_timeout_s: float = Field(300.0, gt=0)  # a whole generation, queueing and streaming included

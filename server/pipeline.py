@@ -121,6 +121,7 @@ class RagCore:
         *,
         reranker_model: str = "reranker",
         generator_model: str = "generator",
+        fallback_generator_model: str | None = None,
         query: QuerySettings | None = None,
     ) -> None:
         self._data_dir = data_dir
@@ -131,6 +132,7 @@ class RagCore:
         self._embedder = embedder_model
         self._reranker = reranker_model
         self._generator = generator_model
+        self._fallback_generator = fallback_generator_model
         self._query = query or QuerySettings()
         self._collections: dict[str, Collection] = {}
         self._open_lock = asyncio.Lock()
@@ -428,23 +430,27 @@ class RagCore:
         request_id: str | None,
         degraded: list[str],
     ) -> AsyncGenerator[GenerationDelta]:
-        """The answer's deltas: generated, else one delta with the fixed or the extractive answer
-        (then "generate" is appended to ``degraded``)."""
+        """The answer's deltas: from the generator, else from the fallback generator, else one delta with the
+        fixed or the extractive answer (then "generate" is appended to ``degraded``)."""
         if not sources:
             yield GenerationDelta(text=NO_PASSAGES_ANSWER, finish_reason=FinishReason.stop)
             return
-        if window is not None and packed is not None:
-            async with contextlib.aclosing(self._generate(window, packed, params, request_id)) as stream:
+        models = [self._generator, *([self._fallback_generator] if self._fallback_generator else [])]
+        for model in models if window is not None and packed is not None else []:
+            assert window is not None and packed is not None  # for the type checker: the loop runs only then
+            async with contextlib.aclosing(self._generate(window, packed, params, request_id, model)) as stream:
                 try:
                     first = await anext(stream)
                 except (UnavailableError, DeadlineExceededError):
-                    pass
-                else:
-                    yield first
-                    async for delta in stream:
-                        yield delta
-                    return
-        degraded.append("generate")
+                    if "generate" not in degraded:
+                        degraded.append("generate")
+                    continue
+                yield first
+                async for delta in stream:
+                    yield delta
+                return
+        if "generate" not in degraded:
+            degraded.append("generate")
         yield GenerationDelta(text=extractive_answer(sources[0].text), finish_reason=FinishReason.stop)
 
     async def chat(
@@ -530,14 +536,20 @@ class RagCore:
             return None
 
     def _generate(
-        self, window: ContextWindow, packed: Packed, params: GenerationParams, request_id: str | None
+        self,
+        window: ContextWindow,
+        packed: Packed,
+        params: GenerationParams,
+        request_id: str | None,
+        model: str | None = None,
     ) -> AsyncGenerator[GenerationDelta]:
-        """The generator's stream for a packed prompt: chat messages, or the rendered text for a model without
-        a chat template."""
+        """``model``'s (default: the generator's) stream for a packed prompt: chat messages, or the rendered text
+        for a model without a chat template."""
         params = params.model_copy(update={"max_tokens": packed.max_tokens})
         if window.template is None:
-            return self._pool.generate(params, prompt=window.render(packed.messages), request_id=request_id)
-        return self._pool.generate(params, messages=packed.messages, request_id=request_id)
+            prompt = window.render(packed.messages)
+            return self._pool.generate(params, prompt=prompt, request_id=request_id, model=model)
+        return self._pool.generate(params, messages=packed.messages, request_id=request_id, model=model)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -158,7 +158,8 @@ class TritonPool:
         self._clock = clock
         self._rng = rng or random.Random()
         self._urls = list(dict.fromkeys(urls))
-        self._models = [settings.embedder_model, settings.reranker_model, settings.generator_model]
+        models = [settings.embedder_model, settings.reranker_model, settings.generator_model]
+        self._models = [*models, settings.fallback_generator_model] if settings.fallback_generator_model else models
         self._endpoints: list[Endpoint] = []
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -348,8 +349,9 @@ class TritonPool:
         messages: Sequence[ChatMessage] | None = None,
         deadline_s: float | None = None,
         request_id: str | None = None,
+        model: str | None = None,
     ) -> AsyncGenerator[GenerationDelta]:
-        """Stream a generation from the ``generator`` model for ``prompt`` (raw text) or ``messages`` (chat).
+        """Stream a generation from ``model`` (default: the generator) for ``prompt`` (raw text) or ``messages``.
 
         Deltas arrive as the model produces them; the last has the finish reason and token counts.
         Until the first delta, an unavailable or busy endpoint is retried on another; closing the
@@ -358,7 +360,7 @@ class TritonPool:
         """
         if (prompt is None) == (messages is None):
             raise ValueError("generate takes a prompt or messages, not both")
-        model = self.settings.generator_model
+        model = model or self.settings.generator_model
         deadline = self._clock() + (deadline_s if deadline_s is not None else self.settings.generate_timeout_s)
         request_id = request_id or uuid.uuid4().hex
         text_input = ("PROMPT", prompt) if prompt is not None else ("MESSAGES", _messages_json(messages or []))

@@ -69,6 +69,7 @@ class Generation:
     prompt: str | None
     messages: list[ChatMessage] | None
     request_id: str | None
+    model: str | None = None
     deltas_sent: int = 0
     closed: bool = False
 
@@ -81,6 +82,7 @@ class StandInPool:
         self.embedder_up = True
         self.reranker_up = True
         self.generator_error: TritonRagError | None = None
+        self.failing_models: set[str] | None = None  # those that raise ``generator_error``; None: all
         self.served = {"embedder", "reranker", "generator"}
         self.script = ["Cats purr", " [1]", "."]
         self.generations: list[Generation] = []
@@ -107,11 +109,12 @@ class StandInPool:
         messages: Sequence[ChatMessage] | None = None,
         deadline_s: float | None = None,
         request_id: str | None = None,
+        model: str | None = None,
     ) -> AsyncGenerator[GenerationDelta]:
-        call = Generation(params, prompt, None if messages is None else list(messages), request_id)
+        call = Generation(params, prompt, None if messages is None else list(messages), request_id, model)
         self.generations.append(call)
         try:
-            if self.generator_error is not None:
+            if self.generator_error is not None and (self.failing_models is None or model in self.failing_models):
                 raise self.generator_error
             for index, piece in enumerate(self.script, start=1):
                 last = index == len(self.script)
@@ -168,6 +171,13 @@ def write_generator(repository: Path, context_tokens: int) -> Path:
 
 @pytest.fixture
 def core_and_pool(tmp_path: Path, minilm_dir: Path) -> tuple[RagCore, StandInPool]:
+    return core_and_pool_with(tmp_path, minilm_dir)
+
+
+def core_and_pool_with(
+    tmp_path: Path, minilm_dir: Path, fallback_generator_model: str | None = None
+) -> tuple[RagCore, StandInPool]:
+    """A core over a stand-in pool and a repository with an embedder and a generator version."""
     for model in ("embedder", "generator"):
         (tmp_path / "repository" / model / "1").mkdir(parents=True)
         shutil.copy(minilm_dir / "tokenizer.json", tmp_path / "repository" / model / "1" / "tokenizer.json")
@@ -188,6 +198,7 @@ def core_and_pool(tmp_path: Path, minilm_dir: Path) -> tuple[RagCore, StandInPoo
         Catalog(tmp_path / "data" / "catalog.sqlite"),
         cast(TritonPool, pool),
         IngestSettings(),
+        fallback_generator_model=fallback_generator_model,
     )
     return core, pool
 
@@ -359,6 +370,23 @@ def test_a_failing_generator_gives_an_extractive_answer(core_and_pool: tuple[Rag
     assert response.degraded == ["generate"] and [s.cited for s in response.sources] == [True, False]
     assert response.usage.total_tokens == 0 and response.finish_reason == FinishReason.stop
     assert "generate" in response.timings_ms and pool.generations[0].closed
+
+
+def test_a_failing_generator_hands_over_to_the_fallback_generator(tmp_path: Path, minilm_dir: Path) -> None:
+    core, pool = core_and_pool_with(tmp_path, minilm_dir, fallback_generator_model="small-generator")
+    pool.generator_error = UnavailableError("generator is down")
+    pool.failing_models = {"generator"}
+
+    async def twice(c: RagCore) -> tuple[QueryResponse, QueryResponse]:
+        by_fallback = await c.query(query(query="cats purr", top_k=2))
+        pool.failing_models = None  # the fallback fails too: an extractive answer
+        return by_fallback, await c.query(query(query="cats purr", top_k=2))
+
+    by_fallback, extractive = answer(core, twice)
+    assert by_fallback.answer == "Cats purr [1]." and by_fallback.degraded == ["generate"]
+    assert extractive.answer == "Cats purr and sleep all day. [1]" and extractive.degraded == ["generate"]
+    assert [g.model for g in pool.generations] == ["generator", "small-generator"] * 2
+    assert all(g.closed for g in pool.generations)
 
 
 def test_a_busy_generator_fails_the_stream_before_its_first_event(
