@@ -319,3 +319,31 @@ def test_bad_choices_are_refused(embedder_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"outside 1\.\.512"):
         export_model(f"path:{embedder_dir}", "embedder", tmp_path, max_sequence_length=4096)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generator_metadata_and_int8_report(generative_dir: Path, tmp_path: Path) -> None:
+    result = export_model(f"path:{generative_dir}", "generator", tmp_path, quantize="int8", max_sequence_length=96)
+    data = metadata(result)
+    assert data["task"] == "generator" and data["head"] == "causal_lm"
+    assert (data["num_layers"], data["num_kv_heads"], data["head_dim"], data["max_sequence_length"]) == (2, 2, 16, 96)
+    assert data["stop_token_ids"] == [1] and data["chat_template"].startswith("{% for message in messages %}")
+    assert result.parity["fp32"] == data["parity"] and data["parity"]["value"] == 1.0
+    assert data["parity"]["tokens_before_first_difference"] == data["parity"]["reference_tokens"] > 0
+    report = result.parity["int8"]
+    assert report["metric"] == "greedy_identical" and report["threshold"] is None
+    assert data["quantization"] == {"method": "dynamic", "weights": "int8", "parity": report}
+    graph = onnx.load(str(result.version_dir / "model.onnx"))
+    assert "DynamicQuantizeLinear" in {node.op_type for node in graph.graph.node}
+    inputs = [i.name for i in graph.graph.input]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"] and len(inputs) == 3 + 2 * 2
+    assert [o.name for o in graph.graph.output][:2] == ["logits", "present.0.key"]
+
+
+def test_generator_needs_a_causal_lm_and_has_no_native_target(
+    embedder_dir: Path, generative_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ExportError, match="a generator needs a causal LM"):
+        export_model(f"path:{embedder_dir}", "generator", tmp_path)
+    with pytest.raises(ExportError, match="the generator has no native target"):
+        export_model(f"path:{generative_dir}", "generator", tmp_path, target="native", native_repository=tmp_path)
+    assert list(tmp_path.iterdir()) == []
