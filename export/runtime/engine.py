@@ -11,6 +11,7 @@ thread; the export-time parity check and the tests drive it with ``run_until_idl
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -31,6 +32,8 @@ from .text_stream import TextStream
 FinishReason = Literal["stop", "length", "cancelled"]
 # (new text, finish reason or None, prompt tokens, completion tokens)
 Emit = Callable[[str, FinishReason | None, int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 class BusyError(RuntimeError):
@@ -56,6 +59,7 @@ class GenerationRequest:
     params: SamplingParams
     emit: Emit
     is_cancelled: Callable[[], bool] = lambda: False
+    fail: Callable[[str], None] = lambda message: None  # the request ends with this error instead
     # Filled in by the engine.
     max_tokens: int = 0
     generated: list[int] = field(default_factory=list)
@@ -180,13 +184,29 @@ class GenerationEngine:
             self._wake.notify_all()
 
     def step(self) -> None:
-        """One iteration: drop cancelled sequences, admit and prefill one waiting sequence, decode one token each."""
+        """One iteration: drop cancelled sequences, admit and prefill one waiting sequence, decode one token each.
+
+        A failure (e.g. ONNX Runtime out of memory) ends the sequences it hit with an error, not the loop.
+        """
         self._drop_cancelled()
         request = self._admit()
         if request is not None:
-            self._prefill(request)
+            try:
+                self._prefill(request)
+            except Exception as exc:
+                self._fail([request], exc)
         if self._running and self._batch is not None:
-            self._decode()
+            try:
+                self._decode()
+            except Exception as exc:
+                failed, self._running, self._batch = self._running, [], None
+                self._fail(failed, exc)
+
+    @staticmethod
+    def _fail(requests: Sequence[GenerationRequest], exc: Exception) -> None:
+        log.exception("a generation step failed for %d sequence(s)", len(requests))
+        for request in requests:
+            request.fail(f"the generator failed: {type(exc).__name__}: {exc}")
 
     def _drop_cancelled(self) -> None:
         with self._wake:

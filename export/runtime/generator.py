@@ -43,10 +43,6 @@ def _optional_text(request: Any, name: str) -> str | None:
     return rows[0]
 
 
-def _error(message: str, code: Any) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
-
-
 class _Stream:
     """Sends one request's deltas through its response sender; a failed send marks the client gone."""
 
@@ -66,8 +62,18 @@ class _Stream:
             pb_utils.Tensor("COMPLETION_TOKENS", np.array([completion_tokens], dtype=np.int32)),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if reason else 0
+        self._send(pb_utils.InferenceResponse(output_tensors=outputs), flags)
+
+    def fail(self, message: str, code: Any = None) -> None:
+        """End the request with an error response (INTERNAL unless ``code`` says otherwise)."""
+        error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL if code is None else code)
+        self._send(
+            pb_utils.InferenceResponse(output_tensors=[], error=error), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        )
+
+    def _send(self, response: Any, flags: int) -> None:
         try:
-            self.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=flags)
+            self.sender.send(response, flags=flags)
         except Exception as exc:  # the client's stream is gone; the engine drops the sequence next step
             if not self.gone:
                 log.info("generator: a response could not be sent (%s); cancelling the request", exc)
@@ -110,9 +116,12 @@ class TritonPythonModel:
             if self.chat is None:
                 raise InputError("this model has no chat template; send PROMPT instead of MESSAGES")
             try:
-                prompt = self.chat.render(json.loads(messages))
+                parsed = json.loads(messages)
             except json.JSONDecodeError as exc:
                 raise InputError(f"MESSAGES is not valid JSON: {exc}") from exc
+            if not isinstance(parsed, list):
+                raise InputError('MESSAGES must be a JSON list of {"role", "content"} objects')
+            prompt = self.chat.render(parsed)
         assert prompt is not None
         return list(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
 
@@ -132,15 +141,16 @@ class TritonPythonModel:
             stream = _Stream(request)
             try:
                 generation = GenerationRequest(
-                    self._prompt_ids(request), self._params(request), stream.emit, stream.is_cancelled
+                    self._prompt_ids(request), self._params(request), stream.emit, stream.is_cancelled, stream.fail
                 )
                 self.engine.submit(generation)
             except InputError as exc:
-                response = _error(INPUT_ERROR + str(exc), pb_utils.TritonError.INVALID_ARG)
-                stream.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                stream.fail(INPUT_ERROR + str(exc), pb_utils.TritonError.INVALID_ARG)
             except BusyError as exc:
-                response = _error(BUSY_ERROR + str(exc), pb_utils.TritonError.UNAVAILABLE)
-                stream.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                stream.fail(BUSY_ERROR + str(exc), pb_utils.TritonError.UNAVAILABLE)
+            except Exception as exc:  # a bug must still answer the request, or its client waits for ever
+                log.exception("generator: a request could not be queued")
+                stream.fail(f"the generator could not queue the request: {type(exc).__name__}: {exc}")
 
     def finalize(self) -> None:
         """Stop the loop; sequences still running end as cancelled."""

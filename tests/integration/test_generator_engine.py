@@ -155,3 +155,27 @@ def test_over_long_prompts_are_cut_from_the_start_or_rejected(version_dir: Path,
         strict.submit(request(tokenizer, words, max_tokens=6)[0])
     with pytest.raises(InputError, match="max_tokens 300 leaves no room"):
         strict.submit(request(tokenizer, "hi", max_tokens=300)[0])
+
+
+def test_a_failed_step_fails_its_sequences_and_the_loop_goes_on(
+    version_dir: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = engine(version_dir)
+    errors: list[str] = []
+    hit, hit_out = request(tokenizer, "Doomed", max_tokens=10)
+    hit.fail = errors.append
+    loop.submit(hit)
+    loop.step()  # prefilled and decoding
+    real_step = loop.decoder.step
+
+    def broken(*args: Any) -> Any:
+        raise MemoryError("no room for the cache")
+
+    monkeypatch.setattr(loop.decoder, "step", broken)
+    loop.step()
+    assert errors == ["the generator failed: MemoryError: no room for the cache"] and hit_out.reason is None
+    monkeypatch.setattr(loop.decoder, "step", real_step)
+    after, after_out = request(tokenizer, "Fine", max_tokens=3)
+    loop.submit(after)
+    loop.run_until_idle()
+    assert after_out.reason == "length" and after_out.counts[1] == 3
