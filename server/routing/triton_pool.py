@@ -406,17 +406,19 @@ class TritonPool:
         responses = endpoint.client.stream_infer(
             request(), stream_timeout=max(0.001, deadline - self._clock()), headers={REQUEST_ID_HEADER: request_id}
         )
-        started = False
+        started = ended = False
         try:
             async for result, error in responses:
                 if error is not None:
+                    ended = True  # an error response is the request's last
                     raise self._stream_failed(endpoint, model, str(error.message()), started)
                 delta = _delta(result)
                 if not started:
                     endpoint.breaker.record_success()
                     started = True
+                ended = delta.finish_reason is not None
                 yield delta
-                if delta.finish_reason is not None:
+                if ended:
                     return
             raise self._stream_failed(endpoint, model, "the stream ended before the generation did", started)
         except grpc.aio.AioRpcError as exc:
@@ -425,8 +427,9 @@ class TritonPool:
                 raise DeadlineExceededError(f"'{model}' did not finish within the deadline") from exc
             raise self._stream_failed(endpoint, model, f"[{exc.code().name}] {exc.details()}", started) from exc
         finally:
-            done.set()
-            responses.cancel()
+            done.set()  # ends the request side of the stream
+            if not ended or not await _drained(responses):
+                responses.cancel()  # the caller left mid-generation: Triton cancels the request
             endpoint.outstanding -= 1
             if not started:
                 endpoint.breaker.release()
@@ -499,6 +502,21 @@ class TritonPool:
         if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
             return _RetryableError(message)
         return UnavailableError(f"'{model}' failed on {endpoint.url}: [{status}] {message}")
+
+
+async def _drained(responses: Any, timeout_s: float = 5.0) -> bool:
+    """Read a finished stream to its end, so that it closes without a cancellation; whether it did in time.
+
+    Cancelling a stream whose request already ended can leave Triton's model busy with it (it then
+    cannot be unloaded), so a finished generation lets the server close the stream itself.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for _ in responses:
+                pass
+    except (TimeoutError, grpc.aio.AioRpcError, InferenceServerException):
+        return False
+    return True
 
 
 def _scalar_bytes_input(name: str, text: str) -> Any:

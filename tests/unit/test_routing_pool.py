@@ -137,6 +137,7 @@ class FakeStream:
     error: str | None
     sent: int = 0
     cancelled: bool = False
+    drained: bool = False
     request: dict[str, str] = field(default_factory=dict)
 
     def __aiter__(self) -> FakeStream:
@@ -150,6 +151,7 @@ class FakeStream:
             error, self.error = self.error, None
             return None, InferenceServerException(msg=error)
         if self.cancelled or self.sent == len(self.words):
+            self.drained = not self.cancelled
             raise StopAsyncIteration
         self.sent += 1
         last = self.sent == len(self.words)
@@ -482,7 +484,7 @@ def test_generate_streams_deltas_and_closes_the_stream() -> None:
     stream = fleet["a:1"].streams[0]
     assert stream.request["PROMPT"] == "Capital of France?"
     assert json.loads(stream.request["PARAMETERS"])["stop"] == ["\n"]
-    assert stream.cancelled  # the stream is closed once the generation is over
+    assert not stream.cancelled and stream.drained  # a finished stream is read to its end, not cancelled
 
 
 def test_generate_sends_messages_as_json_and_a_consumer_that_leaves_cancels() -> None:
