@@ -9,12 +9,30 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 MetadataValue = str | int | float | bool | list[str] | list[int] | list[float]
 Metadata = dict[str, MetadataValue]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+
+
+def _not_blank_query(value: str) -> str:
+    if not value.strip():
+        raise ValueError("query is empty")
+    return value
+
+
+QueryText = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_not_blank_query)]
 
 
 class IndexType(StrEnum):
@@ -173,20 +191,13 @@ class Mmr(Strict):
 
 class SearchRequest(Strict):
     collection: str = Field(pattern=NAME_PATTERN)
-    query: str = Field(min_length=1, max_length=4096)
+    query: QueryText
     top_k: int = Field(10, ge=1, le=100)
     mode: SearchMode = SearchMode.hybrid
     filters: Filter | None = None
     rerank: bool = False
     rerank_top_n: int = Field(50, ge=1, le=200)
     mmr: Mmr | None = None
-
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("query is empty")
-        return value
 
 
 class SearchHit(BaseModel):
@@ -296,16 +307,9 @@ class Grounding(Strict):
 class QueryRequest(Grounding):
     """``POST /v1/query``: retrieve, pack the passages into the generator's context, answer with citations."""
 
-    query: str = Field(min_length=1, max_length=4096)
+    query: QueryText
     generation: GenerationParams = GenerationParams(max_tokens=256)
     stream: bool = False
-
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("query is empty")
-        return value
 
 
 class Source(BaseModel):

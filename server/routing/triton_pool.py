@@ -136,6 +136,14 @@ class _RetryableError(Exception):
     """An attempt failed in a way another attempt may not."""
 
 
+@dataclass
+class _Attempts:
+    """How one call's attempts went: how many were made, and the last failure."""
+
+    made: int = 0
+    last: str = "no attempt was made"
+
+
 def _status(exc: InferenceServerException) -> str:
     return str(exc.status() or "").removeprefix("StatusCode.")
 
@@ -319,27 +327,40 @@ class TritonPool:
 
     async def _infer(self, model: str, inputs: list[Any], output: str, deadline: float, request_id: str) -> Floats:
         """One request, retried on transient failures while attempts and the deadline allow."""
+        attempts = _Attempts()
+        async with contextlib.aclosing(self._attempt_endpoints(model, deadline, attempts)) as endpoints:
+            async for endpoint, remaining in endpoints:
+                try:
+                    return await self._attempt(endpoint, model, inputs, output, remaining, request_id)
+                except _RetryableError as exc:
+                    attempts.last = f"{endpoint.url}: {exc}"
+                    log.info("request %s to %s failed, attempt %d: %s", request_id, endpoint.url, attempts.made, exc)
+        if attempts.made < self.settings.max_attempts:
+            raise UnavailableError(f"no Triton endpoint can serve '{model}' now ({attempts.last})")
+        if deadline <= self._clock():
+            raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({attempts.last})")
+        raise UnavailableError(f"'{model}' failed after {self.settings.max_attempts} attempts ({attempts.last})")
+
+    async def _attempt_endpoints(
+        self, model: str, deadline: float, attempts: _Attempts
+    ) -> AsyncGenerator[tuple[Endpoint, float]]:
+        """The endpoint for each attempt of one call, and the time left: untried endpoints first, a jittered
+        backoff before each retry. Ends when the attempts are used up or no endpoint is routable; a deadline
+        that passes first is ``DeadlineExceededError``."""
         tried: list[Endpoint] = []
-        last = "no attempt was made"
         for attempt in range(self.settings.max_attempts):
             if attempt:
                 pause = backoff_delay(attempt - 1, self.settings.backoff_base_s, self.settings.backoff_max_s, self._rng)
                 await asyncio.sleep(min(pause, max(0.0, deadline - self._clock())))
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({last})")
+                raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({attempts.last})")
             endpoint = self._pick(model, tried)
             if endpoint is None:
-                raise UnavailableError(f"no Triton endpoint can serve '{model}' now ({last})")
+                return
             tried.append(endpoint)
-            try:
-                return await self._attempt(endpoint, model, inputs, output, remaining, request_id)
-            except _RetryableError as exc:
-                last = f"{endpoint.url}: {exc}"
-                log.info("request %s to %s failed, attempt %d: %s", request_id, endpoint.url, attempt + 1, exc)
-        if deadline <= self._clock():
-            raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({last})")
-        raise UnavailableError(f"'{model}' failed after {self.settings.max_attempts} attempts ({last})")
+            attempts.made += 1
+            yield endpoint, remaining
 
     async def generate(
         self,
@@ -365,31 +386,22 @@ class TritonPool:
         request_id = request_id or uuid.uuid4().hex
         text_input = ("PROMPT", prompt) if prompt is not None else ("MESSAGES", _messages_json(messages or []))
         inputs = [_scalar_bytes_input(*text_input), _scalar_bytes_input("PARAMETERS", params.model_dump_json())]
-        tried: list[Endpoint] = []
-        last = "no attempt was made"
-        for attempt in range(self.settings.max_attempts):
-            if attempt:
-                pause = backoff_delay(attempt - 1, self.settings.backoff_base_s, self.settings.backoff_max_s, self._rng)
-                await asyncio.sleep(min(pause, max(0.0, deadline - self._clock())))
-            if deadline - self._clock() <= 0:
-                raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({last})")
-            endpoint = self._pick(model, tried)
-            if endpoint is None:
-                break
-            tried.append(endpoint)
-            async with contextlib.aclosing(self._stream(endpoint, model, inputs, deadline, request_id)) as stream:
-                try:
-                    first = await anext(stream)
-                except _RetryableError as exc:
-                    last = f"{endpoint.url}: {exc}"
-                    continue
-                yield first
-                async for delta in stream:
-                    yield delta
-                return
-        if BUSY_ERROR in last:
-            raise ResourceExhaustedError(f"every generator is busy; retry later ({last})")
-        raise UnavailableError(f"no Triton endpoint can serve '{model}' now ({last})")
+        attempts = _Attempts()
+        async with contextlib.aclosing(self._attempt_endpoints(model, deadline, attempts)) as endpoints:
+            async for endpoint, _ in endpoints:
+                async with contextlib.aclosing(self._stream(endpoint, model, inputs, deadline, request_id)) as stream:
+                    try:
+                        first = await anext(stream)
+                    except _RetryableError as exc:
+                        attempts.last = f"{endpoint.url}: {exc}"
+                        continue
+                    yield first
+                    async for delta in stream:
+                        yield delta
+                    return
+        if BUSY_ERROR in attempts.last:
+            raise ResourceExhaustedError(f"every generator is busy; retry later ({attempts.last})")
+        raise UnavailableError(f"no Triton endpoint can serve '{model}' now ({attempts.last})")
 
     async def _stream(
         self, endpoint: Endpoint, model: str, inputs: list[Any], deadline: float, request_id: str

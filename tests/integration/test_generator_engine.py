@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tokenizers import Tokenizer
 
+from tests.generation import Collected
 from tritonrag.export.runtime.encoding import InputError
-from tritonrag.export.runtime.engine import BusyError, FinishReason, GenerationEngine, GenerationRequest
+from tritonrag.export.runtime.engine import BusyError, GenerationEngine, GenerationRequest
 from tritonrag.export.runtime.sampling import SamplingParams
-
-
-@dataclass
-class Collected:
-    """What the engine emitted for one request."""
-
-    deltas: list[str] = field(default_factory=list)
-    reason: FinishReason | None = None
-    counts: tuple[int, int] = (0, 0)
-    cancelled: bool = False
-
-    def emit(self, text: str, reason: FinishReason | None, prompt_tokens: int, completion_tokens: int) -> None:
-        assert self.reason is None, "nothing may follow the final response"
-        self.deltas.append(text)
-        self.reason, self.counts = reason, (prompt_tokens, completion_tokens)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.deltas)
 
 
 @pytest.fixture(scope="module")

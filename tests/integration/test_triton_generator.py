@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ import tritonclient.grpc as grpcclient
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
+from tests.generation import Collected
 from tritonrag.deploy.launcher import TritonServer
-from tritonrag.export.runtime.engine import FinishReason, GenerationEngine, GenerationRequest
+from tritonrag.export.runtime.engine import GenerationEngine, GenerationRequest
 from tritonrag.export.runtime.sampling import SamplingParams
 from tritonrag.server.config import RoutingSettings
 from tritonrag.server.errors import InvalidArgumentError, ResourceExhaustedError
@@ -50,19 +50,6 @@ def settings(generator: str = "generator") -> RoutingSettings:
         probe_interval_s=0.5,
         probe_timeout_s=10,
     )
-
-
-@dataclass
-class Collected:
-    """What the in-process engine emitted for one request."""
-
-    deltas: list[str] = field(default_factory=list)
-    reason: FinishReason | None = None
-    counts: tuple[int, int] = (0, 0)
-
-    def emit(self, text: str, reason: FinishReason | None, prompt_tokens: int, completion_tokens: int) -> None:
-        self.deltas.append(text)
-        self.reason, self.counts = reason, (prompt_tokens, completion_tokens)
 
 
 @pytest.fixture(scope="module")
