@@ -24,14 +24,9 @@ from .encoding import TOKENIZER_FILE, InputError, ModelMetadata
 from .engine import BusyError, FinishReason, GenerationEngine, GenerationRequest
 from .generation import BUSY_ERROR, INPUT_ERROR
 from .sampling import SamplingParams
-from .text_model import decode_strings
+from .text_model import decode_strings, model_parameter
 
 log = logging.getLogger(__name__)
-
-
-def _parameter(config: dict[str, Any], key: str, default: str) -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value")
-    return str(value) if value not in (None, "") else default
 
 
 def _optional_text(request: Any, name: str) -> str | None:
@@ -93,12 +88,12 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         self.engine = GenerationEngine.from_version_dir(
             version_dir,
-            threads=int(_parameter(config, "intra_op_threads", "0")),
+            threads=int(model_parameter(config, "intra_op_threads", "0")),
             gpu_device=int(args.get("model_instance_device_id", "0")) if gpu else None,
-            max_sequences=int(_parameter(config, "max_sequences", "16")),
-            max_kv_tokens=int(_parameter(config, "max_kv_tokens", "32768")),
-            max_queue=int(_parameter(config, "max_queue", "64")),
-            truncate_prompt=_parameter(config, "truncate_prompt", "true").lower() == "true",
+            max_sequences=int(model_parameter(config, "max_sequences", "16")),
+            max_kv_tokens=int(model_parameter(config, "max_kv_tokens", "32768")),
+            max_queue=int(model_parameter(config, "max_queue", "64")),
+            truncate_prompt=model_parameter(config, "truncate_prompt", "true").lower() == "true",
         )
         self.tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
         template = metadata.extra.get("chat_template")

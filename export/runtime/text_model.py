@@ -34,7 +34,8 @@ def decode_strings(request: Any, name: str) -> list[str]:
     return rows
 
 
-def _parameter(config: dict[str, Any], key: str, default: str) -> str:
+def model_parameter(config: dict[str, Any], key: str, default: str) -> str:
+    """A string parameter of the model's ``config.pbtxt`` (``default`` when absent or empty)."""
     value = config.get("parameters", {}).get(key, {}).get("string_value")
     return str(value) if value not in (None, "") else default
 
@@ -86,7 +87,7 @@ class TokenizingModel:
         self.config = json.loads(args["model_config"])
         self.version_dir = Path(args["model_repository"]) / args["model_version"]
         self.tokenizer = ModelTokenizer.from_version_dir(self.version_dir)
-        self.truncate = _parameter(self.config, "truncate", "true").lower() == "true"
+        self.truncate = model_parameter(self.config, "truncate", "true").lower() == "true"
         self._encode = REQUEST_ENCODERS[self.tokenizer.metadata.task]
 
     def encode_all(self, requests: list[Any]) -> list[list[Encoding] | InputError]:
@@ -107,7 +108,7 @@ class TextModel(TokenizingModel):
         """Also load an ONNX Runtime session on the best execution provider present."""
         super().initialize(args)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_parameter(self.config, "intra_op_threads", "0"))
+        options.intra_op_num_threads = int(model_parameter(self.config, "intra_op_threads", "0"))
         gpu = args.get("model_instance_kind") == "GPU"
         device = int(args.get("model_instance_device_id", "0"))
         providers = execution_providers(device, gpu, self.version_dir / "trt_cache")
@@ -117,7 +118,7 @@ class TextModel(TokenizingModel):
             session,
             self.tokenizer,
             max_rows=int(self.config.get("max_batch_size") or 1),
-            max_tokens=int(_parameter(self.config, "max_batch_tokens", "16384")),
+            max_tokens=int(model_parameter(self.config, "max_batch_tokens", "16384")),
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
