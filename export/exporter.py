@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
@@ -84,10 +84,17 @@ def export_model(
     with staging_dir(model_dir) as staging:
         tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
         write_json(staging / METADATA_FILE, metadata)
+        onnx_file = staging / ONNX_FILE
+        parity: _Parity
         if isinstance(graph, DecoderGraph):
-            reports = _export_generator(source, graph, staging, metadata, quantize, _ffn_down_shape(config))
+            parity = _export_generator(source, graph, onnx_file, metadata)
         else:
-            reports = _export_text_model(source, task, graph, staging, metadata, quantize, thresholds, config)
+            parity = _export_text_model(source, task, graph, onnx_file, metadata, thresholds)
+        reports = {"fp32": parity.check(onnx_file)}
+        metadata["parity"] = reports["fp32"]
+        if quantize == "int8":
+            reports["int8"] = _quantize(onnx_file, parity.check_int8, _ffn_down_shape(config))
+            metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
         write_json(staging / METADATA_FILE, metadata)
         write_model_py(staging, task)
         native_dirs: list[Path] = []
@@ -102,46 +109,38 @@ def export_model(
     return ExportResult(name, version, version_dir, reports, tuple(native_dirs))
 
 
+class _Parity(Protocol):
+    """An export's parity check: float32 (raises when off) and int8 (reported)."""
+
+    def check(self, onnx_file: Path) -> dict[str, Any]: ...
+    def check_int8(self, onnx_file: Path) -> dict[str, Any]: ...
+
+
 def _export_text_model(
     source: str,
     task: Task,
     graph: torch.nn.Module,
-    staging: Path,
+    onnx_file: Path,
     metadata: dict[str, Any],
-    quantize: Quantization | None,
     thresholds: ParityThresholds,
-    config: PretrainedConfig,
-) -> dict[str, dict[str, Any]]:
-    """Embedder or reranker: the graph, its parity report(s), and the embedding width in ``metadata``."""
-    parity = ParityCheck(task, graph, ModelTokenizer.from_version_dir(staging), thresholds)
-    onnx_file = staging / ONNX_FILE
+) -> ParityCheck:
+    """Embedder or reranker: write the graph, put an embedder's width in ``metadata``; its parity check."""
+    parity = ParityCheck(task, graph, ModelTokenizer.from_version_dir(onnx_file.parent), thresholds)
     inputs = parity.torch_inputs()
     log.info("%s: exporting to ONNX", source)
     export_onnx(
         graph, tuple(inputs.values()), list(inputs), [OUTPUT_NAMES[task]], text_dynamic_shapes(inputs), onnx_file
     )
-    reports = {"fp32": parity.check(onnx_file)}
-    metadata["parity"] = reports["fp32"]
     if task == "embedder":
         metadata["dimension"] = int(parity.reference.shape[-1])
-    if quantize == "int8":
-        reports["int8"] = _quantize(onnx_file, parity.check_int8, _ffn_down_shape(config))
-        metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
-    return reports
+    return parity
 
 
-def _export_generator(
-    source: str,
-    graph: DecoderGraph,
-    staging: Path,
-    metadata: dict[str, Any],
-    quantize: Quantization | None,
-    float_weight_shape: tuple[int, int] | None,
-) -> dict[str, dict[str, Any]]:
-    """Generator: the KV-cache decoder graph and its greedy parity report(s)."""
+def _export_generator(source: str, graph: DecoderGraph, onnx_file: Path, metadata: dict[str, Any]) -> GenerationParity:
+    """Generator: write the KV-cache decoder graph; its greedy parity check."""
     shape = CacheShape(metadata["num_layers"], metadata["num_kv_heads"], metadata["head_dim"])
     log.info("%s: greedy reference continuations in PyTorch", source)
-    parity = GenerationParity(graph.model, staging, shape)
+    parity = GenerationParity(graph.model, onnx_file.parent, shape)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     total, past = torch.export.Dim("total"), torch.export.Dim("past")
     dynamic_shapes = (
@@ -151,18 +150,12 @@ def _export_generator(
         tuple({0: batch, 2: past} for _ in shape.past_names()),
     )
     names = ["input_ids", "attention_mask", "position_ids", *shape.past_names()]
-    onnx_file = staging / ONNX_FILE
     log.info("%s: exporting the decoder to ONNX", source)
     with graph.grouped_attention():
         export_onnx(
             graph, parity.example_inputs(), names, ["logits", *shape.present_names()], dynamic_shapes, onnx_file
         )
-    reports = {"fp32": parity.check(onnx_file)}
-    metadata["parity"] = reports["fp32"]
-    if quantize == "int8":
-        reports["int8"] = _quantize(onnx_file, parity.check_int8, float_weight_shape)
-        metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
-    return reports
+    return parity
 
 
 def _check_choices(task: str, name: str, quantize: str | None, target: str, native_repository: Path | None) -> None:
