@@ -350,30 +350,8 @@ class RagCore:
     # -- answers -----------------------------------------------------------------------------
 
     async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
-        """The events of ``query_stream`` gathered into one answer; ``Source.cited`` marks the passages it cites."""
-        sources: SourcesEvent | None = None
-        answer: list[str] = []
-        done: DoneEvent | None = None
-        async with contextlib.aclosing(self.query_stream(request, request_id)) as events:
-            async for event in events:
-                if isinstance(event, SourcesEvent):
-                    sources = event
-                elif isinstance(event, DeltaEvent):
-                    answer.append(event.text)
-                else:
-                    done = event
-        assert sources is not None and done is not None  # query_stream always sends both
-        cited = set(done.cited)
-        return QueryResponse(
-            collection=request.collection,
-            answer="".join(answer),
-            sources=[s.model_copy(update={"cited": s.citation in cited}) for s in sources.sources],
-            dropped_passages=sources.dropped_passages,
-            usage=done.usage,
-            finish_reason=done.finish_reason,
-            timings_ms=done.timings_ms,
-            degraded=done.degraded,
-        )
+        """The events of ``query_stream`` gathered into one answer (``gather_answer``)."""
+        return await gather_answer(request.collection, self.query_stream(request, request_id))
 
     async def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]:
         """Retrieve, pack the passages into the generator's window and answer: ``SourcesEvent``, then
@@ -564,6 +542,35 @@ class RagCore:
         for collection in self._collections.values():
             await asyncio.to_thread(collection.close)
         self._collections.clear()
+
+
+async def gather_answer(collection: str, events: AsyncGenerator[QueryEvent]) -> QueryResponse:
+    """A streamed answer (``SourcesEvent``, ``DeltaEvent``s, ``DoneEvent``) as one response; ``Source.cited``
+    marks the passages the answer cites. The stream is closed however this ends."""
+    sources: SourcesEvent | None = None
+    answer: list[str] = []
+    done: DoneEvent | None = None
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, SourcesEvent):
+                sources = event
+            elif isinstance(event, DeltaEvent):
+                answer.append(event.text)
+            else:
+                done = event
+    if sources is None or done is None:
+        raise ValueError("an answer stream must send its sources and its done event")
+    cited = set(done.cited)
+    return QueryResponse(
+        collection=collection,
+        answer="".join(answer),
+        sources=[s.model_copy(update={"cited": s.citation in cited}) for s in sources.sources],
+        dropped_passages=sources.dropped_passages,
+        usage=done.usage,
+        finish_reason=done.finish_reason,
+        timings_ms=done.timings_ms,
+        degraded=done.degraded,
+    )
 
 
 def _source(citation: int, hit: SearchHit) -> Source:

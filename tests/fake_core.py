@@ -13,6 +13,7 @@ from typing import Any
 import httpx2
 
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError, TritonRagError
+from tritonrag.server.pipeline import gather_answer
 from tritonrag.server.schema import (
     And,
     ChatMessage,
@@ -259,29 +260,8 @@ class FakeCore:
     # Generation
 
     async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
-        """The events of ``query_stream`` gathered into one answer; ``Source.cited`` marks the passages it cites."""
-        sources: SourcesEvent | None = None
-        answer: list[str] = []
-        done: DoneEvent | None = None
-        async with aclosing(self.query_stream(request, request_id)) as events:
-            async for event in events:
-                if isinstance(event, SourcesEvent):
-                    sources = event
-                elif isinstance(event, DeltaEvent):
-                    answer.append(event.text)
-                else:
-                    done = event
-        assert sources is not None and done is not None
-        return QueryResponse(
-            collection=request.collection,
-            answer="".join(answer),
-            sources=[source.model_copy(update={"cited": source.citation in done.cited}) for source in sources.sources],
-            dropped_passages=sources.dropped_passages,
-            usage=done.usage,
-            finish_reason=done.finish_reason,
-            timings_ms=done.timings_ms,
-            degraded=done.degraded,
-        )
+        """The events of ``query_stream`` gathered into one answer, as the real core does."""
+        return await gather_answer(request.collection, self.query_stream(request, request_id))
 
     async def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]:
         """Sources (the fake search hits, numbered from 1), the scripted answer's deltas, done."""
