@@ -43,7 +43,18 @@ from typing import Any
 import httpx2
 from corpus import Passage, passage_pools
 from embed import percentiles
-from stack import SOURCES, closed_loop, machine, markdown_table, model_repository, progress, running_stack, version_dir
+from stack import (
+    SOURCES,
+    batched,
+    closed_loop,
+    machine,
+    markdown_table,
+    model_repository,
+    post_json,
+    progress,
+    running_stack,
+    version_dir,
+)
 
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
 from tritonrag.server.config import RoutingSettings
@@ -368,18 +379,11 @@ async def measure_queries(
     """Ingest ``documents`` into a new collection, then ask every question at each concurrency."""
     limits = httpx2.Limits(max_connections=max(streams))
     async with httpx2.AsyncClient(base_url=http_url, timeout=900, limits=limits) as http:
-
-        async def post(path: str, body: dict[str, Any]) -> Any:
-            response = await http.post(path, json=body)
-            if response.status_code not in (200, 201):
-                raise RuntimeError(f"POST {path}: {response.status_code} {response.text}")
-            return response.json()
-
-        await post("/v1/collections", {"name": "generation-bench"})
-        for first in range(0, len(documents), UPSERT_BATCH):
-            batch = documents[first : first + UPSERT_BATCH]
-            rows = [{"id": f"doc-{first + n}", "text": titled(p)} for n, p in enumerate(batch)]
-            await post("/v1/collections/generation-bench/documents", {"documents": rows})
+        await post_json(http, "/v1/collections", {"name": "generation-bench"})
+        ids = [f"doc-{n}" for n in range(len(documents))]
+        for batch in batched(list(zip(ids, documents, strict=True)), UPSERT_BATCH):
+            rows = [{"id": doc_id, "text": titled(p)} for doc_id, p in batch]
+            await post_json(http, "/v1/collections/generation-bench/documents", {"documents": rows})
         progress(f"ingested {len(documents)} documents")
         answers: list[dict[str, Any]] = []
 
@@ -387,7 +391,7 @@ async def measure_queries(
             body = {"collection": "generation-bench", "query": text, "top_k": TOP_K}
             body["generation"] = {"max_tokens": max_tokens, "temperature": 0}
             started = time.perf_counter()
-            answer = await post("/v1/query", body)
+            answer = await post_json(http, "/v1/query", body)
             answers.append(answer)
             return query_generation(started, answer)
 

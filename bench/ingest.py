@@ -31,10 +31,12 @@ from embed import percentiles, tree_cpu_seconds
 from stack import (
     Run,
     Stack,
+    batched,
     closed_loop,
     machine,
     markdown_table,
     model_repository,
+    post_json,
     progress,
     running_stack,
     version_dir,
@@ -101,21 +103,12 @@ async def upsert_all(
     limits = httpx2.Limits(max_connections=concurrency)
     async with httpx2.AsyncClient(base_url=http_url, timeout=600, limits=limits) as http:
 
-        async def call(path: str, body: dict[str, Any]) -> Any:
-            response = await http.post(path, json=body)
-            if response.status_code not in (200, 201):
-                raise RuntimeError(f"POST {path}: {response.status_code} {response.text}")
-            return response.json()
-
         async def send(rows: Sequence[dict[str, Any]]) -> int:
-            return int((await call(f"/v1/collections/{collection}/documents", {"documents": rows}))["chunks"])
+            answer = await post_json(http, f"/v1/collections/{collection}/documents", {"documents": rows})
+            return int(answer["chunks"])
 
-        await call("/v1/collections", {"name": collection})
+        await post_json(http, "/v1/collections", {"name": collection})
         return await closed_loop(batched(documents, batch), concurrency, send)
-
-
-def batched(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def report(args: argparse.Namespace, rows: Sequence[Row], chunks: int, kinds: dict[str, int]) -> str:

@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Generic, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+import httpx2
 
 from tritonrag.clients.cli import has_version
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
@@ -172,3 +174,16 @@ def machine() -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB; load average {os.getloadavg()[0]:.2f}"
+
+
+def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """``items`` in consecutive slices of ``size``."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+async def post_json(http: httpx2.AsyncClient, path: str, body: dict[str, Any]) -> Any:
+    """POST ``body`` to the orchestrator; its JSON answer, or ``RuntimeError`` with the status and body."""
+    response = await http.post(path, json=body)
+    if response.status_code not in (200, 201):
+        raise RuntimeError(f"POST {path}: {response.status_code} {response.text}")
+    return response.json()
