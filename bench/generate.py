@@ -56,12 +56,12 @@ from stack import (
     version_dir,
 )
 
+from tritonrag.clients.wire.schema import ChatMessage, SamplingParams
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
 from tritonrag.server.config import RoutingSettings
 from tritonrag.server.generation.packing import ContextWindow
 from tritonrag.server.generation.prompts import grounded_messages
 from tritonrag.server.routing.triton_pool import TritonPool
-from tritonrag.server.schema import ChatMessage, GenerationParams
 
 PROMPT_TOKENS = (300, 800)
 PASSAGES = (3, 6)
@@ -290,7 +290,7 @@ def seconds(generations: Sequence[Generation]) -> float:
 # Served
 
 
-async def served_generate(pool: TritonPool, prompt: Prompt, params: GenerationParams) -> Generation:
+async def served_generate(pool: TritonPool, prompt: Prompt, params: SamplingParams) -> Generation:
     """One streamed generation of ``prompt`` through Triton."""
     started = time.perf_counter()
     arrivals: list[float] = []
@@ -345,12 +345,12 @@ async def measure_served(
 ) -> list[Row]:
     """The prompts through the served generator at each number of streams; memory noted on the largest."""
     assert server.pid is not None
-    params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     pool = TritonPool([server.endpoints.grpc_url], RoutingSettings())
     await pool.start()
     rows = []
     try:
-        await served_generate(pool, prompts[0], GenerationParams(max_tokens=8, temperature=0.0))  # warm-up
+        await served_generate(pool, prompts[0], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
         for count in streams:
             peak = [0.0]
             sampler = asyncio.create_task(sample_rss(server.pid, peak))
@@ -389,7 +389,7 @@ async def measure_queries(
 
         async def ask(text: str) -> Generation:
             body = {"collection": "generation-bench", "query": text, "top_k": TOP_K}
-            body["generation"] = {"max_tokens": max_tokens, "temperature": 0}
+            body["sampling"] = {"max_tokens": max_tokens, "temperature": 0}
             started = time.perf_counter()
             answer = await post_json(http, "/v1/query", body)
             answers.append(answer)

@@ -42,8 +42,8 @@ from stack import (
     version_dir,
 )
 
+from tritonrag.clients.wire.schema import Chunking
 from tritonrag.server.ingest.chunking import Chunker
-from tritonrag.server.schema import Chunking
 
 DOCUMENT_SHARES = {"sentence": 0.73, "paragraph": 0.23, "section": 0.04}
 TARGET = 0.7

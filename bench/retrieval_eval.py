@@ -34,7 +34,7 @@ from embed import percentiles
 from stack import machine, markdown_table, model_repository, progress, running_stack, split_summary
 
 from tritonrag.clients.http_client import TritonRagClient
-from tritonrag.server.schema import CollectionCreate, DocumentIn, SearchMode, SearchRequest
+from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn, SearchMode, SearchRequest
 
 COLLECTION = "retrieval-eval"
 CUTOFF = 10

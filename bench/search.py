@@ -27,8 +27,8 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from tritonrag.clients.wire.schema import IndexType
 from tritonrag.server.retrieval.dense import DenseIndex, DenseParams
-from tritonrag.server.schema import IndexType
 
 FloatMatrix = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]

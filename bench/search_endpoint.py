@@ -40,12 +40,12 @@ from search import DIMENSION, make_data
 from stack import closed_loop, machine, markdown_table, model_repository, progress, running_stack, split_summary
 from stack import version_dir as newest_version
 
-from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2 as pb
-from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
+from tritonrag.clients.wire.schema import Chunking, CollectionCreate, DocumentIn
 from tritonrag.export.runtime.encoding import ModelMetadata, ModelTokenizer
 from tritonrag.server.ingest.chunking import Chunker
 from tritonrag.server.retrieval.collection import ChunkSpan, Collection, PreparedDocument
-from tritonrag.server.schema import Chunking, CollectionCreate, DocumentIn
 from tritonrag.server.store.catalog import Catalog
 
 COLLECTION = "search-bench"

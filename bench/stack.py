@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import httpx2
 
-from tritonrag.clients.cli import has_version
+from tritonrag.deploy.cli import has_version
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx2
 
-from tritonrag.server.schema import (
+from tritonrag.clients.wire.schema import (
     CollectionCreate,
     CollectionInfo,
     DeltaEvent,

@@ -13,9 +13,9 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tritonrag.server.ingest.extract import Extraction
-from tritonrag.server.ingest.progress import Progress
-from tritonrag.server.schema import DocumentIn
+from tritonrag.clients.extract import Extraction
+from tritonrag.clients.progress import Progress
+from tritonrag.clients.wire.schema import DocumentIn
 
 from .http_client import ApiError, TritonRagClient
 

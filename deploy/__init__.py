@@ -1,0 +1,1 @@
+"""Running the stack: the ``tritonrag`` command line and the local Triton launcher."""

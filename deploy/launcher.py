@@ -30,6 +30,8 @@ import pytriton
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from tritonrag.export.runtime.contract import CONFIG_FILE
+
 _DIST = Path(pytriton.__file__).resolve().parent / "tritonserver"
 _LIBS = _DIST.parent.parent / "nvidia_pytriton.libs"
 
@@ -130,7 +132,7 @@ def _python_env() -> dict[str, str]:
 
 def load_model_config(repository: Path, model: str) -> model_config_pb2.ModelConfig:
     """Parse ``<repository>/<model>/config.pbtxt``."""
-    path = repository / model / "config.pbtxt"
+    path = repository / model / CONFIG_FILE
     if not path.is_file():
         raise TritonLaunchError(f"model '{model}' has no {path}")
     config = model_config_pb2.ModelConfig()

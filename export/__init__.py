@@ -1,0 +1,1 @@
+"""The exporter: model sources → ONNX → a new version in the Triton model repository, with parity checks."""

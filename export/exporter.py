@@ -22,8 +22,9 @@ from .native import write_native
 from .parity import ParityCheck, ParityThresholds
 from .prompt import answer_token_ids, render_prompt
 from .repository import ensure_config, publish, staging_dir, write_json, write_model_py
+from .runtime.contract import METADATA_FILE, ONNX_FILE, TOKENIZER_FILE
 from .runtime.decoding import CacheShape
-from .runtime.encoding import METADATA_FILE, TOKENIZER_FILE, ModelTokenizer
+from .runtime.encoding import ModelTokenizer
 from .sources import ModelSource, resolve_source
 
 __all__ = ["ExportError", "ExportResult", "ParityThresholds", "export_model"]
@@ -34,7 +35,6 @@ Target = Literal["python", "native"]
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 DEFAULT_CONTEXT_WINDOW = 2048  # generator: prompt plus completion
 DEFAULT_THRESHOLDS = ParityThresholds()
-ONNX_FILE = "model.onnx"
 
 log = logging.getLogger(__name__)
 

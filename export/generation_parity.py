@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from .errors import ExportError
 from .runtime.chat import ChatTemplate
+from .runtime.contract import TOKENIZER_FILE
 from .runtime.decoding import CacheShape
 from .runtime.encoding import ModelMetadata
 from .runtime.engine import GenerationEngine, GenerationRequest
@@ -56,7 +57,7 @@ class GenerationParity:
         self.version_dir = version_dir
         self.shape = shape
         self.metadata = ModelMetadata.read(version_dir)
-        self.prompts = PromptSet.build(Tokenizer.from_file(str(version_dir / "tokenizer.json")), self.metadata)
+        self.prompts = PromptSet.build(Tokenizer.from_file(str(version_dir / TOKENIZER_FILE)), self.metadata)
         stop_ids = list(self.metadata.extra["stop_token_ids"])
         self.reference: list[list[int]] = []
         with torch.inference_mode():

@@ -17,13 +17,24 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from .convert import onnx_files
 from .graphs import Task
-from .repository import CONFIG_FILE, publish, staging_dir, write_model_py, write_text
-from .runtime.encoding import METADATA_FILE, TOKENIZER_FILE
+from .repository import publish, staging_dir, write_model_py, write_text
+from .runtime.contract import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    EmbedderTensors,
+    Parameters,
+    RerankerTensors,
+)
 
 MAX_BATCH_SIZE = 64
 QUEUE_DELAY_MICROSECONDS = 2000
-TEXT_INPUTS: dict[Task, tuple[str, ...]] = {"embedder": ("TEXT",), "reranker": ("QUERY", "PASSAGE")}
-RESULT_OUTPUTS: dict[Task, str] = {"embedder": "EMBEDDING", "reranker": "SCORE"}
+TEXT_INPUTS: dict[Task, tuple[str, ...]] = {
+    "embedder": (EmbedderTensors.TEXT,),
+    "reranker": (RerankerTensors.QUERY, RerankerTensors.PASSAGE),
+}
+RESULT_OUTPUTS: dict[Task, str] = {"embedder": EmbedderTensors.EMBEDDING, "reranker": RerankerTensors.SCORE}
 # The Python-backend model that turns text into the ONNX graph's inputs: tritonrag.export.runtime.tokenizer.
 TOKENIZER_RUNTIME = "tokenizer"
 
@@ -47,7 +58,7 @@ def _tokenizer_config(name: str, task: Task, inputs: Sequence[str]) -> mc.ModelC
     config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_MICROSECONDS
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     config.version_policy.latest.num_versions = 1
-    config.parameters["truncate"].string_value = "true"
+    config.parameters[Parameters.TRUNCATE].string_value = "true"
     return config
 
 
@@ -90,7 +101,7 @@ def write_native(
     output_dims: int,
 ) -> list[Path]:
     """Write the three native models for the export in ``version_dir``; returns their version directories."""
-    onnx_version = _publish_files(repository / f"{name}_onnx", onnx_files(version_dir / "model.onnx"))
+    onnx_version = _publish_files(repository / f"{name}_onnx", onnx_files(version_dir / ONNX_FILE))
     tokenizer_version = _publish_files(
         repository / f"{name}_tokenizer",
         [version_dir / TOKENIZER_FILE, version_dir / METADATA_FILE],

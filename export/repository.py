@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExportError
+from .runtime.contract import CONFIG_FILE, MODEL_FILE
 
-CONFIG_FILE = "config.pbtxt"
 # The tracked config templates of this project: model_repository/<task>/config.pbtxt.
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -78,7 +78,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def write_model_py(version_dir: Path, runtime_module: str) -> None:
     """The one-line ``model.py`` that serves this version with ``tritonrag.export.runtime.<runtime_module>``."""
     line = f"from tritonrag.export.runtime.{runtime_module} import TritonPythonModel  # noqa: F401\n"
-    (version_dir / "model.py").write_text(line)
+    (version_dir / MODEL_FILE).write_text(line)
 
 
 def ensure_config(model_dir: Path, task: str) -> None:

@@ -14,19 +14,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from tritonrag.export.runtime.encoding import ModelTokenizer
-
-from .config import IngestSettings, QuerySettings
-from .errors import DeadlineExceededError, InvalidArgumentError, NotFoundError, UnavailableError
-from .generation.extractive import NO_PASSAGES_ANSWER, extractive_answer
-from .generation.packing import ContextWindow, Packed, pack
-from .generation.prompts import cited_numbers, grounded_chat, grounded_messages
-from .ingest.chunking import Chunker
-from .ingest.jobs import JobRunner
-from .retrieval.collection import Collection, PreparedDocument, ScoredChunk, StoredChunk
-from .retrieval.fusion import mmr, reciprocal_rank_fusion
-from .routing.triton_pool import TritonPool, served_version_dir
-from .schema import (
+from tritonrag.clients.wire.schema import (
     ChatMessage,
     Chunking,
     CollectionCreate,
@@ -39,13 +27,13 @@ from .schema import (
     Embeddings,
     FinishReason,
     GenerationDelta,
-    GenerationParams,
     Grounding,
     JobInfo,
     ModelVersion,
     QueryEvent,
     QueryRequest,
     QueryResponse,
+    SamplingParams,
     SearchHit,
     SearchMode,
     SearchRequest,
@@ -56,6 +44,18 @@ from .schema import (
     UpsertResult,
     Usage,
 )
+from tritonrag.export.runtime.encoding import ModelTokenizer
+
+from .config import IngestSettings, QuerySettings
+from .errors import DeadlineExceededError, InvalidArgumentError, NotFoundError, UnavailableError
+from .generation.extractive import NO_PASSAGES_ANSWER, extractive_answer
+from .generation.packing import ContextWindow, Packed, pack
+from .generation.prompts import cited_numbers, grounded_chat, grounded_messages
+from .ingest.chunking import Chunker
+from .ingest.jobs import JobRunner
+from .retrieval.collection import Collection, PreparedDocument, ScoredChunk, StoredChunk
+from .retrieval.fusion import mmr, reciprocal_rank_fusion
+from .routing.triton_pool import TritonPool, served_version_dir
 from .store.catalog import Catalog
 
 SEARCH_QUERY_CHARS = 4096  # SearchRequest.query's limit: a grounded chat searches with the start of its question
@@ -195,7 +195,7 @@ class RagCore:
             documents=stats.documents,
             chunks=stats.chunks,
             size_bytes=stats.size_bytes,
-            generation=stats.generation,
+            revision=stats.revision,
             embedder=embedder,
             created_at=created_at,
         )
@@ -371,12 +371,12 @@ class RagCore:
         if window is not None:
             passages = [h.text for h in hits]
             build = partial(grounded_messages, request.query)
-            max_tokens, default = request.generation.max_tokens, self._query.default_max_tokens
+            max_tokens, default = request.sampling.max_tokens, self._query.default_max_tokens
             packed = await asyncio.to_thread(pack, window, build, passages, max_tokens, default)
         kept = packed.kept if packed is not None else list(range(len(hits)))
         sources = [_source(citation, hits[i]) for citation, i in enumerate(kept, start=1)]
         started = time.perf_counter()
-        deltas = self._answer(sources, window, packed, request.generation, request_id, degraded)
+        deltas = self._answer(sources, window, packed, request.sampling, request_id, degraded)
         text: list[str] = []
         usage, finish_reason = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), FinishReason.stop
         async with contextlib.aclosing(deltas):
@@ -404,7 +404,7 @@ class RagCore:
         sources: Sequence[Source],
         window: ContextWindow | None,
         packed: Packed | None,
-        params: GenerationParams,
+        params: SamplingParams,
         request_id: str | None,
         degraded: list[str],
     ) -> AsyncGenerator[GenerationDelta]:
@@ -434,7 +434,7 @@ class RagCore:
     async def chat(
         self,
         messages: Sequence[ChatMessage],
-        params: GenerationParams,
+        params: SamplingParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
     ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
@@ -458,7 +458,7 @@ class RagCore:
         return sources, self._generate(window, packed, params, request_id)
 
     def complete(
-        self, prompt: str, params: GenerationParams, request_id: str | None = None
+        self, prompt: str, params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[GenerationDelta]:
         """The generator's stream for a raw ``prompt``; ``max_tokens`` None: as many as the window leaves."""
         return self._pool.generate(params, prompt=prompt, request_id=request_id)
@@ -517,7 +517,7 @@ class RagCore:
         self,
         window: ContextWindow,
         packed: Packed,
-        params: GenerationParams,
+        params: SamplingParams,
         request_id: str | None,
         model: str | None = None,
     ) -> AsyncGenerator[GenerationDelta]:

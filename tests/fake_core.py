@@ -12,9 +12,7 @@ from typing import Any
 
 import httpx2
 
-from tritonrag.server.errors import AlreadyExistsError, NotFoundError, TritonRagError
-from tritonrag.server.pipeline import gather_answer
-from tritonrag.server.schema import (
+from tritonrag.clients.wire.schema import (
     And,
     ChatMessage,
     CollectionCreate,
@@ -28,7 +26,6 @@ from tritonrag.server.schema import (
     Filter,
     FinishReason,
     GenerationDelta,
-    GenerationParams,
     Grounding,
     JobInfo,
     JobStatus,
@@ -37,6 +34,7 @@ from tritonrag.server.schema import (
     QueryEvent,
     QueryRequest,
     QueryResponse,
+    SamplingParams,
     SearchHit,
     SearchRequest,
     SearchResponse,
@@ -46,6 +44,8 @@ from tritonrag.server.schema import (
     UpsertResult,
     Usage,
 )
+from tritonrag.server.errors import AlreadyExistsError, NotFoundError, TritonRagError
+from tritonrag.server.pipeline import gather_answer
 
 NOW = 1_700_000_000.0
 EMBEDDING_DIMENSION = 8
@@ -121,8 +121,8 @@ class FakeCore:
         self.searches: list[SearchRequest] = []
         # generation
         self.queries: list[QueryRequest] = []
-        self.chats: list[tuple[list[ChatMessage], GenerationParams, Grounding | None]] = []
-        self.completions: list[tuple[str, GenerationParams]] = []
+        self.chats: list[tuple[list[ChatMessage], SamplingParams, Grounding | None]] = []
+        self.completions: list[tuple[str, SamplingParams]] = []
         self.embedded: list[list[str]] = []
         self.request_ids: list[str | None] = []  # of every query, chat, completion and embedding, in order
         self.generation_error: TritonRagError | None = None
@@ -197,7 +197,7 @@ class FakeCore:
             documents=len(documents),
             chunks=len(documents),
             size_bytes=sum(len(doc.text) for doc in documents.values()),
-            generation=len(documents),
+            revision=len(documents),
             embedder=ModelVersion(name="embedder", version="1"),
             created_at=NOW,
         )
@@ -275,7 +275,7 @@ class FakeCore:
         yield SourcesEvent(sources=sources, dropped_passages=self.dropped_passages, degraded=list(self.degraded))
         completion: list[str] = []
         finish_reason = FinishReason.stop
-        async with aclosing(self._script(pieces, request.generation)) as deltas:
+        async with aclosing(self._script(pieces, request.sampling)) as deltas:
             async for delta in deltas:
                 completion.append(delta.text)
                 if delta.finish_reason is not None:
@@ -296,7 +296,7 @@ class FakeCore:
     async def chat(
         self,
         messages: Sequence[ChatMessage],
-        params: GenerationParams,
+        params: SamplingParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
     ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
@@ -310,7 +310,7 @@ class FakeCore:
         return sources, self._script(answer_pieces(question, len(sources)), params, prompt_tokens=len(messages))
 
     async def complete(
-        self, prompt: str, params: GenerationParams, request_id: str | None = None
+        self, prompt: str, params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[GenerationDelta]:
         """The scripted answer to ``prompt``, without sources."""
         self.completions.append((prompt, params))
@@ -322,7 +322,7 @@ class FakeCore:
                 yield delta
 
     async def _script(
-        self, pieces: list[str], params: GenerationParams, prompt_tokens: int = 0
+        self, pieces: list[str], params: SamplingParams, prompt_tokens: int = 0
     ) -> AsyncGenerator[GenerationDelta]:
         """One delta per piece, cut at ``params.max_tokens``; the last has the finish reason and the counts.
 

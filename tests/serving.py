@@ -86,7 +86,7 @@ def start_orchestrator(env: dict[str, str], timeout_s: float = 60.0) -> Orchestr
     """Start ``tritonrag serve`` with ``env`` and wait until ``/readyz`` answers 200."""
     http_url = f"http://127.0.0.1:{env['TRITONRAG_API__HTTP_PORT']}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "tritonrag.clients.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+        [sys.executable, "-m", "tritonrag.deploy.cli", "serve"], env=env, stdout=subprocess.DEVNULL
     )
     deadline = time.monotonic() + timeout_s
     while True:

@@ -16,8 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-METADATA_FILE = "tritonrag.json"
-TOKENIZER_FILE = "tokenizer.json"
+from .contract import METADATA_FILE, TOKENIZER_FILE
 
 
 class InputError(ValueError):

@@ -23,8 +23,9 @@ from typing import Any, Literal
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from .contract import ONNX_FILE, TOKENIZER_FILE
 from .decoding import CacheShape, Decoder, Floats, KVBatch
-from .encoding import TOKENIZER_FILE, InputError, ModelMetadata
+from .encoding import InputError, ModelMetadata
 from .inference import execution_providers
 from .sampling import Sampler, SamplingParams
 from .text_stream import TextStream
@@ -111,7 +112,7 @@ class GenerationEngine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers = execution_providers(gpu_device or 0, gpu_device is not None, version_dir / "trt_cache")
-        session = ort.InferenceSession(str(onnx_file or version_dir / "model.onnx"), options, providers=providers)
+        session = ort.InferenceSession(str(onnx_file or version_dir / ONNX_FILE), options, providers=providers)
         extra = metadata.extra
         shape = CacheShape(int(extra["num_layers"]), int(extra["num_kv_heads"]), int(extra["head_dim"]))
         tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))

@@ -20,9 +20,9 @@ import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 from tokenizers import Tokenizer
 
 from .chat import ChatTemplate
-from .encoding import TOKENIZER_FILE, InputError, ModelMetadata
+from .contract import BUSY_ERROR, INPUT_ERROR, TOKENIZER_FILE, GeneratorTensors, Parameters
+from .encoding import InputError, ModelMetadata
 from .engine import BusyError, FinishReason, GenerationEngine, GenerationRequest
-from .generation import BUSY_ERROR, INPUT_ERROR
 from .sampling import SamplingParams
 from .text_model import decode_strings, model_parameter
 
@@ -51,10 +51,10 @@ class _Stream:
 
     def emit(self, text: str, reason: FinishReason | None, prompt_tokens: int, completion_tokens: int) -> None:
         outputs = [
-            pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("FINISH_REASON", np.array([(reason or "").encode()], dtype=np.object_)),
-            pb_utils.Tensor("PROMPT_TOKENS", np.array([prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("COMPLETION_TOKENS", np.array([completion_tokens], dtype=np.int32)),
+            pb_utils.Tensor(GeneratorTensors.TEXT, np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor(GeneratorTensors.FINISH_REASON, np.array([(reason or "").encode()], dtype=np.object_)),
+            pb_utils.Tensor(GeneratorTensors.PROMPT_TOKENS, np.array([prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor(GeneratorTensors.COMPLETION_TOKENS, np.array([completion_tokens], dtype=np.int32)),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if reason else 0
         self._send(pb_utils.InferenceResponse(output_tensors=outputs), flags)
@@ -88,12 +88,12 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         self.engine = GenerationEngine.from_version_dir(
             version_dir,
-            threads=int(model_parameter(config, "intra_op_threads", "0")),
+            threads=int(model_parameter(config, Parameters.INTRA_OP_THREADS, "0")),
             gpu_device=int(args.get("model_instance_device_id", "0")) if gpu else None,
-            max_sequences=int(model_parameter(config, "max_sequences", "16")),
-            max_kv_tokens=int(model_parameter(config, "max_kv_tokens", "32768")),
-            max_queue=int(model_parameter(config, "max_queue", "64")),
-            truncate_prompt=model_parameter(config, "truncate_prompt", "true").lower() == "true",
+            max_sequences=int(model_parameter(config, Parameters.MAX_SEQUENCES, "16")),
+            max_kv_tokens=int(model_parameter(config, Parameters.MAX_KV_TOKENS, "32768")),
+            max_queue=int(model_parameter(config, Parameters.MAX_QUEUE, "64")),
+            truncate_prompt=model_parameter(config, Parameters.TRUNCATE_PROMPT, "true").lower() == "true",
         )
         self.tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
         template = metadata.extra.get("chat_template")
@@ -104,7 +104,10 @@ class TritonPythonModel:
         self._loop.start()
 
     def _prompt_ids(self, request: Any) -> list[int]:
-        prompt, messages = _optional_text(request, "PROMPT"), _optional_text(request, "MESSAGES")
+        prompt, messages = (
+            _optional_text(request, GeneratorTensors.PROMPT),
+            _optional_text(request, GeneratorTensors.MESSAGES),
+        )
         if (prompt is None) == (messages is None):
             raise InputError("give exactly one of PROMPT and MESSAGES")
         if messages is not None:
@@ -122,7 +125,7 @@ class TritonPythonModel:
 
     @staticmethod
     def _params(request: Any) -> SamplingParams:
-        text = _optional_text(request, "PARAMETERS")
+        text = _optional_text(request, GeneratorTensors.PARAMETERS)
         if text is None:
             return SamplingParams()
         try:

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
+from .contract import ONNX_FILE, EmbedderTensors, Parameters, RerankerTensors
 from .encoding import Encoding, InputError, ModelTokenizer
 from .inference import SortedBatchRunner, execution_providers
 
@@ -43,7 +44,7 @@ def model_parameter(config: dict[str, Any], key: str, default: str) -> str:
 def encode_texts(tokenizer: ModelTokenizer, request: Any, truncate: bool) -> list[Encoding]:
     """Token rows of an embedder request (``TEXT``)."""
     encodings = []
-    for row, text in enumerate(decode_strings(request, "TEXT")):
+    for row, text in enumerate(decode_strings(request, EmbedderTensors.TEXT)):
         try:
             encodings.append(tokenizer.encode_text(text, truncate=truncate))
         except InputError as exc:
@@ -53,7 +54,7 @@ def encode_texts(tokenizer: ModelTokenizer, request: Any, truncate: bool) -> lis
 
 def encode_pairs(tokenizer: ModelTokenizer, request: Any, truncate: bool) -> list[Encoding]:
     """Token rows of a reranker request (``QUERY`` and ``PASSAGE``, row by row)."""
-    queries, passages = decode_strings(request, "QUERY"), decode_strings(request, "PASSAGE")
+    queries, passages = decode_strings(request, RerankerTensors.QUERY), decode_strings(request, RerankerTensors.PASSAGE)
     if len(queries) != len(passages):
         raise InputError(f"QUERY has {len(queries)} rows but PASSAGE has {len(passages)}; they must match")
     encodings = []
@@ -69,7 +70,7 @@ REQUEST_ENCODERS: dict[str, Callable[[ModelTokenizer, Any, bool], list[Encoding]
     "embedder": encode_texts,
     "reranker": encode_pairs,
 }
-OUTPUT_NAMES = {"embedder": "EMBEDDING", "reranker": "SCORE"}
+OUTPUT_NAMES = {"embedder": EmbedderTensors.EMBEDDING, "reranker": RerankerTensors.SCORE}
 
 
 def error_response(error: InputError) -> Any:
@@ -87,7 +88,7 @@ class TokenizingModel:
         self.config = json.loads(args["model_config"])
         self.version_dir = Path(args["model_repository"]) / args["model_version"]
         self.tokenizer = ModelTokenizer.from_version_dir(self.version_dir)
-        self.truncate = model_parameter(self.config, "truncate", "true").lower() == "true"
+        self.truncate = model_parameter(self.config, Parameters.TRUNCATE, "true").lower() == "true"
         self._encode = REQUEST_ENCODERS[self.tokenizer.metadata.task]
 
     def encode_all(self, requests: list[Any]) -> list[list[Encoding] | InputError]:
@@ -108,17 +109,17 @@ class TextModel(TokenizingModel):
         """Also load an ONNX Runtime session on the best execution provider present."""
         super().initialize(args)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(model_parameter(self.config, "intra_op_threads", "0"))
+        options.intra_op_num_threads = int(model_parameter(self.config, Parameters.INTRA_OP_THREADS, "0"))
         gpu = args.get("model_instance_kind") == "GPU"
         device = int(args.get("model_instance_device_id", "0"))
         providers = execution_providers(device, gpu, self.version_dir / "trt_cache")
-        session = ort.InferenceSession(str(self.version_dir / "model.onnx"), options, providers=providers)
+        session = ort.InferenceSession(str(self.version_dir / ONNX_FILE), options, providers=providers)
         self.output_name = OUTPUT_NAMES[self.tokenizer.metadata.task]
         self.runner = SortedBatchRunner(
             session,
             self.tokenizer,
             max_rows=int(self.config.get("max_batch_size") or 1),
-            max_tokens=int(model_parameter(self.config, "max_batch_tokens", "16384")),
+            max_tokens=int(model_parameter(self.config, Parameters.MAX_BATCH_TOKENS, "16384")),
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:

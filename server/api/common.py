@@ -8,8 +8,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from ..errors import InvalidArgumentError
-from ..schema import (
+from tritonrag.clients.wire.schema import (
     ChatMessage,
     CollectionCreate,
     CollectionInfo,
@@ -17,19 +16,21 @@ from ..schema import (
     Document,
     Embeddings,
     GenerationDelta,
-    GenerationParams,
     Grounding,
     JobInfo,
     ModelVersion,
     QueryEvent,
     QueryRequest,
     QueryResponse,
+    SamplingParams,
     SearchRequest,
     SearchResponse,
     Source,
     UpsertRequest,
     UpsertResult,
 )
+
+from ..errors import InvalidArgumentError
 
 
 class Core(Protocol):
@@ -51,12 +52,12 @@ class Core(Protocol):
     async def chat(
         self,
         messages: Sequence[ChatMessage],
-        params: GenerationParams,
+        params: SamplingParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
     ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]: ...
     def complete(
-        self, prompt: str, params: GenerationParams, request_id: str | None = None
+        self, prompt: str, params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[GenerationDelta]: ...
     async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings: ...
     async def served_models(self) -> list[ModelVersion]: ...

@@ -22,12 +22,9 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ValidationError
 
-from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2 as pb
-from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
-
-from ..config import ApiSettings
-from ..errors import TritonRagError
-from ..schema import (
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
+from tritonrag.clients.wire.schema import (
     CollectionCreate,
     DeleteByFilterRequest,
     QueryEvent,
@@ -35,6 +32,9 @@ from ..schema import (
     SearchRequest,
     UpsertRequest,
 )
+
+from ..config import ApiSettings
+from ..errors import TritonRagError
 from .common import Core, closing, invalid_argument
 
 logger = logging.getLogger(__name__)

@@ -27,9 +27,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..config import ApiSettings
-from ..errors import InvalidArgumentError, PayloadTooLargeError, TritonRagError
-from ..schema import (
+from tritonrag.clients.wire.schema import (
     CollectionCreate,
     CollectionInfo,
     DeleteByFilterRequest,
@@ -43,6 +41,9 @@ from ..schema import (
     UpsertRequest,
     UpsertResult,
 )
+
+from ..config import ApiSettings
+from ..errors import InvalidArgumentError, PayloadTooLargeError, TritonRagError
 from .common import Core, closing, invalid_argument
 from .openai import openai_router
 

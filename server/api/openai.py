@@ -31,8 +31,18 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+from tritonrag.clients.wire.schema import (
+    ChatMessage,
+    Embeddings,
+    FinishReason,
+    GenerationDelta,
+    Grounding,
+    SamplingParams,
+    Source,
+    Usage,
+)
+
 from ..errors import TritonRagError
-from ..schema import ChatMessage, Embeddings, FinishReason, GenerationDelta, GenerationParams, Grounding, Source, Usage
 from .common import Core, aclose_shielded, closing, invalid_argument
 
 _logger = logging.getLogger(__name__)
@@ -423,7 +433,7 @@ def _refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> N
             raise OpenAIError(_REFUSED[param], param=param, code="unsupported_parameter")
 
 
-def _generation_params(request: _SamplingRequest, default_max_tokens: int | None = None) -> GenerationParams:
+def _generation_params(request: _SamplingRequest, default_max_tokens: int | None = None) -> SamplingParams:
     """The core's sampling parameters; OpenAI's defaults where a field is omitted (``temperature`` 1)."""
     max_tokens, max_tokens_param = request.max_tokens, "max_tokens"
     if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
@@ -440,7 +450,7 @@ def _generation_params(request: _SamplingRequest, default_max_tokens: int | None
         "repetition_penalty": request.repetition_penalty,
     }
     try:
-        return GenerationParams.model_validate({k: v for k, v in values.items() if v is not None})
+        return SamplingParams.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
         raise _invalid_request(exc.errors(), renames={"max_tokens": max_tokens_param}) from None
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from tritonrag.clients.wire.schema import ChatMessage
 from tritonrag.export.runtime.chat import ChatTemplate
-from tritonrag.export.runtime.encoding import TOKENIZER_FILE, InputError, ModelMetadata
+from tritonrag.export.runtime.contract import TOKENIZER_FILE
+from tritonrag.export.runtime.encoding import InputError, ModelMetadata
 from tritonrag.server.errors import InvalidArgumentError
-from tritonrag.server.schema import ChatMessage
 
 from .prompts import passage_line
 
@@ -76,7 +77,7 @@ def pack(
     passages: Sequence[str],
     max_tokens: int | None,
     default_max_tokens: int,
-    field: str = "generation.max_tokens",
+    field: str = "sampling.max_tokens",
 ) -> Packed:
     """Pack ``passages`` (best first) into the prompt ``build`` makes, leaving ``max_tokens`` for the answer.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from tritonrag.server.schema import ChatMessage
+from tritonrag.clients.wire.schema import ChatMessage
 
 SYSTEM_PROMPT = (
     "Answer the question using only the numbered passages. "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from tritonrag.export.runtime.encoding import TOKENIZER_FILE
+from tritonrag.export.runtime.contract import TOKENIZER_FILE
 from tritonrag.server.store.documents import ChunkSpan  # what the store keeps of a chunk
 
 _SENTENCE_ENDS = frozenset(".!?;:\u3002\uff01\uff1f")  # with the ideographic full stop, ! and ?

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tritonrag.clients.wire.schema import DocumentError, DocumentIn, JobInfo, JobStatus
 from tritonrag.server.config import IngestSettings
 from tritonrag.server.errors import (
     DeadlineExceededError,
@@ -37,7 +38,6 @@ from tritonrag.server.errors import (
     UnavailableError,
 )
 from tritonrag.server.routing.resilience import backoff_delay
-from tritonrag.server.schema import DocumentError, DocumentIn, JobInfo, JobStatus
 from tritonrag.server.store.catalog import Catalog, JobRecord
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 A write commits to SQLite first (the acknowledgement point), then applies the same change to
 the FAISS and BM25 indexes, all under the write lock, so a search (under the read lock) sees
-every index at the same generation as the store. Index snapshots are written every
+every index at the same revision as the store. Index snapshots are written every
 ``snapshot_interval_s`` (after a write) and on `close`. On `open`, each index is loaded from its
 snapshot (or started empty if the file is missing or corrupt) and reconciled with the store by
 chunk id: chunk ids are never reused, so the ids the store has and an index lacks are added, and
@@ -23,12 +23,12 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from tritonrag.clients.wire.schema import CollectionCreate, Document, Filter
 from tritonrag.server.retrieval.dense import DenseIndex, DenseParams
 from tritonrag.server.retrieval.filters import compile_filter
 from tritonrag.server.retrieval.locks import ReadWriteLock
 from tritonrag.server.retrieval.snapshot import TMP_SUFFIX, SnapshotError
 from tritonrag.server.retrieval.sparse import Bm25Params, SparseIndex
-from tritonrag.server.schema import CollectionCreate, Document, Filter
 from tritonrag.server.store.documents import (
     Change,
     ChunkSpan,
@@ -64,7 +64,7 @@ class CollectionStats:
     documents: int
     chunks: int
     size_bytes: int
-    generation: int
+    revision: int
     active_index: str
 
 
@@ -92,7 +92,7 @@ class Collection:
         self._snapshot_interval_s = snapshot_interval_s
         self._lock = ReadWriteLock()
         self._snapshot_lock = threading.Lock()
-        self._saved_generation = -1
+        self._saved_revision = -1
         self._last_snapshot = time.monotonic()
 
     @classmethod
@@ -112,17 +112,17 @@ class Collection:
             leftover.unlink()
         store = DocumentStore(directory / STORE_FILE, dimension)
         dense_path, sparse_path = directory / DENSE_FILE, directory / SPARSE_FILE
-        dense, dense_generation = _load_or_empty(
+        dense, dense_revision = _load_or_empty(
             lambda: DenseIndex.load(dense_path, dimension, spec.index_type, dense_params),
             lambda: DenseIndex(dimension, spec.index_type, dense_params),
         )
-        sparse, sparse_generation = _load_or_empty(
+        sparse, sparse_revision = _load_or_empty(
             lambda: SparseIndex.load(sparse_path, bm25_params), lambda: SparseIndex(bm25_params)
         )
         collection = cls(directory, spec, store, dense, sparse, snapshot_interval_s)
         changed = collection._reconcile()
-        if not changed and dense_generation == sparse_generation == store.generation:
-            collection._saved_generation = store.generation
+        if not changed and dense_revision == sparse_revision == store.revision:
+            collection._saved_revision = store.revision
         collection.snapshot()
         return collection
 
@@ -137,9 +137,9 @@ class Collection:
         return self.spec.name
 
     @property
-    def generation(self) -> int:
+    def revision(self) -> int:
         """The number of committed writes; changes with every write (for cache keys)."""
-        return self._store.generation
+        return self._store.revision
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -192,9 +192,9 @@ class Collection:
         counts = [len(missing), len(extra), len(sparse_missing), len(sparse_extra)]
         if any(counts) or rebuild:
             logger.info(
-                "collection %s reconciled with its store at generation %d: dense +%d -%d, sparse +%d -%d%s",
+                "collection %s reconciled with its store at revision %d: dense +%d -%d, sparse +%d -%d%s",
                 self.name,
-                self._store.generation,
+                self._store.revision,
                 *counts,
                 f", rebuilt as {self._dense.kind}" if rebuild else "",
             )
@@ -227,17 +227,17 @@ class Collection:
         return self._store.chunks(chunk_ids)
 
     def info(self) -> CollectionStats:
-        """Counts, size on disk, generation and active index kind."""
+        """Counts, size on disk, revision and active index kind."""
         with self._lock.read():
             documents, chunks = self._store.counts()
-            generation, kind = self._store.generation, self._dense.kind.value
+            revision, kind = self._store.revision, self._dense.kind.value
         size = sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
-        return CollectionStats(documents, chunks, size, generation, kind)
+        return CollectionStats(documents, chunks, size, revision, kind)
 
     # --- snapshots ----------------------------------------------------------------------------
 
     def snapshot(self) -> None:
-        """Write both index snapshots now, unless they already reflect the store's generation."""
+        """Write both index snapshots now, unless they already reflect the store's revision."""
         with self._snapshot_lock, self._lock.read():
             self._save()
 
@@ -246,11 +246,11 @@ class Collection:
             self.snapshot()
 
     def _save(self) -> None:
-        generation = self._store.generation
-        if generation != self._saved_generation:
-            self._dense.save(self.directory / DENSE_FILE, generation)
-            self._sparse.save(self.directory / SPARSE_FILE, generation)
-            self._saved_generation = generation
+        revision = self._store.revision
+        if revision != self._saved_revision:
+            self._dense.save(self.directory / DENSE_FILE, revision)
+            self._sparse.save(self.directory / SPARSE_FILE, revision)
+            self._saved_revision = revision
         self._last_snapshot = time.monotonic()
 
     def close(self) -> None:
@@ -266,7 +266,7 @@ def _difference(stored: IdArray, indexed: IdArray) -> tuple[IdArray, IdArray]:
 
 
 def _load_or_empty(load: Callable[[], tuple[T, int]], empty: Callable[[], T]) -> tuple[T, int]:
-    """The loaded index and its generation, or an empty one (generation -1) if the snapshot is unusable."""
+    """The loaded index and its revision, or an empty one (revision -1) if the snapshot is unusable."""
     try:
         return load()
     except FileNotFoundError:

@@ -28,15 +28,16 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from tritonrag.clients.wire.schema import IndexType
 from tritonrag.server.errors import InvalidArgumentError
 from tritonrag.server.retrieval.snapshot import (
     PayloadReader,
     PayloadWriter,
     SnapshotError,
     read_snapshot,
+    snapshot_revision,
     write_snapshot,
 )
-from tritonrag.server.schema import IndexType
 from tritonrag.server.store.documents import FloatMatrix, IdArray, unit_vectors
 
 # k-means trains on at most this many sampled vectors per IVF list, and needs at least
@@ -287,9 +288,9 @@ class DenseIndex:
 
     # --- snapshots ----------------------------------------------------------------------------
 
-    def save(self, path: Path, generation: int) -> None:
-        """Write a snapshot that records the store ``generation`` it reflects."""
-        header = {"kind": self._kind.value, "dimension": self.dimension, "generation": generation, "count": len(self)}
+    def save(self, path: Path, revision: int) -> None:
+        """Write a snapshot that records the store ``revision`` it reflects."""
+        header = {"kind": self._kind.value, "dimension": self.dimension, "revision": revision, "count": len(self)}
 
         def write(stream: PayloadWriter) -> None:
             faiss.write_index(self._index, faiss.PyCallbackIOWriter(stream.write))  # type: ignore[attr-defined]
@@ -300,7 +301,7 @@ class DenseIndex:
     def load(
         cls, path: Path, dimension: int, index_type: IndexType = IndexType.auto, params: DenseParams | None = None
     ) -> tuple[DenseIndex, int]:
-        """The index saved at ``path`` and the generation it reflects; `SnapshotError` if unusable.
+        """The index saved at ``path`` and the revision it reflects; `SnapshotError` if unusable.
 
         Tombstones are not saved: the removed ids are back in the index and leave again when it
         is reconciled with the store.
@@ -316,4 +317,4 @@ class DenseIndex:
             raise SnapshotError(f"{path} holds a {header['dimension']}-d {kind} index, not {dimension}-d")
         dense._configure(index, kind)
         dense._index, dense._kind = index, kind
-        return dense, int(header["generation"])
+        return dense, snapshot_revision(path, header)

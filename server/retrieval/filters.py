@@ -14,8 +14,8 @@ equal one another. A field that a document lacks matches nothing.
 
 from __future__ import annotations
 
+from tritonrag.clients.wire.schema import And, Condition, Filter
 from tritonrag.server.errors import InvalidArgumentError
-from tritonrag.server.schema import And, Condition, Filter
 from tritonrag.server.store.documents import DocQuery, SqlValue, encode_scalar
 
 _RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}

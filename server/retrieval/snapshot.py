@@ -106,3 +106,11 @@ def read_snapshot(path: Path, read_payload: Callable[[PayloadReader], T]) -> tup
     if not isinstance(header, dict):
         raise SnapshotError(f"{path} has no header")
     return header, payload
+
+
+def snapshot_revision(path: Path, header: Mapping[str, Any]) -> int:
+    """The store revision a snapshot reflects (``generation`` in snapshots written before the rename)."""
+    revision = header.get("revision", header.get("generation"))
+    if not isinstance(revision, int):
+        raise SnapshotError(f"{path} does not say which store revision it reflects")
+    return revision

@@ -25,6 +25,7 @@ from tritonrag.server.retrieval.snapshot import (
     PayloadWriter,
     SnapshotError,
     read_snapshot,
+    snapshot_revision,
     write_snapshot,
 )
 from tritonrag.server.store.documents import IdArray
@@ -170,8 +171,8 @@ class SparseIndex:
 
     # --- snapshots ----------------------------------------------------------------------------
 
-    def save(self, path: Path, generation: int) -> None:
-        """Write a snapshot that records the store ``generation`` it reflects."""
+    def save(self, path: Path, revision: int) -> None:
+        """Write a snapshot that records the store ``revision`` it reflects."""
         terms = list(self._vocab)  # dicts keep insertion order, which is term-id order
         lengths = np.array([len(self._post_slots[self._vocab[term]]) for term in terms], np.int64)
         arrays = [
@@ -188,11 +189,11 @@ class SparseIndex:
             for item in arrays:
                 np.save(stream, item, allow_pickle=False)
 
-        write_snapshot(path, {"generation": generation, "count": self._live}, write)
+        write_snapshot(path, {"revision": revision, "count": self._live}, write)
 
     @classmethod
     def load(cls, path: Path, params: Bm25Params | None = None) -> tuple[SparseIndex, int]:
-        """The index saved at ``path`` and the generation it reflects; `SnapshotError` if unusable."""
+        """The index saved at ``path`` and the revision it reflects; `SnapshotError` if unusable."""
 
         def read(stream: PayloadReader) -> list[npt.NDArray[Any]]:
             return [np.lib.format.read_array(stream, allow_pickle=False) for _ in range(7)]  # type: ignore[no-untyped-call]
@@ -213,4 +214,4 @@ class SparseIndex:
         sparse._slots = len(slot_ids)
         sparse._live = int(sparse._alive.sum())
         sparse._total_len = float(doc_len[sparse._alive].sum())
-        return sparse, int(header["generation"])
+        return sparse, snapshot_revision(path, header)

@@ -1,0 +1,1 @@
+"""Talking to Triton: the endpoint pool (routing, health probes, circuit breakers, retries)."""

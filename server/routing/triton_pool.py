@@ -28,8 +28,15 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from tritonrag.export.runtime.encoding import TOKENIZER_FILE
-from tritonrag.export.runtime.generation import BUSY_ERROR, INPUT_ERROR
+from tritonrag.clients.wire.schema import ChatMessage, FinishReason, GenerationDelta, ModelVersion, SamplingParams
+from tritonrag.export.runtime.contract import (
+    BUSY_ERROR,
+    INPUT_ERROR,
+    TOKENIZER_FILE,
+    EmbedderTensors,
+    GeneratorTensors,
+    RerankerTensors,
+)
 from tritonrag.server.config import RoutingSettings, Settings
 from tritonrag.server.errors import (
     DeadlineExceededError,
@@ -38,7 +45,6 @@ from tritonrag.server.errors import (
     TritonRagError,
     UnavailableError,
 )
-from tritonrag.server.schema import ChatMessage, FinishReason, GenerationDelta, GenerationParams, ModelVersion
 
 from .resilience import BreakerState, CircuitBreaker, backoff_delay
 
@@ -285,9 +291,9 @@ class TritonPool:
         model = self.settings.embedder_model
 
         def inputs(rows: slice) -> list[Any]:
-            return [_bytes_input("TEXT", texts[rows])]
+            return [_bytes_input(EmbedderTensors.TEXT, texts[rows])]
 
-        return await self._infer_rows(model, len(texts), inputs, "EMBEDDING", deadline_s, request_id)
+        return await self._infer_rows(model, len(texts), inputs, EmbedderTensors.EMBEDDING, deadline_s, request_id)
 
     async def rerank(
         self, query: str, passages: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
@@ -299,9 +305,12 @@ class TritonPool:
 
         def inputs(rows: slice) -> list[Any]:
             chunk = passages[rows]
-            return [_bytes_input("QUERY", [query] * len(chunk)), _bytes_input("PASSAGE", chunk)]
+            return [
+                _bytes_input(RerankerTensors.QUERY, [query] * len(chunk)),
+                _bytes_input(RerankerTensors.PASSAGE, chunk),
+            ]
 
-        scores = await self._infer_rows(model, len(passages), inputs, "SCORE", deadline_s, request_id)
+        scores = await self._infer_rows(model, len(passages), inputs, RerankerTensors.SCORE, deadline_s, request_id)
         return scores.reshape(-1)
 
     async def _infer_rows(
@@ -364,7 +373,7 @@ class TritonPool:
 
     async def generate(
         self,
-        params: GenerationParams,
+        params: SamplingParams,
         *,
         prompt: str | None = None,
         messages: Sequence[ChatMessage] | None = None,
@@ -384,8 +393,15 @@ class TritonPool:
         model = model or self.settings.generator_model
         deadline = self._clock() + (deadline_s if deadline_s is not None else self.settings.generate_timeout_s)
         request_id = request_id or uuid.uuid4().hex
-        text_input = ("PROMPT", prompt) if prompt is not None else ("MESSAGES", _messages_json(messages or []))
-        inputs = [_scalar_bytes_input(*text_input), _scalar_bytes_input("PARAMETERS", params.model_dump_json())]
+        text_input = (
+            (GeneratorTensors.PROMPT, prompt)
+            if prompt is not None
+            else (GeneratorTensors.MESSAGES, _messages_json(messages or []))
+        )
+        inputs = [
+            _scalar_bytes_input(*text_input),
+            _scalar_bytes_input(GeneratorTensors.PARAMETERS, params.model_dump_json()),
+        ]
         attempts = _Attempts()
         async with contextlib.aclosing(self._attempt_endpoints(model, deadline, attempts)) as endpoints:
             async for endpoint, _ in endpoints:
@@ -543,12 +559,12 @@ def _messages_json(messages: Sequence[ChatMessage]) -> str:
 
 def _delta(result: Any) -> GenerationDelta:
     """A ``GenerationDelta`` from one streamed response of the generator model."""
-    reason = result.as_numpy("FINISH_REASON").reshape(-1)[0].decode()
+    reason = result.as_numpy(GeneratorTensors.FINISH_REASON).reshape(-1)[0].decode()
     return GenerationDelta(
-        text=result.as_numpy("TEXT").reshape(-1)[0].decode("utf-8"),
+        text=result.as_numpy(GeneratorTensors.TEXT).reshape(-1)[0].decode("utf-8"),
         finish_reason=FinishReason(reason) if reason else None,
-        prompt_tokens=int(result.as_numpy("PROMPT_TOKENS").reshape(-1)[0]),
-        completion_tokens=int(result.as_numpy("COMPLETION_TOKENS").reshape(-1)[0]),
+        prompt_tokens=int(result.as_numpy(GeneratorTensors.PROMPT_TOKENS).reshape(-1)[0]),
+        completion_tokens=int(result.as_numpy(GeneratorTensors.COMPLETION_TOKENS).reshape(-1)[0]),
     )
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tritonrag.clients.wire.schema import CollectionCreate, DocumentError, JobInfo, JobStatus
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
-from tritonrag.server.schema import CollectionCreate, DocumentError, JobInfo, JobStatus
 from tritonrag.server.store.sqlite import connect, transaction
 
 _SCHEMA = """

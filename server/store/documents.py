@@ -1,6 +1,6 @@
 """`DocumentStore`: one collection's ``store.sqlite``, the source of truth.
 
-Documents, their metadata, their chunks (text, offsets, float32 vector) and a generation
+Documents, their metadata, their chunks (text, offsets, float32 vector) and a revision
 counter that every committed write bumps. The FAISS and BM25 indexes are derived from it.
 A write is one SQLite transaction; its commit is the acknowledgement point.
 """
@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from tritonrag.clients.wire.schema import Document, DocumentIn, Metadata
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
-from tritonrag.server.schema import Document, DocumentIn, Metadata
 from tritonrag.server.store.sqlite import connect, transaction
 
 FloatMatrix = npt.NDArray[np.float32]
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS doc_metadata (
 );
 CREATE INDEX IF NOT EXISTS doc_metadata_lookup ON doc_metadata(key, kind, value, doc_id);
 CREATE INDEX IF NOT EXISTS doc_metadata_by_doc ON doc_metadata(doc_id);
-INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0);
+UPDATE meta SET key = 'revision' WHERE key = 'generation';  -- the counter's name before 0.2
+INSERT OR IGNORE INTO meta(key, value) VALUES ('revision', 0);
 """
 _INT64_MAX = 2**63 - 1
 _READ_BATCH = 8192
@@ -101,7 +102,7 @@ class StoredChunk:
 class Change:
     """What one committed write did, for the derived indexes to apply."""
 
-    generation: int
+    revision: int
     documents: int
     removed: IdArray
     added: IdArray
@@ -184,15 +185,15 @@ class DocumentStore:
         with transaction(self._writer) as conn:
             conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('dimension', ?)", (dimension,))
             stored = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()[0]
-            self._generation: int = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+            self._revision: int = conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0]
         if stored != dimension:
             self.close()
             raise InvalidArgumentError(f"{path} holds {stored}-d vectors, not {dimension}-d", field="dimension")
 
     @property
-    def generation(self) -> int:
+    def revision(self) -> int:
         """The number of committed writes so far."""
-        return self._generation
+        return self._revision
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -229,8 +230,8 @@ class DocumentStore:
                     for chunk_id, span, row in zip(added.tolist(), spans, matrix, strict=True)
                 ],
             )
-            generation = self._bump(conn)
-        return Change(generation, len(documents), removed, added, matrix, texts)
+            revision = self._bump(conn)
+        return Change(revision, len(documents), removed, added, matrix, texts)
 
     def delete(self, doc_ids: Sequence[str]) -> Change:
         """Delete the documents ``doc_ids`` (absent ids are ignored) in one transaction."""
@@ -248,8 +249,8 @@ class DocumentStore:
 
     def _delete_found(self, conn: sqlite3.Connection, doc_ids: list[str]) -> Change:
         removed = self._remove_documents(conn, doc_ids)
-        generation = self._bump(conn) if doc_ids else self._generation
-        return Change(generation, len(doc_ids), removed, _ids([]), self._no_vectors(), [])
+        revision = self._bump(conn) if doc_ids else self._revision
+        return Change(revision, len(doc_ids), removed, _ids([]), self._no_vectors(), [])
 
     def _checked_vectors(self, prepared: PreparedDocument) -> FloatMatrix:
         field = f"documents[{prepared.document.id}].vectors"
@@ -275,11 +276,11 @@ class DocumentStore:
         return 1 + (int(row[0]) if row else 0)
 
     def _bump(self, conn: sqlite3.Connection) -> int:
-        generation: int = conn.execute(
-            "UPDATE meta SET value = value + 1 WHERE key = 'generation' RETURNING value"
+        revision: int = conn.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value"
         ).fetchone()[0]
-        self._generation = generation
-        return generation
+        self._revision = revision
+        return revision
 
     # --- reads --------------------------------------------------------------------------------
 

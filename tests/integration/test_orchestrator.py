@@ -22,8 +22,8 @@ import pytest
 from google.protobuf import struct_pb2
 
 from tests.serving import Orchestrator, orchestrator_env, start_orchestrator, stop_orchestrator
-from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2 as pb
-from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.deploy.launcher import TritonServer
 
 DOCS = [
@@ -282,7 +282,7 @@ def test_ingest_cli_shows_progress_and_resumes(orchestrator: Orchestrator, http:
     command = [
         sys.executable,
         "-m",
-        "tritonrag.clients.cli",
+        "tritonrag.deploy.cli",
         "ingest",
         str(corpus),
         "--collection",

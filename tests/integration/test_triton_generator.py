@@ -22,22 +22,22 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from tests.generation import Collected
+from tritonrag.clients.wire.schema import ChatMessage, GenerationDelta, SamplingParams
 from tritonrag.deploy.launcher import TritonServer
 from tritonrag.export.runtime.engine import GenerationEngine, GenerationRequest
-from tritonrag.export.runtime.sampling import SamplingParams
+from tritonrag.export.runtime.sampling import SamplingParams as EngineSamplingParams
 from tritonrag.server.config import RoutingSettings
 from tritonrag.server.errors import InvalidArgumentError, ResourceExhaustedError
 from tritonrag.server.routing.resilience import BreakerState
 from tritonrag.server.routing.triton_pool import TritonPool
-from tritonrag.server.schema import ChatMessage, GenerationDelta, GenerationParams
 
 # generator_small: a context window of 2048, one sequence slot, a wait queue of one, no prompt truncation.
 SMALL_WINDOW = 2048
 # The slot holder: a sampled generation is the slow kind (a softmax over the whole vocabulary per token), and
 # 2000 of them take many seconds, so it cannot end by itself while a test sets up the queue around it.
-HOLD = GenerationParams(max_tokens=2000, temperature=1.0, seed=3)
+HOLD = SamplingParams(max_tokens=2000, temperature=1.0, seed=3)
 HOLD_PROMPT = "Hi there"
-YARDSTICK = GenerationParams(max_tokens=200, temperature=1.0, seed=5)
+YARDSTICK = SamplingParams(max_tokens=200, temperature=1.0, seed=5)
 
 
 def settings(generator: str = "generator") -> RoutingSettings:
@@ -67,11 +67,11 @@ def engine(version_dir: Path) -> GenerationEngine:
     return GenerationEngine.from_version_dir(version_dir, threads=1)
 
 
-def in_process(engine: GenerationEngine, tokenizer: Tokenizer, prompt: str, params: GenerationParams) -> Collected:
+def in_process(engine: GenerationEngine, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Collected:
     """The engine's output for ``prompt`` (tokenised as the model does) run alone, in this process."""
     out = Collected()
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    sampling = SamplingParams(
+    sampling = EngineSamplingParams(
         max_tokens=params.max_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
@@ -91,7 +91,7 @@ async def collect(stream: AsyncIterator[GenerationDelta]) -> list[GenerationDelt
 
 def served(
     triton: TritonServer,
-    params: GenerationParams,
+    params: SamplingParams,
     prompt: str | None = None,
     messages: list[ChatMessage] | None = None,
 ) -> list[GenerationDelta]:
@@ -109,17 +109,17 @@ def text_of(deltas: list[GenerationDelta]) -> str:
 
 
 STREAMED = [
-    ("The weather today is sunny and warm", GenerationParams(max_tokens=24)),
+    ("The weather today is sunny and warm", SamplingParams(max_tokens=24)),
     (
         "Once upon a time",
-        GenerationParams(max_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=7, repetition_penalty=1.1),
+        SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=7, repetition_penalty=1.1),
     ),
 ]
 
 
 @pytest.mark.parametrize(("prompt", "params"), STREAMED, ids=["greedy", "seeded-sampling"])
 def test_streamed_deltas_add_up_to_the_engines_text_run_in_process(
-    tiny_triton: TritonServer, engine: GenerationEngine, tokenizer: Tokenizer, prompt: str, params: GenerationParams
+    tiny_triton: TritonServer, engine: GenerationEngine, tokenizer: Tokenizer, prompt: str, params: SamplingParams
 ) -> None:
     deltas = served(tiny_triton, params, prompt=prompt)
     expected = in_process(engine, tokenizer, prompt, params)
@@ -150,7 +150,7 @@ def test_messages_are_rendered_with_the_models_chat_template(
     assert isinstance(rendered, str) and rendered.endswith("<|im_start|>assistant\n")
     prompt_tokens = len(hf_tokenizer(rendered, add_special_tokens=False).input_ids)
 
-    params = GenerationParams(max_tokens=12)
+    params = SamplingParams(max_tokens=12)
     chat = served(tiny_triton, params, messages=messages)
     raw = served(tiny_triton, params, prompt=rendered)
     assert chat[-1].prompt_tokens == raw[-1].prompt_tokens == prompt_tokens
@@ -276,25 +276,25 @@ def test_the_pool_raises_the_models_input_errors_as_invalid_argument(
     tiny_triton: TritonServer, tokenizer: Tokenizer
 ) -> None:
     tokens = len(tokenizer.encode(LONG_PROMPT, add_special_tokens=False).ids)
-    cases: list[tuple[str, GenerationParams, dict[str, Any], str]] = [
-        ("generator", GenerationParams(max_tokens=4), {"messages": []}, "messages is empty"),
-        ("generator", GenerationParams(max_tokens=4), {"prompt": ""}, "the prompt is empty"),
+    cases: list[tuple[str, SamplingParams, dict[str, Any], str]] = [
+        ("generator", SamplingParams(max_tokens=4), {"messages": []}, "messages is empty"),
+        ("generator", SamplingParams(max_tokens=4), {"prompt": ""}, "the prompt is empty"),
         (
             "generator_small",
-            GenerationParams(),
+            SamplingParams(),
             {"prompt": LONG_PROMPT},
             f"the prompt has {tokens} tokens; with max_tokens 1 it exceeds the context window of 2048 tokens",
         ),
         (
             "generator_small",
-            GenerationParams(max_tokens=SMALL_WINDOW),
+            SamplingParams(max_tokens=SMALL_WINDOW),
             {"prompt": "Hi"},
             "max_tokens 2048 leaves no room for a prompt in the context window of 2048",
         ),
         # A value the orchestrator's schema refuses, sent anyway: the model's own check answers.
         (
             "generator",
-            GenerationParams.model_construct(temperature=3.0),
+            SamplingParams.model_construct(temperature=3.0),
             {"prompt": "Hi"},
             "temperature must be in [0.0, 2.0]; got 3.0",
         ),
@@ -342,10 +342,10 @@ async def release_frees_the_slot(triton: TritonServer, release: Callable[[], Awa
     url = triton.endpoints.grpc_url
     async with TritonPool([url], settings("generator_small")) as pool, TritonPool([url], settings()) as other:
         before = execution_count(triton, "generator_small")
-        waiting = asyncio.create_task(collect(pool.generate(GenerationParams(max_tokens=5), prompt="Hello")))
+        waiting = asyncio.create_task(collect(pool.generate(SamplingParams(max_tokens=5), prompt="Hello")))
         await eventually(lambda: execution_count(triton, "generator_small") > before, "B has reached the engine")
         with pytest.raises(ResourceExhaustedError, match="generator busy: 1 requests are waiting already"):
-            await collect(pool.generate(GenerationParams(max_tokens=5), prompt="Bye"))
+            await collect(pool.generate(SamplingParams(max_tokens=5), prompt="Bye"))
         assert not waiting.done()
 
         # The holder would go on for ~2000 sampled tokens; the yardstick runs 200 (on its own engine, so it
@@ -362,7 +362,7 @@ async def release_frees_the_slot(triton: TritonServer, release: Callable[[], Awa
             yardstick_rest.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await yardstick_rest
-        assert_completed(await collect(pool.generate(GenerationParams(max_tokens=3), prompt="Again")), 3)
+        assert_completed(await collect(pool.generate(SamplingParams(max_tokens=3), prompt="Again")), 3)
 
 
 def test_closing_a_stream_frees_its_slot_for_the_queued_request(tiny_triton: TritonServer) -> None:

@@ -17,24 +17,24 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import BaseModel
 
 from tests.fake_core import FakeCore, sse_events
-from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2 as pb
-from tritonrag.clients.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
-from tritonrag.server.api.grpc_service import SERVICE_NAME, create_grpc_server
-from tritonrag.server.api.http import create_http_app
-from tritonrag.server.config import ApiSettings
-from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
-from tritonrag.server.schema import (
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
+from tritonrag.clients.wire.schema import (
     DeltaEvent,
     DoneEvent,
-    GenerationParams,
     Mmr,
     QueryEvent,
     QueryRequest,
     QueryResponse,
+    SamplingParams,
     SearchMode,
     SearchRequest,
     SourcesEvent,
 )
+from tritonrag.server.api.grpc_service import SERVICE_NAME, create_grpc_server
+from tritonrag.server.api.http import create_http_app
+from tritonrag.server.config import ApiSettings
+from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
 
 pytestmark = pytest.mark.anyio
 
@@ -223,15 +223,15 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str, Message]] = [
     ),
     (
         "/v1/query",
-        {"collection": "news", "query": "q", "generation": {"temperature": 3, "seed": -1}},
+        {"collection": "news", "query": "q", "sampling": {"temperature": 3, "seed": -1}},
         "Query",
-        pb.QueryRequest(collection="news", query="q", generation=pb.GenerationParams(temperature=3, seed=-1)),
+        pb.QueryRequest(collection="news", query="q", sampling=pb.SamplingParams(temperature=3, seed=-1)),
     ),
     (
         "/v1/query",
-        {"collection": "news", "query": " ", "stream": True, "top_k": 51, "generation": {"stop": [""]}},
+        {"collection": "news", "query": " ", "stream": True, "top_k": 51, "sampling": {"stop": [""]}},
         "QueryStream",
-        pb.QueryRequest(collection="news", query=" ", top_k=51, generation=pb.GenerationParams(stop=[""])),
+        pb.QueryRequest(collection="news", query=" ", top_k=51, sampling=pb.SamplingParams(stop=[""])),
     ),
 ]
 
@@ -320,7 +320,7 @@ async def test_query_and_query_stream_answer_as_over_http(
         "mode": "sparse",
         "filters": filters,
         "rerank": True,
-        "generation": {"max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "seed": 2**40, "stop": ["\n"]},
+        "sampling": {"max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "seed": 2**40, "stop": ["\n"]},
     }
     message = pb.QueryRequest(
         collection="news",
@@ -329,7 +329,7 @@ async def test_query_and_query_stream_answer_as_over_http(
         mode="sparse",
         filters=struct(filters),
         rerank=True,
-        generation=pb.GenerationParams(max_tokens=4, temperature=0.5, top_p=0.9, seed=2**40, stop=["\n"]),
+        sampling=pb.SamplingParams(max_tokens=4, temperature=0.5, top_p=0.9, seed=2**40, stop=["\n"]),
     )
     with TestClient(create_http_app(core, settings)) as client:
         over_http = QueryResponse.model_validate(client.post("/v1/query", json=body).json())
@@ -356,7 +356,7 @@ async def test_query_and_query_stream_answer_as_over_http(
 async def test_query_takes_the_defaults_of_unset_fields(news: pb_grpc.TritonRagAsyncStub, core: FakeCore) -> None:
     answer = await news.Query(pb.QueryRequest(collection="news", query="q"))
     assert core.queries[-1] == QueryRequest(collection="news", query="q")
-    assert core.queries[-1].generation == GenerationParams(max_tokens=256)
+    assert core.queries[-1].sampling == SamplingParams(max_tokens=256)
     assert [(source.citation, source.doc_id, source.cited) for source in answer.sources] == [
         (1, "a", True),
         (2, "b", False),

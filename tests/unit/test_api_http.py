@@ -14,22 +14,22 @@ from fastapi.testclient import TestClient
 
 from tests.fake_core import FakeCore, answer_pieces, sse_events
 from tritonrag.clients.http_client import ApiError, TritonRagClient
-from tritonrag.deploy.launcher import free_port
-from tritonrag.server.api.http import create_http_app
-from tritonrag.server.config import ApiSettings
-from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
-from tritonrag.server.schema import (
+from tritonrag.clients.wire.schema import (
     CollectionCreate,
     DeltaEvent,
     DocumentIn,
     DoneEvent,
     FinishReason,
-    GenerationParams,
     QueryRequest,
     QueryResponse,
+    SamplingParams,
     SearchRequest,
     SourcesEvent,
 )
+from tritonrag.deploy.launcher import free_port
+from tritonrag.server.api.http import create_http_app
+from tritonrag.server.config import ApiSettings
+from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
 
 LIMIT = 4096
 
@@ -149,15 +149,15 @@ def test_delete_by_filter_and_search(client: TestClient, core: FakeCore) -> None
         ("/v1/search", {"collection": "news", "query": "q", "colour": 1}, "colour", "colour: Extra inputs"),
         (
             "/v1/query",
-            {"collection": "news", "query": "q", "generation": {"temperature": 3}},
-            "generation.temperature",
-            "generation.temperature: Input should be less than or equal to 2",
+            {"collection": "news", "query": "q", "sampling": {"temperature": 3}},
+            "sampling.temperature",
+            "sampling.temperature: Input should be less than or equal to 2",
         ),
         (
             "/v1/query",
-            {"collection": "news", "query": "q", "stream": True, "generation": {"stop": ["."] * 9}},
-            "generation.stop",
-            "generation.stop: List should have at most 8 items",
+            {"collection": "news", "query": "q", "stream": True, "sampling": {"stop": ["."] * 9}},
+            "sampling.stop",
+            "sampling.stop: List should have at most 8 items",
         ),
         ("/v1/query", {"collection": "news", "query": " ", "stream": True}, "query", "query: query is empty"),
     ],
@@ -263,7 +263,7 @@ def test_query_answers_with_numbered_sources(news: TestClient, core: FakeCore) -
     ]
     assert (answer.finish_reason, answer.usage.completion_tokens, answer.dropped_passages) == (FinishReason.stop, 5, 0)
     assert core.queries[-1] == QueryRequest.model_validate(body)  # generation takes its defaults: max_tokens 256
-    assert core.queries[-1].generation == GenerationParams(max_tokens=256)
+    assert core.queries[-1].sampling == SamplingParams(max_tokens=256)
     assert core.request_ids[-1] == "req-1"
 
     news.post("/v1/query", json={"collection": "news", "query": "q"})
@@ -272,7 +272,7 @@ def test_query_answers_with_numbered_sources(news: TestClient, core: FakeCore) -
 
 def test_query_streams_sources_deltas_and_done(news: TestClient, core: FakeCore) -> None:
     core.degraded = ["rerank"]
-    body = {"collection": "news", "query": "what is new?", "top_k": 2, "generation": {"max_tokens": 3}}
+    body = {"collection": "news", "query": "what is new?", "top_k": 2, "sampling": {"max_tokens": 3}}
     whole = QueryResponse.model_validate(news.post("/v1/query", json=body).json())
     streamed = news.post("/v1/query", json=body | {"stream": True}, headers={"x-request-id": "req-2"})
     assert (streamed.status_code, streamed.headers["x-request-id"]) == (200, "req-2")
@@ -358,7 +358,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0
 
 
 def test_sdk_query_and_query_stream(served: str, core: FakeCore) -> None:
-    request = QueryRequest(collection="news", query="what is new?", generation=GenerationParams(seed=7))
+    request = QueryRequest(collection="news", query="what is new?", sampling=SamplingParams(seed=7))
     with TritonRagClient(served) as sdk:
         for call in (sdk.query, lambda request: list(sdk.query_stream(request))):
             with pytest.raises(ApiError) as missing:

@@ -20,15 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 from openai.types.chat import ChatCompletionMessageParam
 
-from tritonrag.server.api.openai import openai_router
-from tritonrag.server.errors import (
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-    TritonRagError,
-    UnavailableError,
-)
-from tritonrag.server.schema import (
+from tritonrag.clients.wire.schema import (
     ChatMessage,
     CollectionCreate,
     CollectionInfo,
@@ -37,18 +29,26 @@ from tritonrag.server.schema import (
     Embeddings,
     FinishReason,
     GenerationDelta,
-    GenerationParams,
     Grounding,
     JobInfo,
     ModelVersion,
     QueryEvent,
     QueryRequest,
     QueryResponse,
+    SamplingParams,
     SearchRequest,
     SearchResponse,
     Source,
     UpsertRequest,
     UpsertResult,
+)
+from tritonrag.server.api.openai import openai_router
+from tritonrag.server.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TritonRagError,
+    UnavailableError,
 )
 
 REPLY = ["The capital", " of France", " is Paris", " [1]."]
@@ -86,8 +86,8 @@ class ScriptedCore:
 
     def reset(self) -> None:
         """Forgets the calls and the script of the last test."""
-        self.chats: list[tuple[list[ChatMessage], GenerationParams, Grounding | None]] = []
-        self.completions: list[tuple[str, GenerationParams]] = []
+        self.chats: list[tuple[list[ChatMessage], SamplingParams, Grounding | None]] = []
+        self.completions: list[tuple[str, SamplingParams]] = []
         self.embedded: list[list[str]] = []
         self.call_error: TritonRagError | None = None  # raised by the call itself
         self.start_error: TritonRagError | None = None  # raised by the stream before the first delta
@@ -124,7 +124,7 @@ class ScriptedCore:
     async def chat(
         self,
         messages: Sequence[ChatMessage],
-        params: GenerationParams,
+        params: SamplingParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
     ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
@@ -134,7 +134,7 @@ class ScriptedCore:
         return (SOURCES if grounding is not None else []), self._deltas()
 
     def complete(
-        self, prompt: str, params: GenerationParams, request_id: str | None = None
+        self, prompt: str, params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[GenerationDelta]:
         self.completions.append((prompt, params))
         return self._deltas()
@@ -292,7 +292,7 @@ def test_chat_completion(client: openai.OpenAI, core: ScriptedCore) -> None:
         ChatMessage(role="system", content="Be brief."),
         ChatMessage(role="user", content="Capital\nof France?"),
     ]
-    assert params == GenerationParams(temperature=1.0)  # OpenAI's default temperature
+    assert params == SamplingParams(temperature=1.0)  # OpenAI's default temperature
     assert grounding is None
     assert core.streams_closed.is_set()
 
@@ -311,10 +311,10 @@ def test_chat_parameters(client: openai.OpenAI, core: ScriptedCore) -> None:
     )
     client.chat.completions.create(model="generator", messages=USER, max_tokens=8, stop=["a", "b"])
     assert [params for _, params, _ in core.chats] == [
-        GenerationParams(
+        SamplingParams(
             max_tokens=32, temperature=0.0, top_p=0.5, seed=7, stop=["\n"], top_k=40, repetition_penalty=1.2
         ),
-        GenerationParams(max_tokens=8, temperature=1.0, stop=["a", "b"]),
+        SamplingParams(max_tokens=8, temperature=1.0, stop=["a", "b"]),
     ]
 
 
@@ -410,8 +410,8 @@ def test_completions(client: openai.OpenAI, core: ScriptedCore) -> None:
     assert last.usage is not None
     assert last.usage.completion_tokens == COMPLETION_TOKENS
     assert core.completions == [
-        ("Paris is", GenerationParams(max_tokens=16, temperature=1.0)),  # OpenAI's default max_tokens
-        ("Paris is", GenerationParams(max_tokens=64, temperature=1.0)),
+        ("Paris is", SamplingParams(max_tokens=16, temperature=1.0)),  # OpenAI's default max_tokens
+        ("Paris is", SamplingParams(max_tokens=64, temperature=1.0)),
     ]
 
 

@@ -12,11 +12,11 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
+from tritonrag.clients.wire.schema import ChatMessage
 from tritonrag.export.runtime.chat import ChatTemplate
 from tritonrag.server.errors import InvalidArgumentError
 from tritonrag.server.generation.packing import ContextWindow, pack
 from tritonrag.server.generation.prompts import grounded_messages
-from tritonrag.server.schema import ChatMessage
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -88,7 +88,7 @@ def test_max_tokens_none_takes_the_default_capped_by_the_window() -> None:
 def test_max_tokens_beyond_the_window_is_an_invalid_argument() -> None:
     with pytest.raises(InvalidArgumentError, match="leaves 50 for the answer") as error:
         pack(window(frame_tokens() + 50), BUILD, [], max_tokens=51, default_max_tokens=256)
-    assert error.value.field == "generation.max_tokens"
+    assert error.value.field == "sampling.max_tokens"
     with pytest.raises(InvalidArgumentError, match="leaves 0 for the answer") as error:
         pack(window(frame_tokens() - 3), BUILD, [], max_tokens=None, default_max_tokens=256, field="max_tokens")
     assert error.value.field == "max_tokens"

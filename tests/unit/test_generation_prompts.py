@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tritonrag.clients.wire.schema import ChatMessage
 from tritonrag.server.generation.extractive import extractive_answer
 from tritonrag.server.generation.prompts import (
     SYSTEM_PROMPT,
@@ -12,7 +13,6 @@ from tritonrag.server.generation.prompts import (
     grounded_content,
     grounded_messages,
 )
-from tritonrag.server.schema import ChatMessage
 
 
 def test_grounded_messages_number_the_passages_before_the_question() -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
+from tritonrag.clients.extract import Extraction
 from tritonrag.clients.http_client import ApiError, TritonRagClient
 from tritonrag.clients.ingest import IngestState, ingest
-from tritonrag.server.ingest.extract import Extraction
-from tritonrag.server.ingest.progress import Progress
-from tritonrag.server.schema import DocumentIn, UpsertResult
+from tritonrag.clients.progress import Progress
+from tritonrag.clients.wire.schema import DocumentIn, UpsertResult
 
 
 class StandInClient:

@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tritonrag.clients.wire.schema import DocumentIn, JobStatus
 from tritonrag.server.config import IngestSettings
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from tritonrag.server.ingest.jobs import JobRunner
-from tritonrag.server.schema import DocumentIn, JobStatus
 from tritonrag.server.store.catalog import Catalog
 
 T = TypeVar("T")

@@ -19,6 +19,21 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tritonrag.clients.wire.schema import (
+    ChatMessage,
+    CollectionCreate,
+    DocumentIn,
+    FinishReason,
+    GenerationDelta,
+    Grounding,
+    ModelVersion,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
+    SamplingParams,
+    SearchRequest,
+    UpsertRequest,
+)
 from tritonrag.server.config import IngestSettings
 from tritonrag.server.errors import (
     InvalidArgumentError,
@@ -32,21 +47,6 @@ from tritonrag.server.generation.packing import ContextWindow
 from tritonrag.server.generation.prompts import SYSTEM_PROMPT, grounded_messages, passage_line
 from tritonrag.server.pipeline import RagCore
 from tritonrag.server.routing.triton_pool import TritonPool
-from tritonrag.server.schema import (
-    ChatMessage,
-    CollectionCreate,
-    DocumentIn,
-    FinishReason,
-    GenerationDelta,
-    GenerationParams,
-    Grounding,
-    ModelVersion,
-    QueryEvent,
-    QueryRequest,
-    QueryResponse,
-    SearchRequest,
-    UpsertRequest,
-)
 from tritonrag.server.store.catalog import Catalog
 
 DIMENSION = 16
@@ -65,7 +65,7 @@ def vector(text: str) -> npt.NDArray[np.float32]:
 class Generation:
     """One call of the stand-in generator, and how far its stream got."""
 
-    params: GenerationParams
+    params: SamplingParams
     prompt: str | None
     messages: list[ChatMessage] | None
     request_id: str | None
@@ -103,7 +103,7 @@ class StandInPool:
 
     async def generate(
         self,
-        params: GenerationParams,
+        params: SamplingParams,
         *,
         prompt: str | None = None,
         messages: Sequence[ChatMessage] | None = None,
@@ -309,7 +309,7 @@ def test_passages_that_do_not_fit_the_window_are_dropped(
     assert cost(2, "tea") > cost(2, "cats")
     frame = window.count(window.render(grounded_messages("pets", [])))
     write_generator(tmp_path / "repository", frame + 64 + cost(1, "dogs") + cost(2, "cats"))
-    request = query(query="pets", mode="dense", top_k=3, rerank=True, generation={"max_tokens": 64})
+    request = query(query="pets", mode="dense", top_k=3, rerank=True, sampling={"max_tokens": 64})
     response: QueryResponse = answer(core, lambda c: c.query(request))
     # The reranker ranks dogs, tea, cats: tea does not fit after dogs, cats still does.
     assert [(s.citation, s.doc_id) for s in response.sources] == [(1, "dogs"), (2, "cats")]
@@ -324,9 +324,9 @@ def test_max_tokens_is_checked_against_the_window_and_defaults_when_unset(
 
     async def scenario(c: RagCore) -> None:
         with pytest.raises(InvalidArgumentError, match="leaves") as error:
-            await c.query(query(query="cats purr", generation={"max_tokens": 600}))
-        assert error.value.field == "generation.max_tokens" and pool.generations == []
-        await c.query(query(query="cats purr", generation={}))
+            await c.query(query(query="cats purr", sampling={"max_tokens": 600}))
+        assert error.value.field == "sampling.max_tokens" and pool.generations == []
+        await c.query(query(query="cats purr", sampling={}))
 
     answer(core, scenario)
     assert pool.generations[0].params.max_tokens == 256
@@ -436,7 +436,7 @@ def test_chat_with_grounding_packs_passages_into_the_conversation(
     grounding = Grounding(collection="c", top_k=1, mode="sparse")
 
     async def chat(c: RagCore) -> tuple[list[str], list[str]]:
-        sources, deltas = await c.chat(messages, GenerationParams(), grounding, "request-2")
+        sources, deltas = await c.chat(messages, SamplingParams(), grounding, "request-2")
         return [s.doc_id for s in sources], [d.text async for d in deltas]
 
     sources, texts = answer(core, chat)
@@ -455,20 +455,20 @@ def test_chat_without_grounding_and_bad_grounded_chats(core_and_pool: tuple[RagC
     grounding = Grounding(collection="c")
 
     async def chats(c: RagCore) -> list[str]:
-        sources, deltas = await c.chat(messages, GenerationParams())
+        sources, deltas = await c.chat(messages, SamplingParams())
         assert sources == []
         texts = [d.text async for d in deltas]
         with pytest.raises(InvalidArgumentError) as no_question:
-            await c.chat([ChatMessage(role="system", content="x")], GenerationParams(), grounding)
+            await c.chat([ChatMessage(role="system", content="x")], SamplingParams(), grounding)
         assert no_question.value.field == "messages"
         with pytest.raises(InvalidArgumentError) as too_long:
-            await c.chat(messages, GenerationParams(max_tokens=600), grounding)
+            await c.chat(messages, SamplingParams(max_tokens=600), grounding)
         assert too_long.value.field == "max_tokens"
         return texts
 
     assert answer(core, chats) == ["Cats purr", " [1]", "."]
     [call] = pool.generations
-    assert call.messages == messages and call.params == GenerationParams()
+    assert call.messages == messages and call.params == SamplingParams()
 
 
 def test_complete_embed_and_served_models(core_and_pool: tuple[RagCore, StandInPool]) -> None:
@@ -476,7 +476,7 @@ def test_complete_embed_and_served_models(core_and_pool: tuple[RagCore, StandInP
     pool.served.discard("reranker")
 
     async def scenario() -> None:
-        texts = [d.text async for d in core.complete("Once upon", GenerationParams(max_tokens=5))]
+        texts = [d.text async for d in core.complete("Once upon", SamplingParams(max_tokens=5))]
         assert texts == ["Cats purr", " [1]", "."]
         embeddings = await core.embed(["hello world", "hi"], "request-3")
         assert embeddings.model == ModelVersion(name="embedder", version="1")

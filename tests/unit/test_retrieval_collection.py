@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from tests.unit.test_store_documents import DIM, prepared
+from tritonrag.clients.wire.schema import And, CollectionCreate, Condition, Filter, IndexType, Metadata, Or
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
 from tritonrag.server.retrieval.collection import DENSE_FILE, SPARSE_FILE, Collection
 from tritonrag.server.retrieval.dense import DenseParams
-from tritonrag.server.schema import And, CollectionCreate, Condition, Filter, IndexType, Metadata, Or
 from tritonrag.server.store.documents import StoredChunk
 
 PARAMS = DenseParams(nlist=8, nprobe=8, hnsw_m=16, auto_threshold=400, auto_kind=IndexType.ivf)
@@ -176,7 +176,7 @@ def test_upsert_replaces_a_documents_chunks(collection: Collection) -> None:
     document = collection.get("a")
     assert (document.text, document.metadata, document.chunks) == ("beta only", {"v": 2}, 1)
     assert matched(collection, cond("v", "eq", 1)) == set()
-    assert collection.info().chunks == 1 and collection.generation == 2
+    assert collection.info().chunks == 1 and collection.revision == 2
 
 
 def test_delete_by_id_and_by_filter(collection: Collection) -> None:
@@ -232,7 +232,7 @@ def test_restart_serves_the_same_results(tmp_path: Path, index_type: IndexType) 
     before = snapshot_of(collection)
     collection.close()
     reopened = open_collection(tmp_path, index_type)
-    assert snapshot_of(reopened) == before and reopened.generation == 2
+    assert snapshot_of(reopened) == before and reopened.revision == 2
     reopened.close()
 
 
@@ -352,10 +352,10 @@ def test_parallel_writers_and_readers(tmp_path: Path) -> None:
                 partial(collection.search_dense, np.ones(DIM, np.float32), 10_000, cond("writer", "eq", w)),
             ]
             for search in searches:
-                generation = collection.generation
+                revision = collection.revision
                 chunks = collection.chunks([hit.chunk_id for hit in search()])
                 # No commit between the search and the read: the search saw one whole state.
-                check_whole(chunks, complete=collection.generation == generation)
+                check_whole(chunks, complete=collection.revision == revision)
             assert {chunk.metadata["writer"] for chunk in chunks} <= {w}
 
     def guarded(target: Any, arg: int) -> None:

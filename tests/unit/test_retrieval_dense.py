@@ -10,9 +10,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tritonrag.clients.wire.schema import IndexType
 from tritonrag.server.errors import InvalidArgumentError
 from tritonrag.server.retrieval.dense import DenseIndex, DenseParams
-from tritonrag.server.schema import IndexType
 
 DIM = 32
 N = 4000
@@ -125,7 +125,7 @@ def test_removed_ids_are_never_returned(kind: IndexType) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_snapshot_round_trip(kind: IndexType, tmp_path: Path) -> None:
     index = shared(kind)
-    index.save(tmp_path / "dense", generation=7)
+    index.save(tmp_path / "dense", revision=7)
     loaded, generation = DenseIndex.load(tmp_path / "dense", DIM, kind, PARAMS)
     assert generation == 7 and loaded.kind is kind
     np.testing.assert_array_equal(loaded.search(QUERIES, K)[1], index.search(QUERIES, K)[1])

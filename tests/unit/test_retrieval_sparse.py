@@ -84,20 +84,20 @@ def test_remove_and_compact() -> None:
 def test_snapshot_round_trip(tmp_path: Path) -> None:
     index = index_of()
     index.remove(IDS[[1]])
-    index.save(tmp_path / "sparse", generation=3)
+    index.save(tmp_path / "sparse", revision=3)
     loaded, generation = SparseIndex.load(tmp_path / "sparse")
     assert generation == 3 and loaded.ids().tolist() == index.ids().tolist()
     for query in ("cat", "inflation savings", "dogs"):
         np.testing.assert_array_equal(loaded.search(query, 5)[0], index.search(query, 5)[0])
         np.testing.assert_array_equal(loaded.search(query, 5)[1], index.search(query, 5)[1])
     empty = tmp_path / "empty"
-    SparseIndex().save(empty, generation=0)
+    SparseIndex().save(empty, revision=0)
     assert len(SparseIndex.load(empty)[0]) == 0
 
 
 def test_corrupt_snapshot_is_detected(tmp_path: Path) -> None:
     path = tmp_path / "sparse"
-    index_of().save(path, generation=1)
+    index_of().save(path, revision=1)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))

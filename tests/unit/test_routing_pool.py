@@ -17,7 +17,8 @@ import numpy.typing as npt
 import pytest
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
-from tritonrag.export.runtime.generation import BUSY_ERROR, INPUT_ERROR
+from tritonrag.clients.wire.schema import ChatMessage, FinishReason, GenerationDelta, ModelVersion, SamplingParams
+from tritonrag.export.runtime.contract import BUSY_ERROR, INPUT_ERROR
 from tritonrag.server.config import RoutingSettings
 from tritonrag.server.errors import (
     DeadlineExceededError,
@@ -27,7 +28,6 @@ from tritonrag.server.errors import (
 )
 from tritonrag.server.routing.resilience import BreakerState
 from tritonrag.server.routing.triton_pool import REQUEST_ID_HEADER, TritonPool, served_version_dir
-from tritonrag.server.schema import ChatMessage, FinishReason, GenerationDelta, GenerationParams, ModelVersion
 
 T = TypeVar("T")
 
@@ -471,7 +471,7 @@ def test_served_version_dir(tmp_path: Path) -> None:
 
 def test_generate_streams_deltas_and_closes_the_stream() -> None:
     fleet = Fleet(FakeTriton("a:1"))
-    params = GenerationParams(max_tokens=5, stop=["\n"])
+    params = SamplingParams(max_tokens=5, stop=["\n"])
 
     async def scenario() -> list[GenerationDelta]:
         async with pool_of(fleet) as pool:
@@ -492,7 +492,7 @@ def test_generate_sends_messages_as_json_and_a_consumer_that_leaves_cancels() ->
 
     async def scenario() -> str:
         async with pool_of(fleet) as pool:
-            deltas = pool.generate(GenerationParams(), messages=[ChatMessage(role="user", content="hi")])
+            deltas = pool.generate(SamplingParams(), messages=[ChatMessage(role="user", content="hi")])
             async with contextlib.aclosing(deltas):
                 first = await anext(deltas)
             return first.text
@@ -509,7 +509,7 @@ def test_generate_retries_a_busy_endpoint_and_reports_all_busy() -> None:
 
     async def scenario() -> None:
         async with pool_of(fleet) as pool:
-            [d async for d in pool.generate(GenerationParams(), prompt="x")]
+            [d async for d in pool.generate(SamplingParams(), prompt="x")]
 
     with pytest.raises(ResourceExhaustedError, match="every generator is busy"):
         run(scenario())
@@ -523,7 +523,7 @@ def test_generate_retries_a_busy_endpoint_and_reports_all_busy() -> None:
 
 async def _collect(fleet: Fleet) -> str:
     async with pool_of(fleet) as pool:
-        return "".join([d.text async for d in pool.generate(GenerationParams(), prompt="x")])
+        return "".join([d.text async for d in pool.generate(SamplingParams(), prompt="x")])
 
 
 def test_generate_input_errors_are_not_retried() -> None:
@@ -532,7 +532,7 @@ def test_generate_input_errors_are_not_retried() -> None:
 
     async def scenario() -> None:
         async with pool_of(fleet) as pool:
-            [d async for d in pool.generate(GenerationParams(), prompt="x")]
+            [d async for d in pool.generate(SamplingParams(), prompt="x")]
 
     with pytest.raises(InvalidArgumentError, match=r"^max_tokens 9000 leaves no room$"):
         run(scenario())

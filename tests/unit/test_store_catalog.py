@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tritonrag.clients.wire.schema import CollectionCreate, DocumentError, IndexType, JobStatus
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
-from tritonrag.server.schema import CollectionCreate, DocumentError, IndexType, JobStatus
 from tritonrag.server.store.catalog import Catalog
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tritonrag.clients.wire.schema import DocumentIn, Metadata
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
-from tritonrag.server.schema import DocumentIn, Metadata
 from tritonrag.server.store.documents import ChunkSpan, DocumentStore, PreparedDocument, unit_vectors
 
 DIM = 8
@@ -40,7 +40,7 @@ def store(tmp_path: Path) -> DocumentStore:
 
 def test_upsert_then_get_and_chunks(store: DocumentStore) -> None:
     change = store.upsert([prepared("a", ["one two", "three"], {"lang": "en", "tags": ["x", "y"]})])
-    assert change.generation == store.generation == 1
+    assert change.revision == store.revision == 1
     assert change.added.tolist() == [1, 2] and change.removed.tolist() == []
     doc = store.get("a")
     assert (doc.text, doc.metadata, doc.chunks) == ("one two three", {"lang": "en", "tags": ["x", "y"]}, 2)
@@ -63,8 +63,8 @@ def test_upsert_replaces_all_chunks_and_ids_are_never_reused(store: DocumentStor
 def test_delete_counts_existing_documents_and_bumps_generation_only_on_change(store: DocumentStore) -> None:
     store.upsert([prepared("a", ["1"]), prepared("b", ["2", "3"])])
     change = store.delete(["b", "missing"])
-    assert change.documents == 1 and change.removed.tolist() == [2, 3] and change.generation == 2
-    assert store.delete(["missing"]).generation == 2
+    assert change.documents == 1 and change.removed.tolist() == [2, 3] and change.revision == 2
+    assert store.delete(["missing"]).revision == 2
     with pytest.raises(NotFoundError):
         store.get("b")
 
@@ -76,7 +76,7 @@ def test_invalid_writes_change_nothing(store: DocumentStore) -> None:
         store.upsert([prepared("a", ["1"], vectors=np.zeros((1, DIM), np.float32))])
     with pytest.raises(InvalidArgumentError, match="twice"):
         store.upsert([prepared("a", ["1"]), prepared("a", ["2"])])
-    assert store.generation == 0 and store.counts() == (0, 0)
+    assert store.revision == 0 and store.counts() == (0, 0)
 
 
 def test_unit_vectors_checks_width() -> None:
@@ -92,7 +92,7 @@ def test_reopen_keeps_data_and_checks_dimension(tmp_path: Path) -> None:
     store.upsert([prepared("a", ["1", "2"])])
     store.close()
     reopened = DocumentStore(path, DIM)
-    assert reopened.generation == 1 and reopened.counts() == (1, 2)
+    assert reopened.revision == 1 and reopened.counts() == (1, 2)
     reopened.close()
     with pytest.raises(InvalidArgumentError, match="8-d"):
         DocumentStore(path, DIM + 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonrag.server.ingest.extract import ExtractionError, extract_file, extract_paths, iter_files
+from tritonrag.clients.extract import ExtractionError, extract_file, extract_paths, iter_files
 
 
 def pdf_bytes(pages: list[str], title: str | None = None) -> bytes:

@@ -4,9 +4,9 @@ Writes ``*_pb2.py`` (messages), ``*_pb2_grpc.py`` (stubs and servicers) and thei
 typing stubs (mypy-protobuf) next to each ``.proto``; the output is git-ignored and ``make``
 regenerates it when a ``.proto`` changes. protoc names imports after the proto package
 (``tritonrag.v1``); they are rewritten to where the code is installed
-(``tritonrag.clients.proto.tritonrag.v1``). Needs the ``dev`` extra (grpcio-tools, mypy-protobuf).
+(``tritonrag.clients.wire.proto.tritonrag.v1``). Needs the ``dev`` extra (grpcio-tools, mypy-protobuf).
 
-Usage: ``python clients/proto/build.py``
+Usage: ``python clients/wire/proto/build.py``
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent
-PACKAGE = "tritonrag.clients.proto"
+PACKAGE = "tritonrag.clients.wire.proto"
 _PLUGINS = ("protoc-gen-mypy", "protoc-gen-mypy_grpc")
 
 
@@ -33,7 +33,7 @@ def _plugin(name: str) -> str:
 
 
 def _rewrite_imports(path: Path, proto_packages: set[str]) -> None:
-    """``tritonrag.v1.x_pb2`` -> ``tritonrag.clients.proto.tritonrag.v1.x_pb2`` in imports and annotations."""
+    """``tritonrag.v1.x_pb2`` -> ``tritonrag.clients.wire.proto.tritonrag.v1.x_pb2`` in imports and annotations."""
     text = path.read_text()
     for package in proto_packages:
         escaped = re.escape(package)

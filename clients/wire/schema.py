@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -93,7 +94,7 @@ class CollectionInfo(BaseModel):
     documents: int
     chunks: int
     size_bytes: int
-    generation: int
+    revision: int  # bumped by every write to the collection
     embedder: ModelVersion | None
     created_at: float
 
@@ -246,7 +247,7 @@ class FinishReason(StrEnum):
     cancelled = "cancelled"
 
 
-class GenerationParams(Strict):
+class SamplingParams(Strict):
     """Sampling parameters, as the generator model takes them (its ``PARAMETERS`` input, as JSON).
 
     ``temperature`` 0 is greedy decoding; the same ``seed`` with the same input gives the same output.
@@ -308,7 +309,10 @@ class QueryRequest(Grounding):
     """``POST /v1/query``: retrieve, pack the passages into the generator's context, answer with citations."""
 
     query: QueryText
-    generation: GenerationParams = GenerationParams(max_tokens=256)
+    # ``generation`` is this field's name before 0.2, still accepted.
+    sampling: SamplingParams = Field(
+        SamplingParams(max_tokens=256), validation_alias=AliasChoices("sampling", "generation")
+    )
     stream: bool = False
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tritonrag.server.ingest.progress import Progress
+from tritonrag.clients.progress import Progress
 
 
 class FakeClock:

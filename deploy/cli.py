@@ -1,4 +1,4 @@
-"""The ``tritonrag`` command line: export models, run Triton, bring the stack up."""
+"""The ``tritonrag`` command line: export models, run Triton and the orchestrator, bring the stack up, ingest files."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Annotated
 
 import typer
 
+from tritonrag.clients.progress import Progress
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
 from tritonrag.export.repository import versions
+from tritonrag.export.runtime.contract import ONNX_FILE
 from tritonrag.server.config import Settings
-from tritonrag.server.ingest.progress import Progress
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -85,7 +86,7 @@ def export(
 
 def has_version(model_dir: Path) -> bool:
     """True when ``model_dir`` holds at least one exported version."""
-    return any((model_dir / str(v) / "model.onnx").is_file() for v in versions(model_dir))
+    return any((model_dir / str(v) / ONNX_FILE).is_file() for v in versions(model_dir))
 
 
 def _serve_until_signalled(server: TritonServer) -> int:
@@ -156,11 +157,10 @@ def ingest_command(
     config: ConfigOption = None,
 ) -> None:
     """Ingest files into a collection with a progress line; a rerun resumes where an interrupted one stopped."""
-    from tritonrag.server.ingest.extract import extract_paths
-    from tritonrag.server.schema import CollectionCreate
-
-    from .http_client import ApiError, TritonRagClient
-    from .ingest import IngestState, ingest
+    from tritonrag.clients.extract import extract_paths
+    from tritonrag.clients.http_client import ApiError, TritonRagClient
+    from tritonrag.clients.ingest import IngestState, ingest
+    from tritonrag.clients.wire.schema import CollectionCreate
 
     settings = _settings(config)
     extraction = extract_paths(paths)

@@ -18,15 +18,14 @@ from typing import Any
 from pydantic import ValidationError
 from pypdf import PdfReader
 
-from tritonrag.server.errors import InvalidArgumentError
-from tritonrag.server.schema import DocumentIn, Metadata
+from tritonrag.clients.wire.schema import DocumentIn, Metadata
 
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown"})
 HTML_SUFFIXES = frozenset({".html", ".htm"})
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".json", ".jsonl", ".pdf"}
 
 
-class ExtractionError(InvalidArgumentError):
+class ExtractionError(ValueError):
     """A file that yields no documents; the message names the file."""
 
 
@@ -65,7 +64,7 @@ def extract_paths(paths: Iterable[Path]) -> Extraction:
         try:
             documents = extract_file(path)
         except ExtractionError as exc:
-            result.errors.append(FileError(path, exc.message))
+            result.errors.append(FileError(path, str(exc)))
             continue
         result.files += 1
         for document in documents:

@@ -1,0 +1,69 @@
+"""The contract between the Triton models and the orchestrator: every name that crosses the process boundary.
+
+Tensor names, ``config.pbtxt`` parameter keys, error-message prefixes and the file names of a
+version directory are defined here once; the exporter, the Triton runtime (this folder) and the
+orchestrator (``tritonrag.server``) import them. This module imports nothing, so that it travels
+with the runtime code it belongs to.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# The files of a version directory (``model_repository/<model>/<N>/``) and of a model folder.
+METADATA_FILE: Final = "tritonrag.json"  # what the exporter says about the version (task, limits, template)
+TOKENIZER_FILE: Final = "tokenizer.json"  # the fast tokenizer the model and the orchestrator both use
+ONNX_FILE: Final = "model.onnx"
+MODEL_FILE: Final = "model.py"  # the Python-backend model Triton loads
+CONFIG_FILE: Final = "config.pbtxt"  # beside the version directories
+
+
+class EmbedderTensors:
+    """``embedder``: ``TEXT`` rows in, L2-normalised float32 ``EMBEDDING`` rows out."""
+
+    TEXT: Final = "TEXT"
+    EMBEDDING: Final = "EMBEDDING"
+
+
+class RerankerTensors:
+    """``reranker``: (``QUERY``, ``PASSAGE``) rows in, one float32 ``SCORE`` per row out."""
+
+    QUERY: Final = "QUERY"
+    PASSAGE: Final = "PASSAGE"
+    SCORE: Final = "SCORE"
+
+
+class GeneratorTensors:
+    """``generator`` (decoupled, streaming).
+
+    Inputs: exactly one of ``PROMPT`` (raw text) and ``MESSAGES`` (JSON ``[{"role", "content"}]``,
+    rendered with the model's chat template), and ``PARAMETERS`` (JSON sampling parameters). Outputs
+    of each streamed response: ``TEXT`` (the new text), ``FINISH_REASON`` (empty until the last
+    response), ``PROMPT_TOKENS`` and ``COMPLETION_TOKENS``.
+    """
+
+    PROMPT: Final = "PROMPT"
+    MESSAGES: Final = "MESSAGES"
+    PARAMETERS: Final = "PARAMETERS"
+    TEXT: Final = "TEXT"
+    FINISH_REASON: Final = "FINISH_REASON"
+    PROMPT_TOKENS: Final = "PROMPT_TOKENS"
+    COMPLETION_TOKENS: Final = "COMPLETION_TOKENS"
+
+
+class Parameters:
+    """Keys of the string ``parameters`` of a model's ``config.pbtxt``."""
+
+    TRUNCATE: Final = "truncate"  # text models: cut over-long rows ("true") or reject them
+    MAX_BATCH_TOKENS: Final = "max_batch_tokens"  # text models: padded tokens per ONNX Runtime call
+    INTRA_OP_THREADS: Final = "intra_op_threads"  # ONNX Runtime threads per instance; 0: every core
+    MAX_SEQUENCES: Final = "max_sequences"  # generator: sequences stepped together
+    MAX_KV_TOKENS: Final = "max_kv_tokens"  # generator: KV-cache slots the running sequences may hold
+    MAX_QUEUE: Final = "max_queue"  # generator: requests waiting for a slot before it refuses
+    TRUNCATE_PROMPT: Final = "truncate_prompt"  # generator: drop an over-long prompt's first tokens, or reject it
+
+
+# Triton's gRPC stream carries a model's error as a message without its status code, so the
+# generator starts the message of each error a caller must tell apart with one of these prefixes.
+INPUT_ERROR: Final = "invalid input: "  # the request is wrong; do not retry
+BUSY_ERROR: Final = "generator busy: "  # the wait queue is full; another endpoint, or later, may take it
