@@ -28,7 +28,8 @@ import numpy as np
 import numpy.typing as npt
 
 from tritonrag.clients.wire.schema import IndexType
-from tritonrag.server.retrieval.dense import DenseIndex, DenseParams
+from tritonrag.server.config import DenseParams
+from tritonrag.server.retrieval.dense import DenseIndex
 
 FloatMatrix = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]

@@ -9,13 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from tritonrag.clients.wire.schema import IndexType
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,16 +35,30 @@ class TritonSettings(BaseModel):
     log_verbose: int = Field(0, ge=0)
 
 
+class ModelSettings(BaseModel):
+    """Which Triton model plays each role; the OpenAI-compatible API knows them by these names too."""
+
+    embedder: str = "embedder"
+    reranker: str = "reranker"
+    generator: str = "generator"
+    # Answers /v1/query when the generator cannot (down, or failing before its first token).
+    fallback_generator: str | None = None
+
+    def names(self) -> list[str]:
+        """Every configured model, the fallback generator included when there is one."""
+        return [
+            self.embedder,
+            self.reranker,
+            self.generator,
+            *([self.fallback_generator] if self.fallback_generator else []),
+        ]
+
+
 class RoutingSettings(BaseModel):
     """How the orchestrator reaches Triton: endpoints, health probes, circuit breakers, retries."""
 
     # gRPC ``host:port`` of every Triton server; empty means the local one (``triton.address:triton.grpc_port``).
     endpoints: list[str] = []
-    embedder_model: str = "embedder"
-    reranker_model: str = "reranker"
-    generator_model: str = "generator"
-    # Answers /v1/query when the generator cannot (down, or failing before its first token).
-    fallback_generator_model: str | None = None
     request_timeout_s: float = Field(30.0, gt=0)  # a call's deadline when the caller gives none
     attempt_timeout_s: float = Field(10.0, gt=0)  # one attempt on one endpoint
     generate_timeout_s: float = Field(300.0, gt=0)  # a whole generation, queueing and streaming included
@@ -53,6 +69,50 @@ class RoutingSettings(BaseModel):
     breaker_cooldown_s: float = Field(5.0, gt=0)  # open time before one trial request is let through
     probe_interval_s: float = Field(2.0, gt=0)
     probe_timeout_s: float = Field(1.0, gt=0)
+
+
+# k-means needs at least this many training vectors per IVF list (FAISS warns below 39).
+MIN_TRAIN_PER_LIST = 39
+
+
+class DenseParams(BaseModel):
+    """FAISS index parameters, tuned with bench/search.py (docs/BENCHMARKS.md, "Vector search")."""
+
+    model_config = ConfigDict(frozen=True)
+
+    nlist: int = Field(1024, ge=1)  # IVF lists; fixed, so an IVF index exists from 39 * nlist vectors on
+    nprobe: int = Field(64, ge=1)  # IVF lists searched per query
+    hnsw_m: int = Field(32, ge=2)  # HNSW graph degree
+    ef_construction: int = Field(64, ge=1)
+    ef_search: int = Field(64, ge=1)
+    auto_threshold: int = Field(50_000, ge=1)  # ``auto``: Flat below, auto_kind from here (back to Flat below half)
+    # IVF rather than HNSW for ``auto``: cheap incremental adds and real deletes, where HNSW needs
+    # tombstones and whole rebuilds (a million vectors: 28 minutes on 2 busy cores, IVF 1 minute).
+    auto_kind: IndexType = IndexType.ivf
+    exact_fraction: float = Field(0.125, ge=0.0, le=1.0)  # filtered searches allowing at most this share are exact
+    max_deleted_fraction: float = Field(0.2, gt=0.0, le=1.0)  # HNSW is rebuilt once tombstones pass this share
+
+    @property
+    def ivf_min_vectors(self) -> int:
+        """The fewest vectors an IVF index is trained on; below it an ``ivf`` collection stays Flat."""
+        return self.nlist * MIN_TRAIN_PER_LIST
+
+
+class Bm25Params(BaseModel):
+    """BM25's term-frequency saturation ``k1`` and length normalisation ``b``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    k1: float = Field(1.2, ge=0.0)
+    b: float = Field(0.75, ge=0.0, le=1.0)
+
+
+class IndexSettings(BaseModel):
+    """The derived indexes of every collection: FAISS (dense), BM25 (sparse), and their snapshots."""
+
+    dense: DenseParams = DenseParams()
+    bm25: Bm25Params = Bm25Params()
+    snapshot_interval_s: float = Field(60.0, gt=0)  # index snapshots after writes, at most this often
 
 
 class IngestSettings(BaseModel):
@@ -89,7 +149,9 @@ class Settings(BaseSettings):
 
     triton: TritonSettings = TritonSettings()
     api: ApiSettings = ApiSettings()
+    models: ModelSettings = ModelSettings()
     routing: RoutingSettings = RoutingSettings()
+    index: IndexSettings = IndexSettings()
     ingest: IngestSettings = IngestSettings()
     query: QuerySettings = QuerySettings()
     work_dir: Path = REPO_ROOT / ".tritonrag"

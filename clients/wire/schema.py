@@ -25,6 +25,9 @@ MetadataValue = str | int | float | bool | list[str] | list[int] | list[float]
 Metadata = dict[str, MetadataValue]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+# The HTTP header and gRPC metadata key of a request's id: read from the request (or made up), sent back in the
+# answer, and passed on to Triton.
+REQUEST_ID_HEADER = "x-request-id"
 
 
 def _not_blank_query(value: str) -> str:

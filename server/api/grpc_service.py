@@ -1,10 +1,11 @@
-"""The gRPC front-end: the ``tritonrag.v1.TritonRag`` service over the core, health checking and reflection.
+"""The gRPC front-end: the ``tritonrag.v1.TritonRag`` service, health checking and reflection.
 
 Requests go through their JSON form (``json_format``) into the models of ``schema``, which
 validate them exactly as over HTTP; answers come back the same way. Every error goes
 through ``_rpc``. ``QueryStream`` writes its events with ``context.write`` from within the
 handler, so a cancelled call (the client went away) cancels the handler, which closes the
-core's stream.
+service's stream. The request id of ``Search``, ``Query`` and ``QueryStream`` is the call's
+``x-request-id`` metadata (or a new one), sent back in the initial metadata.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import (
+    REQUEST_ID_HEADER,
     CollectionCreate,
     DeleteByFilterRequest,
     QueryEvent,
@@ -35,7 +37,8 @@ from tritonrag.clients.wire.schema import (
 
 from ..config import ApiSettings
 from ..errors import TritonRagError
-from .common import Core, closing, invalid_argument
+from .common import closing, invalid_argument
+from .services import Answers, Collections, Search
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +50,17 @@ _Reply = TypeVar("_Reply", bound=Message)
 _Result = TypeVar("_Result")
 _Model = TypeVar("_Model", bound=BaseModel)
 
-REQUEST_ID_KEY = "x-request-id"  # metadata key of the request id, read from the call and sent back
 
-
-def create_grpc_server(core: Core, settings: ApiSettings) -> grpc.aio.Server:
-    """A server (not yet started) on ``settings.host:settings.grpc_port`` with the service, health and reflection.
+def create_grpc_server(
+    collections: Collections, search: Search, answers: Answers, settings: ApiSettings
+) -> grpc.aio.Server:
+    """A server (not yet started) on ``settings.host:settings.grpc_port`` with the service over ``collections``,
+    ``search`` and ``answers``, health and reflection.
 
     A message over ``settings.max_request_bytes`` is refused with RESOURCE_EXHAUSTED.
     """
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes)])
-    pb_grpc.add_TritonRagServicer_to_server(_Servicer(core), server)
+    pb_grpc.add_TritonRagServicer_to_server(_Servicer(collections, search, answers), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # "" is SERVING
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
@@ -121,80 +125,83 @@ def _event(event: QueryEvent) -> pb.QueryEvent:
 
 async def _request_id(context: _Context) -> str:
     """The caller's ``x-request-id`` metadata, or a new id; sent back in the initial metadata."""
-    given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY)
+    given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER)
     request_id = given if isinstance(given, str) and given else uuid.uuid4().hex
-    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
     return request_id
 
 
 class _Servicer(pb_grpc.TritonRagServicer):
-    """Each RPC parses its request, calls the core and converts the answer."""
+    """Each RPC parses its request, calls a service and converts the answer."""
 
-    def __init__(self, core: Core) -> None:
-        self._core = core
+    def __init__(self, collections: Collections, search: Search, answers: Answers) -> None:
+        self._collections = collections
+        self._search = search
+        self._answers = answers
 
     @_rpc
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: _Context) -> pb.CollectionInfo:
-        info = await self._core.create_collection(_model(CollectionCreate, request))
+        info = await self._collections.create_collection(_model(CollectionCreate, request))
         return _message(info, pb.CollectionInfo())
 
     @_rpc
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: _Context
     ) -> pb.ListCollectionsResponse:
-        collections = await self._core.list_collections()
+        collections = await self._collections.list_collections()
         return pb.ListCollectionsResponse(collections=[_message(info, pb.CollectionInfo()) for info in collections])
 
     @_rpc
     async def GetCollection(self, request: pb.GetCollectionRequest, context: _Context) -> pb.CollectionInfo:
-        return _message(await self._core.get_collection(request.name), pb.CollectionInfo())
+        return _message(await self._collections.get_collection(request.name), pb.CollectionInfo())
 
     @_rpc
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: _Context
     ) -> pb.DeleteCollectionResponse:
-        await self._core.delete_collection(request.name)
+        await self._collections.delete_collection(request.name)
         return pb.DeleteCollectionResponse()
 
     @_rpc
     async def UpsertDocuments(self, request: pb.UpsertDocumentsRequest, context: _Context) -> pb.UpsertResult:
-        result = await self._core.upsert_documents(
+        result = await self._collections.upsert_documents(
             request.collection, _model(UpsertRequest, request, without="collection")
         )
         return _message(result, pb.UpsertResult())
 
     @_rpc
     async def GetDocument(self, request: pb.GetDocumentRequest, context: _Context) -> pb.Document:
-        return _message(await self._core.get_document(request.collection, request.doc_id), pb.Document())
+        return _message(await self._collections.get_document(request.collection, request.doc_id), pb.Document())
 
     @_rpc
     async def DeleteDocument(self, request: pb.DeleteDocumentRequest, context: _Context) -> pb.DeleteDocumentResponse:
-        await self._core.delete_document(request.collection, request.doc_id)
+        await self._collections.delete_document(request.collection, request.doc_id)
         return pb.DeleteDocumentResponse()
 
     @_rpc
     async def DeleteByFilter(self, request: pb.DeleteByFilterRequest, context: _Context) -> pb.DeleteByFilterResponse:
         filters = _model(DeleteByFilterRequest, request, without="collection")
-        return pb.DeleteByFilterResponse(deleted=await self._core.delete_by_filter(request.collection, filters))
+        return pb.DeleteByFilterResponse(deleted=await self._collections.delete_by_filter(request.collection, filters))
 
     @_rpc
     async def Search(self, request: pb.SearchRequest, context: _Context) -> pb.SearchResponse:
-        return _message(await self._core.search(_model(SearchRequest, request)), pb.SearchResponse())
+        found = await self._search.search(_model(SearchRequest, request), await _request_id(context))
+        return _message(found, pb.SearchResponse())
 
     @_rpc
     async def GetJob(self, request: pb.GetJobRequest, context: _Context) -> pb.JobInfo:
-        return _message(await self._core.get_job(request.id), pb.JobInfo())
+        return _message(await self._collections.get_job(request.id), pb.JobInfo())
 
     @_rpc
     async def Query(self, request: pb.QueryRequest, context: _Context) -> pb.QueryResponse:
         query = _model(QueryRequest, request)
-        return _message(await self._core.query(query, await _request_id(context)), pb.QueryResponse())
+        return _message(await self._answers.query(query, await _request_id(context)), pb.QueryResponse())
 
     @_rpc
     async def QueryStream(  # type: ignore[override]  # a handler that writes with context.write returns None
         self, request: pb.QueryRequest, context: _Context
     ) -> None:
         query = _model(QueryRequest, request).model_copy(update={"stream": True})
-        async with closing(self._core.query_stream(query, await _request_id(context))) as events:
+        async with closing(self._answers.query_stream(query, await _request_id(context))) as events:
             async for event in events:
                 await context.write(_event(event))

@@ -24,11 +24,12 @@ import numpy as np
 import numpy.typing as npt
 
 from tritonrag.clients.wire.schema import CollectionCreate, Document, Filter
-from tritonrag.server.retrieval.dense import DenseIndex, DenseParams
+from tritonrag.server.config import Bm25Params, DenseParams
+from tritonrag.server.retrieval.dense import DenseIndex
 from tritonrag.server.retrieval.filters import compile_filter
 from tritonrag.server.retrieval.locks import ReadWriteLock
 from tritonrag.server.retrieval.snapshot import TMP_SUFFIX, SnapshotError
-from tritonrag.server.retrieval.sparse import Bm25Params, SparseIndex
+from tritonrag.server.retrieval.sparse import SparseIndex
 from tritonrag.server.store.documents import (
     Change,
     ChunkSpan,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ import faiss
 import numpy as np
 
 from tritonrag.clients.wire.schema import IndexType
+from tritonrag.server.config import DenseParams
 from tritonrag.server.errors import InvalidArgumentError
 from tritonrag.server.retrieval.snapshot import (
     PayloadReader,
@@ -40,10 +40,8 @@ from tritonrag.server.retrieval.snapshot import (
 )
 from tritonrag.server.store.documents import FloatMatrix, IdArray, unit_vectors
 
-# k-means trains on at most this many sampled vectors per IVF list, and needs at least
-# MIN_TRAIN_PER_LIST per list (FAISS warns below 39).
+# k-means trains on at most this many sampled vectors per IVF list.
 TRAIN_PER_LIST = 64
-MIN_TRAIN_PER_LIST = 39
 # Smaller batches search on the calling thread alone: concurrent requests are the parallelism, and
 # an OpenMP team costs more than it saves on them (up to 5x more on a busy machine, where the
 # team's waiting threads spin against the working one). The thread count is per calling thread.
@@ -53,28 +51,6 @@ PARALLEL_MIN_QUERIES = 8
 BLAS_MIN_QUERIES = 16
 BLAS_BLOCK = 1 << 15
 _MAX_THREADS = faiss.omp_get_max_threads()
-
-
-@dataclass(frozen=True, slots=True)
-class DenseParams:
-    """Index parameters, tuned with bench/search.py (docs/BENCHMARKS.md, "Vector search")."""
-
-    nlist: int = 1024  # IVF lists; fixed, so an IVF index exists from 39 * nlist vectors on
-    nprobe: int = 64  # IVF lists searched per query
-    hnsw_m: int = 32  # HNSW graph degree
-    ef_construction: int = 64
-    ef_search: int = 64
-    auto_threshold: int = 50_000  # ``auto``: Flat below, auto_kind from here (back to Flat below half)
-    # IVF rather than HNSW for ``auto``: cheap incremental adds and real deletes, where HNSW needs
-    # tombstones and whole rebuilds (a million vectors: 28 minutes on 2 busy cores, IVF 1 minute).
-    auto_kind: IndexType = IndexType.ivf
-    exact_fraction: float = 0.125  # filtered searches allowing at most this share are exact
-    max_deleted_fraction: float = 0.2  # HNSW is rebuilt once tombstones pass this share
-
-    @property
-    def ivf_min_vectors(self) -> int:
-        """The fewest vectors an IVF index is trained on; below it an ``ivf`` collection stays Flat."""
-        return self.nlist * MIN_TRAIN_PER_LIST
 
 
 class VectorSource(Protocol):

@@ -12,13 +12,13 @@ import re
 from array import array
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from tritonrag.server.config import Bm25Params
 from tritonrag.server.errors import InvalidArgumentError
 from tritonrag.server.retrieval.snapshot import (
     PayloadReader,
@@ -37,14 +37,6 @@ _MIN_DEAD_TO_COMPACT = 1024
 def tokenize(text: str) -> list[str]:
     """Case-folded word tokens (Unicode ``\\w+``)."""
     return _TOKEN.findall(text.casefold())
-
-
-@dataclass(frozen=True, slots=True)
-class Bm25Params:
-    """BM25's term-frequency saturation ``k1`` and length normalisation ``b``."""
-
-    k1: float = 1.2
-    b: float = 0.75
 
 
 class SparseIndex:

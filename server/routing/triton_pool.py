@@ -1,10 +1,10 @@
-"""``TritonPool``: the only door to Triton.
+"""``TritonPool``: the only door to Triton: embeddings, reranking scores and generation streams, with retries.
 
-Requests go over ``tritonclient.grpc.aio`` to several Triton endpoints. Each request is sent to
-the routable endpoint (server and model ready at the last health probe, circuit breaker not open)
-with the fewest requests outstanding. Transient failures (UNAVAILABLE, a broken connection, one
-attempt's timeout) are retried on another endpoint when there is one, after a jittered exponential
-backoff, as long as the call's deadline allows. Triton's INVALID_ARGUMENT is never retried.
+Requests go over ``tritonclient.grpc.aio`` to the endpoints of an ``EndpointSet`` (endpoints.py), each
+to the routable endpoint with the fewest requests outstanding. Transient failures (UNAVAILABLE, a
+broken connection, one attempt's timeout) are retried on another endpoint when there is one, after a
+jittered exponential backoff, as long as the call's deadline allows. Triton's INVALID_ARGUMENT is
+never retried.
 """
 
 from __future__ import annotations
@@ -13,31 +13,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
-import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
-import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from tritonrag.clients.wire.schema import ChatMessage, FinishReason, GenerationDelta, ModelVersion, SamplingParams
+from tritonrag.clients.wire.schema import REQUEST_ID_HEADER, ChatMessage, FinishReason, GenerationDelta, SamplingParams
 from tritonrag.export.runtime.contract import (
     BUSY_ERROR,
     INPUT_ERROR,
-    TOKENIZER_FILE,
     EmbedderTensors,
     GeneratorTensors,
     RerankerTensors,
 )
-from tritonrag.server.config import RoutingSettings, Settings
+from tritonrag.server.config import Settings
 from tritonrag.server.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -46,96 +41,12 @@ from tritonrag.server.errors import (
     UnavailableError,
 )
 
-from .resilience import BreakerState, CircuitBreaker, backoff_delay
+from .endpoints import Endpoint, EndpointSet
+from .resilience import backoff_delay
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
 Floats = npt.NDArray[np.float32]
-
-
-class TritonClient(Protocol):
-    """What the pool uses of ``tritonclient.grpc.aio.InferenceServerClient``."""
-
-    async def is_server_ready(self, *, client_timeout: float | None = None) -> bool: ...
-
-    async def is_model_ready(self, model_name: str, *, client_timeout: float | None = None) -> bool: ...
-
-    async def get_model_metadata(self, model_name: str, *, client_timeout: float | None = None) -> Any: ...
-
-    async def get_model_config(
-        self, model_name: str, model_version: str, *, client_timeout: float | None = None
-    ) -> Any: ...
-
-    async def infer(
-        self,
-        model_name: str,
-        inputs: list[Any],
-        *,
-        request_id: str,
-        headers: dict[str, str],
-        client_timeout: float | None,
-    ) -> Any: ...
-
-    def stream_infer(
-        self, inputs_iterator: AsyncIterator[dict[str, Any]], stream_timeout: float | None, headers: dict[str, str]
-    ) -> Any: ...
-
-    async def close(self) -> None: ...
-
-
-def grpc_client(url: str) -> TritonClient:
-    """A real asyncio gRPC client to the Triton server at ``url`` (``host:port``)."""
-    client: TritonClient = aioclient.InferenceServerClient(url)
-    return client
-
-
-def served_version_dir(repository: Path, model: ModelVersion) -> Path:
-    """The served version's folder in the model repository (its ``tokenizer.json``, for chunking).
-
-    The orchestrator runs beside Triton on the same repository in the embedded setup.
-    """
-    version_dir = repository / model.name / model.version
-    if not (version_dir / TOKENIZER_FILE).is_file():
-        raise UnavailableError(
-            f"{model.name} version {model.version} has no {TOKENIZER_FILE} under {repository}; "
-            f"the orchestrator needs the model repository Triton serves from"
-        )
-    return version_dir
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """A model as one endpoint serves it."""
-
-    version: str
-    max_batch_rows: int
-
-
-@dataclass
-class Endpoint:
-    """One Triton server and what the pool knows about it."""
-
-    url: str
-    client: TritonClient
-    breaker: CircuitBreaker
-    outstanding: int = 0
-    ready: bool = False
-    models: dict[str, ServedModel] = field(default_factory=dict)
-
-    def routable(self, model: str) -> bool:
-        return self.ready and model in self.models and self.breaker.available()
-
-
-@dataclass(frozen=True)
-class EndpointStatus:
-    """A snapshot of one endpoint, for readiness reports and tests."""
-
-    url: str
-    ready: bool
-    breaker: BreakerState
-    outstanding: int
-    models: dict[str, str]  # model -> ready version
 
 
 class _RetryableError(Exception):
@@ -154,133 +65,14 @@ def _status(exc: InferenceServerException) -> str:
     return str(exc.status() or "").removeprefix("StatusCode.")
 
 
-class TritonPool:
-    """Clients to several Triton endpoints with routing, health probes, breakers and retries."""
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        settings: RoutingSettings,
-        client_factory: Callable[[str], TritonClient] = grpc_client,
-        clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
-    ) -> None:
-        if not urls:
-            raise ValueError("TritonPool needs at least one endpoint")
-        self.settings = settings
-        self._client_factory = client_factory
-        self._clock = clock
-        self._rng = rng or random.Random()
-        self._urls = list(dict.fromkeys(urls))
-        models = [settings.embedder_model, settings.reranker_model, settings.generator_model]
-        self._models = [*models, settings.fallback_generator_model] if settings.fallback_generator_model else models
-        self._endpoints: list[Endpoint] = []
-        self._probe_task: asyncio.Task[None] | None = None
+class TritonPool(EndpointSet):
+    """The inference calls of the orchestrator, over an ``EndpointSet``."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TritonPool:
         """A pool to ``routing.endpoints``, or to the local Triton when none are listed."""
         urls = settings.routing.endpoints or [f"{settings.triton.address}:{settings.triton.grpc_port}"]
-        return cls(urls, settings.routing)
-
-    async def start(self) -> None:
-        """Open the clients, probe every endpoint once, and keep probing in the background."""
-        if self._endpoints:
-            return
-        self._endpoints = [
-            Endpoint(
-                url,
-                self._client_factory(url),
-                CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s, self._clock),
-            )
-            for url in self._urls
-        ]
-        await self.probe()
-        self._probe_task = asyncio.create_task(self._probe_forever(), name="triton-pool-probe")
-
-    async def close(self) -> None:
-        """Stop probing and close every client."""
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe_task
-            self._probe_task = None
-        for endpoint in self._endpoints:
-            await endpoint.client.close()
-        self._endpoints = []
-
-    async def __aenter__(self) -> TritonPool:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # Health
-
-    async def probe(self) -> None:
-        """Probe every endpoint now: server ready, then each model's readiness, version and batch size."""
-        await asyncio.gather(*(self._probe(endpoint) for endpoint in self._endpoints))
-
-    async def _probe_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.probe_interval_s)
-            await self.probe()
-
-    async def _probe(self, endpoint: Endpoint) -> None:
-        timeout = self.settings.probe_timeout_s
-        models: dict[str, ServedModel] = {}
-        try:
-            ready = bool(await endpoint.client.is_server_ready(client_timeout=timeout))
-            for name in self._models if ready else []:
-                if await endpoint.client.is_model_ready(name, client_timeout=timeout):
-                    models[name] = await self._served_model(endpoint, name, timeout)
-        except Exception as exc:  # a probe must survive anything the endpoint does
-            if endpoint.ready:
-                log.warning("Triton endpoint %s failed its health probe: %s", endpoint.url, exc)
-            ready, models = False, {}
-        if ready and not endpoint.ready:
-            log.info("Triton endpoint %s is ready (models: %s)", endpoint.url, ", ".join(models) or "none")
-        endpoint.ready, endpoint.models = ready, models
-
-    async def _served_model(self, endpoint: Endpoint, name: str, timeout: float) -> ServedModel:
-        metadata = await endpoint.client.get_model_metadata(name, client_timeout=timeout)
-        version = max((str(v) for v in metadata.versions), key=int)
-        known = endpoint.models.get(name)
-        if known is not None and known.version == version:
-            return known
-        config = await endpoint.client.get_model_config(name, version, client_timeout=timeout)
-        return ServedModel(version, max(1, int(config.config.max_batch_size)))
-
-    async def ready(self, model: str | None = None) -> bool:
-        """Whether some endpoint can take requests now (for ``model``, when given)."""
-        if model is None:
-            return any(e.ready and e.breaker.available() for e in self._endpoints)
-        return any(e.routable(model) for e in self._endpoints)
-
-    def status(self) -> list[EndpointStatus]:
-        """Every endpoint's state."""
-        return [
-            EndpointStatus(
-                e.url, e.ready, e.breaker.state(), e.outstanding, {name: m.version for name, m in e.models.items()}
-            )
-            for e in self._endpoints
-        ]
-
-    async def model_version(self, name: str) -> ModelVersion:
-        """The version of ``name`` that the routable endpoints serve (the newest, during a roll-out)."""
-        served = self._served(name)
-        if not served:  # e.g. loaded since the last probe
-            await self.probe()
-            served = self._served(name)
-        if not served:
-            raise UnavailableError(f"no Triton endpoint serves a ready '{name}'")
-        return ModelVersion(name=name, version=max((m.version for m in served), key=int))
-
-    def _served(self, name: str) -> list[ServedModel]:
-        return [e.models[name] for e in self._endpoints if e.routable(name)]
-
-    # Inference
+        return cls(urls, settings.routing, settings.models)
 
     async def embed(
         self, texts: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
@@ -288,7 +80,7 @@ class TritonPool:
         """L2-normalised embeddings, float32 ``[len(texts), dim]``, in the order of ``texts``."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        model = self.settings.embedder_model
+        model = self.models.embedder
 
         def inputs(rows: slice) -> list[Any]:
             return [_bytes_input(EmbedderTensors.TEXT, texts[rows])]
@@ -301,7 +93,7 @@ class TritonPool:
         """Relevance of each passage to ``query``, float32 ``[len(passages)]``; higher is better."""
         if not passages:
             return np.zeros((0,), dtype=np.float32)
-        model = self.settings.reranker_model
+        model = self.models.reranker
 
         def inputs(rows: slice) -> list[Any]:
             chunk = passages[rows]
@@ -390,7 +182,7 @@ class TritonPool:
         """
         if (prompt is None) == (messages is None):
             raise ValueError("generate takes a prompt or messages, not both")
-        model = model or self.settings.generator_model
+        model = model or self.models.generator
         deadline = self._clock() + (deadline_s if deadline_s is not None else self.settings.generate_timeout_s)
         request_id = request_id or uuid.uuid4().hex
         text_input = (
@@ -474,15 +266,6 @@ class TritonPool:
             endpoint.breaker.record_failure()
             return _RetryableError(message)
         return UnavailableError(f"'{model}' failed on {endpoint.url} mid-generation: {message}")
-
-    def _pick(self, model: str, tried: Sequence[Endpoint]) -> Endpoint | None:
-        """The routable endpoint with the fewest outstanding requests, preferring those not tried yet."""
-        routable = [e for e in self._endpoints if e.routable(model)]
-        candidates = [e for e in routable if e not in tried] or routable
-        if not candidates:
-            return None
-        fewest = min(e.outstanding for e in candidates)
-        return self._rng.choice([e for e in candidates if e.outstanding == fewest])
 
     async def _attempt(
         self, endpoint: Endpoint, model: str, inputs: list[Any], output: str, remaining: float, request_id: str

@@ -26,7 +26,7 @@ from tritonrag.clients.wire.schema import ChatMessage, GenerationDelta, Sampling
 from tritonrag.deploy.launcher import TritonServer
 from tritonrag.export.runtime.engine import GenerationEngine, GenerationRequest
 from tritonrag.export.runtime.sampling import SamplingParams as EngineSamplingParams
-from tritonrag.server.config import RoutingSettings
+from tritonrag.server.config import ModelSettings, RoutingSettings
 from tritonrag.server.errors import InvalidArgumentError, ResourceExhaustedError
 from tritonrag.server.routing.resilience import BreakerState
 from tritonrag.server.routing.triton_pool import TritonPool
@@ -40,16 +40,19 @@ HOLD_PROMPT = "Hi there"
 YARDSTICK = SamplingParams(max_tokens=200, temperature=1.0, seed=5)
 
 
-def settings(generator: str = "generator") -> RoutingSettings:
-    """Routing to one Triton: a busy generator is tried twice; probes are patient with a loaded machine."""
-    return RoutingSettings(
-        generator_model=generator,
-        max_attempts=2,
-        backoff_base_s=0.01,
-        backoff_max_s=0.05,
-        probe_interval_s=0.5,
-        probe_timeout_s=10,
-    )
+def pool_to(url: str, generator: str = "generator") -> TritonPool:
+    """A pool to one Triton with ``generator`` as the generator: a busy generator is tried twice; probes are
+    patient with a loaded machine."""
+    return TritonPool([url], ROUTING, ModelSettings(generator=generator))
+
+
+ROUTING = RoutingSettings(
+    max_attempts=2,
+    backoff_base_s=0.01,
+    backoff_max_s=0.05,
+    probe_interval_s=0.5,
+    probe_timeout_s=10,
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +101,7 @@ def served(
     """Every delta of one generation through a fresh pool."""
 
     async def run() -> list[GenerationDelta]:
-        async with TritonPool([triton.endpoints.grpc_url], settings()) as pool:
+        async with pool_to(triton.endpoints.grpc_url) as pool:
             return await collect(pool.generate(params, prompt=prompt, messages=messages))
 
     return asyncio.run(run())
@@ -302,7 +305,7 @@ def test_the_pool_raises_the_models_input_errors_as_invalid_argument(
 
     async def scenario() -> None:
         for generator, params, text, message in cases:
-            async with TritonPool([tiny_triton.endpoints.grpc_url], settings(generator)) as pool:
+            async with pool_to(tiny_triton.endpoints.grpc_url, generator) as pool:
                 with pytest.raises(InvalidArgumentError) as caught:
                     await collect(pool.generate(params, **text))
                 assert str(caught.value) == message
@@ -340,7 +343,7 @@ async def release_frees_the_slot(triton: TritonServer, release: Callable[[], Awa
     client goes away) B runs while a yardstick generation on the other model is still running; then the slot
     and the queue are free again."""
     url = triton.endpoints.grpc_url
-    async with TritonPool([url], settings("generator_small")) as pool, TritonPool([url], settings()) as other:
+    async with pool_to(url, "generator_small") as pool, pool_to(url) as other:
         before = execution_count(triton, "generator_small")
         waiting = asyncio.create_task(collect(pool.generate(SamplingParams(max_tokens=5), prompt="Hello")))
         await eventually(lambda: execution_count(triton, "generator_small") > before, "B has reached the engine")
@@ -367,7 +370,7 @@ async def release_frees_the_slot(triton: TritonServer, release: Callable[[], Awa
 
 def test_closing_a_stream_frees_its_slot_for_the_queued_request(tiny_triton: TritonServer) -> None:
     async def scenario() -> None:
-        async with TritonPool([tiny_triton.endpoints.grpc_url], settings("generator_small")) as pool:
+        async with pool_to(tiny_triton.endpoints.grpc_url, "generator_small") as pool:
             holder = pool.generate(HOLD, prompt=HOLD_PROMPT)
             first = await anext(holder)
             assert first.finish_reason is None

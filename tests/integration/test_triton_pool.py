@@ -18,8 +18,10 @@ import pytest
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
 from tritonrag.server.config import RoutingSettings
 from tritonrag.server.errors import InvalidArgumentError
+from tritonrag.server.routing.endpoints import EndpointStatus
 from tritonrag.server.routing.resilience import BreakerState
-from tritonrag.server.routing.triton_pool import EndpointStatus, TritonPool, served_version_dir
+from tritonrag.server.routing.triton_pool import TritonPool
+from tritonrag.server.services.models import served_version_dir
 
 TEXTS = [f"Sentence number {i} is about {topic}." for i, topic in enumerate(["cats", "ships", "tea", "rain"] * 5)]
 

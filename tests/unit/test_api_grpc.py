@@ -1,9 +1,8 @@
-"""The gRPC front-end over an in-memory core, on a real channel: RPCs, status codes, health, reflection."""
+"""The gRPC front-end over in-memory services, on a real channel: RPCs, status codes, health, reflection."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -16,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import BaseModel
 
-from tests.fake_core import FakeCore, sse_events
+from tests.fakes import FakeAnswers, FakeCollections, FakeSearch, FakeServices, sse_events
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import (
@@ -31,21 +30,14 @@ from tritonrag.clients.wire.schema import (
     SearchRequest,
     SourcesEvent,
 )
+from tritonrag.deploy.launcher import free_port
 from tritonrag.server.api.grpc_service import SERVICE_NAME, create_grpc_server
-from tritonrag.server.api.http import create_http_app
 from tritonrag.server.config import ApiSettings
 from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
 
 pytestmark = pytest.mark.anyio
 
 LIMIT = 4096
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def struct(values: dict[str, Any]) -> struct_pb2.Struct:
@@ -55,8 +47,23 @@ def struct(values: dict[str, Any]) -> struct_pb2.Struct:
 
 
 @pytest.fixture
-def core() -> FakeCore:
-    return FakeCore(inline_max_documents=2)
+def fakes() -> FakeServices:
+    return FakeServices.create(inline_max_documents=2)
+
+
+@pytest.fixture
+def collections(fakes: FakeServices) -> FakeCollections:
+    return fakes.collections
+
+
+@pytest.fixture
+def search(fakes: FakeServices) -> FakeSearch:
+    return fakes.search
+
+
+@pytest.fixture
+def answers(fakes: FakeServices) -> FakeAnswers:
+    return fakes.answers
 
 
 @pytest.fixture
@@ -65,8 +72,8 @@ def settings() -> ApiSettings:
 
 
 @pytest.fixture
-async def channel(core: FakeCore, settings: ApiSettings) -> AsyncIterator[grpc.aio.Channel]:
-    server = create_grpc_server(core, settings)
+async def channel(fakes: FakeServices, settings: ApiSettings) -> AsyncIterator[grpc.aio.Channel]:
+    server = create_grpc_server(fakes.collections, fakes.search, fakes.answers, settings)
     await server.start()
     async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as client_channel:
         yield client_channel
@@ -123,7 +130,7 @@ async def test_collection_lifecycle(stub: pb_grpc.TritonRagAsyncStub) -> None:
     assert code == grpc.StatusCode.NOT_FOUND
 
 
-async def test_documents_inline_and_as_a_job(stub: pb_grpc.TritonRagAsyncStub, core: FakeCore) -> None:
+async def test_documents_inline_and_as_a_job(stub: pb_grpc.TritonRagAsyncStub, collections: FakeCollections) -> None:
     await stub.CreateCollection(pb.CreateCollectionRequest(name="news"))
     metadata = {"year": 2020, "score": 0.5, "tags": ["a", "b"], "draft": False}
     upserted = await stub.UpsertDocuments(
@@ -133,9 +140,9 @@ async def test_documents_inline_and_as_a_job(stub: pb_grpc.TritonRagAsyncStub, c
         )
     )
     assert (upserted.documents, upserted.chunks, upserted.HasField("job_id")) == (2, 2, False)
-    stored = core.documents["news"]["a"].metadata
+    stored = collections.documents["news"]["a"].metadata
     assert stored == metadata and isinstance(stored["year"], int)  # whole Struct numbers arrive as ints
-    assert core.documents["news"]["b"].metadata == {}
+    assert collections.documents["news"]["b"].metadata == {}
 
     document = await stub.GetDocument(pb.GetDocumentRequest(collection="news", doc_id="a"))
     assert (document.text, json_format.MessageToDict(document.metadata)) == ("first", metadata)
@@ -152,7 +159,9 @@ async def test_documents_inline_and_as_a_job(stub: pb_grpc.TritonRagAsyncStub, c
     assert code == grpc.StatusCode.NOT_FOUND
 
 
-async def test_delete_by_filter_and_search(stub: pb_grpc.TritonRagAsyncStub, core: FakeCore) -> None:
+async def test_delete_by_filter_and_search(
+    stub: pb_grpc.TritonRagAsyncStub, collections: FakeCollections, search: FakeSearch
+) -> None:
     await stub.CreateCollection(pb.CreateCollectionRequest(name="news"))
     documents = [
         pb.DocumentIn(id=i, text=f"text {i}", metadata=struct({"lang": lang})) for i, lang in (("a", "en"), ("b", "fr"))
@@ -160,7 +169,7 @@ async def test_delete_by_filter_and_search(stub: pb_grpc.TritonRagAsyncStub, cor
     await stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="news", documents=documents))
 
     found = await stub.Search(pb.SearchRequest(collection="news", query="text"))
-    assert core.searches[-1] == SearchRequest(collection="news", query="text")  # unset fields take the defaults
+    assert search.searches[-1] == SearchRequest(collection="news", query="text")  # unset fields take the defaults
     assert [hit.doc_id for hit in found.hits] == ["a", "b"]
     assert (dict(found.hits[0].scores), dict(found.timings_ms)) == ({"dense": 0.5, "sparse": 2.0}, {"total": 1.5})
 
@@ -170,7 +179,7 @@ async def test_delete_by_filter_and_search(stub: pb_grpc.TritonRagAsyncStub, cor
     )
     found = await stub.Search(request)
     assert [hit.doc_id for hit in found.hits] == ["b"]
-    assert core.searches[-1] == SearchRequest.model_validate(
+    assert search.searches[-1] == SearchRequest.model_validate(
         {
             "collection": "news",
             "query": "text",
@@ -180,13 +189,13 @@ async def test_delete_by_filter_and_search(stub: pb_grpc.TritonRagAsyncStub, cor
             "mmr": {"lambda": 0.25},
         }
     )
-    assert (core.searches[-1].mode, core.searches[-1].mmr) == (SearchMode.dense, Mmr(**{"lambda": 0.25}))
+    assert (search.searches[-1].mode, search.searches[-1].mmr) == (SearchMode.dense, Mmr(**{"lambda": 0.25}))
 
     deleted = await stub.DeleteByFilter(
         pb.DeleteByFilterRequest(collection="news", filters=struct({"field": "lang", "op": "eq", "value": "en"}))
     )
     assert deleted.deleted == 1
-    assert list(core.documents["news"]) == ["b"]
+    assert list(collections.documents["news"]) == ["b"]
 
 
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str, Message]] = [
@@ -239,14 +248,15 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str, Message]] = [
 @pytest.mark.parametrize(("path", "body", "method", "request_message"), BAD_REQUESTS)
 async def test_a_bad_request_gets_the_same_message_over_http_and_grpc(
     stub: pb_grpc.TritonRagAsyncStub,
-    core: FakeCore,
+    fakes: FakeServices,
+    answers: FakeAnswers,
     settings: ApiSettings,
     path: str,
     body: dict[str, Any],
     method: str,
     request_message: Message,
 ) -> None:
-    with TestClient(create_http_app(core, settings)) as client:
+    with TestClient(fakes.http_app(settings)) as client:
         over_http = client.post(path, json=body)
     assert over_http.status_code == 422
     error = over_http.json()["error"]
@@ -254,7 +264,7 @@ async def test_a_bad_request_gets_the_same_message_over_http_and_grpc(
 
     code, details = await failure(getattr(stub, method)(request_message))
     assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, error["message"])
-    assert not core.queries
+    assert not answers.queries
 
 
 async def test_a_message_over_the_limit_is_resource_exhausted(stub: pb_grpc.TritonRagAsyncStub) -> None:
@@ -263,12 +273,12 @@ async def test_a_message_over_the_limit_is_resource_exhausted(stub: pb_grpc.Trit
 
 
 async def test_a_bug_is_internal_without_details(
-    stub: pb_grpc.TritonRagAsyncStub, core: FakeCore, monkeypatch: pytest.MonkeyPatch
+    stub: pb_grpc.TritonRagAsyncStub, search: FakeSearch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(request: SearchRequest) -> None:
+    async def broken(request: SearchRequest, request_id: str | None = None) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(core, "search", broken)
+    monkeypatch.setattr(search, "search", broken)
     assert await failure(stub.Search(pb.SearchRequest(collection="news", query="q"))) == (
         grpc.StatusCode.INTERNAL,
         "internal error",
@@ -309,9 +319,9 @@ async def news(stub: pb_grpc.TritonRagAsyncStub) -> pb_grpc.TritonRagAsyncStub:
 
 
 async def test_query_and_query_stream_answer_as_over_http(
-    news: pb_grpc.TritonRagAsyncStub, core: FakeCore, settings: ApiSettings
+    news: pb_grpc.TritonRagAsyncStub, fakes: FakeServices, answers: FakeAnswers, settings: ApiSettings
 ) -> None:
-    core.degraded, core.dropped_passages = ["embed"], 3
+    answers.degraded, answers.dropped_passages = ["embed"], 3
     filters = {"field": "lang", "op": "in", "value": ["en", "de"]}
     body = {
         "collection": "news",
@@ -331,32 +341,45 @@ async def test_query_and_query_stream_answer_as_over_http(
         rerank=True,
         sampling=pb.SamplingParams(max_tokens=4, temperature=0.5, top_p=0.9, seed=2**40, stop=["\n"]),
     )
-    with TestClient(create_http_app(core, settings)) as client:
+    with TestClient(fakes.http_app(settings)) as client:
         over_http = QueryResponse.model_validate(client.post("/v1/query", json=body).json())
-        http_request = core.queries[-1]
+        http_request = answers.queries[-1]
         events_over_http = [data for _, data in sse_events(client.post("/v1/query", json=body | {"stream": True}))]
-        http_stream_request = core.queries[-1]
+        http_stream_request = answers.queries[-1]
 
     answer = await news.Query(message, metadata=(("x-request-id", "req-1"),))
-    assert core.queries[-1] == http_request == QueryRequest.model_validate(body)
-    assert core.request_ids[-1] == "req-1"
+    assert answers.queries[-1] == http_request == QueryRequest.model_validate(body)
+    assert answers.request_ids[-1] == "req-1"
     assert model_of(QueryResponse, answer) == over_http
     assert over_http.sources[0].metadata == {"lang": "en", "year": 2020}
     assert (over_http.dropped_passages, over_http.degraded, over_http.finish_reason) == (3, ["embed"], "length")
 
     call = news.QueryStream(message)
     events = [event_of(event) async for event in call]
-    assert core.queries[-1] == http_stream_request == QueryRequest.model_validate(body | {"stream": True})
+    assert answers.queries[-1] == http_stream_request == QueryRequest.model_validate(body | {"stream": True})
     assert [event.model_dump(mode="json") for event in events] == events_over_http
     assert [type(event) for event in events] == [SourcesEvent] + [DeltaEvent] * 4 + [DoneEvent]
-    assert dict(await call.initial_metadata())["x-request-id"] == core.request_ids[-1]  # made up, sent back
-    assert core.streams_closed == [True, True, True, True]
+    assert dict(await call.initial_metadata())["x-request-id"] == answers.request_ids[-1]  # made up, sent back
+    assert answers.streams_closed == [True, True, True, True]
 
 
-async def test_query_takes_the_defaults_of_unset_fields(news: pb_grpc.TritonRagAsyncStub, core: FakeCore) -> None:
+async def test_search_takes_the_request_id_and_sends_it_back(
+    news: pb_grpc.TritonRagAsyncStub, search: FakeSearch
+) -> None:
+    call = news.Search(pb.SearchRequest(collection="news", query="q"), metadata=(("x-request-id", "req-9"),))
+    await call
+    assert search.request_ids[-1] == "req-9"
+    assert dict(await call.initial_metadata())["x-request-id"] == "req-9"
+
+    made_up = news.Search(pb.SearchRequest(collection="news", query="q"))
+    await made_up
+    assert dict(await made_up.initial_metadata())["x-request-id"] == search.request_ids[-1]
+
+
+async def test_query_takes_the_defaults_of_unset_fields(news: pb_grpc.TritonRagAsyncStub, answers: FakeAnswers) -> None:
     answer = await news.Query(pb.QueryRequest(collection="news", query="q"))
-    assert core.queries[-1] == QueryRequest(collection="news", query="q")
-    assert core.queries[-1].sampling == SamplingParams(max_tokens=256)
+    assert answers.queries[-1] == QueryRequest(collection="news", query="q")
+    assert answers.queries[-1].sampling == SamplingParams(max_tokens=256)
     assert [(source.citation, source.doc_id, source.cited) for source in answer.sources] == [
         (1, "a", True),
         (2, "b", False),
@@ -366,14 +389,14 @@ async def test_query_takes_the_defaults_of_unset_fields(news: pb_grpc.TritonRagA
 
 @pytest.mark.parametrize("method", ["Query", "QueryStream"])
 async def test_query_errors_before_the_first_event(
-    news: pb_grpc.TritonRagAsyncStub, core: FakeCore, method: str
+    news: pb_grpc.TritonRagAsyncStub, answers: FakeAnswers, method: str
 ) -> None:
     rpc = getattr(news, method)
     assert await failure(rpc(pb.QueryRequest(collection="absent", query="q"))) == (
         grpc.StatusCode.NOT_FOUND,
         "collection 'absent' does not exist",
     )
-    core.generation_error = ResourceExhaustedError("the generator's queue is full")
+    answers.start_error = ResourceExhaustedError("the generator's queue is full")
     assert await failure(rpc(pb.QueryRequest(collection="news", query="q"))) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "the generator's queue is full",
@@ -381,9 +404,9 @@ async def test_query_errors_before_the_first_event(
 
 
 async def test_a_stream_failing_midway_ends_with_the_error_status(
-    news: pb_grpc.TritonRagAsyncStub, core: FakeCore
+    news: pb_grpc.TritonRagAsyncStub, answers: FakeAnswers
 ) -> None:
-    core.mid_stream_error = UnavailableError("generator unavailable")
+    answers.stream_error = UnavailableError("generator unavailable")
     call = news.QueryStream(pb.QueryRequest(collection="news", query="q"))
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -391,18 +414,20 @@ async def test_a_stream_failing_midway_ends_with_the_error_status(
             received.append(event.WhichOneof("event"))
     assert received == ["sources", "delta"]
     assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.UNAVAILABLE, "generator unavailable")
-    assert core.streams_closed == [False]
+    assert answers.streams_closed == [False]
 
 
-async def test_a_cancelled_stream_closes_the_core_stream(news: pb_grpc.TritonRagAsyncStub, core: FakeCore) -> None:
-    core.pause_after_deltas = 1  # the stream waits after its first delta until the call is cancelled
+async def test_a_cancelled_stream_closes_the_core_stream(
+    news: pb_grpc.TritonRagAsyncStub, answers: FakeAnswers
+) -> None:
+    answers.stream = "idle"  # the stream waits after its first delta until the call is cancelled
     call = news.QueryStream(pb.QueryRequest(collection="news", query="q"))
     for expected in ("sources", "delta"):
         event = await call.read()
         assert isinstance(event, pb.QueryEvent) and event.WhichOneof("event") == expected
-    await asyncio.wait_for(core.stream_paused.wait(), timeout=5)
-    assert core.streams_closed == []
+    await asyncio.wait_for(answers.stream_paused.wait(), timeout=5)
+    assert answers.streams_closed == []
 
     assert call.cancel()
-    await asyncio.wait_for(core.stream_closed.wait(), timeout=5)
-    assert core.streams_closed == [False]
+    await asyncio.wait_for(answers.stream_closed.wait(), timeout=5)
+    assert answers.streams_closed == [False]

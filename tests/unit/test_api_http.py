@@ -1,18 +1,16 @@
-"""The HTTP front-end over an in-memory core: routes, status codes and the error body."""
+"""The HTTP front-end over in-memory services: routes, status codes and the error body."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx2
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from tests.fake_core import FakeCore, answer_pieces, sse_events
+from tests.fakes import FakeAnswers, FakeReadiness, FakeSearch, FakeServices, answer_pieces, sse_events
+from tests.harness import serving, wait_until
 from tritonrag.clients.http_client import ApiError, TritonRagClient
 from tritonrag.clients.wire.schema import (
     CollectionCreate,
@@ -26,8 +24,6 @@ from tritonrag.clients.wire.schema import (
     SearchRequest,
     SourcesEvent,
 )
-from tritonrag.deploy.launcher import free_port
-from tritonrag.server.api.http import create_http_app
 from tritonrag.server.config import ApiSettings
 from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
 
@@ -35,13 +31,28 @@ LIMIT = 4096
 
 
 @pytest.fixture
-def core() -> FakeCore:
-    return FakeCore(inline_max_documents=2)
+def fakes() -> FakeServices:
+    return FakeServices.create(inline_max_documents=2)
 
 
 @pytest.fixture
-def client(core: FakeCore) -> Iterator[TestClient]:
-    app = create_http_app(core, ApiSettings(max_request_bytes=LIMIT))
+def search(fakes: FakeServices) -> FakeSearch:
+    return fakes.search
+
+
+@pytest.fixture
+def answers(fakes: FakeServices) -> FakeAnswers:
+    return fakes.answers
+
+
+@pytest.fixture
+def readiness(fakes: FakeServices) -> FakeReadiness:
+    return fakes.readiness
+
+
+@pytest.fixture
+def client(fakes: FakeServices) -> Iterator[TestClient]:
+    app = fakes.http_app(ApiSettings(max_request_bytes=LIMIT))
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -108,7 +119,7 @@ def test_documents_inline_and_as_a_job(client: TestClient) -> None:
     assert client.get("/v1/jobs/nope").status_code == 404
 
 
-def test_delete_by_filter_and_search(client: TestClient, core: FakeCore) -> None:
+def test_delete_by_filter_and_search(client: TestClient, search: FakeSearch) -> None:
     client.post("/v1/collections", json={"name": "news"})
     client.post("/v1/collections/news/documents", json=docs("a", "b", lang="en"))
     client.post("/v1/collections/news/documents", json=docs("c", lang="fr"))
@@ -119,7 +130,7 @@ def test_delete_by_filter_and_search(client: TestClient, core: FakeCore) -> None
     assert [hit["doc_id"] for hit in body["hits"]] == ["a", "b"]
     assert body["hits"][0]["scores"] == {"dense": 0.5, "sparse": 2.0}
     assert body["timings_ms"] == {"total": 1.5}
-    assert core.searches[-1] == SearchRequest(collection="news", query="text", top_k=2)
+    assert search.searches[-1] == SearchRequest(collection="news", query="text", top_k=2)
 
     deleted = client.post(
         "/v1/collections/news/documents:delete", json={"filters": {"field": "lang", "op": "eq", "value": "en"}}
@@ -205,20 +216,20 @@ def test_unknown_routes_and_methods_use_the_error_body(client: TestClient) -> No
     assert error_of(wrong_method)["code"] == "UNIMPLEMENTED"
 
 
-def test_a_bug_is_500_without_details(client: TestClient, core: FakeCore, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(request: SearchRequest) -> None:
+def test_a_bug_is_500_without_details(client: TestClient, search: FakeSearch, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(request: SearchRequest, request_id: str | None = None) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(core, "search", broken)
+    monkeypatch.setattr(search, "search", broken)
     response = client.post("/v1/search", json={"collection": "news", "query": "q"})
     assert response.status_code == 500
     assert error_of(response) == {"code": "INTERNAL", "message": "internal error", "field": None}
 
 
-def test_health_and_readiness(client: TestClient, core: FakeCore) -> None:
+def test_health_and_readiness(client: TestClient, readiness: FakeReadiness) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
-    core.ready["triton"] = False
+    readiness.ready["triton"] = False
     not_ready = client.get("/readyz")
     assert (not_ready.status_code, not_ready.json()) == (503, {"triton": False, "stores": True})
 
@@ -250,7 +261,7 @@ def test_openapi_describes_the_routes_and_the_error_body(client: TestClient) -> 
 # POST /v1/query
 
 
-def test_query_answers_with_numbered_sources(news: TestClient, core: FakeCore) -> None:
+def test_query_answers_with_numbered_sources(news: TestClient, answers: FakeAnswers) -> None:
     body = {"collection": "news", "query": "what is new?", "filters": {"field": "lang", "op": "eq", "value": "en"}}
     answered = news.post("/v1/query", json=body, headers={"x-request-id": "req-1"})
     assert answered.status_code == 200
@@ -262,16 +273,16 @@ def test_query_answers_with_numbered_sources(news: TestClient, core: FakeCore) -
         (2, "b", False),
     ]
     assert (answer.finish_reason, answer.usage.completion_tokens, answer.dropped_passages) == (FinishReason.stop, 5, 0)
-    assert core.queries[-1] == QueryRequest.model_validate(body)  # generation takes its defaults: max_tokens 256
-    assert core.queries[-1].sampling == SamplingParams(max_tokens=256)
-    assert core.request_ids[-1] == "req-1"
+    assert answers.queries[-1] == QueryRequest.model_validate(body)  # generation takes its defaults: max_tokens 256
+    assert answers.queries[-1].sampling == SamplingParams(max_tokens=256)
+    assert answers.request_ids[-1] == "req-1"
 
     news.post("/v1/query", json={"collection": "news", "query": "q"})
-    assert core.request_ids[-1] and core.request_ids[-1] != "req-1"  # made up when not given
+    assert answers.request_ids[-1] and answers.request_ids[-1] != "req-1"  # made up when not given
 
 
-def test_query_streams_sources_deltas_and_done(news: TestClient, core: FakeCore) -> None:
-    core.degraded = ["rerank"]
+def test_query_streams_sources_deltas_and_done(news: TestClient, answers: FakeAnswers) -> None:
+    answers.degraded = ["rerank"]
     body = {"collection": "news", "query": "what is new?", "top_k": 2, "sampling": {"max_tokens": 3}}
     whole = QueryResponse.model_validate(news.post("/v1/query", json=body).json())
     streamed = news.post("/v1/query", json=body | {"stream": True}, headers={"x-request-id": "req-2"})
@@ -288,17 +299,19 @@ def test_query_streams_sources_deltas_and_done(news: TestClient, core: FakeCore)
     assert "".join(delta.text for delta in deltas) == whole.answer == "".join(answer_pieces("what is new?", 2)[:3])
     assert (done.usage, done.finish_reason, done.timings_ms) == (whole.usage, FinishReason.length, whole.timings_ms)
     assert (done.cited, done.degraded) == ([], ["rerank"])
-    assert core.queries[-1] == QueryRequest.model_validate(body | {"stream": True})
-    assert core.streams_closed == [True, True]
+    assert answers.queries[-1] == QueryRequest.model_validate(body | {"stream": True})
+    assert answers.streams_closed == [True, True]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_query_errors_before_the_first_event_are_error_answers(news: TestClient, core: FakeCore, stream: bool) -> None:
+def test_query_errors_before_the_first_event_are_error_answers(
+    news: TestClient, answers: FakeAnswers, stream: bool
+) -> None:
     missing = news.post("/v1/query", json={"collection": "absent", "query": "q", "stream": stream})
     assert missing.status_code == 404
     assert error_of(missing) == {"code": "NOT_FOUND", "message": "collection 'absent' does not exist", "field": None}
 
-    core.generation_error = ResourceExhaustedError("the generator's queue is full")
+    answers.start_error = ResourceExhaustedError("the generator's queue is full")
     busy = news.post("/v1/query", json={"collection": "news", "query": "q", "stream": stream})
     assert busy.status_code == 429
     assert error_of(busy) == {"code": "RESOURCE_EXHAUSTED", "message": "the generator's queue is full", "field": None}
@@ -312,52 +325,28 @@ def test_query_errors_before_the_first_event_are_error_answers(news: TestClient,
     ],
 )
 def test_query_errors_after_the_first_event_are_error_events(
-    news: TestClient, core: FakeCore, failure: Exception, error: dict[str, str]
+    news: TestClient, answers: FakeAnswers, failure: Exception, error: dict[str, str]
 ) -> None:
-    core.mid_stream_error = failure
+    answers.stream_error = failure
     streamed = news.post("/v1/query", json={"collection": "news", "query": "q", "stream": True})
     assert streamed.status_code == 200
     events = sse_events(streamed)
     assert [name for name, _ in events] == ["sources", "delta", "error"]
     assert events[-1][1] == {"error": error | {"field": None}}
-    assert core.streams_closed == [False]
+    assert answers.streams_closed == [False]
 
 
 # Over a real server: the SDK, and a client that goes away mid-stream
 
 
 @pytest.fixture
-def served(core: FakeCore) -> Iterator[str]:
-    """The HTTP API over ``core`` served by uvicorn in a thread; its base URL."""
-    settings = ApiSettings(http_port=free_port(), max_request_bytes=LIMIT)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_http_app(core, settings),
-            host=settings.host,
-            port=settings.http_port,
-            lifespan="off",
-            log_level="warning",
-            timeout_graceful_shutdown=1,
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, "uvicorn started")
-    try:
-        yield f"http://{settings.host}:{settings.http_port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+def served(fakes: FakeServices) -> Iterator[str]:
+    """The HTTP API over the fakes served by uvicorn in a thread; its base URL."""
+    with serving(fakes.http_app(ApiSettings(max_request_bytes=LIMIT))) as url:
+        yield url
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def test_sdk_query_and_query_stream(served: str, core: FakeCore) -> None:
+def test_sdk_query_and_query_stream(served: str, answers: FakeAnswers) -> None:
     request = QueryRequest(collection="news", query="what is new?", sampling=SamplingParams(seed=7))
     with TritonRagClient(served) as sdk:
         for call in (sdk.query, lambda request: list(sdk.query_stream(request))):
@@ -368,9 +357,9 @@ def test_sdk_query_and_query_stream(served: str, core: FakeCore) -> None:
         sdk.create_collection(CollectionCreate(name="news"))
         sdk.upsert("news", [DocumentIn(id="a", text="text of a", metadata={"year": 2020})])
         answer = sdk.query(request, request_id="req-3")
-        assert core.queries[-1] == request and core.request_ids[-1] == "req-3"
+        assert answers.queries[-1] == request and answers.request_ids[-1] == "req-3"
         events = list(sdk.query_stream(request, request_id="req-4"))
-        assert core.queries[-1] == request.model_copy(update={"stream": True}) and core.request_ids[-1] == "req-4"
+        assert answers.queries[-1] == request.model_copy(update={"stream": True}) and answers.request_ids[-1] == "req-4"
 
         assert [type(event) for event in events] == [SourcesEvent] + [DeltaEvent] * 5 + [DoneEvent]
         sources, *deltas, done = events
@@ -380,7 +369,7 @@ def test_sdk_query_and_query_stream(served: str, core: FakeCore) -> None:
         assert "".join(delta.text for delta in deltas if isinstance(delta, DeltaEvent)) == answer.answer
         assert (done.usage, done.finish_reason, done.cited) == (answer.usage, answer.finish_reason, [1])
 
-        core.mid_stream_error = UnavailableError("generator unavailable")
+        answers.stream_error = UnavailableError("generator unavailable")
         received = []
         with pytest.raises(ApiError) as failed:
             for event in sdk.query_stream(request):
@@ -393,17 +382,17 @@ def test_sdk_query_and_query_stream(served: str, core: FakeCore) -> None:
         assert [type(event) for event in received] == [SourcesEvent, DeltaEvent]
 
 
-def test_a_client_going_away_mid_stream_closes_the_core_stream(served: str, core: FakeCore) -> None:
-    core.pause_after_deltas = 1  # the stream waits after its first delta until the client goes away
+def test_a_client_going_away_mid_stream_closes_the_core_stream(served: str, answers: FakeAnswers) -> None:
+    answers.stream = "idle"  # the stream waits after its first delta until the client goes away
     with TritonRagClient(served) as sdk:
         sdk.create_collection(CollectionCreate(name="news"))
         sdk.upsert("news", [DocumentIn(id="a", text="text of a")])
         events = sdk.query_stream(QueryRequest(collection="news", query="q"))
         assert isinstance(next(events), SourcesEvent)
         assert isinstance(next(events), DeltaEvent)
-        wait_until(core.stream_paused.is_set, "the stream to pause")
-        assert core.streams_closed == []
+        wait_until(answers.stream_paused.is_set, "the stream to pause")
+        assert answers.streams_closed == []
         events.close()  # leaving the loop early closes the connection
 
-        wait_until(lambda: core.streams_closed == [False], "the core stream to be closed")
-        assert core.streams_started == 1
+        wait_until(lambda: answers.streams_closed == [False], "the core stream to be closed")
+        assert answers.streams_started == 1

@@ -1,73 +1,56 @@
-"""The OpenAI-compatible endpoints, served by uvicorn over a scripted core, called by the official ``openai`` client."""
+"""The OpenAI-compatible endpoints, served by uvicorn over fake services, called by the official ``openai`` client."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import socket
-import threading
-import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any
 
 import httpx2
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.fakes import PROMPT_TOKENS, SERVED, VECTORS, FakeAnswers, FakeModels, FakeServices, Pace
+from tests.harness import serving
 from tritonrag.clients.wire.schema import (
     ChatMessage,
     CollectionCreate,
-    CollectionInfo,
-    DeleteByFilterRequest,
-    Document,
-    Embeddings,
+    DocumentIn,
     FinishReason,
-    GenerationDelta,
     Grounding,
-    JobInfo,
-    ModelVersion,
-    QueryEvent,
-    QueryRequest,
-    QueryResponse,
     SamplingParams,
-    SearchRequest,
-    SearchResponse,
     Source,
     UpsertRequest,
-    UpsertResult,
 )
 from tritonrag.server.api.openai import openai_router
+from tritonrag.server.api.request_id import RequestIds
+from tritonrag.server.config import ModelSettings
 from tritonrag.server.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
-    TritonRagError,
     UnavailableError,
 )
 
 REPLY = ["The capital", " of France", " is Paris", " [1]."]
-PROMPT_TOKENS, COMPLETION_TOKENS = 12, 4
-VECTORS = [[0.5, -0.25, 0.125, 1.0], [0.0, 1.5, -2.0, 0.75]]  # exact in float32
-SOURCES = [
+COMPLETION_TOKENS = len(REPLY)  # a token per piece
+SOURCES = [  # the one document of the collection "docs", as the fake search finds it
     Source(
         citation=1,
         doc_id="paris",
-        chunk_id=7,
+        chunk_id=0,
         text="Paris is the capital of France.",
         start=0,
         end=31,
         metadata={"year": 2024},
-        score=0.9,
-        cited=True,
+        score=1.0,
     )
 ]
-SERVED = [ModelVersion(name=name, version="1") for name in ("embedder", "reranker", "generator")]
 GROUNDING = {
     "collection": "docs",
     "top_k": 3,
@@ -75,159 +58,44 @@ GROUNDING = {
     "filters": {"field": "year", "op": "gte", "value": 2020},
     "rerank": True,
 }
-Stream = Literal["finite", "busy", "idle"]
 
 
-class ScriptedCore:
-    """The core's generation and embedding calls, scripted and recorded; the rest is not used here."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Forgets the calls and the script of the last test."""
-        self.chats: list[tuple[list[ChatMessage], SamplingParams, Grounding | None]] = []
-        self.completions: list[tuple[str, SamplingParams]] = []
-        self.embedded: list[list[str]] = []
-        self.call_error: TritonRagError | None = None  # raised by the call itself
-        self.start_error: TritonRagError | None = None  # raised by the stream before the first delta
-        self.stream_error: TritonRagError | None = None  # raised by the stream after the first delta
-        self.stream: Stream = "finite"  # busy: deltas without end; idle: one delta, then nothing
-        self.finish_reason = FinishReason.stop
-        self.served = list(SERVED)
-        self.streams_closed = threading.Event()  # a stream's clean-up ran to its end (on the server's thread)
-
-    async def _deltas(self) -> AsyncGenerator[GenerationDelta]:
-        try:
-            if self.start_error is not None:
-                raise self.start_error
-            yield GenerationDelta(text=REPLY[0])
-            if self.stream_error is not None:
-                raise self.stream_error
-            while self.stream == "busy":
-                await asyncio.sleep(0.005)
-                yield GenerationDelta(text=" and so on")
-            if self.stream == "idle":
-                await asyncio.Event().wait()
-            for text in REPLY[1:-1]:
-                yield GenerationDelta(text=text)
-            yield GenerationDelta(
-                text=REPLY[-1],
-                finish_reason=self.finish_reason,
-                prompt_tokens=PROMPT_TOKENS,
-                completion_tokens=COMPLETION_TOKENS,
-            )
-        finally:
-            await asyncio.sleep(0.01)  # clean-up that awaits, as a core's may: it must not be cut short
-            self.streams_closed.set()
-
-    async def chat(
-        self,
-        messages: Sequence[ChatMessage],
-        params: SamplingParams,
-        grounding: Grounding | None = None,
-        request_id: str | None = None,
-    ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
-        self.chats.append((list(messages), params, grounding))
-        if self.call_error is not None:
-            raise self.call_error
-        return (SOURCES if grounding is not None else []), self._deltas()
-
-    def complete(
-        self, prompt: str, params: SamplingParams, request_id: str | None = None
-    ) -> AsyncGenerator[GenerationDelta]:
-        self.completions.append((prompt, params))
-        return self._deltas()
-
-    async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings:
-        self.embedded.append(list(texts))
-        if self.call_error is not None:
-            raise self.call_error
-        return Embeddings(
-            model=SERVED[0], vectors=[VECTORS[i % 2] for i in range(len(texts))], prompt_tokens=3 * len(texts)
-        )
-
-    async def served_models(self) -> list[ModelVersion]:
-        return self.served
-
-    async def create_collection(self, request: CollectionCreate) -> CollectionInfo:
-        raise NotImplementedError
-
-    async def list_collections(self) -> list[CollectionInfo]:
-        raise NotImplementedError
-
-    async def get_collection(self, name: str) -> CollectionInfo:
-        raise NotImplementedError
-
-    async def delete_collection(self, name: str) -> None:
-        raise NotImplementedError
-
-    async def upsert_documents(self, collection: str, request: UpsertRequest) -> UpsertResult:
-        raise NotImplementedError
-
-    async def get_document(self, collection: str, doc_id: str) -> Document:
-        raise NotImplementedError
-
-    async def delete_document(self, collection: str, doc_id: str) -> None:
-        raise NotImplementedError
-
-    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> int:
-        raise NotImplementedError
-
-    async def search(self, request: SearchRequest) -> SearchResponse:
-        raise NotImplementedError
-
-    async def get_job(self, job_id: str) -> JobInfo:
-        raise NotImplementedError
-
-    async def readiness(self) -> dict[str, bool]:
-        raise NotImplementedError
-
-    async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
-        raise NotImplementedError
-
-    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]:
-        raise NotImplementedError
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """``app`` served by uvicorn on a free loopback port in a background thread; yields the ``/v1`` URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+async def store_sources(fakes: FakeServices) -> None:
+    """The collection "docs" with a document per source."""
+    await fakes.collections.create_collection(CollectionCreate(name="docs"))
+    documents = [DocumentIn(id=source.doc_id, text=source.text, metadata=source.metadata) for source in SOURCES]
+    await fakes.collections.upsert_documents("docs", UpsertRequest(documents=documents))
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[ScriptedCore, str]]:
-    """One server for the module, over one core that each test resets."""
-    core = ScriptedCore()
+def served() -> Iterator[tuple[FakeServices, str]]:
+    """One server for the module, over fakes that each test resets."""
+    fakes = FakeServices.create()
+    asyncio.run(store_sources(fakes))
     app = FastAPI()  # no exception handlers: the router answers its own errors
-    app.include_router(openai_router(core))
+    app.include_router(openai_router(fakes.answers, fakes.models, ModelSettings()))
+    app.add_middleware(RequestIds)
     with serving(app) as url:
-        yield core, url
+        yield fakes, f"{url}/v1"
 
 
 @pytest.fixture
-def core(served: tuple[ScriptedCore, str]) -> ScriptedCore:
-    served[0].reset()
-    return served[0]
+def answers(served: tuple[FakeServices, str]) -> FakeAnswers:
+    """The chats, answering ``REPLY`` to everything."""
+    answers = served[0].answers
+    answers.reset()
+    answers.reply = REPLY
+    return answers
 
 
 @pytest.fixture
-def base_url(served: tuple[ScriptedCore, str], core: ScriptedCore) -> str:
+def models(served: tuple[FakeServices, str]) -> FakeModels:
+    served[0].models.reset()
+    return served[0].models
+
+
+@pytest.fixture
+def base_url(served: tuple[FakeServices, str], answers: FakeAnswers, models: FakeModels) -> str:
     return served[1]
 
 
@@ -266,7 +134,7 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
 # Chat completions
 
 
-def test_chat_completion(client: openai.OpenAI, core: ScriptedCore) -> None:
+def test_chat_completion(client: openai.OpenAI, answers: FakeAnswers) -> None:
     completion = client.chat.completions.create(
         model="generator",
         messages=[
@@ -287,17 +155,17 @@ def test_chat_completion(client: openai.OpenAI, core: ScriptedCore) -> None:
         PROMPT_TOKENS + COMPLETION_TOKENS,
     )
     assert "tritonrag" not in (completion.model_extra or {})
-    [(messages, params, grounding)] = core.chats
+    [(messages, params, grounding)] = answers.chats
     assert messages == [
         ChatMessage(role="system", content="Be brief."),
         ChatMessage(role="user", content="Capital\nof France?"),
     ]
     assert params == SamplingParams(temperature=1.0)  # OpenAI's default temperature
     assert grounding is None
-    assert core.streams_closed.is_set()
+    assert answers.streams_closed.is_set()
 
 
-def test_chat_parameters(client: openai.OpenAI, core: ScriptedCore) -> None:
+def test_chat_parameters(client: openai.OpenAI, answers: FakeAnswers) -> None:
     client.chat.completions.create(
         model="generator",
         messages=USER,
@@ -310,7 +178,7 @@ def test_chat_parameters(client: openai.OpenAI, core: ScriptedCore) -> None:
         extra_body={"top_k": 40, "repetition_penalty": 1.2, "presence_penalty": 0},
     )
     client.chat.completions.create(model="generator", messages=USER, max_tokens=8, stop=["a", "b"])
-    assert [params for _, params, _ in core.chats] == [
+    assert [params for _, params, _ in answers.chats] == [
         SamplingParams(
             max_tokens=32, temperature=0.0, top_p=0.5, seed=7, stop=["\n"], top_k=40, repetition_penalty=1.2
         ),
@@ -322,14 +190,14 @@ def test_chat_parameters(client: openai.OpenAI, core: ScriptedCore) -> None:
     ("reason", "expected"),
     [(FinishReason.length, "length"), (FinishReason.cancelled, "stop")],
 )
-def test_chat_finish_reasons(client: openai.OpenAI, core: ScriptedCore, reason: FinishReason, expected: str) -> None:
-    core.finish_reason = reason
+def test_chat_finish_reasons(client: openai.OpenAI, answers: FakeAnswers, reason: FinishReason, expected: str) -> None:
+    answers.finish_reason = reason
     assert client.chat.completions.create(model="generator", messages=USER).choices[0].finish_reason == expected
     chunks = list(client.chat.completions.create(model="generator", messages=USER, stream=True))
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [expected]
 
 
-def test_chat_stream(client: openai.OpenAI, core: ScriptedCore) -> None:
+def test_chat_stream(client: openai.OpenAI, answers: FakeAnswers) -> None:
     whole = client.chat.completions.create(model="generator", messages=USER).choices[0].message.content
 
     chunks = list(client.chat.completions.create(model="generator", messages=USER, stream=True))
@@ -370,11 +238,11 @@ def test_stream_is_server_sent_events(base_url: str) -> None:
         assert json.loads(event.removeprefix("data: "))["object"] == "chat.completion.chunk"
 
 
-def test_grounded_chat(client: openai.OpenAI, core: ScriptedCore) -> None:
+def test_grounded_chat(client: openai.OpenAI, answers: FakeAnswers) -> None:
     completion = client.chat.completions.create(model="generator", messages=USER, extra_body={"tritonrag": GROUNDING})
     sources = [source.model_dump(mode="json") for source in SOURCES]
     assert (completion.model_extra or {})["tritonrag"] == {"sources": sources}
-    assert core.chats[0][2] == Grounding.model_validate(GROUNDING)
+    assert answers.chats[0][2] == Grounding.model_validate(GROUNDING)
 
     chunks = list(
         client.chat.completions.create(
@@ -383,13 +251,13 @@ def test_grounded_chat(client: openai.OpenAI, core: ScriptedCore) -> None:
     )
     assert (chunks[0].model_extra or {})["tritonrag"] == {"sources": sources}
     assert all("tritonrag" not in (c.model_extra or {}) for c in chunks[1:])
-    assert core.chats[1][2] == Grounding(collection="docs")
+    assert answers.chats[1][2] == Grounding(collection="docs")
 
 
 # Completions
 
 
-def test_completions(client: openai.OpenAI, core: ScriptedCore) -> None:
+def test_completions(client: openai.OpenAI, answers: FakeAnswers) -> None:
     completion = client.completions.create(model="generator", prompt="Paris is")
     assert completion.object == "text_completion"
     assert completion.id.startswith("cmpl-")
@@ -409,7 +277,7 @@ def test_completions(client: openai.OpenAI, core: ScriptedCore) -> None:
     assert last.choices == []
     assert last.usage is not None
     assert last.usage.completion_tokens == COMPLETION_TOKENS
-    assert core.completions == [
+    assert answers.completions == [
         ("Paris is", SamplingParams(max_tokens=16, temperature=1.0)),  # OpenAI's default max_tokens
         ("Paris is", SamplingParams(max_tokens=64, temperature=1.0)),
     ]
@@ -426,20 +294,20 @@ def test_completions(client: openai.OpenAI, core: ScriptedCore) -> None:
     ],
 )
 def test_completions_refused(
-    client: openai.OpenAI, core: ScriptedCore, arguments: dict[str, Any], param: str, message: str
+    client: openai.OpenAI, answers: FakeAnswers, arguments: dict[str, Any], param: str, message: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(**{"model": "generator", "prompt": "Paris is", **arguments})
     error = error_of(raised.value)
     assert (error["param"], error["type"]) == (param, "invalid_request_error")
     assert message in error["message"]
-    assert core.completions == []
+    assert answers.completions == []
 
 
 # Embeddings
 
 
-def test_embeddings(client: openai.OpenAI, core: ScriptedCore) -> None:
+def test_embeddings(client: openai.OpenAI, models: FakeModels) -> None:
     default = client.embeddings.create(model="embedder", input=["first", "second", "third"])  # base64 on the wire
     assert [e.embedding for e in default.data] == [VECTORS[0], VECTORS[1], VECTORS[0]]
     assert [e.index for e in default.data] == [0, 1, 2]
@@ -447,7 +315,7 @@ def test_embeddings(client: openai.OpenAI, core: ScriptedCore) -> None:
 
     floats = client.embeddings.create(model="embedder", input="first", encoding_format="float", dimensions=4)
     assert [e.embedding for e in floats.data] == [VECTORS[0]]
-    assert core.embedded == [["first", "second", "third"], ["first"]]
+    assert models.embedded == [["first", "second", "third"], ["first"]]
 
 
 def test_embeddings_base64_on_the_wire(client: openai.OpenAI) -> None:
@@ -491,7 +359,7 @@ def test_embedding_dimensions(client: openai.OpenAI) -> None:
 # Errors
 
 
-def test_unknown_model(client: openai.OpenAI, core: ScriptedCore) -> None:
+def test_unknown_model(client: openai.OpenAI, answers: FakeAnswers, models: FakeModels) -> None:
     for call in (
         lambda: client.chat.completions.create(model="gpt-4o", messages=USER),
         lambda: client.completions.create(model="gpt-4o", prompt="x"),
@@ -502,7 +370,7 @@ def test_unknown_model(client: openai.OpenAI, core: ScriptedCore) -> None:
         error = error_of(raised.value)
         assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error")
         assert "does not exist" in error["message"]
-    assert not core.chats and not core.completions and not core.embedded
+    assert not answers.chats and not answers.completions and not models.embedded
 
 
 @pytest.mark.parametrize(
@@ -535,14 +403,14 @@ def test_unknown_model(client: openai.OpenAI, core: ScriptedCore) -> None:
     ],
 )
 def test_chat_refused(
-    client: openai.OpenAI, core: ScriptedCore, arguments: dict[str, Any], param: str, message: str
+    client: openai.OpenAI, answers: FakeAnswers, arguments: dict[str, Any], param: str, message: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(**{"model": "generator", "messages": USER, **arguments})
     error = error_of(raised.value)
     assert (error["param"], error["type"]) == (param, "invalid_request_error")
     assert message in error["message"]
-    assert core.chats == []
+    assert answers.chats == []
 
 
 def test_malformed_requests(base_url: str) -> None:
@@ -567,8 +435,8 @@ def test_malformed_requests(base_url: str) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_core_errors(client: openai.OpenAI, core: ScriptedCore, stream: bool) -> None:
-    core.start_error = ResourceExhaustedError("the generator's queue is full")
+def test_core_errors(client: openai.OpenAI, answers: FakeAnswers, stream: bool) -> None:
+    answers.start_error = ResourceExhaustedError("the generator's queue is full")
     with pytest.raises(openai.RateLimitError) as limited:
         client.chat.completions.create(model="generator", messages=USER, stream=stream)
     assert error_of(limited.value) == {
@@ -580,13 +448,13 @@ def test_core_errors(client: openai.OpenAI, core: ScriptedCore, stream: bool) ->
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model="generator", prompt="x", stream=stream)
 
-    core.start_error = InvalidArgumentError("the prompt is longer than the context window", field="messages")
+    answers.start_error = InvalidArgumentError("the prompt is longer than the context window", field="messages")
     with pytest.raises(openai.UnprocessableEntityError) as invalid:
         client.chat.completions.create(model="generator", messages=USER, stream=stream)
     assert error_of(invalid.value)["message"] == "the prompt is longer than the context window"
     assert error_of(invalid.value)["param"] == "messages"
 
-    core.call_error = NotFoundError("collection 'docs' does not exist", field="collection")
+    answers.call_error = NotFoundError("collection 'docs' does not exist", field="collection")
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(
             model="generator", messages=USER, stream=stream, extra_body={"tritonrag": {"collection": "docs"}}
@@ -594,8 +462,8 @@ def test_core_errors(client: openai.OpenAI, core: ScriptedCore, stream: bool) ->
     assert error_of(missing.value)["code"] == "not_found"
 
 
-def test_model_not_ready(client: openai.OpenAI, core: ScriptedCore) -> None:
-    core.served = [model for model in SERVED if model.name != "generator"]
+def test_model_not_ready(client: openai.OpenAI, answers: FakeAnswers, models: FakeModels) -> None:
+    models.served = [model for model in SERVED if model.name != "generator"]
     with pytest.raises(openai.InternalServerError) as raised:
         client.chat.completions.create(model="generator", messages=USER)
     assert raised.value.status_code == 503
@@ -606,36 +474,36 @@ def test_model_not_ready(client: openai.OpenAI, core: ScriptedCore) -> None:
         "code": "model_not_ready",
     }
     assert [m.id for m in client.models.list().data] == ["embedder", "reranker"]
-    assert not core.chats
+    assert not answers.chats
 
 
-def test_embedder_unavailable(client: openai.OpenAI, core: ScriptedCore) -> None:
-    core.call_error = UnavailableError("the embedder is unavailable")
+def test_embedder_unavailable(client: openai.OpenAI, models: FakeModels) -> None:
+    models.call_error = UnavailableError("the embedder is unavailable")
     with pytest.raises(openai.InternalServerError) as raised:
         client.embeddings.create(model="embedder", input="text")
     assert raised.value.status_code == 503
     assert error_of(raised.value)["type"] == "server_error"
 
 
-def test_error_during_a_stream(client: openai.OpenAI, core: ScriptedCore) -> None:
-    core.stream_error = UnavailableError("the generator went away")
+def test_error_during_a_stream(client: openai.OpenAI, answers: FakeAnswers) -> None:
+    answers.stream_error = UnavailableError("the generator went away")
     stream = client.chat.completions.create(model="generator", messages=USER, stream=True)
     received: list[str] = []
     with pytest.raises(openai.APIError, match="the generator went away"):
         for chunk in stream:
             received.append(chunk.choices[0].delta.content or "")
     assert "".join(received) == REPLY[0]
-    assert core.streams_closed.wait(5)
+    assert answers.streams_closed.wait(5)
 
 
 @pytest.mark.parametrize("pace", ["busy", "idle"])
 def test_client_closing_a_stream_closes_the_core_stream(
-    client: openai.OpenAI, core: ScriptedCore, pace: Stream
+    client: openai.OpenAI, answers: FakeAnswers, pace: Pace
 ) -> None:
-    core.stream = pace  # busy: the core keeps yielding; idle: the core waits for a token that never comes
+    answers.stream = pace  # busy: the core keeps yielding; idle: the core waits for a token that never comes
     stream = client.chat.completions.create(model="generator", messages=USER, stream=True)
     assert next(stream).choices[0].delta.role == "assistant"
     assert next(stream).choices[0].delta.content == REPLY[0]
-    assert not core.streams_closed.is_set()
+    assert not answers.streams_closed.is_set()
     stream.close()
-    assert core.streams_closed.wait(5), "the core's stream is still open after the client left"
+    assert answers.streams_closed.wait(5), "the core's stream is still open after the client left"

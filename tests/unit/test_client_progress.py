@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
+from tests.clock import FakeClock
 from tritonrag.clients.progress import Progress
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_rate_and_eta_follow_the_pace_so_far() -> None:

@@ -19,9 +19,9 @@ import pytest
 
 from tests.unit.test_store_documents import DIM, prepared
 from tritonrag.clients.wire.schema import And, CollectionCreate, Condition, Filter, IndexType, Metadata, Or
+from tritonrag.server.config import DenseParams
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
 from tritonrag.server.retrieval.collection import DENSE_FILE, SPARSE_FILE, Collection
-from tritonrag.server.retrieval.dense import DenseParams
 from tritonrag.server.store.documents import StoredChunk
 
 PARAMS = DenseParams(nlist=8, nprobe=8, hnsw_m=16, auto_threshold=400, auto_kind=IndexType.ivf)

@@ -11,8 +11,9 @@ import numpy.typing as npt
 import pytest
 
 from tritonrag.clients.wire.schema import IndexType
+from tritonrag.server.config import DenseParams
 from tritonrag.server.errors import InvalidArgumentError
-from tritonrag.server.retrieval.dense import DenseIndex, DenseParams
+from tritonrag.server.retrieval.dense import DenseIndex
 
 DIM = 32
 N = 4000

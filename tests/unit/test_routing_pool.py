@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,15 @@ import numpy.typing as npt
 import pytest
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
-from tritonrag.clients.wire.schema import ChatMessage, FinishReason, GenerationDelta, ModelVersion, SamplingParams
+from tests.clock import FakeClock
+from tritonrag.clients.wire.schema import (
+    REQUEST_ID_HEADER,
+    ChatMessage,
+    FinishReason,
+    GenerationDelta,
+    ModelVersion,
+    SamplingParams,
+)
 from tritonrag.export.runtime.contract import BUSY_ERROR, INPUT_ERROR
 from tritonrag.server.config import RoutingSettings
 from tritonrag.server.errors import (
@@ -27,7 +36,8 @@ from tritonrag.server.errors import (
     UnavailableError,
 )
 from tritonrag.server.routing.resilience import BreakerState
-from tritonrag.server.routing.triton_pool import REQUEST_ID_HEADER, TritonPool, served_version_dir
+from tritonrag.server.routing.triton_pool import TritonPool
+from tritonrag.server.services.models import served_version_dir
 
 T = TypeVar("T")
 
@@ -181,14 +191,6 @@ class Fleet:
         return self.fakes[url]
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 SETTINGS = RoutingSettings(
     backoff_base_s=0.001,
     backoff_max_s=0.002,
@@ -200,8 +202,9 @@ SETTINGS = RoutingSettings(
 
 
 def pool_of(fleet: Fleet, settings: RoutingSettings = SETTINGS, clock: Callable[[], float] | None = None) -> TritonPool:
-    extra = {"clock": clock} if clock else {}
-    return TritonPool(list(fleet.fakes), settings, client_factory=fleet, rng=random.Random(0), **extra)
+    return TritonPool(
+        list(fleet.fakes), settings, client_factory=fleet, clock=clock or time.monotonic, rng=random.Random(0)
+    )
 
 
 def test_embed_splits_into_max_batch_rows_and_keeps_order() -> None:

@@ -6,15 +6,8 @@ import random
 
 import pytest
 
+from tests.clock import FakeClock
 from tritonrag.server.routing.resilience import BreakerState, CircuitBreaker, backoff_delay
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_breaker_opens_after_consecutive_failures_only() -> None:

@@ -1,4 +1,4 @@
-"""The core's search and answer paths with a stand-in Triton pool: stage order, scores, packing,
+"""The search and answer services with a stand-in Triton pool: stage order, scores, packing,
 streaming and degradation.
 
 Store, indexes, chunker and packing are real; only the pool (the door to Triton) is replaced.
@@ -34,7 +34,8 @@ from tritonrag.clients.wire.schema import (
     SearchRequest,
     UpsertRequest,
 )
-from tritonrag.server.config import IngestSettings
+from tritonrag.server.app import Services
+from tritonrag.server.config import Settings
 from tritonrag.server.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -45,7 +46,6 @@ from tritonrag.server.errors import (
 from tritonrag.server.generation.extractive import NO_PASSAGES_ANSWER
 from tritonrag.server.generation.packing import ContextWindow
 from tritonrag.server.generation.prompts import SYSTEM_PROMPT, grounded_messages, passage_line
-from tritonrag.server.pipeline import RagCore
 from tritonrag.server.routing.triton_pool import TritonPool
 from tritonrag.server.store.catalog import Catalog
 
@@ -170,14 +170,14 @@ def write_generator(repository: Path, context_tokens: int) -> Path:
 
 
 @pytest.fixture
-def core_and_pool(tmp_path: Path, minilm_dir: Path) -> tuple[RagCore, StandInPool]:
-    return core_and_pool_with(tmp_path, minilm_dir)
+def services_and_pool(tmp_path: Path, minilm_dir: Path) -> tuple[Services, StandInPool]:
+    return services_and_pool_with(tmp_path, minilm_dir)
 
 
-def core_and_pool_with(
-    tmp_path: Path, minilm_dir: Path, fallback_generator_model: str | None = None
-) -> tuple[RagCore, StandInPool]:
-    """A core over a stand-in pool and a repository with an embedder and a generator version."""
+def services_and_pool_with(
+    tmp_path: Path, minilm_dir: Path, fallback_generator: str | None = None
+) -> tuple[Services, StandInPool]:
+    """A services over a stand-in pool and a repository with an embedder and a generator version."""
     for model in ("embedder", "generator"):
         (tmp_path / "repository" / model / "1").mkdir(parents=True)
         shutil.copy(minilm_dir / "tokenizer.json", tmp_path / "repository" / model / "1" / "tokenizer.json")
@@ -192,86 +192,88 @@ def core_and_pool_with(
     (version_dir / "tritonrag.json").write_text(json.dumps(metadata))
     write_generator(tmp_path / "repository", 512)
     pool = StandInPool()
-    core = RagCore(
-        tmp_path / "data",
-        tmp_path / "repository",
-        Catalog(tmp_path / "data" / "catalog.sqlite"),
-        cast(TritonPool, pool),
-        IngestSettings(),
-        fallback_generator_model=fallback_generator_model,
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        triton={"repository": tmp_path / "repository"},
+        models={"fallback_generator": fallback_generator},
     )
-    return core, pool
+    services = Services.build(settings, cast(TritonPool, pool), Catalog(tmp_path / "data" / "catalog.sqlite"))
+    return services, pool
 
 
 def run_search(
-    core: RagCore, pool: StandInPool | None = None, **fields: object
+    services: Services, pool: StandInPool | None = None, **fields: object
 ) -> tuple[list[str], list[str], list[dict[str, float]]]:
     """Fill collection "c", then search; with ``pool`` given, its embedder goes down in between."""
 
     async def scenario() -> tuple[list[str], list[str], list[dict[str, float]]]:
-        await core.create_collection(CollectionCreate(name="c"))
-        await core.upsert_documents("c", UpsertRequest(documents=DOCS))
+        await services.collections.create_collection(CollectionCreate(name="c"))
+        await services.collections.upsert_documents("c", UpsertRequest(documents=DOCS))
         if pool is not None:
             pool.embedder_up = False
-        response = await core.search(SearchRequest.model_validate({"collection": "c", **fields}))
-        await core.close()
+        response = await services.search.search(SearchRequest.model_validate({"collection": "c", **fields}))
+        await services.close()
         return [h.doc_id for h in response.hits], response.degraded, [h.scores for h in response.hits]
 
     return asyncio.run(scenario())
 
 
-def test_hybrid_fuses_both_rankings(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    ids, degraded, scores = run_search(core_and_pool[0], query="cats purr", mode="hybrid", top_k=3)
+def test_hybrid_fuses_both_rankings(services_and_pool: tuple[Services, StandInPool]) -> None:
+    ids, degraded, scores = run_search(services_and_pool[0], query="cats purr", mode="hybrid", top_k=3)
     assert ids[0] == "cats" and degraded == []
     assert {"dense", "sparse", "rrf"} <= set(scores[0])
 
 
-def test_embedder_down_falls_back_to_bm25(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, pool = core_and_pool
-    ids, degraded, scores = run_search(core, pool, query="green tea", mode="dense", top_k=2)
+def test_embedder_down_falls_back_to_bm25(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
+    ids, degraded, scores = run_search(services, pool, query="green tea", mode="dense", top_k=2)
     assert ids == ["tea"] and degraded == ["embed"]
     assert set(scores[0]) == {"sparse"}
 
 
 def test_rerank_reorders_and_a_down_reranker_keeps_the_retrieval_order(
-    core_and_pool: tuple[RagCore, StandInPool],
+    services_and_pool: tuple[Services, StandInPool],
 ) -> None:
-    core, _ = core_and_pool
-    ids, _, scores = run_search(core, query="pets", mode="dense", top_k=3, rerank=True)
+    services, _ = services_and_pool
+    ids, _, scores = run_search(services, query="pets", mode="dense", top_k=3, rerank=True)
     assert ids == ["dogs", "tea", "cats"]  # the stand-in reranker prefers long passages
     assert [s["rerank"] for s in scores] == sorted((s["rerank"] for s in scores), reverse=True)
 
 
-def test_a_down_reranker_is_reported(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, pool = core_and_pool
+def test_a_down_reranker_is_reported(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
     pool.reranker_up = False
-    ids, degraded, scores = run_search(core, query="cats purr", mode="sparse", top_k=3, rerank=True)
+    ids, degraded, scores = run_search(services, query="cats purr", mode="sparse", top_k=3, rerank=True)
     assert ids[0] == "cats" and degraded == ["rerank"] and "rerank" not in scores[0]
 
 
-def test_filters_and_unknown_collections(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, _ = core_and_pool
+def test_filters_and_unknown_collections(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, _ = services_and_pool
     ids, _, _ = run_search(
-        core, query="anything at all", mode="hybrid", top_k=3, filters={"field": "kind", "op": "eq", "value": "drink"}
+        services,
+        query="anything at all",
+        mode="hybrid",
+        top_k=3,
+        filters={"field": "kind", "op": "eq", "value": "drink"},
     )
     assert ids == ["tea"]
     with pytest.raises(NotFoundError):
-        asyncio.run(core.search(SearchRequest(collection="absent", query="x")))
+        asyncio.run(services.search.search(SearchRequest(collection="absent", query="x")))
 
 
 # -- answers ---------------------------------------------------------------------------------
 
 
-def answer(core: RagCore, scenario: Callable[[RagCore], Awaitable[Any]]) -> Any:
-    """Fill collection "c", run ``scenario`` on the core, close it."""
+def answer(services: Services, scenario: Callable[[Services], Awaitable[Any]]) -> Any:
+    """Fill collection "c", run ``scenario`` on the services, close it."""
 
     async def run() -> Any:
-        await core.create_collection(CollectionCreate(name="c"))
-        await core.upsert_documents("c", UpsertRequest(documents=DOCS))
+        await services.collections.create_collection(CollectionCreate(name="c"))
+        await services.collections.upsert_documents("c", UpsertRequest(documents=DOCS))
         try:
-            return await scenario(core)
+            return await scenario(services)
         finally:
-            await core.close()
+            await services.close()
 
     return asyncio.run(run())
 
@@ -281,10 +283,12 @@ def query(**fields: Any) -> QueryRequest:
 
 
 def test_query_answers_from_the_packed_passages_and_marks_the_cited_ones(
-    core_and_pool: tuple[RagCore, StandInPool],
+    services_and_pool: tuple[Services, StandInPool],
 ) -> None:
-    core, pool = core_and_pool
-    response: QueryResponse = answer(core, lambda c: c.query(query(query="cats purr", top_k=2), "request-1"))
+    services, pool = services_and_pool
+    response: QueryResponse = answer(
+        services, lambda c: c.answers.query(query(query="cats purr", top_k=2), "request-1")
+    )
     assert response.answer == "Cats purr [1]."
     assert [s.citation for s in response.sources] == [1, 2] and response.sources[0].doc_id == "cats"
     assert [s.cited for s in response.sources] == [True, False]
@@ -297,9 +301,9 @@ def test_query_answers_from_the_packed_passages_and_marks_the_cited_ones(
 
 
 def test_passages_that_do_not_fit_the_window_are_dropped(
-    core_and_pool: tuple[RagCore, StandInPool], tmp_path: Path
+    services_and_pool: tuple[Services, StandInPool], tmp_path: Path
 ) -> None:
-    core, pool = core_and_pool
+    services, pool = services_and_pool
     texts = {doc.id: doc.text for doc in DOCS}
     window = ContextWindow.from_version_dir(tmp_path / "repository" / "generator" / "1")
 
@@ -310,7 +314,7 @@ def test_passages_that_do_not_fit_the_window_are_dropped(
     frame = window.count(window.render(grounded_messages("pets", [])))
     write_generator(tmp_path / "repository", frame + 64 + cost(1, "dogs") + cost(2, "cats"))
     request = query(query="pets", mode="dense", top_k=3, rerank=True, sampling={"max_tokens": 64})
-    response: QueryResponse = answer(core, lambda c: c.query(request))
+    response: QueryResponse = answer(services, lambda c: c.answers.query(request))
     # The reranker ranks dogs, tea, cats: tea does not fit after dogs, cats still does.
     assert [(s.citation, s.doc_id) for s in response.sources] == [(1, "dogs"), (2, "cats")]
     assert response.dropped_passages == 1 and "rerank" in response.timings_ms
@@ -318,27 +322,27 @@ def test_passages_that_do_not_fit_the_window_are_dropped(
 
 
 def test_max_tokens_is_checked_against_the_window_and_defaults_when_unset(
-    core_and_pool: tuple[RagCore, StandInPool],
+    services_and_pool: tuple[Services, StandInPool],
 ) -> None:
-    core, pool = core_and_pool
+    services, pool = services_and_pool
 
-    async def scenario(c: RagCore) -> None:
+    async def scenario(c: Services) -> None:
         with pytest.raises(InvalidArgumentError, match="leaves") as error:
-            await c.query(query(query="cats purr", sampling={"max_tokens": 600}))
+            await c.answers.query(query(query="cats purr", sampling={"max_tokens": 600}))
         assert error.value.field == "sampling.max_tokens" and pool.generations == []
-        await c.query(query(query="cats purr", sampling={}))
+        await c.answers.query(query(query="cats purr", sampling={}))
 
-    answer(core, scenario)
+    answer(services, scenario)
     assert pool.generations[0].params.max_tokens == 256
 
 
-def test_the_stream_sends_sources_deltas_then_done(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, _ = core_and_pool
+def test_the_stream_sends_sources_deltas_then_done(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, _ = services_and_pool
 
-    async def events(c: RagCore) -> list[QueryEvent]:
-        return [event async for event in c.query_stream(query(query="cats purr", top_k=1))]
+    async def events(c: Services) -> list[QueryEvent]:
+        return [event async for event in c.answers.query_stream(query(query="cats purr", top_k=1))]
 
-    sent: list[QueryEvent] = answer(core, events)
+    sent: list[QueryEvent] = answer(services, events)
     assert [e.type for e in sent] == ["sources", "delta", "delta", "delta", "done"]
     sources, *deltas, done = sent
     assert sources.type == "sources" and [s.doc_id for s in sources.sources] == ["cats"]
@@ -347,25 +351,25 @@ def test_the_stream_sends_sources_deltas_then_done(core_and_pool: tuple[RagCore,
     assert set(done.timings_ms) == {"embed", "search", "generate", "total"}
 
 
-def test_closing_the_stream_closes_the_generation(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, pool = core_and_pool
+def test_closing_the_stream_closes_the_generation(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
 
-    async def first_two(c: RagCore) -> list[QueryEvent]:
-        stream = c.query_stream(query(query="cats purr"))
+    async def first_two(c: Services) -> list[QueryEvent]:
+        stream = c.answers.query_stream(query(query="cats purr"))
         received = [await anext(stream), await anext(stream)]
         await stream.aclose()  # the client went away
         return received
 
-    received: list[QueryEvent] = answer(core, first_two)
+    received: list[QueryEvent] = answer(services, first_two)
     assert [e.type for e in received] == ["sources", "delta"]
     [call] = pool.generations
     assert call.closed and call.deltas_sent == 1
 
 
-def test_a_failing_generator_gives_an_extractive_answer(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, pool = core_and_pool
+def test_a_failing_generator_gives_an_extractive_answer(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
     pool.generator_error = UnavailableError("generator is down")
-    response: QueryResponse = answer(core, lambda c: c.query(query(query="cats purr", top_k=2)))
+    response: QueryResponse = answer(services, lambda c: c.answers.query(query(query="cats purr", top_k=2)))
     assert response.answer == "Cats purr and sleep all day. [1]"
     assert response.degraded == ["generate"] and [s.cited for s in response.sources] == [True, False]
     assert response.usage.total_tokens == 0 and response.finish_reason == FinishReason.stop
@@ -373,16 +377,16 @@ def test_a_failing_generator_gives_an_extractive_answer(core_and_pool: tuple[Rag
 
 
 def test_a_failing_generator_hands_over_to_the_fallback_generator(tmp_path: Path, minilm_dir: Path) -> None:
-    core, pool = core_and_pool_with(tmp_path, minilm_dir, fallback_generator_model="small-generator")
+    services, pool = services_and_pool_with(tmp_path, minilm_dir, fallback_generator="small-generator")
     pool.generator_error = UnavailableError("generator is down")
     pool.failing_models = {"generator"}
 
-    async def twice(c: RagCore) -> tuple[QueryResponse, QueryResponse]:
-        by_fallback = await c.query(query(query="cats purr", top_k=2))
+    async def twice(c: Services) -> tuple[QueryResponse, QueryResponse]:
+        by_fallback = await c.answers.query(query(query="cats purr", top_k=2))
         pool.failing_models = None  # the fallback fails too: an extractive answer
-        return by_fallback, await c.query(query(query="cats purr", top_k=2))
+        return by_fallback, await c.answers.query(query(query="cats purr", top_k=2))
 
-    by_fallback, extractive = answer(core, twice)
+    by_fallback, extractive = answer(services, twice)
     assert by_fallback.answer == "Cats purr [1]." and by_fallback.degraded == ["generate"]
     assert extractive.answer == "Cats purr and sleep all day. [1]" and extractive.degraded == ["generate"]
     assert [g.model for g in pool.generations] == ["generator", "small-generator"] * 2
@@ -390,56 +394,56 @@ def test_a_failing_generator_hands_over_to_the_fallback_generator(tmp_path: Path
 
 
 def test_a_busy_generator_fails_the_stream_before_its_first_event(
-    core_and_pool: tuple[RagCore, StandInPool],
+    services_and_pool: tuple[Services, StandInPool],
 ) -> None:
-    core, pool = core_and_pool
+    services, pool = services_and_pool
     pool.generator_error = ResourceExhaustedError("every generator is busy")
 
-    async def first_event(c: RagCore) -> QueryEvent:
-        return await anext(c.query_stream(query(query="cats purr")))
+    async def first_event(c: Services) -> QueryEvent:
+        return await anext(c.answers.query_stream(query(query="cats purr")))
 
     with pytest.raises(ResourceExhaustedError):
-        answer(core, first_event)
+        answer(services, first_event)
     assert pool.generations[0].closed
 
 
 def test_an_unserved_generator_gives_an_extractive_answer_from_every_hit(
-    core_and_pool: tuple[RagCore, StandInPool],
+    services_and_pool: tuple[Services, StandInPool],
 ) -> None:
-    core, pool = core_and_pool
+    services, pool = services_and_pool
     pool.served.discard("generator")
 
-    async def embedder_down_too(c: RagCore) -> QueryResponse:
+    async def embedder_down_too(c: Services) -> QueryResponse:
         pool.embedder_up = False
-        return await c.query(query(query="green tea", top_k=3))
+        return await c.answers.query(query(query="green tea", top_k=3))
 
-    response: QueryResponse = answer(core, embedder_down_too)
+    response: QueryResponse = answer(services, embedder_down_too)
     assert response.answer == "Green tea is brewed with water below boiling. [1]"
     assert response.degraded == ["embed", "generate"] and response.dropped_passages == 0
     assert [s.doc_id for s in response.sources] == ["tea"] and response.sources[0].cited
     assert pool.generations == []
 
 
-def test_no_passages_give_a_fixed_answer_without_generating(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, pool = core_and_pool
+def test_no_passages_give_a_fixed_answer_without_generating(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
     request = query(query="cats purr", filters={"field": "kind", "op": "eq", "value": "none"})
-    response: QueryResponse = answer(core, lambda c: c.query(request))
+    response: QueryResponse = answer(services, lambda c: c.answers.query(request))
     assert response.answer == NO_PASSAGES_ANSWER and response.sources == [] and response.degraded == []
     assert "generate" not in response.timings_ms and pool.generations == []
 
 
 def test_chat_with_grounding_packs_passages_into_the_conversation(
-    core_and_pool: tuple[RagCore, StandInPool],
+    services_and_pool: tuple[Services, StandInPool],
 ) -> None:
-    core, pool = core_and_pool
+    services, pool = services_and_pool
     messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="green tea?")]
     grounding = Grounding(collection="c", top_k=1, mode="sparse")
 
-    async def chat(c: RagCore) -> tuple[list[str], list[str]]:
-        sources, deltas = await c.chat(messages, SamplingParams(), grounding, "request-2")
+    async def chat(c: Services) -> tuple[list[str], list[str]]:
+        sources, deltas = await c.answers.chat(messages, SamplingParams(), grounding, "request-2")
         return [s.doc_id for s in sources], [d.text async for d in deltas]
 
-    sources, texts = answer(core, chat)
+    sources, texts = answer(services, chat)
     assert sources == ["tea"] and texts == ["Cats purr", " [1]", "."]
     [call] = pool.generations
     assert call.messages == [
@@ -449,41 +453,41 @@ def test_chat_with_grounding_packs_passages_into_the_conversation(
     assert call.params.max_tokens == 256 and call.request_id == "request-2"
 
 
-def test_chat_without_grounding_and_bad_grounded_chats(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, pool = core_and_pool
+def test_chat_without_grounding_and_bad_grounded_chats(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
     messages = [ChatMessage(role="user", content="hello")]
     grounding = Grounding(collection="c")
 
-    async def chats(c: RagCore) -> list[str]:
-        sources, deltas = await c.chat(messages, SamplingParams())
+    async def chats(c: Services) -> list[str]:
+        sources, deltas = await c.answers.chat(messages, SamplingParams())
         assert sources == []
         texts = [d.text async for d in deltas]
         with pytest.raises(InvalidArgumentError) as no_question:
-            await c.chat([ChatMessage(role="system", content="x")], SamplingParams(), grounding)
+            await c.answers.chat([ChatMessage(role="system", content="x")], SamplingParams(), grounding)
         assert no_question.value.field == "messages"
         with pytest.raises(InvalidArgumentError) as too_long:
-            await c.chat(messages, SamplingParams(max_tokens=600), grounding)
+            await c.answers.chat(messages, SamplingParams(max_tokens=600), grounding)
         assert too_long.value.field == "max_tokens"
         return texts
 
-    assert answer(core, chats) == ["Cats purr", " [1]", "."]
+    assert answer(services, chats) == ["Cats purr", " [1]", "."]
     [call] = pool.generations
     assert call.messages == messages and call.params == SamplingParams()
 
 
-def test_complete_embed_and_served_models(core_and_pool: tuple[RagCore, StandInPool]) -> None:
-    core, pool = core_and_pool
+def test_complete_embed_and_served_models(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
     pool.served.discard("reranker")
 
     async def scenario() -> None:
-        texts = [d.text async for d in core.complete("Once upon", SamplingParams(max_tokens=5))]
+        texts = [d.text async for d in services.answers.complete("Once upon", SamplingParams(max_tokens=5))]
         assert texts == ["Cats purr", " [1]", "."]
-        embeddings = await core.embed(["hello world", "hi"], "request-3")
+        embeddings = await services.models.embed(["hello world", "hi"], "request-3")
         assert embeddings.model == ModelVersion(name="embedder", version="1")
         assert np.allclose(embeddings.vectors, np.stack([vector("hello world"), vector("hi")]))
         assert embeddings.prompt_tokens == 4 + 3  # with [CLS] and [SEP]
-        assert [m.name for m in await core.served_models()] == ["embedder", "generator"]
-        await core.close()
+        assert [m.name for m in await services.models.served_models()] == ["embedder", "generator"]
+        await services.close()
 
     asyncio.run(scenario())
     [call] = pool.generations

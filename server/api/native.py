@@ -1,0 +1,172 @@
+"""The native HTTP API's routes: collections, documents, search, query and jobs under ``/v1``; health.
+
+Handlers parse (FastAPI, with the models of ``schema``), call a service and return its answer;
+errors are the application's to answer (``errors.native_error_response``). ``POST /v1/query`` with
+``"stream": true`` answers Server-Sent Events (``sse``), one ``event: <type>`` per ``QueryEvent``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Response, status
+
+from tritonrag.clients.wire.schema import (
+    CollectionCreate,
+    CollectionInfo,
+    DeleteByFilterRequest,
+    Document,
+    JobInfo,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
+    SearchRequest,
+    SearchResponse,
+    UpsertRequest,
+    UpsertResult,
+)
+
+from .errors import ErrorBody, native_error
+from .request_id import RequestId
+from .services import Answers, Collections, Readiness, Search
+from .sse import EventStream, event_stream, frame
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "Invalid request"},
+    "default": {"model": ErrorBody, "description": "Error"},
+}
+
+
+def native_router(collections: Collections, search: Search, answers: Answers) -> APIRouter:
+    """The routes under ``/v1`` over the services."""
+    router = APIRouter(prefix="/v1", responses=_ERROR_RESPONSES)
+
+    @router.post("/collections", status_code=status.HTTP_201_CREATED, tags=["collections"])
+    async def create_collection(request: CollectionCreate) -> CollectionInfo:
+        """Create an empty collection; 409 when the name is taken."""
+        return await collections.create_collection(request)
+
+    @router.get("/collections", tags=["collections"])
+    async def list_collections() -> dict[str, list[CollectionInfo]]:
+        return {"collections": await collections.list_collections()}
+
+    @router.get("/collections/{name}", tags=["collections"])
+    async def get_collection(name: str) -> CollectionInfo:
+        return await collections.get_collection(name)
+
+    @router.delete("/collections/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["collections"])
+    async def delete_collection(name: str) -> None:
+        """Delete a collection with its documents and indexes."""
+        await collections.delete_collection(name)
+
+    @router.post(
+        "/collections/{name}/documents",
+        tags=["documents"],
+        responses={202: {"model": UpsertResult, "description": "Accepted as a job: poll /v1/jobs/{job_id}"}},
+    )
+    async def upsert_documents(name: str, request: UpsertRequest, response: Response) -> UpsertResult:
+        """Insert or replace documents by id; a large batch runs as a job (202 with ``job_id``)."""
+        result = await collections.upsert_documents(name, request)
+        if result.job_id is not None:
+            response.status_code = status.HTTP_202_ACCEPTED
+            response.headers["Location"] = f"/v1/jobs/{result.job_id}"
+        return result
+
+    @router.get("/collections/{name}/documents/{doc_id:path}", tags=["documents"])
+    async def get_document(name: str, doc_id: str) -> Document:
+        return await collections.get_document(name, doc_id)
+
+    @router.delete(
+        "/collections/{name}/documents/{doc_id:path}", status_code=status.HTTP_204_NO_CONTENT, tags=["documents"]
+    )
+    async def delete_document(name: str, doc_id: str) -> None:
+        await collections.delete_document(name, doc_id)
+
+    @router.post("/collections/{name}/documents:delete", tags=["documents"])
+    async def delete_by_filter(name: str, request: DeleteByFilterRequest) -> dict[str, int]:
+        """Delete every document whose metadata matches the filter; answers ``{"deleted": n}``."""
+        return {"deleted": await collections.delete_by_filter(name, request)}
+
+    @router.post("/search", tags=["search"], name="search")  # the handler's name would hide the service's
+    async def search_collection(request: SearchRequest, request_id: RequestId) -> SearchResponse:
+        """Dense, sparse or hybrid retrieval with metadata filters, optional reranking and MMR."""
+        return await search.search(request, request_id)
+
+    @router.post(
+        "/query",
+        tags=["query"],
+        response_model=QueryResponse,
+        responses={
+            200: {
+                "description": "The answer; with `stream: true`, Server-Sent Events: `sources`, `delta`..., `done` "
+                "(or `error`), each `data:` the event's JSON",
+                "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
+            },
+            429: {"model": ErrorBody, "description": "The generator's queue is full; retry later"},
+        },
+    )
+    async def query(request: QueryRequest, request_id: RequestId) -> QueryResponse | EventStream:
+        """Retrieve passages, pack them into the generator's context and answer with cited sources.
+
+        The request id is the ``x-request-id`` header, or a new one; it is sent back in the same header.
+        """
+        if not request.stream:
+            return await answers.query(request, request_id)
+        return await event_stream(answers.query_stream(request, request_id), _frames, _error_frame)
+
+    @router.get("/jobs/{job_id}", tags=["jobs"])
+    async def get_job(job_id: str) -> JobInfo:
+        """Progress and per-document errors of an upsert job."""
+        return await collections.get_job(job_id)
+
+    return router
+
+
+def health_router(readiness: Readiness) -> APIRouter:
+    """``/healthz`` (liveness) and ``/readyz`` (readiness of each dependency)."""
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @router.get("/readyz", responses={503: {"description": "A dependency is not ready"}})
+    async def readyz(response: Response) -> dict[str, bool]:
+        """Readiness of each dependency of the services; 503 unless all are ready."""
+        checks = await readiness.readiness()
+        if not all(checks.values()):
+            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return checks
+
+    return router
+
+
+async def _frames(events: AsyncIterator[QueryEvent]) -> AsyncGenerator[str]:
+    """One SSE event per ``QueryEvent``, named by its ``type``."""
+    async for event in events:
+        yield frame(event.model_dump_json(), event=event.type)
+
+
+def _error_frame(exc: Exception) -> str:
+    """A failure after the first event: an ``error`` event with the error body."""
+    _, body = native_error(exc)
+    return frame(body.model_dump_json(), event="error")
+
+
+_SSE_EXAMPLE = """event: sources
+data: {"type":"sources","sources":[{"citation":1,"doc_id":"paris","chunk_id":7,"text":"Paris is the capital of \
+France.","start":0,"end":31,"metadata":{"year":2024},"score":0.93,"cited":false}],"dropped_passages":0,"degraded":[]}
+
+event: delta
+data: {"type":"delta","text":"Paris"}
+
+event: delta
+data: {"type":"delta","text":" [1]."}
+
+event: done
+data: {"type":"done","usage":{"prompt_tokens":412,"completion_tokens":4,"total_tokens":416},"finish_reason":"stop",\
+"timings_ms":{"embed":4.1,"search":0.8,"generate":95.2,"total":101.3},"cited":[1],"degraded":[]}
+
+"""

@@ -1,0 +1,89 @@
+"""The services the front-ends call, each as the narrow protocol of what a front-end uses of it.
+
+The implementations live in ``tritonrag.server.services``; tests give fakes (tests/fakes.py). A
+front-end receives only the services it calls: the native HTTP API ``Collections``, ``Search``,
+``Answers`` and ``Readiness``; gRPC ``Collections``, ``Search`` and ``Answers``; the OpenAI-compatible
+API ``Chats`` and ``Models``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+from tritonrag.clients.wire.schema import (
+    ChatMessage,
+    CollectionCreate,
+    CollectionInfo,
+    DeleteByFilterRequest,
+    Document,
+    Embeddings,
+    GenerationDelta,
+    Grounding,
+    JobInfo,
+    ModelVersion,
+    QueryEvent,
+    QueryRequest,
+    QueryResponse,
+    SamplingParams,
+    SearchRequest,
+    SearchResponse,
+    Source,
+    UpsertRequest,
+    UpsertResult,
+)
+
+
+class Collections(Protocol):
+    """Collections, their documents, and the jobs that upsert large batches."""
+
+    async def create_collection(self, request: CollectionCreate) -> CollectionInfo: ...
+    async def list_collections(self) -> list[CollectionInfo]: ...
+    async def get_collection(self, name: str) -> CollectionInfo: ...
+    async def delete_collection(self, name: str) -> None: ...
+    async def upsert_documents(self, collection: str, request: UpsertRequest) -> UpsertResult: ...
+    async def get_document(self, collection: str, doc_id: str) -> Document: ...
+    async def delete_document(self, collection: str, doc_id: str) -> None: ...
+    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> int: ...
+    async def get_job(self, job_id: str) -> JobInfo: ...
+
+
+class Search(Protocol):
+    """Retrieval over one collection."""
+
+    async def search(self, request: SearchRequest, request_id: str | None = None) -> SearchResponse: ...
+
+
+class Answers(Protocol):
+    """Grounded answers to a query, whole or as a stream of events."""
+
+    async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse: ...
+    def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]: ...
+
+
+class Chats(Protocol):
+    """The generator's streams for chat messages (optionally grounded on a collection) and raw prompts."""
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        grounding: Grounding | None = None,
+        request_id: str | None = None,
+    ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]: ...
+    def complete(
+        self, prompt: str, params: SamplingParams, request_id: str | None = None
+    ) -> AsyncGenerator[GenerationDelta]: ...
+
+
+class Models(Protocol):
+    """The models Triton serves, and the embedder's vectors."""
+
+    async def served_models(self) -> list[ModelVersion]: ...
+    async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings: ...
+
+
+class Readiness(Protocol):
+    """Whether each dependency (Triton, the stores) can serve."""
+
+    async def readiness(self) -> dict[str, bool]: ...

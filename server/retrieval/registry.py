@@ -1,0 +1,83 @@
+"""``CollectionRegistry``: the collections of a data directory, each opened once and shared by every service."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from tritonrag.clients.wire.schema import CollectionCreate
+
+from ..config import IndexSettings
+from ..store.catalog import Catalog
+from .collection import Collection
+
+
+class CollectionRegistry:
+    """Open collections by name; the catalog says which exist, ``<data_dir>/collections/<name>`` holds each.
+
+    ``dimension`` is asked only for a collection that has no vectors yet: an existing collection opens
+    with the width it stored, so it opens (and BM25 search works) while the embedder is down.
+    """
+
+    def __init__(
+        self, data_dir: Path, catalog: Catalog, index: IndexSettings, dimension: Callable[[], Awaitable[int]]
+    ) -> None:
+        self.catalog = catalog
+        self._root = data_dir / "collections"
+        self._index = index
+        self._dimension = dimension
+        self._open: dict[str, Collection] = {}
+        self._lock = asyncio.Lock()
+
+    def _directory(self, name: str) -> Path:
+        return self._root / name
+
+    async def get(self, name: str) -> Collection:
+        """The open collection ``name``; ``NotFoundError`` when the catalog has none of that name."""
+        collection = self._open.get(name)
+        if collection is not None:
+            return collection
+        async with self._lock:
+            if name not in self._open:
+                spec = await asyncio.to_thread(self.catalog.get_collection, name)
+                stored = await asyncio.to_thread(Collection.stored_dimension, self._directory(name))
+                dimension = stored if stored is not None else await self._dimension()
+                self._open[name] = await asyncio.to_thread(self._open_collection, name, spec, dimension)
+            return self._open[name]
+
+    def _open_collection(self, name: str, spec: CollectionCreate, dimension: int) -> Collection:
+        index = self._index
+        return Collection.open(
+            self._directory(name),
+            spec,
+            dimension,
+            dense_params=index.dense,
+            bm25_params=index.bm25,
+            snapshot_interval_s=index.snapshot_interval_s,
+        )
+
+    async def create(self, spec: CollectionCreate) -> Collection:
+        """Record a new collection in the catalog and open it; ``AlreadyExistsError`` when the name is taken."""
+        await asyncio.to_thread(self.catalog.create_collection, spec)
+        return await self.get(spec.name)
+
+    async def names(self) -> list[str]:
+        """Every collection's name, in the catalog's order."""
+        return await asyncio.to_thread(self.catalog.list_collections)
+
+    async def delete(self, name: str) -> None:
+        """Close and forget a collection, and delete its files; ``NotFoundError`` when it does not exist."""
+        collection = await self.get(name)
+        async with self._lock:
+            self._open.pop(name, None)
+            await asyncio.to_thread(collection.close)
+            await asyncio.to_thread(self.catalog.delete_collection, name)
+            await asyncio.to_thread(shutil.rmtree, self._directory(name), True)
+
+    async def close(self) -> None:
+        """Close every open collection (writing index snapshots)."""
+        for collection in self._open.values():
+            await asyncio.to_thread(collection.close)
+        self._open.clear()

@@ -1,0 +1,230 @@
+"""``EndpointSet``: the Triton endpoints the pool routes to, what each serves, and which can take a request.
+
+Every endpoint is probed at start and then every ``probe_interval_s``: server readiness, then each
+configured model's readiness, newest version and batch size. An endpoint is routable for a model
+when it and the model were ready at the last probe and its circuit breaker lets requests through;
+the pool sends each request to the routable endpoint with the fewest requests outstanding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Self
+
+import tritonclient.grpc.aio as aioclient
+
+from tritonrag.clients.wire.schema import ModelVersion
+from tritonrag.server.config import ModelSettings, RoutingSettings
+from tritonrag.server.errors import UnavailableError
+
+from .resilience import BreakerState, CircuitBreaker
+
+log = logging.getLogger(__name__)
+
+
+class TritonClient(Protocol):
+    """What the pool uses of ``tritonclient.grpc.aio.InferenceServerClient``."""
+
+    async def is_server_ready(self, *, client_timeout: float | None = None) -> bool: ...
+
+    async def is_model_ready(self, model_name: str, *, client_timeout: float | None = None) -> bool: ...
+
+    async def get_model_metadata(self, model_name: str, *, client_timeout: float | None = None) -> Any: ...
+
+    async def get_model_config(
+        self, model_name: str, model_version: str, *, client_timeout: float | None = None
+    ) -> Any: ...
+
+    async def infer(
+        self,
+        model_name: str,
+        inputs: list[Any],
+        *,
+        request_id: str,
+        headers: dict[str, str],
+        client_timeout: float | None,
+    ) -> Any: ...
+
+    def stream_infer(
+        self, inputs_iterator: AsyncIterator[dict[str, Any]], stream_timeout: float | None, headers: dict[str, str]
+    ) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+def grpc_client(url: str) -> TritonClient:
+    """A real asyncio gRPC client to the Triton server at ``url`` (``host:port``)."""
+    client: TritonClient = aioclient.InferenceServerClient(url)
+    return client
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as one endpoint serves it."""
+
+    version: str
+    max_batch_rows: int
+
+
+@dataclass
+class Endpoint:
+    """One Triton server and what the pool knows about it."""
+
+    url: str
+    client: TritonClient
+    breaker: CircuitBreaker
+    outstanding: int = 0
+    ready: bool = False
+    models: dict[str, ServedModel] = field(default_factory=dict)
+
+    def routable(self, model: str) -> bool:
+        return self.ready and model in self.models and self.breaker.available()
+
+
+@dataclass(frozen=True)
+class EndpointStatus:
+    """A snapshot of one endpoint, for readiness reports and tests."""
+
+    url: str
+    ready: bool
+    breaker: BreakerState
+    outstanding: int
+    models: dict[str, str]  # model -> ready version
+
+
+class EndpointSet:
+    """Clients to several Triton endpoints, their health probes and breakers, and the choice of one per attempt."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        settings: RoutingSettings,
+        models: ModelSettings | None = None,
+        client_factory: Callable[[str], TritonClient] = grpc_client,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("a Triton pool needs at least one endpoint")
+        self.settings = settings
+        self._client_factory = client_factory
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._urls = list(dict.fromkeys(urls))
+        self.models = models or ModelSettings()
+        self._endpoints: list[Endpoint] = []
+        self._probe_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the clients, probe every endpoint once, and keep probing in the background."""
+        if self._endpoints:
+            return
+        self._endpoints = [
+            Endpoint(
+                url,
+                self._client_factory(url),
+                CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s, self._clock),
+            )
+            for url in self._urls
+        ]
+        await self.probe()
+        self._probe_task = asyncio.create_task(self._probe_forever(), name="triton-pool-probe")
+
+    async def close(self) -> None:
+        """Stop probing and close every client."""
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+            self._probe_task = None
+        for endpoint in self._endpoints:
+            await endpoint.client.close()
+        self._endpoints = []
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # Health
+
+    async def probe(self) -> None:
+        """Probe every endpoint now: server ready, then each model's readiness, version and batch size."""
+        await asyncio.gather(*(self._probe(endpoint) for endpoint in self._endpoints))
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.probe_interval_s)
+            await self.probe()
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        timeout = self.settings.probe_timeout_s
+        models: dict[str, ServedModel] = {}
+        try:
+            ready = bool(await endpoint.client.is_server_ready(client_timeout=timeout))
+            for name in self.models.names() if ready else []:
+                if await endpoint.client.is_model_ready(name, client_timeout=timeout):
+                    models[name] = await self._served_model(endpoint, name, timeout)
+        except Exception as exc:  # a probe must survive anything the endpoint does
+            if endpoint.ready:
+                log.warning("Triton endpoint %s failed its health probe: %s", endpoint.url, exc)
+            ready, models = False, {}
+        if ready and not endpoint.ready:
+            log.info("Triton endpoint %s is ready (models: %s)", endpoint.url, ", ".join(models) or "none")
+        endpoint.ready, endpoint.models = ready, models
+
+    async def _served_model(self, endpoint: Endpoint, name: str, timeout: float) -> ServedModel:
+        metadata = await endpoint.client.get_model_metadata(name, client_timeout=timeout)
+        version = max((str(v) for v in metadata.versions), key=int)
+        known = endpoint.models.get(name)
+        if known is not None and known.version == version:
+            return known
+        config = await endpoint.client.get_model_config(name, version, client_timeout=timeout)
+        return ServedModel(version, max(1, int(config.config.max_batch_size)))
+
+    async def ready(self, model: str | None = None) -> bool:
+        """Whether some endpoint can take requests now (for ``model``, when given)."""
+        if model is None:
+            return any(e.ready and e.breaker.available() for e in self._endpoints)
+        return any(e.routable(model) for e in self._endpoints)
+
+    def status(self) -> list[EndpointStatus]:
+        """Every endpoint's state."""
+        return [
+            EndpointStatus(
+                e.url, e.ready, e.breaker.state(), e.outstanding, {name: m.version for name, m in e.models.items()}
+            )
+            for e in self._endpoints
+        ]
+
+    async def model_version(self, name: str) -> ModelVersion:
+        """The version of ``name`` that the routable endpoints serve (the newest, during a roll-out)."""
+        served = self._served(name)
+        if not served:  # e.g. loaded since the last probe
+            await self.probe()
+            served = self._served(name)
+        if not served:
+            raise UnavailableError(f"no Triton endpoint serves a ready '{name}'")
+        return ModelVersion(name=name, version=max((m.version for m in served), key=int))
+
+    def _served(self, name: str) -> list[ServedModel]:
+        return [e.models[name] for e in self._endpoints if e.routable(name)]
+
+    # Inference
+
+    def _pick(self, model: str, tried: Sequence[Endpoint]) -> Endpoint | None:
+        """The routable endpoint with the fewest outstanding requests, preferring those not tried yet."""
+        routable = [e for e in self._endpoints if e.routable(model)]
+        candidates = [e for e in routable if e not in tried] or routable
+        if not candidates:
+            return None
+        fewest = min(e.outstanding for e in candidates)
+        return self._rng.choice([e for e in candidates if e.outstanding == fewest])

@@ -1,0 +1,103 @@
+"""``SearchService``: retrieval over one collection, as a chain of stages with degradation and timings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from tritonrag.clients.wire.schema import SearchMode, SearchRequest, SearchResponse
+
+from ..errors import DeadlineExceededError, UnavailableError
+from ..retrieval.collection import Collection, ScoredChunk
+from ..retrieval.registry import CollectionRegistry
+from ..retrieval.stages import Candidates, SearchStages
+from ..telemetry.timing import Timer
+
+_DOWN = (UnavailableError, DeadlineExceededError)
+
+
+class SearchService:
+    """Dense, sparse or hybrid retrieval, then reranking and MMR when asked.
+
+    An embedder that cannot answer turns a dense or hybrid search into a BM25 one, and a reranker
+    that cannot answer leaves the retrieval order; the response lists the stage in ``degraded``.
+    """
+
+    def __init__(self, registry: CollectionRegistry, stages: SearchStages) -> None:
+        self._registry = registry
+        self._stages = stages
+
+    async def search(self, request: SearchRequest, request_id: str | None = None) -> SearchResponse:
+        """Retrieve (dense, sparse or hybrid), optionally rerank and diversify, and return the top k."""
+        timer = Timer()
+        found = await self.find(request, timer, request_id)
+        return SearchResponse(
+            collection=request.collection,
+            hits=found.hits(request.top_k),
+            timings_ms=timer.total(),
+            degraded=found.degraded,
+        )
+
+    async def find(self, request: SearchRequest, timer: Timer, request_id: str | None = None) -> Candidates:
+        """The candidates of a search in their final order: retrieved, then reranked and diversified if asked."""
+        collection = await self._registry.get(request.collection)
+        depth = max(request.top_k, request.rerank_top_n if request.rerank else 0)
+        if request.mmr is not None:
+            depth = max(depth, 4 * request.top_k)
+        found = await self._retrieve(collection, request, depth, timer, request_id)
+        if request.rerank and found.order:
+            started = time.perf_counter()
+            await self._rerank(request.query, found, request.rerank_top_n, request_id)
+            timer.stage("rerank", started)
+        if request.mmr is not None and found.query_vector is not None and found.order:
+            started = time.perf_counter()
+            vectors = np.stack([found.chunks[c].vector for c in found.order])
+            found.order = self._stages.diversification.run(
+                found.query_vector, vectors, found.order, request.mmr.lambda_, request.top_k
+            )
+            timer.stage("mmr", started)
+        return found
+
+    async def _retrieve(
+        self, collection: Collection, request: SearchRequest, depth: int, timer: Timer, request_id: str | None
+    ) -> Candidates:
+        """Dense and/or BM25 top-``depth`` (fused by RRF when both); BM25 alone when the embedder is down."""
+        stages, found, mode = self._stages, Candidates(), request.mode
+        if mode != SearchMode.sparse:
+            started = time.perf_counter()
+            try:
+                found.query_vector = (await stages.embedding.run([request.query], request_id))[0]
+            except _DOWN:
+                found.degraded.append("embed")
+                mode = SearchMode.sparse
+            timer.stage("embed", started)
+        started = time.perf_counter()
+        rankings: dict[str, list[ScoredChunk]] = {}
+        if found.query_vector is not None:
+            rankings["dense"] = await stages.dense.run(collection, found.query_vector, depth, request.filters)
+        if mode != SearchMode.dense:
+            rankings["sparse"] = await stages.sparse.run(collection, request.query, depth, request.filters)
+        for stage, ranking in rankings.items():
+            found.record(stage, ranking)
+        fused = stages.fusion.run(list(rankings.values()), depth)
+        if len(rankings) == 2:
+            found.record("rrf", fused)
+        order = [hit.chunk_id for hit in fused]
+        found.chunks = {c.chunk_id: c for c in await asyncio.to_thread(collection.chunks, order)}
+        found.order = [chunk_id for chunk_id in order if chunk_id in found.chunks]
+        timer.stage("search", started)
+        return found
+
+    async def _rerank(self, query: str, found: Candidates, top_n: int, request_id: str | None) -> None:
+        """Order the first ``top_n`` candidates by the reranker; leave the order as is when it is down."""
+        candidates = found.order[:top_n]
+        try:
+            scores = await self._stages.reranking.run(query, [found.chunks[c].text for c in candidates], request_id)
+        except _DOWN:
+            found.degraded.append("rerank")
+            return
+        for chunk_id, score in zip(candidates, scores, strict=True):
+            found.scores[chunk_id]["rerank"] = float(score)
+        found.order = sorted(candidates, key=lambda c: -found.scores[c]["rerank"])

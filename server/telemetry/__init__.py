@@ -1,0 +1,1 @@
+"""What the orchestrator reports about its own work: per-stage timings of a request."""
