@@ -8,7 +8,7 @@ DEPENDENCIES := $(VENV)/.dependencies
 INSTALLED := $(VENV)/.installed
 MODULE_LIST := $(VENV)/.modules
 
-.PHONY: up test test-unit lint install FORCE
+.PHONY: up test test-unit lint install docs FORCE
 
 # Third-party packages: the system's, then the Python ones.
 $(DEPENDENCIES): pyproject.toml setup.py deploy/install-system-deps.sh
@@ -59,4 +59,9 @@ test: lint
 
 ## The unit tier alone: no Triton, no torch, seconds.
 test-unit: $(INSTALLED)
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -m unit
+	# The path spares collecting the other tiers, whose modules import torch.
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m unit tests/unit
+
+## The generated docs: docs/CONFIGURATION.md from the settings classes in server/config.py.
+docs: $(INSTALLED)
+	$(BIN)/python -m tritonrag.deploy.config_reference

@@ -1,4 +1,7 @@
-"""Shared fixtures: paths of the bundled offline models."""
+"""Shared fixtures (paths of the bundled offline models, Triton servers) and the test tiers.
+
+Nothing here imports torch or transformers at module level: the unit tier runs without them.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,30 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import tritonclient.grpc as grpcclient
-from transformers import PreTrainedModel
 
-from tests.reference import YesNoReference
 from tritonrag.deploy.launcher import TritonServer
 from tritonrag.server.config import REPO_ROOT
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from tests.reference import YesNoReference
+
+TESTS = Path(__file__).parent
+# A test's tier is the folder under tests/ that holds it, and its marker (registered in pyproject.toml).
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks every test with its tier, so that ``pytest -m unit`` selects the unit tier."""
+    for item in items:
+        for tier in TIERS:
+            if TESTS / tier in item.path.parents:
+                item.add_marker(tier)
 
 
 def package_dir(name: str) -> Path:
@@ -168,6 +187,7 @@ def smollm2() -> PreTrainedModel:
 @pytest.fixture(scope="session")
 def bundled_reranker(bundled_repository: Path, smollm2: PreTrainedModel) -> YesNoReference:
     """SmolLM2 in PyTorch, scoring as the exported reranker does."""
+    from tests.reference import YesNoReference
     from tritonrag.export.runtime.encoding import ModelMetadata
 
     version_dir = bundled_repository / "reranker" / "1"

@@ -1,23 +1,13 @@
-"""The generator's building blocks: parameters, sampling, text streaming, the KV batch, chat templates."""
+"""The generator's building blocks: parameters, sampling, the KV batch (its text ones: test_generation_text.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
 
-from tests import tiny_models
-from tritonrag.export.runtime.chat import ChatTemplate
 from tritonrag.export.runtime.decoding import KVBatch
 from tritonrag.export.runtime.encoding import InputError
 from tritonrag.export.runtime.sampling import Sampler, SamplingParams
-from tritonrag.export.runtime.text_stream import TextStream
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer() -> Tokenizer:
-    backend: Tokenizer = tiny_models._tokenizer(tiny_models.SMOLLM2).backend_tokenizer
-    return backend
 
 
 def test_parameters_parse_and_default() -> None:
@@ -69,27 +59,6 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     assert {sampler.choose(logits, []) for _ in range(200)} == {0, 1}
 
 
-def test_text_stream_cuts_stop_strings_and_never_leaks_them(smollm2_tokenizer: Tokenizer) -> None:
-    ids = smollm2_tokenizer.encode("The answer is Paris. END of story").ids
-    stream = TextStream(smollm2_tokenizer, stop=["END"])
-    pieces = []
-    for token in ids:
-        pieces.append(stream.push(token))
-        if stream.stopped:
-            break
-    assert stream.stopped
-    assert "".join(pieces) == "The answer is Paris. "
-    assert all("E" not in piece for piece in pieces)
-
-
-def test_text_stream_holds_back_a_split_character(smollm2_tokenizer: Tokenizer) -> None:
-    ids = smollm2_tokenizer.encode("café 😀!").ids
-    stream = TextStream(smollm2_tokenizer)
-    pieces = [stream.push(token) for token in ids]
-    assert "".join(pieces) + stream.flush() == "café 😀!"
-    assert all("\ufffd" not in piece for piece in pieces)
-
-
 def _batch(lengths: list[int], layers: int = 2) -> KVBatch:
     """One row per length, cache values = row number + 1, left-padded with zeros."""
     width = max(lengths)
@@ -111,16 +80,3 @@ def test_kv_batch_extend_left_pads_and_select_trims() -> None:
     assert kept.length == 3 and kept.padded_tokens == 6
     assert kept.mask.tolist() == [[0, 0, 1], [1, 1, 1]]
     assert kept.past[1][0, 0, :, 0].tolist() == [0, 0, 2]
-
-
-def test_chat_template_renders_as_transformers_does() -> None:
-    tokenizer = tiny_models._tokenizer(tiny_models.SMOLLM2)
-    assert isinstance(tokenizer.chat_template, str)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    chat = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
-    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert chat.render(messages) == expected
-    with pytest.raises(InputError, match="messages\\[0\\]: role must be one of"):
-        chat.render([{"role": "robot", "content": "x"}])
-    with pytest.raises(InputError, match="messages is empty"):
-        chat.render([])

@@ -183,7 +183,7 @@ def test_native_configs_wire_text_to_score(cross_encoder_native: ExportResult) -
         "tokenizer.json",
         "tritonrag.json",
     ]
-    assert "runtime.tokenizer import" in (native / "ce_tokenizer" / "1" / "model.py").read_text()
+    assert "runtime.native_tokenizer import" in (native / "ce_tokenizer" / "1" / "model.py").read_text()
 
     ensemble = read_config(native / "ce")
     assert ensemble.platform == "ensemble" and (native / "ce" / "1").is_dir()
