@@ -35,8 +35,8 @@ TEXT_INPUTS: dict[Task, tuple[str, ...]] = {
     "reranker": (RerankerTensors.QUERY, RerankerTensors.PASSAGE),
 }
 RESULT_OUTPUTS: dict[Task, str] = {"embedder": EmbedderTensors.EMBEDDING, "reranker": RerankerTensors.SCORE}
-# The Python-backend model that turns text into the ONNX graph's inputs: tritonrag.export.runtime.tokenizer.
-TOKENIZER_RUNTIME = "tokenizer"
+# The Python-backend model that turns text into the ONNX graph's inputs: tritonrag.export.runtime.native_tokenizer.
+TOKENIZER_RUNTIME = "native_tokenizer"
 
 
 def _onnx_config(name: str, inputs: Sequence[str], output_name: str, output_dims: int) -> mc.ModelConfig:
