@@ -68,7 +68,7 @@ class RoutingSettings(BaseModel):
     breaker_failures: int = Field(3, ge=1)  # consecutive failures that open an endpoint's breaker
     breaker_cooldown_s: float = Field(5.0, gt=0)  # open time before one trial request is let through
     probe_interval_s: float = Field(2.0, gt=0)
-    probe_timeout_s: float = Field(1.0, gt=0)
+    probe_timeout_s: float = Field(3.0, gt=0)  # a busy machine answers late; a failed probe counts on the breaker
 
 
 # k-means needs at least this many training vectors per IVF list (FAISS warns below 39).
@@ -116,12 +116,19 @@ class IndexSettings(BaseModel):
 
 
 class IngestSettings(BaseModel):
-    """Background upsert jobs."""
+    """Upserts: what runs inline and what as a background job, and the limits on both."""
 
     inline_max_documents: int = Field(64, ge=1)  # larger upserts run as a job
+    # An upsert that chunks into more than this runs as a job too: what a request can embed within its
+    # deadline on a CPU (~30 chunks/s of 200 tokens on two cores).
+    inline_max_chunks: int = Field(256, ge=1)
+    max_document_bytes: int = Field(16 * 1024 * 1024, ge=1)  # a larger document's text is refused (413)
     batch_documents: int = Field(32, ge=1)  # documents per upsert call
+    pipeline_batches: int = Field(3, ge=1)  # batches of one job in flight at once (chunk, embed, store overlap)
+    max_pending_documents: int = Field(100_000, ge=1)  # documents not yet settled in jobs; beyond, 429
     concurrent_jobs: int = Field(1, ge=1)  # jobs run at once; the others wait in order
     max_attempts: int = Field(8, ge=1)  # per batch, while the upsert fails with a transient error
+    max_pause_s: float = Field(600.0, gt=0)  # a job waits this long for an embedder that is not ready
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     max_reported_errors: int = Field(100, ge=0)  # per-document errors listed in a job's info

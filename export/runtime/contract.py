@@ -61,6 +61,17 @@ class Parameters:
     MAX_KV_TOKENS: Final = "max_kv_tokens"  # generator: KV-cache slots the running sequences may hold
     MAX_QUEUE: Final = "max_queue"  # generator: requests waiting for a slot before it refuses
     TRUNCATE_PROMPT: Final = "truncate_prompt"  # generator: drop an over-long prompt's first tokens, or reject it
+    # text models: the (estimated) tokens the orchestrator puts in one request, so that no request outlives
+    # its timeout however long the work it is part of
+    MAX_REQUEST_TOKENS: Final = "max_request_tokens"
+
+
+class Priority:
+    """Request priorities of the batched models (``dynamic_batching { priority_levels: 2 }``): a search's
+    embedding and reranking overtake queued ingestion work. 1 is served first."""
+
+    INTERACTIVE: Final = 1
+    BULK: Final = 2
 
 
 # Triton's gRPC stream carries a model's error as a message without its status code, so the

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,10 @@ def sub_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[
     return batches
 
 
+class CancelledError(Exception):
+    """Every request of the batch was cancelled by its client; the rest of the work was not done."""
+
+
 class SortedBatchRunner:
     """Runs rows through a session in length-sorted sub-batches and returns outputs in input order."""
 
@@ -59,11 +63,18 @@ class SortedBatchRunner:
         self.max_rows = max_rows
         self.max_tokens = max_tokens
 
-    def run(self, encodings: Sequence[Encoding]) -> npt.NDArray[np.float32]:
-        """The graph's first output for each row, stacked in the order of ``encodings``."""
+    def run(
+        self, encodings: Sequence[Encoding], cancelled: Callable[[], bool] = lambda: False
+    ) -> npt.NDArray[np.float32]:
+        """The graph's first output for each row, stacked in the order of ``encodings``.
+
+        ``cancelled`` is asked before each sub-batch: when it says so, ``CancelledError`` ends the work.
+        """
         lengths = [len(e.ids) for e in encodings]
         outputs: dict[int, npt.NDArray[np.float32]] = {}
         for batch in sub_batches(lengths, self.max_rows, self.max_tokens):
+            if cancelled():
+                raise CancelledError(f"cancelled after {len(outputs)} of {len(encodings)} rows")
             result = self.session.run(None, self.tokenizer.pad([encodings[i] for i in batch]))[0]
             outputs.update(zip(batch, result, strict=True))
         stacked: npt.NDArray[np.float32] = np.stack([outputs[i] for i in range(len(encodings))]).astype(np.float32)

@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
 from .contract import ONNX_FILE, EmbedderTensors, Parameters, RerankerTensors
 from .encoding import Encoding, InputError, ModelTokenizer
-from .inference import SortedBatchRunner, execution_providers
+from .inference import CancelledError, SortedBatchRunner, execution_providers
 
 
 def decode_strings(request: Any, name: str) -> list[str]:
@@ -123,10 +123,24 @@ class TextModel(TokenizingModel):
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """One response per request, in order; bad requests get an INVALID_ARG error response."""
+        """One response per request, in order; bad requests get an INVALID_ARG error response.
+
+        Between sub-batches the model asks whether every request's client has gone; then it stops, and
+        each request gets a CANCELLED error response.
+        """
         encoded = self.encode_all(requests)
         rows = [e for item in encoded if not isinstance(item, InputError) for e in item]
-        values = self.runner.run(rows) if rows else np.zeros((0,), dtype=np.float32)
+        try:
+            values = (
+                self.runner.run(rows, lambda: all(r.is_cancelled() for r in requests))
+                if rows
+                else np.zeros((0,), dtype=np.float32)
+            )
+        except CancelledError as exc:
+            error = pb_utils.TritonError(
+                str(exc), getattr(pb_utils.TritonError, "CANCELLED", pb_utils.TritonError.UNAVAILABLE)
+            )
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         responses = []
         start = 0
         for item in encoded:

@@ -1,23 +1,29 @@
 """``JobRunner``: large upserts as background jobs that survive a restart.
 
-A job's documents are written to a payload file (``<jobs_dir>/<name>.jsonl``, one document per
-line) before its row is created in the catalog; the row's JSON payload names the file and the
-byte offset up to which every document is settled. After each batch of ``batch_documents`` the
-runner records, in one catalog update, the new offset with the progress counts and errors, so a
-restarted runner resumes at the first unsettled batch. A batch whose upsert was acknowledged just
-before a crash is upserted again on resume, which replaces the same documents: at least once,
-never lost.
+A job's documents are written to a payload file (``<jobs_dir>/<name>.jsonl``, one document per line)
+before its row is created in the catalog; the row's JSON payload names the file and the byte offset
+up to which every document is settled. After each batch of ``batch_documents`` the runner records,
+in one catalog update, the new offset with the progress counts and errors, so a restarted runner
+resumes at the first unsettled batch. A batch whose upsert was acknowledged just before a crash is
+upserted again on resume, which replaces the same documents: at least once, never lost.
+
+Up to ``pipeline_batches`` consecutive batches are in flight at once (chunking, embedding and the
+store write of one overlap those of the next); progress is recorded in order, so the resume point
+never passes a batch that has not landed.
 
 A batch that fails with a transient error (Triton unavailable, a deadline) is retried with backoff;
-when that does not help, or the collection is gone, the job stops and its remaining documents
-count as failed. Any other failure is narrowed down to the documents that cause it, which are
-recorded as failed while the others are upserted. A job ends ``succeeded`` when at least one of
-its documents was upserted (its failures are listed), else ``failed``.
+while the embedder is not ready at all (``ready`` says so: Triton restarting) the job pauses without
+spending its attempts, for up to ``max_pause_s``. When retrying does not help, or the collection is
+gone, the job stops and its remaining documents count as failed. Any other failure is narrowed down
+to the documents that cause it, which are recorded as failed while the others are upserted. A job
+ends ``succeeded`` when at least one of its documents was upserted (its failures are listed), else
+``failed``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -34,6 +40,7 @@ from tritonrag.server.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     TritonRagError,
     UnavailableError,
 )
@@ -44,6 +51,8 @@ log = logging.getLogger(__name__)
 
 Upsert = Callable[[str, Sequence[DocumentIn]], Awaitable[int]]
 """``upsert(collection, documents) -> chunks written``; returns once the documents are stored."""
+Ready = Callable[[], Awaitable[bool]]
+"""Whether what the upserts need (the embedder) can serve now."""
 
 FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed})
 _TRANSIENT = (UnavailableError, DeadlineExceededError)
@@ -71,12 +80,18 @@ class JobRunner:
     """Runs upsert jobs in the background, ``concurrent_jobs`` at a time, recording them in the catalog."""
 
     def __init__(
-        self, catalog: Catalog, upsert: Upsert, jobs_dir: Path, settings: IngestSettings | None = None
+        self,
+        catalog: Catalog,
+        upsert: Upsert,
+        jobs_dir: Path,
+        settings: IngestSettings | None = None,
+        ready: Ready | None = None,
     ) -> None:
         self._catalog = catalog
         self._upsert = upsert
         self._jobs_dir = jobs_dir
         self.settings = settings or IngestSettings()
+        self._ready = ready
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()  # queued or running here
         self._workers: list[asyncio.Task[None]] = []
@@ -110,9 +125,21 @@ class JobRunner:
         self._workers = []
 
     async def submit(self, collection: str, documents: Sequence[DocumentIn]) -> str:
-        """Persist ``documents`` as a new queued job and return its id."""
+        """Persist ``documents`` as a new queued job and return its id.
+
+        ``ResourceExhaustedError`` when the documents not yet settled in unfinished jobs would go over
+        ``max_pending_documents``: nothing is written, and the client may retry later.
+        """
         if not documents:
             raise InvalidArgumentError("a job needs at least one document", field="documents")
+        pending = sum(i.total - i.done - i.failed for i in (r.info for r in await asyncio.to_thread(self._unfinished)))
+        limit = self.settings.max_pending_documents
+        if pending + len(documents) > limit:
+            raise ResourceExhaustedError(
+                f"{pending} documents are waiting to be ingested and this upsert adds {len(documents)}: over the "
+                f"limit of {limit} (ingest.max_pending_documents); retry when the running jobs have progressed",
+                field="documents",
+            )
         self._jobs_dir.mkdir(parents=True, exist_ok=True)
         name = f"{uuid.uuid4().hex}.jsonl"
         await asyncio.to_thread(_write_payload, self._jobs_dir / name, documents)
@@ -173,18 +200,7 @@ class JobRunner:
         try:
             if not path.is_file():
                 raise _JobStoppedError(f"the job's documents are gone ({path} is missing)")
-            while True:
-                batch, next_offset = await asyncio.to_thread(
-                    _read_batch, path, state.offset, self.settings.batch_documents
-                )
-                if not batch:
-                    break
-                done, errors = await self._settle(info.collection, batch)
-                state.offset = next_offset
-                state.done += done
-                state.failed += len(errors)
-                self._report(state, errors)
-                await asyncio.to_thread(self._save, job_id, state, None)
+            await self._run_batches(job_id, info.collection, path, state)
         except _JobStoppedError as stopped:
             log.warning("job %s stopped: %s", job_id, stopped)
             remaining = await asyncio.to_thread(_read_ids, path, state.offset) if path.is_file() else []
@@ -196,6 +212,35 @@ class JobRunner:
             await asyncio.to_thread(self._save, job_id, state, status)
         path.unlink(missing_ok=True)
         log.info("job %s finished: %d done, %d failed", job_id, state.done, state.failed)
+
+    async def _run_batches(self, job_id: str, collection: str, path: Path, state: _JobState) -> None:
+        """Settle the job's batches from ``state.offset`` on, up to ``pipeline_batches`` at once, recording
+        each one's outcome in order."""
+        in_flight: collections.deque[tuple[asyncio.Task[tuple[int, list[DocumentError]]], int]] = collections.deque()
+        read_offset = state.offset
+        try:
+            while True:
+                while len(in_flight) < self.settings.pipeline_batches:
+                    batch, read_offset_after = await asyncio.to_thread(
+                        _read_batch, path, read_offset, self.settings.batch_documents
+                    )
+                    if not batch:
+                        break
+                    in_flight.append((asyncio.create_task(self._settle(collection, batch)), read_offset_after))
+                    read_offset = read_offset_after
+                if not in_flight:
+                    return
+                settling, next_offset = in_flight.popleft()
+                done, errors = await settling
+                state.offset = next_offset
+                state.done += done
+                state.failed += len(errors)
+                self._report(state, errors)
+                await asyncio.to_thread(self._save, job_id, state, None)
+        finally:
+            for settling, _ in in_flight:
+                settling.cancel()
+            await asyncio.gather(*(settling for settling, _ in in_flight), return_exceptions=True)
 
     def _report(self, state: _JobState, errors: Sequence[DocumentError]) -> None:
         """Keep the first ``max_reported_errors`` errors of a job."""
@@ -233,20 +278,38 @@ class JobRunner:
         return first_done + second_done, first_errors + second_errors
 
     async def _upsert_retrying(self, collection: str, batch: Sequence[DocumentIn]) -> None:
-        """One batch, retried with backoff while the failure is transient; raises ``_JobStoppedError`` when
-        retrying does not help or the collection is gone."""
-        for attempt in range(self.settings.max_attempts):
+        """One batch, retried with backoff while the failure is transient (pausing while the embedder is not
+        ready at all); raises ``_JobStoppedError`` when retrying does not help or the collection is gone."""
+        attempt = 0
+        while True:
             try:
                 await self._upsert(collection, batch)
                 return
             except NotFoundError as exc:
                 raise _JobStoppedError(exc.message) from exc
             except _TRANSIENT as exc:
-                if attempt + 1 == self.settings.max_attempts:
-                    raise _JobStoppedError(f"{exc.message} (after {attempt + 1} attempts)") from exc
-                delay = backoff_delay(attempt, self.settings.backoff_base_s, self.settings.backoff_max_s)
+                if await self._paused_until_ready(collection, exc.message):
+                    continue
+                attempt += 1
+                if attempt == self.settings.max_attempts:
+                    raise _JobStoppedError(f"{exc.message} (after {attempt} attempts)") from exc
+                delay = backoff_delay(attempt - 1, self.settings.backoff_base_s, self.settings.backoff_max_s)
                 log.info("upsert into %r failed (%s); retrying in %.1fs", collection, exc.message, delay)
                 await asyncio.sleep(delay)
+
+    async def _paused_until_ready(self, collection: str, reason: str) -> bool:
+        """While the embedder is not ready, wait for it (up to ``max_pause_s``); whether the job paused."""
+        if self._ready is None or await self._ready():
+            return False
+        log.warning("ingestion into %r paused: %s; waiting for the embedder", collection, reason)
+        try:
+            async with asyncio.timeout(self.settings.max_pause_s):
+                while not await self._ready():
+                    await asyncio.sleep(self.settings.backoff_base_s)
+        except TimeoutError:
+            raise _JobStoppedError(f"{reason} (not ready for {self.settings.max_pause_s:g} s)") from None
+        log.info("ingestion into %r resumes", collection)
+        return True
 
 
 def _message(exc: Exception) -> str:

@@ -29,9 +29,9 @@ class Embedding:
     def __init__(self, pool: TritonPool) -> None:
         self._pool = pool
 
-    async def run(self, texts: Sequence[str], request_id: str | None = None) -> Vectors:
-        """``[len(texts), dimension]`` float32, in the order of ``texts``."""
-        return await self._pool.embed(texts, request_id=request_id)
+    async def run(self, texts: Sequence[str], request_id: str | None = None, *, bulk: bool = False) -> Vectors:
+        """``[len(texts), dimension]`` float32, in the order of ``texts``; ``bulk`` (ingestion) yields to searches."""
+        return await self._pool.embed(texts, request_id=request_id, bulk=bulk)
 
 
 class DenseRetrieval:

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
 import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
 
 from tritonrag.clients.wire.schema import ModelVersion
+from tritonrag.export.runtime.contract import Parameters
 from tritonrag.server.config import ModelSettings, RoutingSettings
 from tritonrag.server.errors import UnavailableError
 
@@ -49,6 +51,7 @@ class TritonClient(Protocol):
         request_id: str,
         headers: dict[str, str],
         client_timeout: float | None,
+        priority: int = 0,
     ) -> Any: ...
 
     def stream_infer(
@@ -64,12 +67,35 @@ def grpc_client(url: str) -> TritonClient:
     return client
 
 
-@dataclass(frozen=True)
+@dataclass
 class ServedModel:
-    """A model as one endpoint serves it."""
+    """A model as one endpoint serves it, read from its config: how large a request may be, and how many
+    requests of each kind (interactive, bulk) the endpoint gets at once: one per instance and one more
+    waiting, so that no instance idles between two requests and no request of ours waits long inside
+    Triton behind our own work (its attempt's timeout runs from when it is sent)."""
 
     version: str
     max_batch_rows: int
+    max_request_tokens: int | None = None  # the config's max_request_tokens parameter: estimated tokens per request
+    instances: int = 1
+    interactive_lanes: asyncio.Semaphore = field(init=False, compare=False)
+    bulk_lanes: asyncio.Semaphore = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.interactive_lanes = asyncio.Semaphore(self.instances + 1)
+        self.bulk_lanes = asyncio.Semaphore(self.instances + 1)
+
+    def lanes(self, bulk: bool) -> asyncio.Semaphore:
+        """The lanes of one kind of work."""
+        return self.bulk_lanes if bulk else self.interactive_lanes
+
+    @classmethod
+    def from_config(cls, version: str, config: Any) -> ServedModel:
+        """What the pool uses of a model's ``ModelConfig`` (``get_model_config(...).config``)."""
+        parameter = getattr(config, "parameters", {}).get(Parameters.MAX_REQUEST_TOKENS)
+        tokens = int(parameter.string_value) if parameter is not None and parameter.string_value else None
+        instances = sum(int(group.count) or 1 for group in getattr(config, "instance_group", [])) or 1
+        return cls(version, max(1, int(config.max_batch_size)), tokens, instances)
 
 
 @dataclass
@@ -96,6 +122,7 @@ class EndpointStatus:
     breaker: BreakerState
     outstanding: int
     models: dict[str, str]  # model -> ready version
+    breaker_openings: int  # times the breaker opened since the pool started
 
 
 class EndpointSet:
@@ -166,6 +193,13 @@ class EndpointSet:
             await self.probe()
 
     async def _probe(self, endpoint: Endpoint) -> None:
+        """Read the endpoint's readiness and models.
+
+        A failed probe counts as a failure of the endpoint on its breaker. An endpoint that cannot be
+        reached is out of the rotation at once; one that answers too late (a busy machine) keeps what
+        the last good probe found until its breaker opens (``breaker_failures`` in a row). A good probe
+        ends a run of failures, and is the trial that closes a half-open breaker.
+        """
         timeout = self.settings.probe_timeout_s
         models: dict[str, ServedModel] = {}
         try:
@@ -176,7 +210,12 @@ class EndpointSet:
         except Exception as exc:  # a probe must survive anything the endpoint does
             if endpoint.ready:
                 log.warning("Triton endpoint %s failed its health probe: %s", endpoint.url, exc)
-            ready, models = False, {}
+            endpoint.breaker.record_failure()
+            if not _timed_out(exc):
+                endpoint.ready, endpoint.models = False, {}
+            return
+        if endpoint.breaker.state() is not BreakerState.open:
+            endpoint.breaker.record_success()
         if ready and not endpoint.ready:
             log.info("Triton endpoint %s is ready (models: %s)", endpoint.url, ", ".join(models) or "none")
         endpoint.ready, endpoint.models = ready, models
@@ -188,7 +227,7 @@ class EndpointSet:
         if known is not None and known.version == version:
             return known
         config = await endpoint.client.get_model_config(name, version, client_timeout=timeout)
-        return ServedModel(version, max(1, int(config.config.max_batch_size)))
+        return ServedModel.from_config(version, config.config)
 
     async def ready(self, model: str | None = None) -> bool:
         """Whether some endpoint can take requests now (for ``model``, when given)."""
@@ -200,7 +239,12 @@ class EndpointSet:
         """Every endpoint's state."""
         return [
             EndpointStatus(
-                e.url, e.ready, e.breaker.state(), e.outstanding, {name: m.version for name, m in e.models.items()}
+                e.url,
+                e.ready,
+                e.breaker.state(),
+                e.outstanding,
+                {name: m.version for name, m in e.models.items()},
+                e.breaker.openings,
             )
             for e in self._endpoints
         ]
@@ -228,3 +272,9 @@ class EndpointSet:
             return None
         fewest = min(e.outstanding for e in candidates)
         return self._rng.choice([e for e in candidates if e.outstanding == fewest])
+
+
+def _timed_out(exc: Exception) -> bool:
+    """Whether a client call failed for want of an answer in time, not for want of a server."""
+    status = exc.status() if isinstance(exc, InferenceServerException) else None
+    return isinstance(exc, TimeoutError) or str(status or "").endswith("DEADLINE_EXCEEDED")

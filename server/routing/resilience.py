@@ -43,6 +43,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._trial_in_flight = False
+        self.openings = 0  # times the breaker went from closed to open
 
     def state(self) -> BreakerState:
         """The state now: an open breaker turns half-open by itself once the cool-down has passed."""
@@ -77,6 +78,8 @@ class CircuitBreaker:
         self._failures += 1
         self._trial_in_flight = False
         if self._opened_at is not None or self._failures >= self.failure_threshold:
+            if self._opened_at is None:
+                self.openings += 1
             self._opened_at = self._clock()
 
     def release(self) -> None:

@@ -30,6 +30,7 @@ from tritonrag.export.runtime.contract import (
     INPUT_ERROR,
     EmbedderTensors,
     GeneratorTensors,
+    Priority,
     RerankerTensors,
 )
 from tritonrag.server.config import Settings
@@ -75,9 +76,17 @@ class TritonPool(EndpointSet):
         return cls(urls, settings.routing, settings.models)
 
     async def embed(
-        self, texts: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
+        self,
+        texts: Sequence[str],
+        deadline_s: float | None = None,
+        request_id: str | None = None,
+        *,
+        bulk: bool = False,
     ) -> Floats:
-        """L2-normalised embeddings, float32 ``[len(texts), dim]``, in the order of ``texts``."""
+        """L2-normalised embeddings, float32 ``[len(texts), dim]``, in the order of ``texts``.
+
+        ``bulk`` (ingestion) work waits for the endpoints' bulk lanes and yields to interactive work.
+        """
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         model = self.models.embedder
@@ -85,7 +94,9 @@ class TritonPool(EndpointSet):
         def inputs(rows: slice) -> list[Any]:
             return [_bytes_input(EmbedderTensors.TEXT, texts[rows])]
 
-        return await self._infer_rows(model, len(texts), inputs, EmbedderTensors.EMBEDDING, deadline_s, request_id)
+        tokens = [_estimated_tokens(text) for text in texts]
+        output = EmbedderTensors.EMBEDDING
+        return await self._infer_rows(model, tokens, inputs, output, deadline_s, request_id, bulk)
 
     async def rerank(
         self, query: str, passages: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
@@ -102,37 +113,52 @@ class TritonPool(EndpointSet):
                 _bytes_input(RerankerTensors.PASSAGE, chunk),
             ]
 
-        scores = await self._infer_rows(model, len(passages), inputs, RerankerTensors.SCORE, deadline_s, request_id)
+        tokens = [_estimated_tokens(query) + _estimated_tokens(passage) for passage in passages]
+        scores = await self._infer_rows(model, tokens, inputs, RerankerTensors.SCORE, deadline_s, request_id, False)
         return scores.reshape(-1)
 
     async def _infer_rows(
         self,
         model: str,
-        rows: int,
+        tokens: Sequence[int],
         inputs: Callable[[slice], list[Any]],
         output: str,
         deadline_s: float | None,
         request_id: str | None,
+        bulk: bool,
     ) -> Floats:
-        """Send ``rows`` in requests of at most the model's max batch rows, concurrently; stack the outputs."""
-        deadline = self._clock() + (deadline_s if deadline_s is not None else self.settings.request_timeout_s)
+        """Send the rows (``tokens``: each row's estimated tokens) in requests sized by work, concurrently; stack
+        the outputs in order.
+
+        A request holds at most the model's max batch rows and its ``max_request_tokens``, so each one is
+        short on a healthy server. Without ``deadline_s`` the call's deadline is ``request_timeout_s``, and
+        for bulk work it grows with the number of requests each bulk lane has to carry.
+        """
         request_id = request_id or uuid.uuid4().hex
         served = self._served(model)
         if not served:
             raise UnavailableError(f"no Triton endpoint can serve '{model}' now")
-        step = min(m.max_batch_rows for m in served)
-        slices = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-        calls = [self._infer(model, inputs(s), output, deadline, request_id) for s in slices]
+        budgets = [m.max_request_tokens for m in served if m.max_request_tokens is not None]
+        slices = work_slices(tokens, min(m.max_batch_rows for m in served), min(budgets) if budgets else None)
+        if deadline_s is None:
+            deadline_s = self.settings.request_timeout_s
+            if bulk:
+                rounds = -(-len(slices) // sum(m.instances + 1 for m in served))
+                deadline_s += rounds * self.settings.attempt_timeout_s
+        deadline = self._clock() + deadline_s
+        calls = [self._infer(model, inputs(s), output, deadline, request_id, bulk) for s in slices]
         parts = await _gather_first_error(calls)
         return np.concatenate(parts).astype(np.float32, copy=False)
 
-    async def _infer(self, model: str, inputs: list[Any], output: str, deadline: float, request_id: str) -> Floats:
+    async def _infer(
+        self, model: str, inputs: list[Any], output: str, deadline: float, request_id: str, bulk: bool
+    ) -> Floats:
         """One request, retried on transient failures while attempts and the deadline allow."""
         attempts = _Attempts()
         async with contextlib.aclosing(self._attempt_endpoints(model, deadline, attempts)) as endpoints:
             async for endpoint, remaining in endpoints:
                 try:
-                    return await self._attempt(endpoint, model, inputs, output, remaining, request_id)
+                    return await self._attempt(endpoint, model, inputs, output, remaining, request_id, bulk)
                 except _RetryableError as exc:
                     attempts.last = f"{endpoint.url}: {exc}"
                     log.info("request %s to %s failed, attempt %d: %s", request_id, endpoint.url, attempts.made, exc)
@@ -268,12 +294,48 @@ class TritonPool(EndpointSet):
         return UnavailableError(f"'{model}' failed on {endpoint.url} mid-generation: {message}")
 
     async def _attempt(
-        self, endpoint: Endpoint, model: str, inputs: list[Any], output: str, remaining: float, request_id: str
+        self,
+        endpoint: Endpoint,
+        model: str,
+        inputs: list[Any],
+        output: str,
+        remaining: float,
+        request_id: str,
+        bulk: bool,
     ) -> Floats:
-        """One request to one endpoint; raises ``_RetryableError`` for what another attempt may fix."""
-        timeout = min(self.settings.attempt_timeout_s, remaining)
-        endpoint.breaker.acquire()
+        """One request to one endpoint; raises ``_RetryableError`` for what another attempt may fix.
+
+        The request first waits for a lane of its kind on the endpoint (within the call's deadline), so our
+        own work never queues long inside Triton; its attempt's timeout starts when it is sent. Interactive
+        requests have lanes of their own, and the higher priority in Triton's queue.
+        """
+        served = endpoint.models.get(model)
+        if served is None:
+            raise _RetryableError(f"{endpoint.url} no longer serves '{model}'")
         endpoint.outstanding += 1
+        lanes, started = served.lanes(bulk), self._clock()
+        try:
+            try:
+                async with asyncio.timeout(remaining):
+                    await lanes.acquire()
+            except TimeoutError:
+                raise _RetryableError(f"no lane of {endpoint.url} came free in time") from None
+            try:
+                remaining -= self._clock() - started
+                result = await self._send(endpoint, model, inputs, remaining, request_id, bulk)
+            finally:
+                lanes.release()
+        finally:
+            endpoint.outstanding -= 1
+        values: Floats = np.asarray(result.as_numpy(output), dtype=np.float32)
+        return values
+
+    async def _send(
+        self, endpoint: Endpoint, model: str, inputs: list[Any], remaining: float, request_id: str, bulk: bool
+    ) -> Any:
+        """The request itself, its outcome recorded on the endpoint's breaker."""
+        timeout = max(0.001, min(self.settings.attempt_timeout_s, remaining))
+        endpoint.breaker.acquire()
         try:
             result = await endpoint.client.infer(
                 model,
@@ -281,23 +343,23 @@ class TritonPool(EndpointSet):
                 request_id=request_id,
                 headers={REQUEST_ID_HEADER: request_id},
                 client_timeout=timeout,
+                priority=Priority.BULK if bulk else Priority.INTERACTIVE,
             )
         except InferenceServerException as exc:  # every RPC failure, a refused connection included
-            raise self._failed(endpoint, model, exc, cut_by_deadline=timeout < self.settings.attempt_timeout_s) from exc
+            raise self._failed(endpoint, model, exc) from exc
         except BaseException:  # cancelled: says nothing about the endpoint
             endpoint.breaker.release()
             raise
-        finally:
-            endpoint.outstanding -= 1
         endpoint.breaker.record_success()
-        values: Floats = np.asarray(result.as_numpy(output), dtype=np.float32)
-        return values
+        return result
 
     @staticmethod
-    def _failed(
-        endpoint: Endpoint, model: str, exc: InferenceServerException, cut_by_deadline: bool
-    ) -> TritonRagError | _RetryableError:
-        """Record the outcome on the endpoint and say what the caller should raise."""
+    def _failed(endpoint: Endpoint, model: str, exc: InferenceServerException) -> TritonRagError | _RetryableError:
+        """Record the outcome on the endpoint and say what the caller should raise.
+
+        A request that ran out of time tells nothing sure about the endpoint (it may have been our own
+        work that kept it busy): the breaker is left to the health probes and to real errors.
+        """
         status, message = _status(exc), str(exc.message())
         if status == "INVALID_ARGUMENT":
             endpoint.breaker.record_success()  # the server is fine; the input is not
@@ -306,11 +368,11 @@ class TritonPool(EndpointSet):
             endpoint.breaker.record_success()
             endpoint.models.pop(model, None)
             return _RetryableError(message)
-        if status == "DEADLINE_EXCEEDED" and cut_by_deadline:
-            endpoint.breaker.release()  # the caller's deadline, not the endpoint's slowness
+        if status == "DEADLINE_EXCEEDED":
+            endpoint.breaker.release()
             return _RetryableError(message)
         endpoint.breaker.record_failure()
-        if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        if status == "UNAVAILABLE":
             return _RetryableError(message)
         return UnavailableError(f"'{model}' failed on {endpoint.url}: [{status}] {message}")
 
@@ -368,3 +430,26 @@ async def _gather_first_error(calls: Sequence[Coroutine[Any, Any, Floats]]) -> l
     except BaseExceptionGroup as group_error:
         raise group_error.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+def _estimated_tokens(text: str) -> int:
+    """An upper estimate of the tokens of ``text`` without its tokenizer: a subword tokenizer makes at most
+    about one token per 3 bytes of UTF-8 on prose and code (CJK: one per character, 3 bytes), plus the
+    special tokens around a row."""
+    return len(text.encode("utf-8")) // 3 + 2
+
+
+def work_slices(tokens: Sequence[int], max_rows: int, max_tokens: int | None) -> list[slice]:
+    """Consecutive rows cut into requests of at most ``max_rows`` rows and ``max_tokens`` estimated tokens
+    (a row over the budget goes alone)."""
+    slices: list[slice] = []
+    start, total = 0, 0
+    for index, count in enumerate(tokens):
+        full = index - start >= max_rows or (max_tokens is not None and total + count > max_tokens)
+        if index > start and full:
+            slices.append(slice(start, index))
+            start, total = index, 0
+        total += count
+    if tokens:
+        slices.append(slice(start, len(tokens)))
+    return slices

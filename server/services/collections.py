@@ -18,17 +18,23 @@ from tritonrag.clients.wire.schema import (
 )
 
 from ..config import IngestSettings
-from ..errors import NotFoundError, UnavailableError
+from ..errors import NotFoundError, PayloadTooLargeError, UnavailableError
 from ..ingest.jobs import JobRunner
 from ..retrieval.collection import Collection, PreparedDocument
 from ..retrieval.registry import CollectionRegistry
 from ..retrieval.stages import Embedding
+from ..store.documents import ChunkSpan
 from .models import ModelService
 
 
 class CollectionService:
     """Collection and document use cases. Documents are chunked with the served embedder's tokenizer and
-    embedded by it; an upsert of more than ``ingest.inline_max_documents`` runs as a job."""
+    embedded by it, as bulk work that yields to searches.
+
+    An upsert runs inline while it is small enough to finish within a request's deadline: at most
+    ``ingest.inline_max_documents`` documents that chunk into at most ``ingest.inline_max_chunks``
+    chunks; a larger one runs as a job. A document over ``ingest.max_document_bytes`` is refused (413).
+    """
 
     def __init__(
         self,
@@ -41,8 +47,15 @@ class CollectionService:
         self._registry = registry
         self._models = models
         self._embedding = embedding
-        self._inline_max = ingest.inline_max_documents
-        self.jobs = JobRunner(registry.catalog, self._upsert_now, jobs_dir, ingest)
+        self._ingest = ingest
+        self.jobs = JobRunner(registry.catalog, self._upsert_now, jobs_dir, ingest, self._embedder_ready)
+
+    async def _embedder_ready(self) -> bool:
+        try:
+            await self._models.version(self._models.names.embedder)
+        except UnavailableError:
+            return False
+        return True
 
     async def start(self) -> None:
         """Resume unfinished ingestion jobs."""
@@ -90,32 +103,56 @@ class CollectionService:
 
     # Documents
 
-    async def _prepare(self, collection: Collection, documents: Sequence[DocumentIn]) -> list[PreparedDocument]:
+    async def _chunk(self, collection: Collection, documents: Sequence[DocumentIn]) -> list[list[ChunkSpan]]:
+        """Each document's chunks, cut in a worker thread (a long document takes a while)."""
         chunker = await self._models.chunker(collection.spec.chunking)
-        spans = [chunker.chunk(doc.text) for doc in documents]
+        return await asyncio.to_thread(lambda: [chunker.chunk(doc.text) for doc in documents])
+
+    async def _prepare(
+        self, collection: Collection, documents: Sequence[DocumentIn], spans: list[list[ChunkSpan]] | None = None
+    ) -> list[PreparedDocument]:
+        spans = spans if spans is not None else await self._chunk(collection, documents)
         texts = [span.text for doc_spans in spans for span in doc_spans]
-        vectors = await self._embedding.run(texts)
+        vectors = await self._embedding.run(texts, bulk=True)
         prepared, start = [], 0
         for doc, doc_spans in zip(documents, spans, strict=True):
             prepared.append(PreparedDocument(doc, doc_spans, vectors[start : start + len(doc_spans)]))
             start += len(doc_spans)
         return prepared
 
-    async def _upsert_now(self, collection_name: str, documents: Sequence[DocumentIn]) -> int:
-        """Chunk, embed and store ``documents``; returns the number of chunks written."""
+    async def _upsert_now(
+        self, collection_name: str, documents: Sequence[DocumentIn], spans: list[list[ChunkSpan]] | None = None
+    ) -> int:
+        """Chunk (unless ``spans`` are given), embed and store ``documents``; returns the chunks written."""
         collection = await self._registry.get(collection_name)
-        prepared = await self._prepare(collection, documents)
+        prepared = await self._prepare(collection, documents, spans)
         await asyncio.to_thread(collection.upsert, prepared)
         return sum(len(p.chunks) for p in prepared)
 
     async def upsert_documents(self, collection: str, request: UpsertRequest) -> UpsertResult:
-        """Upsert inline, or as a job when the batch is large."""
-        await self._registry.get(collection)
-        if len(request.documents) > self._inline_max:
-            job_id = await self.jobs.submit(collection, request.documents)
-            return UpsertResult(collection=collection, documents=len(request.documents), chunks=0, job_id=job_id)
-        chunks = await self._upsert_now(collection, request.documents)
-        return UpsertResult(collection=collection, documents=len(request.documents), chunks=chunks)
+        """Upsert inline, or as a job when the batch is too large to finish within a request."""
+        self._check_sizes(request.documents)
+        target = await self._registry.get(collection)
+        documents = request.documents
+        if len(documents) <= self._ingest.inline_max_documents:
+            spans = await self._chunk(target, documents)
+            if sum(map(len, spans)) <= self._ingest.inline_max_chunks:
+                chunks = await self._upsert_now(collection, documents, spans)
+                return UpsertResult(collection=collection, documents=len(documents), chunks=chunks)
+        job_id = await self.jobs.submit(collection, documents)
+        return UpsertResult(collection=collection, documents=len(documents), chunks=0, job_id=job_id)
+
+    def _check_sizes(self, documents: Sequence[DocumentIn]) -> None:
+        """``PayloadTooLargeError`` naming the first document over ``ingest.max_document_bytes``."""
+        limit = self._ingest.max_document_bytes
+        for index, document in enumerate(documents):
+            size = len(document.text.encode("utf-8"))
+            if size > limit:
+                raise PayloadTooLargeError(
+                    f"document {document.id!r} has {size} bytes of text, over the limit of {limit} "
+                    f"(ingest.max_document_bytes)",
+                    field=f"documents.{index}.text",
+                )
 
     async def get_document(self, collection: str, doc_id: str) -> Document:
         return await asyncio.to_thread((await self._registry.get(collection)).get, doc_id)

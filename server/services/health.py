@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..routing.endpoints import EndpointStatus
 from ..routing.triton_pool import TritonPool
 from ..store.catalog import Catalog
 
@@ -19,3 +20,7 @@ class HealthService:
         """``{"triton": ..., "stores": ...}``."""
         stores = await asyncio.to_thread(self._catalog.healthy)
         return {"triton": await self._pool.ready(), "stores": stores}
+
+    def endpoints(self) -> list[EndpointStatus]:
+        """Each Triton endpoint's state: readiness, breaker (and how often it opened), outstanding requests."""
+        return self._pool.status()

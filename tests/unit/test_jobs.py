@@ -11,13 +11,16 @@ import pytest
 
 from tritonrag.clients.wire.schema import DocumentIn, JobStatus
 from tritonrag.server.config import IngestSettings
-from tritonrag.server.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from tritonrag.server.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
 from tritonrag.server.ingest.jobs import JobRunner
 from tritonrag.server.store.catalog import Catalog
 
 T = TypeVar("T")
 
-SETTINGS = IngestSettings(batch_documents=3, backoff_base_s=0.001, backoff_max_s=0.002, max_attempts=3)
+# One batch at a time, so that the order of calls is the order of batches; pipelining has tests of its own.
+SETTINGS = IngestSettings(
+    batch_documents=3, backoff_base_s=0.001, backoff_max_s=0.002, max_attempts=3, pipeline_batches=1
+)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -288,5 +291,101 @@ def test_bad_requests(catalog: Catalog, tmp_path: Path) -> None:
             await runner.submit("col", [])
         with pytest.raises(NotFoundError):
             await runner.get("nope")
+
+    run(scenario())
+
+
+def test_batches_are_pipelined_and_progress_is_recorded_in_order(catalog: Catalog, tmp_path: Path) -> None:
+    settings = SETTINGS.model_copy(update={"pipeline_batches": 3})
+    in_flight, most = 0, 0
+    release_first = asyncio.Event()
+    seen_done: list[int] = []
+
+    async def upsert(collection: str, documents: Sequence[DocumentIn]) -> int:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            if documents[0].id == "d0":
+                await release_first.wait()  # the first batch lands last
+            else:
+                await asyncio.sleep(0.01)
+            return len(documents)
+        finally:
+            in_flight -= 1
+
+    async def scenario() -> None:
+        runner = JobRunner(catalog, upsert, tmp_path / "jobs", settings)
+        await runner.start()
+        job_id = await runner.submit("col", docs(12))
+        await asyncio.sleep(0.1)  # batches 2 and 3 have landed, batch 1 has not
+        seen_done.append((await runner.get(job_id)).done)
+        release_first.set()
+        info = await runner.wait(job_id)
+        seen_done.append(info.done)
+        await runner.close()
+
+    run(scenario())
+    assert most == 3
+    assert seen_done == [0, 12]  # the resume point never passes a batch that has not landed
+
+
+def test_upserts_over_the_pending_limit_are_refused_and_nothing_is_written(catalog: Catalog, tmp_path: Path) -> None:
+    settings = SETTINGS.model_copy(update={"max_pending_documents": 10})
+    upsert = FakeUpsert(gate_after=0)  # the first job stays pending
+
+    async def scenario() -> None:
+        runner = JobRunner(catalog, upsert, tmp_path / "jobs", settings)
+        await runner.start()
+        first = await runner.submit("col", docs(6))
+        with pytest.raises(ResourceExhaustedError, match=r"over the limit of 10 \(ingest.max_pending_documents\)"):
+            await runner.submit("col", docs(5))
+        assert [job.id for job in await runner.list_jobs()] == [first]
+        assert len(list((tmp_path / "jobs").iterdir())) == 1
+        await runner.submit("col", docs(4))  # within the limit
+        await runner.close()
+
+    run(scenario())
+
+
+def test_a_job_pauses_while_the_embedder_is_not_ready_without_spending_attempts(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    upsert = FakeUpsert(script=[UnavailableError("triton down")] * 6)  # more failures than max_attempts
+    checks: list[bool] = []
+
+    async def ready() -> bool:
+        """Down while the script has failures left: each check while down ends one of them."""
+        checks.append(not upsert.script)
+        if upsert.script:
+            upsert.script.pop()
+        return checks[-1]
+
+    async def scenario() -> None:
+        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS, ready=ready)
+        await runner.start()
+        info = await runner.wait(await runner.submit("col", docs(3)))
+        await runner.close()
+        assert (info.status, info.done, info.failed) == (JobStatus.succeeded, 3, 0)
+
+    run(scenario())
+    assert len(upsert.calls) == 2  # the failed call, then the one after the pause
+    assert checks == [False] * 5 + [True]
+
+
+def test_a_pause_longer_than_max_pause_stops_the_job(catalog: Catalog, tmp_path: Path) -> None:
+    settings = SETTINGS.model_copy(update={"max_pause_s": 0.05})
+    upsert = FakeUpsert(script=[UnavailableError("triton down")])
+
+    async def never_ready() -> bool:
+        return False
+
+    async def scenario() -> None:
+        runner = JobRunner(catalog, upsert, tmp_path / "jobs", settings, ready=never_ready)
+        await runner.start()
+        info = await runner.wait(await runner.submit("col", docs(2)))
+        await runner.close()
+        assert (info.status, info.failed) == (JobStatus.failed, 2)
+        assert info.errors[0].error == "triton down (not ready for 0.05 s)"
 
     run(scenario())

@@ -36,7 +36,7 @@ from tritonrag.server.errors import (
     UnavailableError,
 )
 from tritonrag.server.routing.resilience import BreakerState
-from tritonrag.server.routing.triton_pool import TritonPool
+from tritonrag.server.routing.triton_pool import TritonPool, work_slices
 from tritonrag.server.services.models import served_version_dir
 
 T = TypeVar("T")
@@ -62,6 +62,7 @@ class Call:
     request_id: str
     headers: dict[str, str]
     timeout: float | None
+    priority: int = 0
 
 
 @dataclass
@@ -72,6 +73,11 @@ class FakeTriton:
     server_ready: bool = True
     models: dict[str, str] = field(default_factory=lambda: {"embedder": "1", "reranker": "3", "generator": "2"})
     max_batch_size: int = 4
+    max_request_tokens: int | None = None  # the config parameter, when set
+    instances: int = 1
+    probe_latency_s: float = 0.0
+    in_flight: int = 0
+    most_in_flight: int = 0
     failures: list[InferenceServerException] = field(default_factory=list)
     latency_s: float = 0.0
     gate: asyncio.Event | None = None
@@ -83,6 +89,9 @@ class FakeTriton:
     streams: list[FakeStream] = field(default_factory=list)
 
     async def is_server_ready(self, *, client_timeout: float | None = None) -> bool:
+        if client_timeout is not None and self.probe_latency_s > client_timeout:
+            await asyncio.sleep(client_timeout)
+            raise rpc_error("DEADLINE_EXCEEDED", "Deadline Exceeded")
         if not self.server_ready:
             raise rpc_error("UNAVAILABLE", "connection refused")
         return True
@@ -96,7 +105,15 @@ class FakeTriton:
     async def get_model_config(
         self, model_name: str, model_version: str, *, client_timeout: float | None = None
     ) -> Any:
-        return SimpleNamespace(config=SimpleNamespace(max_batch_size=self.max_batch_size))
+        parameters = {}
+        if self.max_request_tokens is not None:
+            parameters["max_request_tokens"] = SimpleNamespace(string_value=str(self.max_request_tokens))
+        config = SimpleNamespace(
+            max_batch_size=self.max_batch_size,
+            parameters=parameters,
+            instance_group=[SimpleNamespace(count=self.instances)],
+        )
+        return SimpleNamespace(config=config)
 
     async def infer(
         self,
@@ -106,9 +123,18 @@ class FakeTriton:
         request_id: str,
         headers: dict[str, str],
         client_timeout: float | None,
+        priority: int = 0,
     ) -> Any:
         columns = [[b.decode() for b in deserialize_bytes_tensor(i._get_content())] for i in inputs]
-        self.calls.append(Call(model_name, columns[-1], request_id, headers, client_timeout))
+        self.calls.append(Call(model_name, columns[-1], request_id, headers, client_timeout, priority))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self._answer(model_name, columns, client_timeout)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, model_name: str, columns: list[list[str]], client_timeout: float | None) -> Any:
         if self.gate is not None:
             await self.gate.wait()
         if self.latency_s:
@@ -433,22 +459,102 @@ def test_deadline_exceeded_when_the_endpoint_is_too_slow() -> None:
     assert fleet["a:1"].calls[0].timeout == pytest.approx(0.05, abs=0.01)
 
 
-def test_a_hung_endpoint_times_out_per_attempt_and_the_call_moves_on() -> None:
-    settings = SETTINGS.model_copy(update={"attempt_timeout_s": 0.05})
+def test_a_hung_endpoint_times_out_per_attempt_the_call_moves_on_and_its_probes_open_its_breaker() -> None:
+    settings = SETTINGS.model_copy(update={"attempt_timeout_s": 0.05, "probe_timeout_s": 0.05})
     fleet = Fleet(FakeTriton("a:1", latency_s=10.0), FakeTriton("b:1"))
 
-    async def scenario() -> dict[str, BreakerState]:
+    async def scenario() -> tuple[dict[str, BreakerState], int]:
         async with pool_of(fleet, settings) as pool:
-            for _ in range(50):
+            for _ in range(10):
                 np.testing.assert_array_equal(await pool.embed(["x"], deadline_s=2.0), [embedding("x")])
-                if pool.status()[0].breaker is BreakerState.open:
-                    break
+            # A request out of time says nothing sure about the endpoint: its breaker is the probes' to open.
+            assert [s.breaker for s in pool.status()] == [BreakerState.closed, BreakerState.closed]
+            fleet["a:1"].probe_latency_s = 10.0
+            for _ in range(settings.breaker_failures):
+                await pool.probe()
+            calls = len(fleet["a:1"].calls)
             for _ in range(5):
                 await pool.embed(["x"], deadline_s=2.0)
-            return {s.url: s.breaker for s in pool.status()}
+            return {s.url: s.breaker for s in pool.status()}, calls
 
-    assert run(scenario()) == {"a:1": BreakerState.open, "b:1": BreakerState.closed}
-    assert len(fleet["a:1"].calls) == settings.breaker_failures  # then it is left alone
+    states, calls = run(scenario())
+    assert states == {"a:1": BreakerState.open, "b:1": BreakerState.closed}
+    assert len(fleet["a:1"].calls) == calls  # then it is left alone
+
+
+def test_a_late_probe_keeps_the_endpoint_and_a_refused_one_drops_it() -> None:
+    settings = SETTINGS.model_copy(update={"probe_timeout_s": 0.05})
+    fleet = Fleet(FakeTriton("a:1"))
+
+    async def scenario() -> list[tuple[bool, BreakerState, int]]:
+        seen = []
+        async with pool_of(fleet, settings) as pool:
+            fleet["a:1"].probe_latency_s = 10.0
+            await pool.probe()
+            seen.append((pool.status()[0].ready, pool.status()[0].breaker, pool.status()[0].breaker_openings))
+            fleet["a:1"].probe_latency_s = 0.0
+            await pool.probe()  # a good probe ends the run of failures
+            await pool.probe()
+            seen.append((pool.status()[0].ready, pool.status()[0].breaker, pool.status()[0].breaker_openings))
+            fleet["a:1"].server_ready = False
+            await pool.probe()
+            seen.append((pool.status()[0].ready, pool.status()[0].breaker, pool.status()[0].breaker_openings))
+            for _ in range(settings.breaker_failures):
+                await pool.probe()
+            seen.append((pool.status()[0].ready, pool.status()[0].breaker, pool.status()[0].breaker_openings))
+        return seen
+
+    assert run(scenario()) == [
+        (True, BreakerState.closed, 0),
+        (True, BreakerState.closed, 0),
+        (False, BreakerState.closed, 0),
+        (False, BreakerState.open, 1),
+    ]
+
+
+def test_work_slices_cut_by_rows_and_by_estimated_tokens() -> None:
+    assert work_slices([10] * 5, max_rows=2, max_tokens=None) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert work_slices([10, 10, 10, 30, 5], max_rows=8, max_tokens=25) == [
+        slice(0, 2),
+        slice(2, 3),
+        slice(3, 4),  # a row over the budget goes alone
+        slice(4, 5),
+    ]
+    assert work_slices([], max_rows=4, max_tokens=10) == []
+
+
+def test_requests_are_sized_by_the_models_token_budget() -> None:
+    fleet = Fleet(FakeTriton("a:1", max_batch_size=64, max_request_tokens=100))
+    texts = ["y" * 90] * 3 + ["z" * 9] * 12  # 32 and 5 estimated tokens each
+
+    async def scenario() -> npt.NDArray[np.float32]:
+        async with pool_of(fleet) as pool:
+            return await pool.embed(texts)
+
+    np.testing.assert_array_equal(run(scenario()), [embedding(t) for t in texts])
+    assert [len(c.rows) for c in fleet["a:1"].calls] == [3, 12]
+
+
+def test_bulk_work_waits_for_the_lanes_and_yields_to_interactive_work() -> None:
+    fleet = Fleet(FakeTriton("a:1", max_batch_size=1, instances=2, latency_s=0.02))
+    texts = [f"chunk {i}" for i in range(12)]
+
+    async def scenario() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        async with pool_of(fleet) as pool:
+            bulk = asyncio.create_task(pool.embed(texts, bulk=True))
+            await asyncio.sleep(0.01)
+            query = await pool.embed(["what is new?"])
+            return await bulk, query
+
+    bulk, query = run(scenario())
+    np.testing.assert_array_equal(bulk, [embedding(t) for t in texts])
+    np.testing.assert_array_equal(query, [embedding("what is new?")])
+    calls = fleet["a:1"].calls
+    assert fleet["a:1"].most_in_flight == (2 + 1) + 1  # the bulk lanes (one per instance, one waiting), the query
+    assert {c.priority for c in calls if c.rows == ["what is new?"]} == {1}
+    assert {c.priority for c in calls if c.rows != ["what is new?"]} == {2}
+    # The query did not wait for the bulk work: it was answered before the last bulk rows were sent.
+    assert calls.index(next(c for c in calls if c.rows == ["what is new?"])) < len(calls) - 1
 
 
 def test_close_closes_every_client() -> None:

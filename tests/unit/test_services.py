@@ -39,6 +39,7 @@ from tritonrag.server.config import Settings
 from tritonrag.server.errors import (
     InvalidArgumentError,
     NotFoundError,
+    PayloadTooLargeError,
     ResourceExhaustedError,
     TritonRagError,
     UnavailableError,
@@ -88,7 +89,12 @@ class StandInPool:
         self.generations: list[Generation] = []
 
     async def embed(
-        self, texts: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
+        self,
+        texts: Sequence[str],
+        deadline_s: float | None = None,
+        request_id: str | None = None,
+        *,
+        bulk: bool = False,
     ) -> npt.NDArray[np.float32]:
         if not self.embedder_up:
             raise UnavailableError("embedder is down")
@@ -175,7 +181,7 @@ def services_and_pool(tmp_path: Path, minilm_dir: Path) -> tuple[Services, Stand
 
 
 def services_and_pool_with(
-    tmp_path: Path, minilm_dir: Path, fallback_generator: str | None = None
+    tmp_path: Path, minilm_dir: Path, fallback_generator: str | None = None, ingest: dict[str, Any] | None = None
 ) -> tuple[Services, StandInPool]:
     """A services over a stand-in pool and a repository with an embedder and a generator version."""
     for model in ("embedder", "generator"):
@@ -196,6 +202,7 @@ def services_and_pool_with(
         data_dir=tmp_path / "data",
         triton={"repository": tmp_path / "repository"},
         models={"fallback_generator": fallback_generator},
+        ingest=ingest or {},
     )
     services = Services.build(settings, cast(TritonPool, pool), Catalog(tmp_path / "data" / "catalog.sqlite"))
     return services, pool
@@ -492,3 +499,31 @@ def test_complete_embed_and_served_models(services_and_pool: tuple[Services, Sta
     asyncio.run(scenario())
     [call] = pool.generations
     assert call.prompt == "Once upon" and call.messages is None and call.params.max_tokens == 5
+
+
+def test_upserts_too_large_for_a_request_run_as_jobs_and_oversized_documents_are_refused(
+    tmp_path: Path, minilm_dir: Path
+) -> None:
+    services, _ = services_and_pool_with(
+        tmp_path, minilm_dir, ingest={"inline_max_chunks": 4, "max_document_bytes": 5000}
+    )
+    long = DocumentIn(id="long", text=" ".join(f"word{i} of a long document" for i in range(150)))
+    huge = DocumentIn(id="huge", text="x " * 3000)
+
+    async def scenario() -> tuple[str | None, int, int]:
+        await services.start()
+        await services.collections.create_collection(CollectionCreate(name="c"))
+        with pytest.raises(PayloadTooLargeError, match=r"'huge' has 6000 bytes of text, over the limit of 5000") as e:
+            await services.collections.upsert_documents("c", UpsertRequest(documents=[DOCS[0], huge]))
+        assert e.value.field == "documents.1.text"
+        small = await services.collections.upsert_documents("c", UpsertRequest(documents=DOCS[:2]))
+        assert small.job_id is None and small.chunks == 2
+        result = await services.collections.upsert_documents("c", UpsertRequest(documents=[long]))
+        assert result.job_id is not None
+        job = await services.collections.jobs.wait(result.job_id)
+        info = await services.collections.get_collection("c")
+        await services.close()
+        return result.job_id, job.done, info.chunks
+
+    _, done, chunks = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    assert done == 1 and chunks > 2 + 4  # the long document's chunks landed, more than fit inline
