@@ -4,24 +4,33 @@ A document's id is its file's path as given (directories are walked, their files
 them); a file that holds several documents adds ``#<index>`` (the list index in .json, the line
 number in .jsonl) unless a record brings its own ``id``. Metadata starts as ``{"source": path}``.
 A file that cannot be read is reported with its path and the reason; the other files go on.
+
+Text files are decoded by their byte-order mark, else (HTML) by their declared encoding, else as
+UTF-8 when they are valid UTF-8, else by the encoding ``charset-normalizer`` detects. HTML keeps
+the text a reader sees, without navigation, banners and page footers.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import charset_normalizer
+from charset_normalizer.md import mess_ratio
 from pydantic import ValidationError
 from pypdf import PdfReader
 
 from tritonrag.clients.wire.schema import DocumentIn, Metadata
 
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown"})
-HTML_SUFFIXES = frozenset({".html", ".htm"})
+HTML_SUFFIXES = frozenset({".html", ".htm", ".xhtml"})
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".json", ".jsonl", ".pdf"}
 
 
@@ -87,7 +96,7 @@ def extract_file(path: Path) -> list[DocumentIn]:
     try:
         if suffix == ".pdf":
             return [_document(source, *_pdf_text(path), {"source": source})]
-        text = _read_text(path)
+        text = _decode(path.read_bytes(), source, declared=suffix in HTML_SUFFIXES)
         if suffix in TEXT_SUFFIXES:
             return [_document(source, text, {}, {"source": source})]
         if suffix in HTML_SUFFIXES:
@@ -101,11 +110,69 @@ def extract_file(path: Path) -> list[DocumentIn]:
         raise ExtractionError(f"{source}: cannot be read: {exc.strerror or exc}") from exc
 
 
-def _read_text(path: Path) -> str:
+_BOMS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_XML_DECLARATION = re.compile(rb"""<\?xml\s[^>]*?encoding\s*=\s*["']([\w.:-]+)""")
+# <meta charset="x"> and <meta http-equiv="Content-Type" content="text/html; charset=x">
+_META_CHARSET = re.compile(rb"""<meta\s[^>]*?charset\s*=\s*["']?\s*([\w.:-]+)""", re.IGNORECASE)
+_DECLARATION_BYTES = 4096  # where a declaration is looked for: the start of the file (the head of a page)
+_WINDOWS_1252 = "cp1252"
+# As browsers do (WHATWG Encoding): pages labelled Latin-1 or ASCII are windows-1252, their superset.
+_READ_AS_WINDOWS_1252 = frozenset({"iso8859-1", "ascii"})
+
+
+def _decode(raw: bytes, source: str, declared: bool = False) -> str:
+    """The text of a file's bytes: by its byte-order mark, else its declared encoding (``declared``: an XML
+    declaration or an HTML ``<meta>`` charset), else as UTF-8, else in the detected encoding. A label the
+    bytes do not fit is passed over; ``ExtractionError`` when no encoding fits (a binary file)."""
+    label = next((codec for mark, codec in _BOMS if raw.startswith(mark)), None)
+    if label is None and declared:
+        label = _declared_codec(raw[:_DECLARATION_BYTES])
+    utf8 = None if b"\x00" in raw else "utf-8"  # NUL bytes: UTF-16 without a mark, or binary
+    for codec in (label, utf8):
+        if codec is not None:
+            try:
+                return raw.decode(codec)
+            except UnicodeDecodeError:
+                pass
+    text = _detected_text(raw)
+    if text is None:
+        raise ExtractionError(f"{source}: is not text (no character encoding fits its bytes)")
+    return text
+
+
+def _declared_codec(head: bytes) -> str | None:
+    """The Python codec of the encoding that ``head`` declares; None without a known one."""
+    found = _XML_DECLARATION.match(head) or _META_CHARSET.search(head)
+    if found is None:
+        return None
     try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ExtractionError(f"{path.as_posix()}: is not UTF-8 text (byte {exc.start})") from exc
+        name = codecs.lookup(found.group(1).decode("ascii")).name
+    except LookupError:
+        return None
+    if name.startswith(("utf-16", "utf-32")):  # a declaration read as ASCII: the bytes are not UTF-16/32
+        return "utf-8"
+    return _WINDOWS_1252 if name in _READ_AS_WINDOWS_1252 else name
+
+
+def _detected_text(raw: bytes) -> str | None:
+    """The text in the encoding ``charset-normalizer`` finds most plausible, or in windows-1252 (the legacy
+    default, which the detector loses to look-alikes such as cp850 on mostly-ASCII text) when that reads with
+    no more mess; None when nothing fits."""
+    best = charset_normalizer.from_bytes(raw).best()
+    if best is None:
+        return None
+    detected = str(best)
+    try:
+        western = raw.decode(_WINDOWS_1252)
+    except UnicodeDecodeError:
+        return detected
+    return western if mess_ratio(western, math.inf) <= mess_ratio(detected, math.inf) else detected
 
 
 def _document(doc_id: str, text: str, metadata: Metadata, base: Metadata, where: str = "") -> DocumentIn:
@@ -201,49 +268,113 @@ def _html_text(html: str) -> tuple[str, Metadata]:
     return parser.text(), metadata
 
 
+class _Region:
+    """An element whose content is left out, followed to its end tag through nested elements of its name."""
+
+    def __init__(self) -> None:
+        self.tag: str | None = None
+        self._depth = 0
+
+    def begin(self, tag: str) -> None:
+        self.tag, self._depth = tag, 1
+
+    def nest(self, tag: str) -> None:
+        if tag == self.tag:
+            self._depth += 1
+
+    def close(self, tag: str) -> None:
+        if tag == self.tag:
+            self._depth -= 1
+            if not self._depth:
+                self.tag = None
+
+
 class _VisibleText(HTMLParser):
-    """The text a browser shows: no script, style or head; block elements start new lines."""
+    """The text a reader sees: no script, style or head; block elements start new lines.
+
+    Navigation (``<nav>``, ARIA navigation, search and menu roles) and the page's banner and footer
+    (``<header>``, ``<footer>``, ``<aside>`` outside ``<article>``, ``<main>`` and ``<section>``, and
+    their ARIA roles) are boilerplate, left out unless they are all the text there is.
+    """
 
     _HIDDEN = frozenset({"script", "style", "noscript", "template", "head", "svg"})
     _BLOCKS = frozenset(
-        "address article aside blockquote br dd div dl dt fieldset figcaption figure footer form h1 h2 h3 h4 h5 "  # noqa: SIM905
-        "h6 header hr li main nav ol p pre section table tbody thead tr td th ul".split()
+        "address article aside blockquote br dd details div dl dt fieldset figcaption figure footer form h1 h2 h3 "  # noqa: SIM905
+        "h4 h5 h6 header hr li main nav ol p pre section summary table tbody thead tr td th ul".split()
     )
+    _VOID = frozenset("area base br col embed hr img input link meta source track wbr".split())  # noqa: SIM905
+    _SECTIONING = frozenset({"article", "main", "section"})
+    _PAGE_LANDMARKS = frozenset({"header", "footer", "aside"})  # boilerplate outside sectioning elements
+    _BOILERPLATE_ROLES = frozenset({"navigation", "banner", "contentinfo", "search", "menu", "menubar"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self._parts: list[str] = []
-        self._hidden_depth = 0
+        self._parts: list[str] = []  # the text without boilerplate
+        self._all_parts: list[str] = []  # with it
+        self._hidden = _Region()
+        self._boilerplate = _Region()
+        self._sectioning_depth = 0
         self._in_title = False
         self.title = ""
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._HIDDEN:
-            self._hidden_depth += 1
-        elif tag == "title":
+        if tag == "body" and self._hidden.tag == "head":  # the end tag of <head> is optional
+            self._hidden.tag = None
+        if tag == "title" and self._hidden.tag in (None, "head"):  # not an <svg>'s
             self._in_title = True
+        if self._hidden.tag is not None:
+            self._hidden.nest(tag)
+            return
+        if tag in self._HIDDEN:
+            self._hidden.begin(tag)
+            return
+        if tag in self._SECTIONING:
+            self._sectioning_depth += 1
         if tag in self._BLOCKS:
-            self._parts.append("\n")
+            self._append("\n")
+        if self._boilerplate.tag is not None:
+            self._boilerplate.nest(tag)
+        elif tag not in self._VOID and self._is_boilerplate(tag, attrs):
+            self._boilerplate.begin(tag)
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in self._HIDDEN:
-            self._hidden_depth = max(0, self._hidden_depth - 1)
-        elif tag == "title":
+        if tag == "title":
             self._in_title = False
+        if self._hidden.tag is not None:
+            self._hidden.close(tag)
+            return
+        if tag in self._SECTIONING:
+            self._sectioning_depth = max(0, self._sectioning_depth - 1)
+        self._boilerplate.close(tag)
         if tag in self._BLOCKS:
-            self._parts.append("\n")
+            self._append("\n")
 
     def handle_data(self, data: str) -> None:
         if self._in_title:
             self.title = " ".join(f"{self.title} {data}".split())
-        elif not self._hidden_depth:
-            self._parts.append(data)
+        elif self._hidden.tag is None:
+            self._append(data)
+
+    def _is_boilerplate(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+        role = next((value for name, value in attrs if name == "role"), None) or ""
+        if tag == "nav" or role.lower() in self._BOILERPLATE_ROLES:
+            return True
+        return tag in self._PAGE_LANDMARKS and not self._sectioning_depth
+
+    def _append(self, text: str) -> None:
+        self._all_parts.append(text)
+        if self._boilerplate.tag is None:
+            self._parts.append(text)
 
     def text(self) -> str:
         """Whitespace collapsed within lines; at most one blank line between blocks."""
-        lines = [" ".join(line.split()) for line in "".join(self._parts).split("\n")]
-        out: list[str] = []
-        for line in lines:
-            if line or (out and out[-1]):
-                out.append(line)
-        return "\n".join(out).strip()
+        return _tidy("".join(self._parts)) or _tidy("".join(self._all_parts))
+
+
+def _tidy(text: str) -> str:
+    lines = [" ".join(line.split()) for line in text.split("\n")]
+    out: list[str] = []
+    for line in lines:
+        if line or (out and out[-1]):
+            out.append(line)
+    return "\n".join(out).strip()

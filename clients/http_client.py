@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import time
 from collections.abc import Generator
@@ -32,14 +33,18 @@ _EVENTS: dict[str, type[QueryEvent]] = {"sources": SourcesEvent, "delta": DeltaE
 
 
 class ApiError(Exception):
-    """An error answer of the API: HTTP status, gRPC-style code, message and offending field."""
+    """An error answer of the API: HTTP status, gRPC-style code, message, offending field, and the
+    seconds its ``Retry-After`` header asks a client to wait."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.retry_after_s = retry_after_s
 
 
 class TritonRagClient:
@@ -62,7 +67,7 @@ class TritonRagClient:
     ) -> Any:
         response = self._http.request(method, path, json=body, headers=headers)
         if response.status_code >= 400:
-            raise _api_error(response.status_code, response.text)
+            raise _api_error(response.status_code, response.text, _retry_after_s(response.headers.get("retry-after")))
         return response.json() if response.content else None
 
     def create_collection(self, request: CollectionCreate) -> CollectionInfo:
@@ -120,13 +125,28 @@ class TritonRagClient:
             time.sleep(poll_s)
 
 
-def _api_error(status: int, body: str) -> ApiError:
+def _api_error(status: int, body: str, retry_after_s: float | None = None) -> ApiError:
     """The error of an answer (or of an ``error`` event) whose body is ``{"error": {code, message, field}}``."""
     try:
         error = json.loads(body)["error"]
-        return ApiError(status, error["code"], error["message"], error.get("field"))
+        return ApiError(status, error["code"], error["message"], error.get("field"), retry_after_s)
     except (ValueError, KeyError, TypeError):
-        return ApiError(status, "UNKNOWN", body)
+        return ApiError(status, "UNKNOWN", body, retry_after_s=retry_after_s)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """The wait a ``Retry-After`` header asks for, given in seconds or as an HTTP date; None without one."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _request_id_header(request_id: str | None) -> dict[str, str] | None:

@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``H:MM:SS``."""
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
@@ -58,6 +59,6 @@ class Progress:
             f"{self.done + self.failed}/{self.total} documents{failed}",
             f"{self.chunks} chunks",
             f"{self.chunks_per_s:.1f} chunks/s",
-            f"ETA {_duration(eta)}" if eta is not None else "ETA --:--:--",
+            f"ETA {duration(eta)}" if eta is not None else "ETA --:--:--",
         ]
         return ", ".join(parts)

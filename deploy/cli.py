@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tritonrag.clients.progress import Progress
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
 from tritonrag.export.repository import versions
 from tritonrag.export.runtime.contract import ONNX_FILE
@@ -147,6 +147,9 @@ def _run_orchestrator(settings: Settings) -> None:
     asyncio.run(serve(settings))
 
 
+EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: the server stayed unavailable; the same command resumes later
+
+
 @app.command("ingest")
 def ingest_command(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders (.txt .md .html .json .jsonl .pdf).")],
@@ -156,43 +159,41 @@ def ingest_command(
     batch: Annotated[int, typer.Option(min=1, max=1000, help="Documents per request.")] = 32,
     config: ConfigOption = None,
 ) -> None:
-    """Ingest files into a collection with a progress line; a rerun resumes where an interrupted one stopped."""
+    """Ingest files into a collection with a progress bar and a summary; transient server errors are retried,
+    bad documents reported. Exit status 1 when documents failed, 75 when the server stayed unavailable; a rerun
+    resumes where a run stopped."""
+    from tritonrag.clients.console import ConsoleReporter, result_line
     from tritonrag.clients.extract import extract_paths
     from tritonrag.clients.http_client import ApiError, TritonRagClient
-    from tritonrag.clients.ingest import IngestState, ingest
-    from tritonrag.clients.wire.schema import CollectionCreate
+    from tritonrag.clients.ingest import Ingestion, IngestState, ServerUnavailableError
 
+    started = time.monotonic()
     settings = _settings(config)
     extraction = extract_paths(paths)
-    for error in extraction.errors:
-        typer.echo(f"skipped {error.path}: {error.error}", err=True)
     base_url = url or f"http://{settings.api.host}:{settings.api.http_port}"
     state = IngestState(settings.work_dir / "ingest" / f"{collection}.json")
-
-    def report(progress: Progress, errors: list[str]) -> None:
-        for error in errors:
-            typer.echo(f"\nfailed {error}", err=True)
-        typer.echo(f"\r{progress.line()}", nl=False, err=True)
-
+    reporter = ConsoleReporter()
+    code, stopped = 0, ""
     with TritonRagClient(base_url) as client:
-        try:
+        ingestion = Ingestion(client, collection, extraction.documents, state, reporter, batch)
+        reporter.read(extraction, ingestion.already_there)
+        with reporter:
             try:
-                client.get_collection(collection)
+                ingestion.ensure_collection(create)
+                ingestion.run()
+            except ServerUnavailableError as exc:
+                code, stopped = EXIT_UNAVAILABLE, f"stopped: {exc}; rerun the same command to resume"
             except ApiError as exc:
-                if exc.status != 404 or not create:
-                    raise
-                client.create_collection(CollectionCreate(name=collection))
-            progress = ingest(client, collection, extraction, state, batch, report)
-        except ApiError as exc:
-            typer.echo(f"\nerror: {exc}", err=True)
-            raise typer.Exit(1) from exc
-    skipped = len(extraction.documents) - progress.total
-    typer.echo(
-        f"\ningested {progress.done} documents ({progress.chunks} chunks) into {collection!r}; "
-        f"{progress.failed} failed, {skipped} already there"
-    )
-    if progress.failed:
-        raise typer.Exit(1)
+                code, stopped = 1, f"error: {exc}"
+            except KeyboardInterrupt:
+                code, stopped = 130, "interrupted; rerun the same command to resume"
+    reporter.summary(extraction.errors)
+    if stopped:
+        typer.echo(stopped, err=True)
+    progress = ingestion.progress
+    wall_s = time.monotonic() - started
+    typer.echo(result_line(progress, collection, ingestion.already_there, len(extraction.errors), wall_s))
+    raise typer.Exit(code or int(progress.failed > 0))
 
 
 @app.command("serve")

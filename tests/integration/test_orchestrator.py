@@ -15,12 +15,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import httpx2
 import pytest
 from google.protobuf import struct_pb2
 
+from tests.documents import JAPANESE, LATIN_1, RUSSIAN, SMALL_MODULES, mixed_corpus
 from tests.serving import Orchestrator, orchestrator_env, start_orchestrator, stop_orchestrator
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
@@ -305,3 +307,22 @@ def test_ingest_cli_shows_progress_and_resumes(orchestrator: Orchestrator, http:
     assert "ingested 1 documents" in second.stdout and "6 already there" in second.stdout
     hits = search(http, collection="files", query="owls hearing", mode="sparse", top_k=1)["hits"]
     assert "extraordinary" in hits[0]["text"]
+
+
+def test_ingest_cli_lands_every_file_with_text_in_any_encoding(
+    orchestrator: Orchestrator, http: httpx2.Client, tmp_path: Path
+) -> None:
+    files = mixed_corpus(tmp_path / "corpus", SMALL_MODULES * 2)  # 40 files with text, in ten encodings
+    env = {**os.environ, "TRITONRAG_WORK_DIR": str(tmp_path / "work")}
+    command = [sys.executable, "-m", "tritonrag.deploy.cli", "ingest", "corpus", "--collection", "mixed"]
+    command += ["--url", orchestrator.http_url]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr
+    assert http.get("/v1/collections/mixed").json()["documents"] == len(files) == 40
+    assert "ingested 40 documents" in run.stdout and "0 failed, 0 already there, 2 files skipped" in run.stdout
+    assert "40/40 documents" in run.stderr and "skipped 2 files:" in run.stderr
+    assert "corpus/blank.md: has no text" in run.stderr and "corpus/image.txt: is not text" in run.stderr
+    for path, odd in [(files[0], LATIN_1), (files[2], JAPANESE), (files[3], RUSSIAN), (files[4], RUSSIAN)]:
+        doc_id = path.relative_to(tmp_path).as_posix()
+        document = http.get(f"/v1/collections/mixed/documents/{quote(doc_id, safe='')}").json()
+        assert odd in document["text"], doc_id

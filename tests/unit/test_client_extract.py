@@ -70,6 +70,21 @@ def test_html_gives_visible_text_and_title(tmp_path: Path) -> None:
     assert doc.metadata == {"source": doc.id, "title": "The Page"}
 
 
+def test_html_leaves_navigation_banners_and_page_footers_out(tmp_path: Path) -> None:
+    html = """<html><head><title>Guide</title><body>
+    <header><a href="/">Home</a> <div role="search"><input name="q"> Search</div></header>
+    <div role="navigation"><div><a href="a.html">Previous</a></div><div>Next</div></div>
+    <main><article><header><h1>Chapter one</h1></header><p>Body text <svg><title>icon</title></svg>here.</p>
+    <nav><ul><li>In this chapter</li></ul><script>toc()</script></nav><aside>Kept: a note inside the article.</aside>
+    </article></main><aside>Related pages</aside><footer>© 2026 Site</footer></body></html>"""
+    [doc] = extract_file(write(tmp_path / "guide.html", html))
+    assert doc.text == "Chapter one\n\nBody text here.\n\nKept: a note inside the article."
+    assert doc.metadata["title"] == "Guide"
+    menu = "<html><body><nav><ul><li>Alpha</li><li>Beta</li></ul><script>menu()</script></nav></body></html>"
+    [doc] = extract_file(write(tmp_path / "menu.html", menu))
+    assert doc.text == "Alpha\n\nBeta"  # navigation is all there is: kept
+
+
 def test_json_document_list_and_strings(tmp_path: Path) -> None:
     path = write(
         tmp_path / "docs.json",
@@ -109,7 +124,7 @@ def test_pdf_pages_and_metadata(tmp_path: Path) -> None:
     ("name", "content", "message"),
     [
         ("empty.txt", "   \n", r"empty\.txt: has no text"),
-        ("latin1.txt", "caf\xe9".encode("latin-1"), r"latin1\.txt: is not UTF-8 text"),
+        ("binary.txt", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8, r"binary\.txt: is not text"),
         ("broken.json", '{"text": ', r"broken\.json: invalid JSON at line 1"),
         ("list.json", "[]", r"list\.json: the list holds no documents"),
         ("number.json", "[1]", r"number\.json \[0\]: a document is a string or an object, not int"),
