@@ -20,7 +20,7 @@ CHUNKING = Chunking(chunk_tokens=24, overlap_tokens=4)  # the tiny embedder read
 
 def stdlib_docs() -> list[DocumentIn]:
     """The docstrings of standard-library modules and their public functions: real text of every length."""
-    docs: list[DocumentIn] = []
+    docs: dict[str, DocumentIn] = {}
     for name in sorted(sys.stdlib_module_names):
         if name.startswith("_") or name in {"this", "antigravity"}:
             continue
@@ -28,11 +28,14 @@ def stdlib_docs() -> list[DocumentIn]:
             module = importlib.import_module(name)
         except Exception:  # some modules refuse to import on this platform
             continue
-        for attribute, value in [(name, module), *inspect.getmembers(module, inspect.isfunction)]:
+        for doc_id, value in [
+            (name, module),
+            *((f"{name}.{n}", f) for n, f in inspect.getmembers(module, inspect.isfunction)),
+        ]:
             text = inspect.getdoc(value)
             if text and text.strip():
-                docs.append(DocumentIn(id=f"{name}.{attribute}", text=text))
-    return docs
+                docs[doc_id] = DocumentIn(id=doc_id, text=text)
+    return list(docs.values())
 
 
 def test_a_triton_restart_mid_ingest_pauses_the_job_and_it_completes_exactly(
