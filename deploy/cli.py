@@ -131,12 +131,17 @@ def triton(config: ConfigOption = None) -> None:
 
 
 def _run_orchestrator(settings: Settings) -> None:
-    """Serve the HTTP and gRPC APIs until SIGINT/SIGTERM."""
+    """Serve the HTTP and gRPC APIs until SIGINT/SIGTERM, logging as ``settings.telemetry`` says."""
     from tritonrag.server.app import serve
+    from tritonrag.server.telemetry.logs import configure_logging
 
-    api = settings.api
+    log_writer = configure_logging(settings.telemetry)
+    api, telemetry = settings.api, settings.telemetry
+    ports = [("HTTP", api.http_port), ("gRPC", api.grpc_port)]
+    if telemetry.metrics and telemetry.metrics_port is not None:
+        ports.append(("metrics", telemetry.metrics_port))
     try:
-        for what, port in (("HTTP", api.http_port), ("gRPC", api.grpc_port)):
+        for what, port in ports:
             check_port_free(api.host, port, f"orchestrator {what}")
     except TritonLaunchError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -144,7 +149,10 @@ def _run_orchestrator(settings: Settings) -> None:
     typer.echo(
         f"orchestrator: HTTP http://{api.host}:{api.http_port}/v1 (docs at /docs), gRPC {api.host}:{api.grpc_port}"
     )
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        log_writer.stop()  # the lines still queued are written
 
 
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: the server stayed unavailable; the same command resumes later

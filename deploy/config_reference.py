@@ -74,8 +74,8 @@ def _type(annotation: Any) -> str:
     return _cell(re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", name))  # typing.Any, pathlib.Path: Any, Path
 
 
-def _default(field: FieldInfo) -> str:
-    value = to_jsonable_python(field.get_default(call_default_factory=True, validated_data={}))
+def _default(default: Any) -> str:
+    value = to_jsonable_python(default)
     text = value if isinstance(value, str) else json.dumps(value)
     return _cell(text.replace(str(REPO_ROOT), "<repo>"))
 
@@ -86,20 +86,25 @@ def _constraints(field: FieldInfo) -> str:
     )
 
 
-def _sections(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
-    """The section of ``model`` at ``path`` (its own settings), then those of its nested sections."""
+def _sections(model: type[BaseModel], path: tuple[str, ...], defaults: BaseModel | None = None) -> list[str]:
+    """The section of ``model`` at ``path`` (its own settings), then those of its nested sections; the defaults
+    are those of ``defaults``, the section's default value, when given (it may differ from its class's)."""
     prefix, delimiter = Settings.model_config["env_prefix"], Settings.model_config["env_nested_delimiter"]
     assert isinstance(prefix, str) and isinstance(delimiter, str)
     comments = _field_comments(model)
     rows, nested = [], []
     for name, field in model.model_fields.items():
+        if defaults is None:
+            default = field.get_default(call_default_factory=True, validated_data={})
+        else:
+            default = getattr(defaults, name)
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            nested += _sections(field.annotation, (*path, name))
+            nested += _sections(field.annotation, (*path, name), default)
             continue
         env = prefix + delimiter.join((*path, name)).upper()
         description = (field.description or comments[name]).replace("|", "\\|")
         rows.append(
-            f"| `{'.'.join((*path, name))}` | `{env}` | {_type(field.annotation)} | {_default(field)} "
+            f"| `{'.'.join((*path, name))}` | `{env}` | {_type(field.annotation)} | {_default(default)} "
             f"| {_constraints(field)} | {description} |"
         )
     title = f"`{'.'.join(path)}`" if path else "Top level"

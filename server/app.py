@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
 
 import uvicorn
+from prometheus_client import start_http_server
 
+from .api.admission import Admission
 from .api.grpc_service import create_grpc_server
 from .api.http import create_http_app
+from .cache.embedding import CachedEmbedding
+from .cache.keys import Keys
+from .cache.levels import TwoLevelCache
+from .cache.results import CachedAnswers, CachedSearch
 from .config import Settings
 from .retrieval.registry import CollectionRegistry
 from .retrieval.stages import SearchStages
@@ -22,6 +28,7 @@ from .services.health import HealthService
 from .services.models import ModelService
 from .services.search import SearchService
 from .store.catalog import Catalog
+from .telemetry.collectors import CollectionCollector, EndpointCollector, JobCollector, registered
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +38,31 @@ class Services:
     """Every service of the orchestrator, over one Triton pool and one catalog."""
 
     collections: CollectionService
-    search: SearchService
-    answers: AnswerService
+    search: CachedSearch
+    answers: CachedAnswers
     models: ModelService
     health: HealthService
     registry: CollectionRegistry
+    cache: TwoLevelCache
 
     @classmethod
     def build(cls, settings: Settings, pool: TritonPool, catalog: Catalog) -> Services:
-        """The services, each given its own settings section; nothing is started."""
-        stages = SearchStages.over(pool)
+        """The services, each given its own settings section, and the cache in front of them; nothing is started."""
         models = ModelService(pool, settings.triton.repository, settings.models)
         registry = CollectionRegistry(settings.data_dir, catalog, settings.index, models.embedding_dimension)
+        cache = TwoLevelCache(settings.cache)
+        keys = Keys(settings.cache.key_prefix, registry, models, settings.index, settings.query)
+        stages = replace(SearchStages.over(pool), embedding=CachedEmbedding(pool, cache, keys, models))
         search = SearchService(registry, stages)
         jobs_dir = settings.data_dir / "jobs"
         return cls(
             collections=CollectionService(registry, models, stages.embedding, settings.ingest, jobs_dir),
-            search=search,
-            answers=AnswerService(search, models, pool, settings.query),
+            search=CachedSearch(search, cache, keys),
+            answers=CachedAnswers(AnswerService(search, models, pool, settings.query), cache, keys),
             models=models,
             health=HealthService(pool, catalog),
             registry=registry,
+            cache=cache,
         )
 
     async def start(self) -> None:
@@ -59,9 +70,10 @@ class Services:
         await self.collections.start()
 
     async def close(self) -> None:
-        """Stop the jobs and close every open collection (writing index snapshots)."""
+        """Stop the jobs, close every open collection (writing index snapshots) and the cache's connections."""
         await self.collections.close()
         await self.registry.close()
+        await self.cache.close()
 
 
 @contextlib.asynccontextmanager
@@ -80,11 +92,40 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         catalog.close()
 
 
+def _collectors(services: Services, admission: Admission) -> contextlib.AbstractContextManager[None]:
+    """The scrape-time series of this stack in the default registry: endpoints, collections, jobs, shedding."""
+    return registered(
+        EndpointCollector(services.health.endpoints),
+        CollectionCollector(services.registry),
+        JobCollector(services.registry.catalog),
+        admission,
+    )
+
+
+@contextlib.contextmanager
+def _metrics_server(settings: Settings) -> Iterator[None]:
+    """``/metrics`` on a port of its own, when ``telemetry.metrics_port`` sets one."""
+    port = settings.telemetry.metrics_port
+    if not settings.telemetry.metrics or port is None:
+        yield
+        return
+    server, thread = start_http_server(port, addr=settings.api.host)
+    log.info("orchestrator: metrics http://%s:%d/metrics", settings.api.host, port)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        thread.join()
+
+
 async def serve(settings: Settings) -> None:
     """Serve HTTP and gRPC until cancelled (or until uvicorn is told to exit by a signal)."""
     async with running_services(settings) as services:
-        api = settings.api
-        grpc_server = create_grpc_server(services.collections, services.search, services.answers, api)
+        api, telemetry = settings.api, settings.telemetry
+        admission = Admission(settings.limits)  # shared: the limits hold for both front-ends together
+        grpc_server = create_grpc_server(
+            services.collections, services.search, services.answers, api, admission, telemetry
+        )
         await grpc_server.start()
         app = create_http_app(
             services.collections,
@@ -95,15 +136,22 @@ async def serve(settings: Settings) -> None:
             services.models,
             api,
             settings.models,
+            admission,
+            telemetry,
+            services.cache,
         )
-        config = uvicorn.Config(app, host=api.host, port=api.http_port, log_level="info", lifespan="off")
+        # uvicorn logs through the root logger (logs.configure_logging); its access log is replaced by ours.
+        config = uvicorn.Config(
+            app, host=api.host, port=api.http_port, lifespan="off", log_config=None, access_log=False
+        )
         http_server = uvicorn.Server(config)
         log.info("orchestrator: HTTP http://%s:%d, gRPC %s:%d", api.host, api.http_port, api.host, api.grpc_port)
-        serving = asyncio.create_task(http_server.serve())
-        try:
-            await serving
-        finally:
-            http_server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
+        with _collectors(services, admission), _metrics_server(settings):
+            serving = asyncio.create_task(http_server.serve())
+            try:
                 await serving
-            await grpc_server.stop(grace=5)
+            finally:
+                http_server.should_exit = True
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+                await grpc_server.stop(grace=5)

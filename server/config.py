@@ -6,10 +6,11 @@ Nested fields use ``__`` in variable names, e.g. ``TRITONRAG_TRITON__GRPC_PORT=9
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -140,6 +141,36 @@ class QuerySettings(BaseModel):
     default_max_tokens: int = Field(256, ge=1)  # when a request sets none; capped by what the context window leaves
 
 
+class CacheTierSettings(BaseModel):
+    """One kind of cached result: whether it is cached, how long, and its share of the in-process L1."""
+
+    enabled: bool = True  # false: this tier is neither read nor written
+    ttl_s: float | None = Field(3600.0, gt=0)  # in L1 and L2; None: no expiry (the LRU bounds still apply)
+    l1_max_entries: int = Field(10_000, ge=1)  # this tier's L1, in each process
+    l1_max_bytes: int = Field(64 * 1024 * 1024, ge=1)  # keys and serialised values
+
+
+class CacheSettings(BaseModel):
+    """The two-level cache of embeddings, search results, answers and grounded chats (docs/SERVER.md, "Cache").
+
+    Keys hold every parameter that changes a result, the model versions and the collection's write
+    revision, so a write or a new model version makes the old entries unreachable at once.
+    """
+
+    enabled: bool = True  # false: nothing is cached
+    # L2, shared by every orchestrator that uses it, e.g. "redis://127.0.0.1:6379/0"; unset: the in-process L1 only.
+    redis_url: str | None = None
+    redis_timeout_s: float = Field(0.25, gt=0)  # one Redis command, connecting included; then L1 only
+    redis_retry_s: float = Field(1.0, gt=0)  # after a Redis error, L2 is skipped this long before one trial
+    key_prefix: str = Field("tritonrag", min_length=1)  # every key starts "<key_prefix>:"; a flush deletes these
+    # Embeddings are a function of (model, version, text): no expiry.
+    query_embedding: CacheTierSettings = CacheTierSettings(ttl_s=None)
+    chunk_embedding: CacheTierSettings = CacheTierSettings(ttl_s=None, l1_max_entries=50_000)
+    search: CacheTierSettings = CacheTierSettings()
+    answer: CacheTierSettings = CacheTierSettings()
+    chat: CacheTierSettings = CacheTierSettings()  # grounded chat completions at temperature 0 or with a seed
+
+
 class ApiSettings(BaseModel):
     """The orchestrator's front-ends: HTTP (FastAPI) and gRPC."""
 
@@ -147,6 +178,34 @@ class ApiSettings(BaseModel):
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(50051, ge=1, le=65535)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # a larger body or message is refused (413)
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class TelemetrySettings(BaseModel):
+    """What the orchestrator reports about its work: Prometheus metrics and logs (docs/OPERATIONS.md)."""
+
+    metrics: bool = True  # the request, stage and generation series, and /metrics
+    # None: /metrics on the API's HTTP port; a port: /metrics alone on a server of its own there (on api.host)
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # /metrics on the API port then asks for "Authorization: Bearer <token>"; None: no token
+    metrics_token: SecretStr | None = None
+    log_format: LogFormat = LogFormat.text  # json: one JSON object per line
+    log_level: str = "INFO"  # the threshold of every logger: DEBUG, INFO, WARNING, ERROR
+    access_log: bool = True  # one line per request on the logger tritonrag.access
+
+
+class LimitsSettings(BaseModel):
+    """Load shedding: the requests of each route class in flight at once; one more is refused at once
+    (429 with Retry-After, gRPC RESOURCE_EXHAUSTED) rather than queued."""
+
+    search: int = Field(64, ge=1)  # POST /v1/search, /v1/embeddings; gRPC Search
+    answer: int = Field(32, ge=1)  # POST /v1/query, /v1/chat/completions, /v1/completions; gRPC Query, QueryStream
+    ingest: int = Field(8, ge=1)  # document upserts over HTTP and gRPC
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After (seconds) of a refused request
 
 
 class Settings(BaseSettings):
@@ -161,6 +220,9 @@ class Settings(BaseSettings):
     index: IndexSettings = IndexSettings()
     ingest: IngestSettings = IngestSettings()
     query: QuerySettings = QuerySettings()
+    cache: CacheSettings = CacheSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    limits: LimitsSettings = LimitsSettings()
     work_dir: Path = REPO_ROOT / ".tritonrag"
     data_dir: Path = REPO_ROOT / ".tritonrag" / "data"  # collections, catalog and job payloads
     # Where `tritonrag up` exports each model from when the repository has no version of it.

@@ -58,7 +58,15 @@ class DeadlineExceededError(TritonRagError):
 
 
 class ResourceExhaustedError(TritonRagError):
-    """A bounded queue is full (e.g. the generator's); retrying later may succeed."""
+    """A bounded queue is full (e.g. the generator's); retrying later may succeed.
+
+    ``retry_after_s``, when set, is how long the client should wait: the ``Retry-After`` header over HTTP,
+    the ``retry-after`` trailing metadata over gRPC.
+    """
 
     http_status = 429
     grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, field: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s

@@ -46,8 +46,9 @@ from tritonrag.clients.wire.schema import (
     UpsertResult,
     Usage,
 )
+from tritonrag.server.api.admission import Admission
 from tritonrag.server.api.http import create_http_app
-from tritonrag.server.config import ApiSettings, ModelSettings
+from tritonrag.server.config import ApiSettings, LimitsSettings, ModelSettings, TelemetrySettings
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError, TritonRagError
 from tritonrag.server.services.answers import gather_answer
 
@@ -344,19 +345,7 @@ class FakeAnswers:
     def _sources(self, grounding: Grounding) -> list[Source]:
         """The search hits of ``grounding``, numbered from 1 (not yet ``cited``: nothing is written yet)."""
         hits = self._search.hits(grounding.collection, grounding.filters, grounding.top_k)
-        return [
-            Source(
-                citation=number,
-                doc_id=hit.doc_id,
-                chunk_id=hit.chunk_id,
-                text=hit.text,
-                start=hit.start,
-                end=hit.end,
-                metadata=hit.metadata,
-                score=hit.score,
-            )
-            for number, hit in enumerate(hits, start=1)
-        ]
+        return [Source.of(hit, number) for number, hit in enumerate(hits, start=1)]
 
     async def _deltas(self, pieces: list[str], params: SamplingParams) -> AsyncGenerator[GenerationDelta]:
         """One delta per piece, as the class's docstring says; honours the knobs and records how it ended."""
@@ -444,8 +433,13 @@ class FakeServices:
         search = FakeSearch(collections)
         return cls(collections, search, FakeAnswers(search), FakeModels(), FakeReadiness())
 
-    def http_app(self, settings: ApiSettings) -> FastAPI:
-        """The HTTP API over the fakes, with the default model names."""
+    def http_app(
+        self,
+        settings: ApiSettings,
+        admission: Admission | None = None,
+        telemetry: TelemetrySettings | None = None,
+    ) -> FastAPI:
+        """The HTTP API over the fakes, with the default model names, limits and telemetry unless given."""
         return create_http_app(
             self.collections,
             self.search,
@@ -455,4 +449,6 @@ class FakeServices:
             self.models,
             settings,
             ModelSettings(),
+            admission or Admission(LimitsSettings()),
+            telemetry or TelemetrySettings(),
         )

@@ -1,8 +1,10 @@
-"""Client helpers for tests that talk to a real Triton server."""
+"""Client helpers for tests that talk to a real Triton server, an orchestrator or a real Redis."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -116,3 +118,41 @@ def stop_orchestrator(orchestrator: Orchestrator) -> None:
         except subprocess.TimeoutExpired:
             orchestrator.process.kill()
             orchestrator.process.wait()
+
+
+class RedisServer:
+    """A ``redis-server`` without persistence on a loopback port, in a directory of its own; restartable."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._directory = directory
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        executable = shutil.which("redis-server")
+        assert executable, "redis-server is missing: deploy/install-system-deps.sh installs it (make install)"
+        command = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._process = subprocess.Popen([*command, "--dir", str(self._directory)], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Terminate it; ``start`` brings it back on the same port, empty."""
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -202,6 +202,7 @@ class SearchRequest(Strict):
     rerank: bool = False
     rerank_top_n: int = Field(50, ge=1, le=200)
     mmr: Mmr | None = None
+    use_cache: bool = True  # false: computed afresh, never served from the cache (the fresh result is stored)
 
 
 class SearchHit(BaseModel):
@@ -317,6 +318,7 @@ class QueryRequest(Grounding):
         SamplingParams(max_tokens=256), validation_alias=AliasChoices("sampling", "generation")
     )
     stream: bool = False
+    use_cache: bool = True  # false: answered afresh, never from the cache (the fresh answer is stored)
 
 
 class Source(BaseModel):
@@ -331,6 +333,11 @@ class Source(BaseModel):
     metadata: Metadata
     score: float
     cited: bool = False  # the answer refers to it
+
+    @classmethod
+    def of(cls, hit: SearchHit, citation: int) -> Source:
+        """The search hit ``hit`` as the passage numbered ``citation``."""
+        return cls(citation=citation, **hit.model_dump(exclude={"scores"}))
 
 
 class QueryResponse(BaseModel):
@@ -380,3 +387,33 @@ class Embeddings(BaseModel):
     model: ModelVersion
     vectors: list[list[float]]
     prompt_tokens: int
+
+
+# The cache
+
+
+class CacheCounts(BaseModel):
+    """One cache level's counts for one tier since the start; ``entries`` and ``bytes`` only where cheap (L1)."""
+
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # L2 only: Redis failed, and the request went on without it
+    entries: int | None = None
+    bytes: int | None = None
+
+
+class CacheStats(BaseModel):
+    """``GET /v1/cache/stats``: per level ("l1", "l2") and tier ("query_embedding", "chunk_embedding", "search",
+    "answer", "chat") the counts; ``coalesced`` per tier: misses that waited for an identical one in flight."""
+
+    enabled: bool
+    redis: bool  # an L2 is configured
+    levels: dict[str, dict[str, CacheCounts]]
+    coalesced: dict[str, int]
+
+
+class CacheFlushed(BaseModel):
+    """``POST /v1/cache:flush``: the entries removed from this process's L1 and the keys deleted from L2."""
+
+    l1: int
+    l2: int | None  # None: no L2 configured, or Redis could not be reached

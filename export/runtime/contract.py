@@ -66,6 +66,15 @@ class Parameters:
     MAX_REQUEST_TOKENS: Final = "max_request_tokens"
 
 
+class GeneratorMetrics:
+    """The generator's gauges on Triton's own metrics endpoint (port 8002), labelled ``model`` and ``version``;
+    set after every engine step."""
+
+    QUEUE_DEPTH: Final = "tritonrag_generator_queue_depth"  # requests waiting for a sequence slot
+    QUEUE_CAPACITY: Final = "tritonrag_generator_queue_capacity"  # the most that may wait (max_queue); then refused
+    RUNNING: Final = "tritonrag_generator_running_sequences"  # sequences in the running batch
+
+
 class Priority:
     """Request priorities of the batched models (``dynamic_batching { priority_levels: 2 }``): a search's
     embedding and reranking overtake queued ingestion work. 1 is served first."""

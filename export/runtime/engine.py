@@ -168,14 +168,19 @@ class GenerationEngine:
         while not self.idle:
             self.step()
 
-    def serve_forever(self, stop: threading.Event) -> None:
-        """Step while there is work; sleep until ``submit`` (or ``stop``) wakes the loop."""
+    def serve_forever(self, stop: threading.Event, on_step: Callable[[int, int], None] | None = None) -> None:
+        """Step while there is work; sleep until ``submit`` (or ``stop``) wakes the loop. After each step,
+        ``on_step(waiting, running)`` hears how many sequences wait and run (the model's metrics)."""
         while not stop.is_set():
             with self._wake:
                 if not self._waiting and not self._running:
                     self._wake.wait(timeout=0.5)
                     continue
             self.step()
+            if on_step is not None:
+                with self._wake:
+                    waiting = len(self._waiting)
+                on_step(waiting, len(self._running))
         for request in [*self._running, *self._waiting]:
             self._finish(request, "cancelled")
 

@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 from tokenizers import Tokenizer
 
 from .chat import ChatTemplate
-from .contract import BUSY_ERROR, INPUT_ERROR, TOKENIZER_FILE, GeneratorTensors, Parameters
+from .contract import BUSY_ERROR, INPUT_ERROR, TOKENIZER_FILE, GeneratorMetrics, GeneratorTensors, Parameters
 from .encoding import InputError, ModelMetadata
 from .engine import BusyError, FinishReason, GenerationEngine, GenerationRequest
 from .sampling import SamplingParams
@@ -75,6 +75,34 @@ class _Stream:
             self.gone = True
 
 
+class _LoadGauges:
+    """The engine's waiting and running sequences as Triton custom metrics, sent only when they change, and
+    its queue's capacity."""
+
+    def __init__(self, model: str, version: str, queue_capacity: int) -> None:
+        families = {
+            GeneratorMetrics.QUEUE_DEPTH: "Requests waiting for a sequence slot",
+            GeneratorMetrics.RUNNING: "Sequences in the running batch",
+            GeneratorMetrics.QUEUE_CAPACITY: "The most requests that may wait (max_queue); more are refused",
+        }
+        # Kept for the model's life: a metric leaves Triton's endpoint with its object, and a family must
+        # outlive its metrics.
+        self._families = [
+            pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
+            for name, text in families.items()
+        ]
+        labels = {"model": model, "version": version}
+        *self._gauges, self._capacity = [family.Metric(labels=labels) for family in self._families]
+        self._capacity.set(queue_capacity)
+        self._last = (-1, -1)
+
+    def set(self, waiting: int, running: int) -> None:
+        if (waiting, running) != self._last:
+            self._last = (waiting, running)
+            for gauge, value in zip(self._gauges, self._last, strict=True):
+                gauge.set(value)
+
+
 class TritonPythonModel:
     """A decoupled generator: requests join the running batch at the next step and stream their text."""
 
@@ -100,7 +128,10 @@ class TritonPythonModel:
         extra = metadata.extra
         self.chat = ChatTemplate(template, extra.get("bos_token", ""), extra.get("eos_token", "")) if template else None
         self._stop = threading.Event()
-        self._loop = threading.Thread(target=self.engine.serve_forever, args=(self._stop,), name="generator-loop")
+        self._load = _LoadGauges(args["model_name"], args["model_version"], self.engine.limits.max_queue)
+        self._loop = threading.Thread(
+            target=self.engine.serve_forever, args=(self._stop, self._load.set), name="generator-loop"
+        )
         self._loop.start()
 
     def _prompt_ids(self, request: Any) -> list[int]:

@@ -20,10 +20,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from ..errors import InvalidArgumentError, TritonRagError
+from ..errors import InvalidArgumentError, ResourceExhaustedError, TritonRagError
 from .common import invalid_argument
 
 logger = logging.getLogger(__name__)
+
+
+def retry_after(exc: Exception) -> dict[str, str] | None:
+    """The ``Retry-After`` header of an error that says when to retry; None for any other."""
+    if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s is not None:
+        return {"Retry-After": str(exc.retry_after_s)}
+    return None
 
 
 def _malformed_json(exc: RequestValidationError) -> str | None:
@@ -55,7 +62,7 @@ class ErrorBody(BaseModel):
 
 
 # Errors of the HTTP layer itself, named like the services' errors by the matching gRPC status code.
-_HTTP_LAYER_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
+_HTTP_LAYER_CODES = {401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
 
 
 def native_error(exc: Exception) -> tuple[int, ErrorBody]:
@@ -81,7 +88,7 @@ async def native_error_response(request: Request, exc: Exception) -> JSONRespons
     which logs the traceback.
     """
     status_code, body = native_error(exc)
-    headers = exc.headers if isinstance(exc, HTTPException) else None
+    headers = exc.headers if isinstance(exc, HTTPException) else retry_after(exc)
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
@@ -104,12 +111,21 @@ class OpenAIErrorBody(BaseModel):
 class OpenAIError(Exception):
     """An error as OpenAI words it; ``openai_error`` maps every other error to one."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> OpenAIErrorBody:
         detail = OpenAIErrorDetail(
@@ -118,7 +134,7 @@ class OpenAIError(Exception):
         return OpenAIErrorBody(error=detail)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
 def _error_type(status: int) -> str:
@@ -135,7 +151,8 @@ def openai_error(exc: Exception) -> OpenAIError:
         malformed = _malformed_json(exc)
         return OpenAIError(malformed, code="invalid_json") if malformed else openai_invalid(_body_relative(exc))
     if isinstance(exc, TritonRagError):
-        return OpenAIError(exc.message, status=exc.http_status, param=exc.field, code=exc.grpc_code.lower())
+        code = exc.grpc_code.lower()
+        return OpenAIError(exc.message, status=exc.http_status, param=exc.field, code=code, headers=retry_after(exc))
     if isinstance(exc, HTTPException):
         return OpenAIError(str(exc.detail), status=exc.status_code)
     return OpenAIError("internal error", status=500, code="internal")

@@ -2,18 +2,21 @@
 
 Requests go through their JSON form (``json_format``) into the models of ``schema``, which
 validate them exactly as over HTTP; answers come back the same way. Every error goes
-through ``_rpc``. ``QueryStream`` writes its events with ``context.write`` from within the
-handler, so a cancelled call (the client went away) cancels the handler, which closes the
-service's stream. The request id of ``Search``, ``Query`` and ``QueryStream`` is the call's
-``x-request-id`` metadata (or a new one), sent back in the initial metadata.
+through ``_rpc``, which also makes each call one telemetry record (counted, logged on one line);
+``_limited`` sheds calls over their class's limit. ``QueryStream`` writes its events with
+``context.write`` from within the handler, so a cancelled call (the client went away) cancels the
+handler, which closes the service's stream. The request id of every call is its ``x-request-id``
+metadata (or a new one); ``Search``, ``Query`` and ``QueryStream`` send it back in the initial metadata.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc
@@ -35,8 +38,10 @@ from tritonrag.clients.wire.schema import (
     UpsertRequest,
 )
 
-from ..config import ApiSettings
-from ..errors import TritonRagError
+from ..config import ApiSettings, TelemetrySettings
+from ..errors import ResourceExhaustedError, TritonRagError
+from ..telemetry.observer import RequestTelemetry
+from .admission import Admission, RouteClass
 from .common import closing, invalid_argument
 from .services import Answers, Collections, Search
 
@@ -49,47 +54,87 @@ _Request = TypeVar("_Request", bound=Message)
 _Reply = TypeVar("_Reply", bound=Message)
 _Result = TypeVar("_Result")
 _Model = TypeVar("_Model", bound=BaseModel)
+_Method = Callable[["_Servicer", _Request, _Context], Awaitable[_Result]]
+
+_REQUEST_ID: ContextVar[str] = ContextVar("tritonrag_grpc_request_id")  # the id ``_rpc`` gave the call
+RETRY_AFTER_METADATA = "retry-after"
 
 
 def create_grpc_server(
-    collections: Collections, search: Search, answers: Answers, settings: ApiSettings
+    collections: Collections,
+    search: Search,
+    answers: Answers,
+    settings: ApiSettings,
+    admission: Admission,
+    telemetry: TelemetrySettings,
 ) -> grpc.aio.Server:
     """A server (not yet started) on ``settings.host:settings.grpc_port`` with the service over ``collections``,
-    ``search`` and ``answers``, health and reflection.
+    ``search`` and ``answers``, health and reflection; calls limited by ``admission``, metrics and access
+    lines as ``telemetry`` says.
 
     A message over ``settings.max_request_bytes`` is refused with RESOURCE_EXHAUSTED.
     """
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes)])
-    pb_grpc.add_TritonRagServicer_to_server(_Servicer(collections, search, answers), server)
+    servicer = _Servicer(collections, search, answers, admission, RequestTelemetry(telemetry))
+    pb_grpc.add_TritonRagServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # "" is SERVING
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     return server
 
 
-def _rpc(
-    method: Callable[[_Servicer, _Request, _Context], Awaitable[_Result]],
-) -> Callable[[_Servicer, _Request, _Context], Awaitable[_Result]]:
+def _rpc(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
     """The one mapping of errors to gRPC status codes; anything unexpected is logged and answered INTERNAL.
+    A refusal that says when to retry has it in the ``retry-after`` trailing metadata (seconds).
 
-    A streaming RPC that fails after its first message ends with the same status.
+    A streaming RPC that fails after its first message ends with the same status. The call is one
+    telemetry record, its route the full method name, its status the code name.
     """
+    route = f"/{SERVICE_NAME}/{method.__name__}"
 
     @functools.wraps(method)
     async def mapped(self: _Servicer, request: _Request, context: _Context) -> _Result:
-        error: TritonRagError
-        try:
-            return await method(self, request, context)
-        except ValidationError as exc:
-            error = invalid_argument(exc.errors())
-        except TritonRagError as exc:
-            error = exc
-        except Exception:
-            logger.exception("%s failed", method.__name__)
-            error = TritonRagError("internal error")
-        await context.abort(grpc.StatusCode[error.grpc_code], error.message)
+        given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER)
+        request_id = given if isinstance(given, str) and given else uuid.uuid4().hex
+        _REQUEST_ID.set(request_id)
+        with self.telemetry.request("grpc", "POST", request_id) as record:
+            record.route = route
+            error: TritonRagError
+            try:
+                result = await method(self, request, context)
+            except ValidationError as exc:
+                error = invalid_argument(exc.errors())
+            except TritonRagError as exc:
+                error = exc
+            except asyncio.CancelledError:
+                record.status = grpc.StatusCode.CANCELLED.name
+                raise
+            except Exception:
+                logger.exception("%s failed", method.__name__)
+                error = TritonRagError("internal error")
+            else:
+                record.status = grpc.StatusCode.OK.name
+                return result
+            record.status = error.grpc_code
+            retry = error.retry_after_s if isinstance(error, ResourceExhaustedError) else None
+            trailing = ((RETRY_AFTER_METADATA, str(retry)),) if retry is not None else ()
+            await context.abort(grpc.StatusCode[error.grpc_code], error.message, trailing)
 
     return mapped
+
+
+def _limited(route_class: RouteClass) -> Callable[[_Method[_Request, _Result]], _Method[_Request, _Result]]:
+    """Run the RPC in a place of ``route_class`` (``Admission.slot``); under ``_rpc``, which maps a refusal."""
+
+    def limit(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
+        @functools.wraps(method)
+        async def limited(self: _Servicer, request: _Request, context: _Context) -> _Result:
+            with self.admission.slot(route_class):
+                return await method(self, request, context)
+
+        return limited
+
+    return limit
 
 
 def _model(model: type[_Model], message: Message, *, without: str | None = None) -> _Model:
@@ -124,9 +169,8 @@ def _event(event: QueryEvent) -> pb.QueryEvent:
 
 
 async def _request_id(context: _Context) -> str:
-    """The caller's ``x-request-id`` metadata, or a new id; sent back in the initial metadata."""
-    given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER)
-    request_id = given if isinstance(given, str) and given else uuid.uuid4().hex
+    """The call's request id (``_rpc``'s), sent back in the initial metadata."""
+    request_id = _REQUEST_ID.get()
     await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
     return request_id
 
@@ -134,10 +178,19 @@ async def _request_id(context: _Context) -> str:
 class _Servicer(pb_grpc.TritonRagServicer):
     """Each RPC parses its request, calls a service and converts the answer."""
 
-    def __init__(self, collections: Collections, search: Search, answers: Answers) -> None:
+    def __init__(
+        self,
+        collections: Collections,
+        search: Search,
+        answers: Answers,
+        admission: Admission,
+        telemetry: RequestTelemetry,
+    ) -> None:
         self._collections = collections
         self._search = search
         self._answers = answers
+        self.admission = admission
+        self.telemetry = telemetry
 
     @_rpc
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: _Context) -> pb.CollectionInfo:
@@ -163,6 +216,7 @@ class _Servicer(pb_grpc.TritonRagServicer):
         return pb.DeleteCollectionResponse()
 
     @_rpc
+    @_limited(RouteClass.ingest)
     async def UpsertDocuments(self, request: pb.UpsertDocumentsRequest, context: _Context) -> pb.UpsertResult:
         result = await self._collections.upsert_documents(
             request.collection, _model(UpsertRequest, request, without="collection")
@@ -184,6 +238,7 @@ class _Servicer(pb_grpc.TritonRagServicer):
         return pb.DeleteByFilterResponse(deleted=await self._collections.delete_by_filter(request.collection, filters))
 
     @_rpc
+    @_limited(RouteClass.search)
     async def Search(self, request: pb.SearchRequest, context: _Context) -> pb.SearchResponse:
         found = await self._search.search(_model(SearchRequest, request), await _request_id(context))
         return _message(found, pb.SearchResponse())
@@ -193,11 +248,13 @@ class _Servicer(pb_grpc.TritonRagServicer):
         return _message(await self._collections.get_job(request.id), pb.JobInfo())
 
     @_rpc
+    @_limited(RouteClass.answer)
     async def Query(self, request: pb.QueryRequest, context: _Context) -> pb.QueryResponse:
         query = _model(QueryRequest, request)
         return _message(await self._answers.query(query, await _request_id(context)), pb.QueryResponse())
 
     @_rpc
+    @_limited(RouteClass.answer)
     async def QueryStream(  # type: ignore[override]  # a handler that writes with context.write returns None
         self, request: pb.QueryRequest, context: _Context
     ) -> None:

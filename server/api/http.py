@@ -2,27 +2,35 @@
 
 Every answer carries the request's ``x-request-id`` (``request_id.RequestIds``); every error outside
 the OpenAI-compatible routes is answered in the native shape (``errors.native_error_response``); a
-body over ``ApiSettings.max_request_bytes`` is refused with 413 before anything parses it.
+body over ``ApiSettings.max_request_bytes`` is refused with 413 before anything parses it. Every
+request is one telemetry record (``_Observed``): counted by its route template, logged on one line.
 """
 
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..config import ApiSettings, ModelSettings
+from ..config import ApiSettings, ModelSettings, TelemetrySettings
 from ..errors import PayloadTooLargeError, TritonRagError
+from ..telemetry.observer import RequestTelemetry
+from ..telemetry.record import UNMATCHED
+from .admission import Admission
+from .cache import cache_router
 from .errors import native_error_response
+from .metrics import metrics_router
 from .native import health_router, native_router
 from .openai import openai_router
 from .request_id import RequestIds
-from .services import Answers, Chats, Collections, Models, Readiness, Search
+from .services import Answers, CacheAdmin, Chats, Collections, Models, Readiness, Search
 
 
 def create_http_app(
@@ -34,18 +42,28 @@ def create_http_app(
     models: Models,
     settings: ApiSettings,
     names: ModelSettings,
+    admission: Admission,
+    telemetry: TelemetrySettings,
+    cache: CacheAdmin | None = None,
 ) -> FastAPI:
     """The HTTP API: the native routes over ``collections``, ``search``, ``answers`` and ``readiness``; the
-    OpenAI-compatible ones over ``chats`` and ``models``, for the models ``names`` names."""
+    OpenAI-compatible ones over ``chats`` and ``models``, for the models ``names`` names; requests limited
+    by ``admission``; metrics and access lines as ``telemetry`` says, with ``/metrics`` unless it has a port
+    of its own; the cache's stats and flush over ``cache`` when given."""
     app = _App(
+        RequestTelemetry(telemetry),
         title="tritonrag",
         summary="Retrieval-augmented generation served by NVIDIA Triton",
         version=metadata.version("tritonrag"),
         generate_unique_id_function=_operation_id,
     )
-    app.include_router(native_router(collections, search, answers))
-    app.include_router(openai_router(chats, models, names))
+    app.include_router(native_router(collections, search, answers, admission))
+    app.include_router(openai_router(chats, models, names, admission))
     app.include_router(health_router(readiness))
+    if cache is not None:
+        app.include_router(cache_router(cache))
+    if telemetry.metrics and telemetry.metrics_port is None:
+        app.include_router(metrics_router(telemetry))
     app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
     for error_class in (TritonRagError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(error_class, native_error_response)
@@ -53,11 +71,45 @@ def create_http_app(
 
 
 class _App(FastAPI):
-    """FastAPI with ``RequestIds`` outside all of its middleware, so that an error's answer carries the
-    request id too, the 500 of a bug included (Starlette sends that one from its outermost middleware)."""
+    """FastAPI with ``RequestIds`` and ``_Observed`` outside all of its middleware, so that an error's answer
+    carries the request id and is counted too, the 500 of a bug included (Starlette sends that one from its
+    outermost middleware)."""
+
+    def __init__(self, telemetry: RequestTelemetry, **kwargs: Any) -> None:
+        self.telemetry = telemetry
+        super().__init__(**kwargs)
 
     def build_middleware_stack(self) -> ASGIApp:
-        return RequestIds(super().build_middleware_stack())
+        return RequestIds(_Observed(super().build_middleware_stack(), self.telemetry))
+
+
+class _Observed:
+    """Each HTTP request as one telemetry record: its route template (``unmatched`` for no route), method,
+    status and duration to the end of its answer, and the cache level a handler left in
+    ``request.state.cache``."""
+
+    def __init__(self, app: ASGIApp, telemetry: RequestTelemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        with self.telemetry.request("http", scope["method"], state.get("request_id")) as record:
+
+            async def send_observed(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    record.status = str(message["status"])
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_observed)
+            finally:
+                route = scope.get("route")  # set by the router on a match (or a match but for the method)
+                record.route = route.path_format if isinstance(route, Route) else UNMATCHED
+                record.cache = state.get("cache")
 
 
 def _operation_id(route: APIRoute) -> str:

@@ -27,6 +27,8 @@ from tritonrag.clients.wire.schema import (
     UpsertResult,
 )
 
+from .admission import Admission, RouteClass
+from .cache import CACHE_SCOPE
 from .errors import ErrorBody, native_error
 from .request_id import RequestId
 from .services import Answers, Collections, Readiness, Search
@@ -38,9 +40,9 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def native_router(collections: Collections, search: Search, answers: Answers) -> APIRouter:
-    """The routes under ``/v1`` over the services."""
-    router = APIRouter(prefix="/v1", responses=_ERROR_RESPONSES)
+def native_router(collections: Collections, search: Search, answers: Answers, admission: Admission) -> APIRouter:
+    """The routes under ``/v1`` over the services; upserts, searches and queries limited by ``admission``."""
+    router = APIRouter(prefix="/v1", responses=_ERROR_RESPONSES, dependencies=[CACHE_SCOPE])
 
     @router.post("/collections", status_code=status.HTTP_201_CREATED, tags=["collections"])
     async def create_collection(request: CollectionCreate) -> CollectionInfo:
@@ -64,6 +66,7 @@ def native_router(collections: Collections, search: Search, answers: Answers) ->
         "/collections/{name}/documents",
         tags=["documents"],
         responses={202: {"model": UpsertResult, "description": "Accepted as a job: poll /v1/jobs/{job_id}"}},
+        dependencies=[admission.dependency(RouteClass.ingest)],
     )
     async def upsert_documents(name: str, request: UpsertRequest, response: Response) -> UpsertResult:
         """Insert or replace documents by id; a large batch runs as a job (202 with ``job_id``)."""
@@ -88,7 +91,9 @@ def native_router(collections: Collections, search: Search, answers: Answers) ->
         """Delete every document whose metadata matches the filter; answers ``{"deleted": n}``."""
         return {"deleted": await collections.delete_by_filter(name, request)}
 
-    @router.post("/search", tags=["search"], name="search")  # the handler's name would hide the service's
+    @router.post(  # named: the handler's name would hide the service's
+        "/search", tags=["search"], name="search", dependencies=[admission.dependency(RouteClass.search)]
+    )
     async def search_collection(request: SearchRequest, request_id: RequestId) -> SearchResponse:
         """Dense, sparse or hybrid retrieval with metadata filters, optional reranking and MMR."""
         return await search.search(request, request_id)
@@ -103,8 +108,13 @@ def native_router(collections: Collections, search: Search, answers: Answers) ->
                 "(or `error`), each `data:` the event's JSON",
                 "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
             },
-            429: {"model": ErrorBody, "description": "The generator's queue is full; retry later"},
+            429: {
+                "model": ErrorBody,
+                "description": "The generator's queue is full, or too many queries are in flight; "
+                "retry later (after Retry-After seconds)",
+            },
         },
+        dependencies=[admission.dependency(RouteClass.answer)],
     )
     async def query(request: QueryRequest, request_id: RequestId) -> QueryResponse | EventStream:
         """Retrieve passages, pack them into the generator's context and answer with cited sources.

@@ -12,6 +12,8 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from tritonrag.clients.wire.schema import (
+    CacheFlushed,
+    CacheStats,
     ChatMessage,
     CollectionCreate,
     CollectionInfo,
@@ -81,6 +83,13 @@ class Models(Protocol):
 
     async def served_models(self) -> list[ModelVersion]: ...
     async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings: ...
+
+
+class CacheAdmin(Protocol):
+    """The cache's counts, and its flush."""
+
+    def stats(self) -> CacheStats: ...
+    async def flush(self) -> CacheFlushed: ...
 
 
 class Readiness(Protocol):

@@ -29,6 +29,7 @@ class CollectionRegistry:
         self._index = index
         self._dimension = dimension
         self._open: dict[str, Collection] = {}
+        self._created_at: dict[str, float] = {}
         self._lock = asyncio.Lock()
 
     def _directory(self, name: str) -> Path:
@@ -44,8 +45,15 @@ class CollectionRegistry:
                 spec = await asyncio.to_thread(self.catalog.get_collection, name)
                 stored = await asyncio.to_thread(Collection.stored_dimension, self._directory(name))
                 dimension = stored if stored is not None else await self._dimension()
+                self._created_at[name] = await asyncio.to_thread(self.catalog.collection_created_at, name)
                 self._open[name] = await asyncio.to_thread(self._open_collection, name, spec, dimension)
             return self._open[name]
+
+    async def revision(self, name: str) -> tuple[float, int]:
+        """When ``name`` was created, and its write revision: together they name what it holds (a collection created
+        again under the same name counts its revisions from 0 again); ``NotFoundError`` when there is none."""
+        collection = await self.get(name)
+        return self._created_at[name], collection.revision
 
     def _open_collection(self, name: str, spec: CollectionCreate, dimension: int) -> Collection:
         index = self._index
@@ -57,6 +65,10 @@ class CollectionRegistry:
             bm25_params=index.bm25,
             snapshot_interval_s=index.snapshot_interval_s,
         )
+
+    def opened(self) -> list[Collection]:
+        """The collections opened so far (each is opened at its first use); callable from any thread."""
+        return list(self._open.values())
 
     async def create(self, spec: CollectionCreate) -> Collection:
         """Record a new collection in the catalog and open it; ``AlreadyExistsError`` when the name is taken."""
@@ -72,6 +84,7 @@ class CollectionRegistry:
         collection = await self.get(name)
         async with self._lock:
             self._open.pop(name, None)
+            self._created_at.pop(name, None)
             await asyncio.to_thread(collection.close)
             await asyncio.to_thread(self.catalog.delete_collection, name)
             await asyncio.to_thread(shutil.rmtree, self._directory(name), True)

@@ -41,6 +41,7 @@ from tritonrag.server.errors import (
     TritonRagError,
     UnavailableError,
 )
+from tritonrag.server.telemetry.record import generation
 
 from .endpoints import Endpoint, EndpointSet
 from .resilience import backoff_delay
@@ -201,7 +202,8 @@ class TritonPool(EndpointSet):
     ) -> AsyncGenerator[GenerationDelta]:
         """Stream a generation from ``model`` (default: the generator) for ``prompt`` (raw text) or ``messages``.
 
-        Deltas arrive as the model produces them; the last has the finish reason and token counts.
+        Deltas arrive as the model produces them; the last has the finish reason and token counts (their
+        timings and counts go to the request's telemetry record).
         Until the first delta, an unavailable or busy endpoint is retried on another; closing the
         iterator early (a client that went away) closes the stream, and Triton cancels the generation.
         A full queue on every endpoint is ``ResourceExhaustedError``.
@@ -221,6 +223,7 @@ class TritonPool(EndpointSet):
             _scalar_bytes_input(GeneratorTensors.PARAMETERS, params.model_dump_json()),
         ]
         attempts = _Attempts()
+        timing = generation(model)
         async with contextlib.aclosing(self._attempt_endpoints(model, deadline, attempts)) as endpoints:
             async for endpoint, _ in endpoints:
                 async with contextlib.aclosing(self._stream(endpoint, model, inputs, deadline, request_id)) as stream:
@@ -229,9 +232,9 @@ class TritonPool(EndpointSet):
                     except _RetryableError as exc:
                         attempts.last = f"{endpoint.url}: {exc}"
                         continue
-                    yield first
+                    yield timing.delta(first)
                     async for delta in stream:
-                        yield delta
+                        yield timing.delta(delta)
                     return
         if BUSY_ERROR in attempts.last:
             raise ResourceExhaustedError(f"every generator is busy; retry later ({attempts.last})")

@@ -76,9 +76,11 @@ class AnswerService:
             passages = [h.text for h in hits]
             build = partial(grounded_messages, request.query)
             max_tokens, default = request.sampling.max_tokens, self._query.default_max_tokens
+            started = time.perf_counter()
             packed = await asyncio.to_thread(pack, window, build, passages, max_tokens, default)
+            timer.stage("pack", started)
         kept = packed.kept if packed is not None else list(range(len(hits)))
-        sources = [_source(citation, hits[i]) for citation, i in enumerate(kept, start=1)]
+        sources = [Source.of(hits[i], citation) for citation, i in enumerate(kept, start=1)]
         started = time.perf_counter()
         deltas = self._answer(sources, window, packed, request.sampling, request_id, degraded)
         text: list[str] = []
@@ -98,7 +100,7 @@ class AnswerService:
         yield DoneEvent(
             usage=usage,
             finish_reason=finish_reason,
-            timings_ms=timer.total(),
+            timings_ms=timer.report(degraded),
             cited=cited_numbers("".join(text), len(sources)),
             degraded=degraded,
         )
@@ -142,24 +144,32 @@ class AnswerService:
         params: SamplingParams,
         grounding: Grounding | None = None,
         request_id: str | None = None,
+        degraded_into: list[str] | None = None,
     ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
         """The generator's stream over ``messages``; with ``grounding``, first a retrieval with the last user
         message, whose passages (those that fit, numbered from 1) go into the prompt and come back as sources.
 
         Grounded, ``max_tokens`` None is ``query.default_max_tokens`` capped by the window; the generator must
-        be served (``UnavailableError``), as there is no answer to fall back to.
+        be served (``UnavailableError``), as there is no answer to fall back to. ``degraded_into``, when given,
+        receives the retrieval's degraded stages (the cache keeps no such chat).
         """
         if grounding is None:
             return [], self._pool.generate(params, messages=messages, request_id=request_id)
         question = next((m.content for m in reversed(messages) if m.role == "user"), "").strip()
         if not question:
             raise InvalidArgumentError("a grounded chat needs a last user message with text", field="messages")
-        hits, _ = await self._ground(grounding, question[:SEARCH_QUERY_CHARS], Timer(), request_id)
+        timer = Timer()
+        hits, degraded = await self._ground(grounding, question[:SEARCH_QUERY_CHARS], timer, request_id)
         window = await self._models.context_window()
         build = partial(grounded_chat, messages)
         passages, default = [h.text for h in hits], self._query.default_max_tokens
+        started = time.perf_counter()
         packed = await asyncio.to_thread(pack, window, build, passages, params.max_tokens, default, "max_tokens")
-        sources = [_source(citation, hits[i]) for citation, i in enumerate(packed.kept, start=1)]
+        timer.stage("pack", started)
+        timer.report(degraded)  # to the request's record: OpenAI's answer has no timings
+        if degraded_into is not None:
+            degraded_into.extend(degraded)
+        sources = [Source.of(hits[i], citation) for citation, i in enumerate(packed.kept, start=1)]
         return sources, self._generate(window, packed, params, request_id)
 
     def complete(
@@ -226,19 +236,6 @@ async def gather_answer(collection: str, events: AsyncGenerator[QueryEvent]) -> 
         finish_reason=done.finish_reason,
         timings_ms=done.timings_ms,
         degraded=done.degraded,
-    )
-
-
-def _source(citation: int, hit: SearchHit) -> Source:
-    return Source(
-        citation=citation,
-        doc_id=hit.doc_id,
-        chunk_id=hit.chunk_id,
-        text=hit.text,
-        start=hit.start,
-        end=hit.end,
-        metadata=hit.metadata,
-        score=hit.score,
     )
 
 

@@ -36,7 +36,7 @@ class SearchService:
         return SearchResponse(
             collection=request.collection,
             hits=found.hits(request.top_k),
-            timings_ms=timer.total(),
+            timings_ms=timer.report(found.degraded),
             degraded=found.degraded,
         )
 
@@ -76,18 +76,24 @@ class SearchService:
         started = time.perf_counter()
         rankings: dict[str, list[ScoredChunk]] = {}
         if found.query_vector is not None:
+            part = time.perf_counter()
             rankings["dense"] = await stages.dense.run(collection, found.query_vector, depth, request.filters)
+            timer.stage("dense", part)
         if mode != SearchMode.dense:
+            part = time.perf_counter()
             rankings["sparse"] = await stages.sparse.run(collection, request.query, depth, request.filters)
+            timer.stage("sparse", part)
         for stage, ranking in rankings.items():
             found.record(stage, ranking)
+        part = time.perf_counter()
         fused = stages.fusion.run(list(rankings.values()), depth)
+        timer.stage("fuse", part)
         if len(rankings) == 2:
             found.record("rrf", fused)
         order = [hit.chunk_id for hit in fused]
         found.chunks = {c.chunk_id: c for c in await asyncio.to_thread(collection.chunks, order)}
         found.order = [chunk_id for chunk_id in order if chunk_id in found.chunks]
-        timer.stage("search", started)
+        timer.stage("search", started)  # the whole retrieval: dense, sparse, fuse and reading the chunks
         return found
 
     async def _rerank(self, query: str, found: Candidates, top_n: int, request_id: str | None) -> None:

@@ -45,6 +45,16 @@ _JOB_COLUMNS = "id, collection, status, total, done, failed, errors, payload, cr
 
 
 @dataclass(frozen=True, slots=True)
+class JobTotals:
+    """The jobs of one status: how many, and the sums of their documents, those done and those failed."""
+
+    jobs: int
+    documents: int
+    done: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
 class JobRecord:
     """A job's public state and the JSON ``payload`` its runner keeps to resume it."""
 
@@ -177,6 +187,14 @@ class Catalog:
                 (None if status is None else status.value, collection),
             ).fetchall()
         return [_job(row) for row in rows]
+
+    def job_totals(self) -> dict[JobStatus, JobTotals]:
+        """The totals of the jobs of each status that has any."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT status, count(*), sum(total), sum(done), sum(failed) FROM jobs GROUP BY status"
+            ).fetchall()
+        return {JobStatus(status): JobTotals(*totals) for status, *totals in rows}
 
     def delete_job(self, job_id: str) -> None:
         """Forget the job ``job_id``; `NotFoundError` if there is none."""

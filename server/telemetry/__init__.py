@@ -1,1 +1,1 @@
-"""What the orchestrator reports about its own work: per-stage timings of a request."""
+"""What the orchestrator reports about its own work: per-stage timings, Prometheus metrics, logs."""

@@ -21,6 +21,7 @@ import grpc
 import httpx2
 import pytest
 from google.protobuf import struct_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.documents import JAPANESE, LATIN_1, RUSSIAN, SMALL_MODULES, mixed_corpus
 from tests.serving import Orchestrator, orchestrator_env, start_orchestrator, stop_orchestrator
@@ -326,3 +327,34 @@ def test_ingest_cli_lands_every_file_with_text_in_any_encoding(
         doc_id = path.relative_to(tmp_path).as_posix()
         document = http.get(f"/v1/collections/mixed/documents/{quote(doc_id, safe='')}").json()
         assert odd in document["text"], doc_id
+
+
+def test_metrics_show_the_running_stack(
+    http: httpx2.Client, stub: pb_grpc.TritonRagStub, cities: str, tiny_triton: TritonServer
+) -> None:
+    search(http, collection=cities, query="capital of France", mode="hybrid", top_k=2)
+    stub.Search(pb.SearchRequest(collection=cities, query="capital of France"))
+    scraped = http.get("/metrics")
+    assert scraped.status_code == 200
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped.text)
+        for sample in family.samples
+    }
+    endpoint = (("endpoint", tiny_triton.endpoints.grpc_url),)
+    assert samples[("tritonrag_triton_endpoint_up", endpoint)] == 1
+    assert samples[("tritonrag_triton_breaker_state", (*endpoint, ("state", "closed")))] == 1
+    assert samples[("tritonrag_triton_model_version", (*endpoint, ("model", "embedder")))] == 1
+    assert samples[("tritonrag_collection_documents", (("collection", cities),))] >= 1
+    http_search = (("method", "POST"), ("protocol", "http"), ("route", "/v1/search"), ("status", "200"))
+    grpc_search = (
+        ("method", "POST"),
+        ("protocol", "grpc"),
+        ("route", "/tritonrag.v1.TritonRag/Search"),
+        ("status", "OK"),
+    )
+    assert samples[("tritonrag_requests_total", http_search)] >= 1
+    assert samples[("tritonrag_requests_total", grpc_search)] >= 1
+    assert samples[("tritonrag_stage_duration_seconds_count", (("stage", "embed"),))] >= 2
+    assert samples[("tritonrag_inflight_limit", (("class", "search"),))] == 64
+    assert ("tritonrag_ingest_documents_pending", ()) in samples

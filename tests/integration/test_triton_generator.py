@@ -18,12 +18,16 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from tests.generation import Collected
+from tests.harness import wait_until
+from tests.promql import TRITON_SERIES
 from tritonrag.clients.wire.schema import ChatMessage, GenerationDelta, SamplingParams
 from tritonrag.deploy.launcher import TritonServer
+from tritonrag.export.runtime.contract import GeneratorMetrics
 from tritonrag.export.runtime.engine import GenerationEngine, GenerationRequest
 from tritonrag.export.runtime.sampling import SamplingParams as EngineSamplingParams
 from tritonrag.server.config import ModelSettings, RoutingSettings
@@ -414,3 +418,29 @@ def test_a_client_killed_mid_stream_frees_its_slot(tiny_triton: TritonServer) ->
     finally:
         holder.kill()
         holder.wait()
+
+
+def triton_metrics(triton: TritonServer) -> str:
+    """Triton's metrics endpoint, as Prometheus scrapes it."""
+    with urllib.request.urlopen(triton.endpoints.metrics_url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def test_the_generator_reports_its_queue_on_tritons_metrics(tiny_triton: TritonServer) -> None:
+    served(tiny_triton, SamplingParams(max_tokens=8), prompt="Hello there")
+    labels = {"model": "generator", "version": "1"}
+    expected = {GeneratorMetrics.QUEUE_DEPTH: 0.0, GeneratorMetrics.RUNNING: 0.0, GeneratorMetrics.QUEUE_CAPACITY: 64.0}
+
+    def settled() -> bool:  # the gauges are set after the step that sent the last delta
+        gauges = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(triton_metrics(tiny_triton))
+            for sample in family.samples
+            if sample.labels == labels
+        }
+        return all(gauges.get(name) == value for name, value in expected.items())
+
+    wait_until(settled, "the generator's gauges after its generation")
+    # The names as exposed (the parser above would add _total to a counter's): those the dashboard reads exist.
+    exposed = {line.split("{")[0].split(" ")[0] for line in triton_metrics(tiny_triton).splitlines()}
+    assert exposed >= TRITON_SERIES, "a series of Triton's that the dashboard reads is gone"

@@ -31,8 +31,9 @@ from tritonrag.clients.wire.schema import (
     SourcesEvent,
 )
 from tritonrag.deploy.launcher import free_port
+from tritonrag.server.api.admission import Admission
 from tritonrag.server.api.grpc_service import SERVICE_NAME, create_grpc_server
-from tritonrag.server.config import ApiSettings
+from tritonrag.server.config import ApiSettings, LimitsSettings, TelemetrySettings
 from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
 
 pytestmark = pytest.mark.anyio
@@ -47,33 +48,15 @@ def struct(values: dict[str, Any]) -> struct_pb2.Struct:
 
 
 @pytest.fixture
-def fakes() -> FakeServices:
-    return FakeServices.create(inline_max_documents=2)
-
-
-@pytest.fixture
-def collections(fakes: FakeServices) -> FakeCollections:
-    return fakes.collections
-
-
-@pytest.fixture
-def search(fakes: FakeServices) -> FakeSearch:
-    return fakes.search
-
-
-@pytest.fixture
-def answers(fakes: FakeServices) -> FakeAnswers:
-    return fakes.answers
-
-
-@pytest.fixture
 def settings() -> ApiSettings:
     return ApiSettings(grpc_port=free_port(), max_request_bytes=LIMIT)
 
 
 @pytest.fixture
 async def channel(fakes: FakeServices, settings: ApiSettings) -> AsyncIterator[grpc.aio.Channel]:
-    server = create_grpc_server(fakes.collections, fakes.search, fakes.answers, settings)
+    server = create_grpc_server(
+        fakes.collections, fakes.search, fakes.answers, settings, Admission(LimitsSettings()), TelemetrySettings()
+    )
     await server.start()
     async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as client_channel:
         yield client_channel
@@ -431,3 +414,11 @@ async def test_a_cancelled_stream_closes_the_core_stream(
     assert call.cancel()
     await asyncio.wait_for(answers.stream_closed.wait(), timeout=5)
     assert answers.streams_closed == [False]
+
+
+async def test_use_cache_reaches_the_services(
+    news: pb_grpc.TritonRagAsyncStub, search: FakeSearch, answers: FakeAnswers
+) -> None:
+    await news.Search(pb.SearchRequest(collection="news", query="q", use_cache=False))
+    await news.Query(pb.QueryRequest(collection="news", query="q", use_cache=False))
+    assert search.searches[-1].use_cache is False and answers.queries[-1].use_cache is False

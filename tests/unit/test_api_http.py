@@ -31,26 +31,6 @@ LIMIT = 4096
 
 
 @pytest.fixture
-def fakes() -> FakeServices:
-    return FakeServices.create(inline_max_documents=2)
-
-
-@pytest.fixture
-def search(fakes: FakeServices) -> FakeSearch:
-    return fakes.search
-
-
-@pytest.fixture
-def answers(fakes: FakeServices) -> FakeAnswers:
-    return fakes.answers
-
-
-@pytest.fixture
-def readiness(fakes: FakeServices) -> FakeReadiness:
-    return fakes.readiness
-
-
-@pytest.fixture
 def client(fakes: FakeServices) -> Iterator[TestClient]:
     app = fakes.http_app(ApiSettings(max_request_bytes=LIMIT))
     with TestClient(app, raise_server_exceptions=False) as test_client:

@@ -27,9 +27,10 @@ from tritonrag.clients.wire.schema import (
     Source,
     UpsertRequest,
 )
+from tritonrag.server.api.admission import Admission
 from tritonrag.server.api.openai import openai_router
 from tritonrag.server.api.request_id import RequestIds
-from tritonrag.server.config import ModelSettings
+from tritonrag.server.config import LimitsSettings, ModelSettings
 from tritonrag.server.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -73,7 +74,7 @@ def served() -> Iterator[tuple[FakeServices, str]]:
     fakes = FakeServices.create()
     asyncio.run(store_sources(fakes))
     app = FastAPI()  # no exception handlers: the router answers its own errors
-    app.include_router(openai_router(fakes.answers, fakes.models, ModelSettings()))
+    app.include_router(openai_router(fakes.answers, fakes.models, ModelSettings(), Admission(LimitsSettings())))
     app.add_middleware(RequestIds)
     with serving(app) as url:
         yield fakes, f"{url}/v1"

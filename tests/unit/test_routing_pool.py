@@ -38,6 +38,7 @@ from tritonrag.server.errors import (
 from tritonrag.server.routing.resilience import BreakerState
 from tritonrag.server.routing.triton_pool import TritonPool, work_slices
 from tritonrag.server.services.models import served_version_dir
+from tritonrag.server.telemetry.record import RequestRecord, recording
 
 T = TypeVar("T")
 
@@ -646,3 +647,19 @@ def test_generate_input_errors_are_not_retried() -> None:
     with pytest.raises(InvalidArgumentError, match=r"^max_tokens 9000 leaves no room$"):
         run(scenario())
     assert len(fleet["a:1"].streams) + len(fleet["b:1"].streams) == 1
+
+
+def test_generate_records_its_timings_and_tokens_in_the_request_record() -> None:
+    busy = f"{BUSY_ERROR}64 requests are waiting already"
+    fleet = Fleet(FakeTriton("a:1", stream_errors=[busy]), FakeTriton("b:1", stream_errors=[busy]))
+    record = RequestRecord("http", "POST")
+
+    async def scenario() -> str:
+        with recording(record):
+            return await _collect(fleet)
+
+    assert run(scenario()) == "Paris."
+    (generation,) = record.generations  # one generation, its busy attempt included
+    assert generation.model == "generator" and generation.first_token_s is not None and generation.first_token_s > 0
+    assert len(generation.inter_token_s) == 2  # three deltas
+    assert (generation.prompt_tokens, generation.completion_tokens) == (7, 3)

@@ -14,12 +14,16 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+from unittest.mock import ANY
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from fastapi.testclient import TestClient
+from starlette.types import Receive, Scope, Send
 
 from tritonrag.clients.wire.schema import (
+    CacheStats,
     ChatMessage,
     CollectionCreate,
     DocumentIn,
@@ -32,10 +36,22 @@ from tritonrag.clients.wire.schema import (
     QueryResponse,
     SamplingParams,
     SearchRequest,
+    SearchResponse,
     UpsertRequest,
 )
+from tritonrag.server.api.admission import Admission
+from tritonrag.server.api.http import create_http_app
 from tritonrag.server.app import Services
-from tritonrag.server.config import Settings
+from tritonrag.server.cache.keys import Keys
+from tritonrag.server.config import (
+    ApiSettings,
+    IndexSettings,
+    LimitsSettings,
+    ModelSettings,
+    QuerySettings,
+    Settings,
+    TelemetrySettings,
+)
 from tritonrag.server.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -76,8 +92,10 @@ class Generation:
 
 
 class StandInPool:
-    """Embeds by word hashing, reranks by passage length, generates ``script`` piece by piece (or
-    raises ``generator_error`` first); ``served`` lists the models it reports as ready."""
+    """Embeds by word hashing (recording the texts in ``embedded``), reranks by passage length, generates
+    ``script`` piece by piece (or raises ``generator_error`` first); ``served`` lists the models it reports
+    as ready, at version ``versions[model]`` (default "1"). Each embedding call and each generated piece
+    takes ``latency_s`` (as a served model does; none by default)."""
 
     def __init__(self) -> None:
         self.embedder_up = True
@@ -85,6 +103,9 @@ class StandInPool:
         self.generator_error: TritonRagError | None = None
         self.failing_models: set[str] | None = None  # those that raise ``generator_error``; None: all
         self.served = {"embedder", "reranker", "generator"}
+        self.versions: dict[str, str] = {}
+        self.embedded: list[list[str]] = []
+        self.latency_s = 0.0
         self.script = ["Cats purr", " [1]", "."]
         self.generations: list[Generation] = []
 
@@ -98,6 +119,9 @@ class StandInPool:
     ) -> npt.NDArray[np.float32]:
         if not self.embedder_up:
             raise UnavailableError("embedder is down")
+        self.embedded.append(list(texts))
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         return np.stack([vector(t) for t in texts])
 
     async def rerank(
@@ -123,6 +147,8 @@ class StandInPool:
             if self.generator_error is not None and (self.failing_models is None or model in self.failing_models):
                 raise self.generator_error
             for index, piece in enumerate(self.script, start=1):
+                if self.latency_s:
+                    await asyncio.sleep(self.latency_s)
                 last = index == len(self.script)
                 call.deltas_sent = index
                 yield GenerationDelta(
@@ -137,7 +163,7 @@ class StandInPool:
     async def model_version(self, name: str) -> ModelVersion:
         if name not in self.served:
             raise UnavailableError(f"no Triton endpoint serves a ready '{name}'")
-        return ModelVersion(name=name, version="1")
+        return ModelVersion(name=name, version=self.versions.get(name, "1"))
 
     async def ready(self, model: str | None = None) -> bool:
         return True
@@ -181,11 +207,16 @@ def services_and_pool(tmp_path: Path, minilm_dir: Path) -> tuple[Services, Stand
 
 
 def services_and_pool_with(
-    tmp_path: Path, minilm_dir: Path, fallback_generator: str | None = None, ingest: dict[str, Any] | None = None
+    tmp_path: Path,
+    minilm_dir: Path,
+    fallback_generator: str | None = None,
+    ingest: dict[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> tuple[Services, StandInPool]:
-    """A services over a stand-in pool and a repository with an embedder and a generator version."""
+    """A services over a stand-in pool and a repository with an embedder and a generator version (the same
+    ``tmp_path`` again: another services over the same repository and data)."""
     for model in ("embedder", "generator"):
-        (tmp_path / "repository" / model / "1").mkdir(parents=True)
+        (tmp_path / "repository" / model / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy(minilm_dir / "tokenizer.json", tmp_path / "repository" / model / "1" / "tokenizer.json")
     version_dir = tmp_path / "repository" / "embedder" / "1"
     metadata = {
@@ -203,6 +234,7 @@ def services_and_pool_with(
         triton={"repository": tmp_path / "repository"},
         models={"fallback_generator": fallback_generator},
         ingest=ingest or {},
+        cache=cache or {},
     )
     services = Services.build(settings, cast(TritonPool, pool), Catalog(tmp_path / "data" / "catalog.sqlite"))
     return services, pool
@@ -301,7 +333,7 @@ def test_query_answers_from_the_packed_passages_and_marks_the_cited_ones(
     assert [s.cited for s in response.sources] == [True, False]
     assert (response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens) == (42, 3, 45)
     assert response.finish_reason == FinishReason.stop and response.dropped_passages == 0 and response.degraded == []
-    assert set(response.timings_ms) == {"embed", "search", "generate", "total"}
+    assert set(response.timings_ms) == {"embed", "dense", "sparse", "fuse", "search", "pack", "generate", "total"}
     [call] = pool.generations
     assert call.messages == grounded_messages("cats purr", [s.text for s in response.sources])
     assert call.prompt is None and call.params.max_tokens == 256 and call.request_id == "request-1" and call.closed
@@ -355,7 +387,7 @@ def test_the_stream_sends_sources_deltas_then_done(services_and_pool: tuple[Serv
     assert sources.type == "sources" and [s.doc_id for s in sources.sources] == ["cats"]
     assert [d.text for d in deltas if d.type == "delta"] == ["Cats purr", " [1]", "."]
     assert done.type == "done" and done.cited == [1] and done.usage.total_tokens == 45
-    assert set(done.timings_ms) == {"embed", "search", "generate", "total"}
+    assert set(done.timings_ms) == {"embed", "dense", "sparse", "fuse", "search", "pack", "generate", "total"}
 
 
 def test_closing_the_stream_closes_the_generation(services_and_pool: tuple[Services, StandInPool]) -> None:
@@ -527,3 +559,246 @@ def test_upserts_too_large_for_a_request_run_as_jobs_and_oversized_documents_are
 
     _, done, chunks = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     assert done == 1 and chunks > 2 + 4  # the long document's chunks landed, more than fit inline
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+
+def test_an_answer_comes_from_the_cache_until_a_document_changes(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, pool = services_and_pool
+    request = query(query="cats purr", top_k=2)
+    changed = DocumentIn(id="cats", text="Cats purr loudly and sleep all night.", metadata={"kind": "pet"})
+
+    async def scenario(c: Services) -> list[QueryResponse]:
+        first, again = await c.answers.query(request), await c.answers.query(request)
+        await c.collections.upsert_documents("c", UpsertRequest(documents=[changed]))
+        return [first, again, await c.answers.query(request)]
+
+    first, again, updated = answer(services, scenario)
+    assert len(pool.generations) == 2  # the second query was a hit; the write made the third a miss
+    assert (again.answer, again.sources, again.usage) == (first.answer, first.sources, first.usage)
+    assert again.timings_ms.keys() == {"cache", "total"}
+    assert updated.sources[0].text == changed.text
+
+
+def test_sampling_parameters_never_share_an_entry_and_unseeded_samples_are_never_cached(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, pool = services_and_pool
+    cacheable: list[dict[str, Any]] = [
+        {"max_tokens": 64},
+        {"max_tokens": 65},
+        {"max_tokens": 64, "top_p": 0.5},
+        {"max_tokens": 64, "temperature": 0.7, "seed": 1},
+        {"max_tokens": 64, "temperature": 0.7, "seed": 2},
+    ]
+    sampled = {"max_tokens": 64, "temperature": 0.7}
+
+    async def scenario(c: Services) -> CacheStats:
+        for sampling in [*cacheable, *cacheable, sampled, sampled]:
+            await c.answers.query(query(query="cats purr", sampling=sampling))
+        return c.cache.stats()
+
+    stats: CacheStats = answer(services, scenario)
+    assert len(pool.generations) == len(cacheable) + 2  # each cacheable one once, the unseeded sample every time
+    counts = stats.levels["l1"]["answer"]
+    assert (counts.hits, counts.misses, counts.entries) == (5, 5, 5)
+
+
+def test_identical_concurrent_misses_generate_once(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
+
+    async def scenario(c: Services) -> tuple[list[QueryResponse], CacheStats]:
+        responses = await asyncio.gather(*(c.answers.query(query(query="cats purr")) for _ in range(8)))
+        return responses, c.cache.stats()
+
+    responses, stats = answer(services, scenario)
+    assert len(pool.generations) == 1
+    assert all(r.answer == "Cats purr [1]." and r.sources == responses[0].sources for r in responses)
+    assert stats.coalesced["answer"] + stats.levels["l1"]["answer"].hits == 7
+
+
+def test_reingesting_unchanged_text_embeds_nothing(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
+    changed = DocumentIn(id="tea", text="Black tea is brewed with boiling water.")
+
+    async def scenario(c: Services) -> list[list[str]]:
+        before = len(pool.embedded)
+        await c.collections.upsert_documents("c", UpsertRequest(documents=DOCS))
+        await c.collections.upsert_documents("c", UpsertRequest(documents=[DOCS[0], changed]))
+        return pool.embedded[before:]
+
+    assert answer(services, scenario) == [[changed.text]]
+
+
+def test_searches_are_cached_bypassed_on_request_and_never_cached_degraded(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, pool = services_and_pool
+    request = SearchRequest(collection="c", query="green tea", top_k=2)
+
+    async def scenario(c: Services) -> tuple[list[SearchResponse], list[list[str]], CacheStats]:
+        before = len(pool.embedded)
+        responses = [
+            await c.search.search(request),
+            await c.search.search(request),
+            await c.search.search(request.model_copy(update={"use_cache": False})),
+            await c.search.search(request.model_copy(update={"top_k": 3})),
+        ]
+        embedded = pool.embedded[before:]
+        pool.embedder_up = False
+        for _ in range(2):
+            responses.append(await c.search.search(SearchRequest(collection="c", query="sleep all day")))
+        return responses, embedded, c.cache.stats()
+
+    (first, hit, fresh, deeper, *degraded), embedded, stats = answer(services, scenario)
+    assert hit.hits == first.hits and hit.timings_ms.keys() == {"cache", "total"}
+    assert fresh.hits == first.hits and "search" in fresh.timings_ms
+    assert len(deeper.hits) == 3 and embedded == [["green tea"]]  # the query's vector came from the cache too
+    assert all(d.degraded == ["embed"] for d in degraded)
+    counts = stats.levels["l1"]["search"]
+    assert (counts.hits, counts.misses, counts.entries) == (1, 4, 2)
+
+
+SEARCH = {"collection": "c", "query": "cats purr"}
+# Each changes the result of a search, and so its key (and that of an answer with the same fields).
+SEARCH_VARIANTS: list[dict[str, Any]] = [
+    {"collection": "d"},
+    {"query": "cats purr!"},
+    {"top_k": 3},
+    {"mode": "dense"},
+    {"mode": "sparse"},
+    {"filters": {"field": "kind", "op": "eq", "value": "pet"}},
+    {"filters": {"field": "kind", "op": "eq", "value": "drink"}},
+    {"filters": {"or": [{"field": "kind", "op": "eq", "value": "pet"}]}},
+    {"rerank": True},
+    {"rerank": True, "rerank_top_n": 20},
+    {"mmr": {"lambda": 0.5}},
+    {"mmr": {"lambda": 0.7}},
+]
+SAMPLING_VARIANTS: list[dict[str, Any]] = [
+    {"max_tokens": 64},
+    {"max_tokens": None},
+    {"temperature": 0.5, "seed": 1},
+    {"temperature": 0.5, "seed": 2},
+    {"temperature": 0.8, "seed": 1},
+    {"seed": 1},
+    {"top_p": 0.9},
+    {"top_k": 40},
+    {"stop": ["\n"]},
+    {"repetition_penalty": 1.2},
+]
+
+
+def test_keys_differ_for_every_parameter_that_changes_a_result(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, pool = services_and_pool
+    base_sampling = {"max_tokens": 256}
+
+    def search_request(**fields: Any) -> SearchRequest:
+        return SearchRequest.model_validate(SEARCH | fields)
+
+    def query_request(sampling: dict[str, Any] | None = None, **fields: Any) -> QueryRequest:
+        return QueryRequest.model_validate(SEARCH | {"top_k": 10} | fields | {"sampling": sampling or base_sampling})
+
+    async def scenario(c: Services) -> None:
+        keys = Keys("tritonrag", c.registry, c.models, IndexSettings(), QuerySettings())
+        await c.collections.create_collection(CollectionCreate(name="d"))
+        searches = [await keys.search(search_request(**fields)) for fields in [{}, *SEARCH_VARIANTS]]
+        grounded = [fields for fields in SEARCH_VARIANTS if fields.keys() <= Grounding.model_fields.keys()]
+        answers = [await keys.answer(query_request(**fields)) for fields in [{}, *grounded]]
+        answers += [await keys.answer(query_request(base_sampling | s)) for s in SAMPLING_VARIANTS]
+        assert len(set(searches)) == len(searches) and len(set(answers)) == len(answers)
+        # What changes nothing shares the entry.
+        assert await keys.search(search_request(use_cache=False)) == searches[0]
+        assert await keys.answer(query_request(use_cache=False, stream=True)) == answers[0]
+        # A write, a new collection of the same name (its revision counts from 0 again), a new model version.
+        await c.collections.upsert_documents("d", UpsertRequest(documents=DOCS[:1]))
+        assert await keys.search(search_request(collection="d")) != searches[1]
+        await c.collections.delete_collection("d")
+        await c.collections.create_collection(CollectionCreate(name="d"))
+        assert await keys.search(search_request(collection="d")) != searches[1]
+        pool.versions["generator"] = "2"
+        assert await keys.search(search_request()) == searches[0]  # a search involves no generator
+        assert await keys.answer(query_request()) != answers[0]
+        pool.versions["reranker"] = "2"
+        assert await keys.search(search_request()) == searches[0]
+        assert await keys.search(search_request(rerank=True)) != searches[SEARCH_VARIANTS.index({"rerank": True}) + 1]
+        pool.versions["embedder"] = "2"
+        assert await keys.search(search_request()) != searches[0]
+        sparse = SEARCH_VARIANTS.index({"mode": "sparse"}) + 1
+        assert await keys.search(search_request(mode="sparse")) == searches[sparse]
+
+    answer(services, scenario)
+
+
+def test_grounded_greedy_chats_are_replayed_from_the_cache_in_one_delta(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, pool = services_and_pool
+    messages = [ChatMessage(role="user", content="green tea?")]
+    grounding = Grounding(collection="c", top_k=1, mode="sparse")
+
+    async def chat(c: Services, params: SamplingParams) -> tuple[list[str], list[GenerationDelta]]:
+        sources, deltas = await c.answers.chat(messages, params, grounding)
+        return [s.doc_id for s in sources], [d async for d in deltas]
+
+    async def scenario(c: Services) -> list[tuple[list[str], list[GenerationDelta]]]:
+        greedy, sampled = SamplingParams(), SamplingParams(temperature=1.0)
+        return [await chat(c, greedy), await chat(c, greedy), await chat(c, sampled), await chat(c, sampled)]
+
+    (sources, deltas), (replayed_sources, [whole]), *_ = answer(services, scenario)
+    assert len(pool.generations) == 3  # the sampled chat, twice
+    assert replayed_sources == sources == ["tea"]
+    last = deltas[-1]
+    assert whole == last.model_copy(update={"text": "".join(d.text for d in deltas)})
+
+
+def test_the_cache_over_http(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, pool = services_and_pool
+    levels: list[str | None] = []
+    app = create_http_app(
+        services.collections,
+        services.search,
+        services.answers,
+        services.health,
+        services.answers,
+        services.models,
+        ApiSettings(),
+        ModelSettings(),
+        Admission(LimitsSettings()),
+        TelemetrySettings(),
+        services.cache,
+    )
+
+    async def observed(scope: Scope, receive: Receive, send: Send) -> None:
+        await app(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] in ("/v1/search", "/v1/query", "/v1/chat/completions"):
+            levels.append(scope["state"].get("cache"))
+
+    search = {"collection": "c", "query": "cats purr"}
+    with TestClient(observed) as client:
+        client.post("/v1/collections", json={"name": "c"})
+        client.post("/v1/collections/c/documents", json={"documents": [d.model_dump() for d in DOCS]})
+        assert client.post("/v1/search", json=search).json() == client.post("/v1/search", json=search).json() | {
+            "timings_ms": ANY
+        }
+        client.post("/v1/search", json=search, headers={"cache-control": "no-cache"})
+        client.post("/v1/search", json=search | {"use_cache": False})
+        client.post("/v1/query", json=search)
+        assert "event: done" in client.post("/v1/query", json=search | {"stream": True}).text
+        chat = {"model": "generator", "messages": [{"role": "user", "content": "cats?"}], "temperature": 0}
+        for body in (chat, chat | {"tritonrag": {"collection": "c"}}, chat | {"tritonrag": {"collection": "c"}}):
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        stats = CacheStats.model_validate(client.get("/v1/cache/stats").json())
+        flushed = client.post("/v1/cache:flush").json()
+        client.post("/v1/search", json=search)
+    asyncio.run(services.close())
+    assert levels == ["miss", "l1", None, None, "miss", "l1", None, "miss", "l1", "miss"]
+    assert stats.redis is False and stats.levels.keys() == {"l1"}
+    assert [stats.levels["l1"][tier].hits for tier in ("search", "answer", "chat")] == [1, 1, 1]
+    assert flushed == {"l1": sum(counts.entries or 0 for counts in stats.levels["l1"].values()), "l2": None}
+    assert len(pool.generations) == 3  # the answer once, the ungrounded chat, the grounded chat once

@@ -15,6 +15,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from ...config import ModelSettings
+from ..admission import Admission, RouteClass
+from ..cache import CACHE_SCOPE
 from ..errors import OpenAIErrorBody, log_unexpected, openai_error
 from ..request_id import RequestId
 from ..services import Chats, Models
@@ -33,18 +35,23 @@ from .serving import OpenAIServing
 _RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": OpenAIErrorBody, "description": "Error"}}
 
 
-def openai_router(chats: Chats, models: Models, names: ModelSettings) -> APIRouter:
+def openai_router(chats: Chats, models: Models, names: ModelSettings, admission: Admission) -> APIRouter:
     """OpenAI's chat completions, completions, embeddings and models under ``/v1`` over ``chats`` and ``models``.
 
-    ``names.generator`` and ``names.embedder`` are the served models these endpoints use. The
-    application must run ``request_id.RequestIds``, which gives each request the id handed to the services.
+    ``names.generator`` and ``names.embedder`` are the served models these endpoints use; ``admission`` limits
+    completions (the answer class) and embeddings (the search class). The application must run
+    ``request_id.RequestIds``, which gives each request the id handed to the services.
     """
+    answer, search = admission.dependency(RouteClass.answer), admission.dependency(RouteClass.search)
     serving = OpenAIServing(chats, models, names)
-    router = APIRouter(prefix="/v1", route_class=_OpenAIRoute, tags=["openai"], responses=_RESPONSES)
+    router = APIRouter(
+        prefix="/v1", route_class=_OpenAIRoute, tags=["openai"], responses=_RESPONSES, dependencies=[CACHE_SCOPE]
+    )
 
     @router.post(
         "/chat/completions",
         responses={200: {"model": ChatCompletion, "description": "With `stream`: server-sent ChatCompletionChunk"}},
+        dependencies=[answer],
     )
     async def create_chat_completion(body: ChatCompletionRequest, request_id: RequestId) -> Response:
         """OpenAI's chat completion, streamed or not; ``tritonrag`` grounds it on a collection."""
@@ -53,12 +60,13 @@ def openai_router(chats: Chats, models: Models, names: ModelSettings) -> APIRout
     @router.post(
         "/completions",
         responses={200: {"model": Completion, "description": "With `stream`: server-sent Completion events"}},
+        dependencies=[answer],
     )
     async def create_completion(body: CompletionRequest, request_id: RequestId) -> Response:
         """OpenAI's (legacy) completion of one prompt, streamed or not; ``max_tokens`` defaults to 16."""
         return _response(await serving.completion(body, request_id))
 
-    @router.post("/embeddings")
+    @router.post("/embeddings", dependencies=[search])
     async def create_embedding(body: EmbeddingRequest, request_id: RequestId) -> EmbeddingList:
         """Vectors of texts; ``encoding_format`` ``base64`` (the official clients' default) or ``float``."""
         return await serving.embedding(body, request_id)
