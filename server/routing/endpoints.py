@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
@@ -23,9 +23,9 @@ from tritonclient.utils import InferenceServerException
 from tritonrag.clients.wire.schema import ModelVersion
 from tritonrag.export.runtime.contract import Parameters
 from tritonrag.server.config import ModelSettings, RoutingSettings
-from tritonrag.server.errors import UnavailableError
+from tritonrag.server.errors import DeadlineExceededError, UnavailableError
 
-from .resilience import BreakerState, CircuitBreaker
+from .resilience import BreakerState, CircuitBreaker, backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,18 @@ class EndpointStatus:
     outstanding: int
     models: dict[str, str]  # model -> ready version
     breaker_openings: int  # times the breaker opened since the pool started
+
+
+class RetryableError(Exception):
+    """An attempt failed in a way another attempt may not."""
+
+
+@dataclass
+class Attempts:
+    """How one call's attempts went: how many were made, and the last failure."""
+
+    made: int = 0
+    last: str = "no attempt was made"
 
 
 class EndpointSet:
@@ -263,6 +275,27 @@ class EndpointSet:
         return [e.models[name] for e in self._endpoints if e.routable(name)]
 
     # Inference
+
+    async def attempt_endpoints(
+        self, model: str, deadline: float, attempts: Attempts
+    ) -> AsyncGenerator[tuple[Endpoint, float]]:
+        """The endpoint for each attempt of one call, and the time left: untried endpoints first, a jittered
+        backoff before each retry. Ends when the attempts are used up or no endpoint is routable; a deadline
+        that passes first is ``DeadlineExceededError``."""
+        tried: list[Endpoint] = []
+        for attempt in range(self.settings.max_attempts):
+            if attempt:
+                pause = backoff_delay(attempt - 1, self.settings.backoff_base_s, self.settings.backoff_max_s, self._rng)
+                await asyncio.sleep(min(pause, max(0.0, deadline - self._clock())))
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({attempts.last})")
+            endpoint = self._pick(model, tried)
+            if endpoint is None:
+                return
+            tried.append(endpoint)
+            attempts.made += 1
+            yield endpoint, remaining
 
     def _pick(self, model: str, tried: Sequence[Endpoint]) -> Endpoint | None:
         """The routable endpoint with the fewest outstanding requests, preferring those not tried yet."""

@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tritonrag.clients.wire.schema import REQUEST_ID_HEADER, ChatMessage, FinishReason, GenerationDelta, SamplingParams
+from tritonrag.clients.wire.schema import REQUEST_ID_HEADER
 from tritonrag.export.runtime.contract import (
-    BUSY_ERROR,
-    INPUT_ERROR,
     EmbedderTensors,
-    GeneratorTensors,
     Priority,
     RerankerTensors,
 )
@@ -37,38 +31,24 @@ from tritonrag.server.config import Settings
 from tritonrag.server.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
-    ResourceExhaustedError,
     TritonRagError,
     UnavailableError,
 )
-from tritonrag.server.telemetry.record import generation
 
-from .endpoints import Endpoint, EndpointSet
-from .resilience import backoff_delay
+from .endpoints import Attempts, Endpoint, RetryableError
+from .generation import GenerationStreams
 
 log = logging.getLogger(__name__)
 
 Floats = npt.NDArray[np.float32]
 
 
-class _RetryableError(Exception):
-    """An attempt failed in a way another attempt may not."""
-
-
-@dataclass
-class _Attempts:
-    """How one call's attempts went: how many were made, and the last failure."""
-
-    made: int = 0
-    last: str = "no attempt was made"
-
-
 def _status(exc: InferenceServerException) -> str:
     return str(exc.status() or "").removeprefix("StatusCode.")
 
 
-class TritonPool(EndpointSet):
-    """The inference calls of the orchestrator, over an ``EndpointSet``."""
+class TritonPool(GenerationStreams):
+    """The inference calls of the orchestrator: embeddings and scores here, generations from ``GenerationStreams``."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TritonPool:
@@ -155,12 +135,12 @@ class TritonPool(EndpointSet):
         self, model: str, inputs: list[Any], output: str, deadline: float, request_id: str, bulk: bool
     ) -> Floats:
         """One request, retried on transient failures while attempts and the deadline allow."""
-        attempts = _Attempts()
-        async with contextlib.aclosing(self._attempt_endpoints(model, deadline, attempts)) as endpoints:
+        attempts = Attempts()
+        async with contextlib.aclosing(self.attempt_endpoints(model, deadline, attempts)) as endpoints:
             async for endpoint, remaining in endpoints:
                 try:
                     return await self._attempt(endpoint, model, inputs, output, remaining, request_id, bulk)
-                except _RetryableError as exc:
+                except RetryableError as exc:
                     attempts.last = f"{endpoint.url}: {exc}"
                     log.info("request %s to %s failed, attempt %d: %s", request_id, endpoint.url, attempts.made, exc)
         if attempts.made < self.settings.max_attempts:
@@ -168,133 +148,6 @@ class TritonPool(EndpointSet):
         if deadline <= self._clock():
             raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({attempts.last})")
         raise UnavailableError(f"'{model}' failed after {self.settings.max_attempts} attempts ({attempts.last})")
-
-    async def _attempt_endpoints(
-        self, model: str, deadline: float, attempts: _Attempts
-    ) -> AsyncGenerator[tuple[Endpoint, float]]:
-        """The endpoint for each attempt of one call, and the time left: untried endpoints first, a jittered
-        backoff before each retry. Ends when the attempts are used up or no endpoint is routable; a deadline
-        that passes first is ``DeadlineExceededError``."""
-        tried: list[Endpoint] = []
-        for attempt in range(self.settings.max_attempts):
-            if attempt:
-                pause = backoff_delay(attempt - 1, self.settings.backoff_base_s, self.settings.backoff_max_s, self._rng)
-                await asyncio.sleep(min(pause, max(0.0, deadline - self._clock())))
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({attempts.last})")
-            endpoint = self._pick(model, tried)
-            if endpoint is None:
-                return
-            tried.append(endpoint)
-            attempts.made += 1
-            yield endpoint, remaining
-
-    async def generate(
-        self,
-        params: SamplingParams,
-        *,
-        prompt: str | None = None,
-        messages: Sequence[ChatMessage] | None = None,
-        deadline_s: float | None = None,
-        request_id: str | None = None,
-        model: str | None = None,
-    ) -> AsyncGenerator[GenerationDelta]:
-        """Stream a generation from ``model`` (default: the generator) for ``prompt`` (raw text) or ``messages``.
-
-        Deltas arrive as the model produces them; the last has the finish reason and token counts (their
-        timings and counts go to the request's telemetry record).
-        Until the first delta, an unavailable or busy endpoint is retried on another; closing the
-        iterator early (a client that went away) closes the stream, and Triton cancels the generation.
-        A full queue on every endpoint is ``ResourceExhaustedError``.
-        """
-        if (prompt is None) == (messages is None):
-            raise ValueError("generate takes a prompt or messages, not both")
-        model = model or self.models.generator
-        deadline = self._clock() + (deadline_s if deadline_s is not None else self.settings.generate_timeout_s)
-        request_id = request_id or uuid.uuid4().hex
-        text_input = (
-            (GeneratorTensors.PROMPT, prompt)
-            if prompt is not None
-            else (GeneratorTensors.MESSAGES, _messages_json(messages or []))
-        )
-        inputs = [
-            _scalar_bytes_input(*text_input),
-            _scalar_bytes_input(GeneratorTensors.PARAMETERS, params.model_dump_json()),
-        ]
-        attempts = _Attempts()
-        timing = generation(model)
-        async with contextlib.aclosing(self._attempt_endpoints(model, deadline, attempts)) as endpoints:
-            async for endpoint, _ in endpoints:
-                async with contextlib.aclosing(self._stream(endpoint, model, inputs, deadline, request_id)) as stream:
-                    try:
-                        first = await anext(stream)
-                    except _RetryableError as exc:
-                        attempts.last = f"{endpoint.url}: {exc}"
-                        continue
-                    yield timing.delta(first)
-                    async for delta in stream:
-                        yield timing.delta(delta)
-                    return
-        if BUSY_ERROR in attempts.last:
-            raise ResourceExhaustedError(f"every generator is busy; retry later ({attempts.last})")
-        raise UnavailableError(f"no Triton endpoint can serve '{model}' now ({attempts.last})")
-
-    async def _stream(
-        self, endpoint: Endpoint, model: str, inputs: list[Any], deadline: float, request_id: str
-    ) -> AsyncGenerator[GenerationDelta]:
-        """One generation on one endpoint; ``_RetryableError`` before the first delta for what another may fix."""
-        done = asyncio.Event()
-
-        async def request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
-            await done.wait()  # keep the stream open: closing it cancels the generation
-
-        endpoint.breaker.acquire()
-        endpoint.outstanding += 1
-        responses = endpoint.client.stream_infer(
-            request(), stream_timeout=max(0.001, deadline - self._clock()), headers={REQUEST_ID_HEADER: request_id}
-        )
-        started = ended = False
-        try:
-            async for result, error in responses:
-                if error is not None:
-                    ended = True  # an error response is the request's last
-                    raise self._stream_failed(endpoint, model, str(error.message()), started)
-                delta = _delta(result)
-                if not started:
-                    endpoint.breaker.record_success()
-                    started = True
-                ended = delta.finish_reason is not None
-                yield delta
-                if ended:
-                    return
-            raise self._stream_failed(endpoint, model, "the stream ended before the generation did", started)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                endpoint.breaker.release()
-                raise DeadlineExceededError(f"'{model}' did not finish within the deadline") from exc
-            raise self._stream_failed(endpoint, model, f"[{exc.code().name}] {exc.details()}", started) from exc
-        finally:
-            done.set()  # ends the request side of the stream
-            if not ended or not await _drained(responses):
-                responses.cancel()  # the caller left mid-generation: Triton cancels the request
-            endpoint.outstanding -= 1
-            if not started:
-                endpoint.breaker.release()
-
-    @staticmethod
-    def _stream_failed(endpoint: Endpoint, model: str, message: str, started: bool) -> Exception:
-        """What a failed generation stream raises: the model's own input and busy errors keep their meaning."""
-        if message.startswith(INPUT_ERROR):
-            endpoint.breaker.record_success()  # the server is fine; the input is not
-            return InvalidArgumentError(message.removeprefix(INPUT_ERROR))
-        if message.startswith(BUSY_ERROR) and not started:
-            return _RetryableError(message)  # busy, not broken: the breaker is only released
-        if not started:
-            endpoint.breaker.record_failure()
-            return _RetryableError(message)
-        return UnavailableError(f"'{model}' failed on {endpoint.url} mid-generation: {message}")
 
     async def _attempt(
         self,
@@ -306,7 +159,7 @@ class TritonPool(EndpointSet):
         request_id: str,
         bulk: bool,
     ) -> Floats:
-        """One request to one endpoint; raises ``_RetryableError`` for what another attempt may fix.
+        """One request to one endpoint; raises ``RetryableError`` for what another attempt may fix.
 
         The request first waits for a lane of its kind on the endpoint (within the call's deadline), so our
         own work never queues long inside Triton; its attempt's timeout starts when it is sent. Interactive
@@ -314,7 +167,7 @@ class TritonPool(EndpointSet):
         """
         served = endpoint.models.get(model)
         if served is None:
-            raise _RetryableError(f"{endpoint.url} no longer serves '{model}'")
+            raise RetryableError(f"{endpoint.url} no longer serves '{model}'")
         endpoint.outstanding += 1
         lanes, started = served.lanes(bulk), self._clock()
         try:
@@ -322,7 +175,7 @@ class TritonPool(EndpointSet):
                 async with asyncio.timeout(remaining):
                     await lanes.acquire()
             except TimeoutError:
-                raise _RetryableError(f"no lane of {endpoint.url} came free in time") from None
+                raise RetryableError(f"no lane of {endpoint.url} came free in time") from None
             try:
                 remaining -= self._clock() - started
                 result = await self._send(endpoint, model, inputs, remaining, request_id, bulk)
@@ -357,7 +210,7 @@ class TritonPool(EndpointSet):
         return result
 
     @staticmethod
-    def _failed(endpoint: Endpoint, model: str, exc: InferenceServerException) -> TritonRagError | _RetryableError:
+    def _failed(endpoint: Endpoint, model: str, exc: InferenceServerException) -> TritonRagError | RetryableError:
         """Record the outcome on the endpoint and say what the caller should raise.
 
         A request that ran out of time tells nothing sure about the endpoint (it may have been our own
@@ -370,50 +223,14 @@ class TritonPool(EndpointSet):
         if status == "NOT_FOUND":  # unloaded since the last probe: route around it until the next one
             endpoint.breaker.record_success()
             endpoint.models.pop(model, None)
-            return _RetryableError(message)
+            return RetryableError(message)
         if status == "DEADLINE_EXCEEDED":
             endpoint.breaker.release()
-            return _RetryableError(message)
+            return RetryableError(message)
         endpoint.breaker.record_failure()
         if status == "UNAVAILABLE":
-            return _RetryableError(message)
+            return RetryableError(message)
         return UnavailableError(f"'{model}' failed on {endpoint.url}: [{status}] {message}")
-
-
-async def _drained(responses: Any, timeout_s: float = 5.0) -> bool:
-    """Read a finished stream to its end, so that it closes without a cancellation; whether it did in time.
-
-    Cancelling a stream whose request already ended can leave Triton's model busy with it (it then
-    cannot be unloaded), so a finished generation lets the server close the stream itself.
-    """
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for _ in responses:
-                pass
-    except (TimeoutError, grpc.aio.AioRpcError, InferenceServerException):
-        return False
-    return True
-
-
-def _scalar_bytes_input(name: str, text: str) -> Any:
-    tensor = grpcclient.InferInput(name, [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([text.encode("utf-8")], dtype=np.object_))
-    return tensor
-
-
-def _messages_json(messages: Sequence[ChatMessage]) -> str:
-    return json.dumps([message.model_dump() for message in messages])
-
-
-def _delta(result: Any) -> GenerationDelta:
-    """A ``GenerationDelta`` from one streamed response of the generator model."""
-    reason = result.as_numpy(GeneratorTensors.FINISH_REASON).reshape(-1)[0].decode()
-    return GenerationDelta(
-        text=result.as_numpy(GeneratorTensors.TEXT).reshape(-1)[0].decode("utf-8"),
-        finish_reason=FinishReason(reason) if reason else None,
-        prompt_tokens=int(result.as_numpy(GeneratorTensors.PROMPT_TOKENS).reshape(-1)[0]),
-        completion_tokens=int(result.as_numpy(GeneratorTensors.COMPLETION_TOKENS).reshape(-1)[0]),
-    )
 
 
 def _bytes_input(name: str, texts: Sequence[str]) -> Any:
