@@ -111,18 +111,19 @@ class CachedSearch:
 
 
 class _StoredAnswer(BaseModel):
-    """An answer as the ``answer`` tier stores it: its first and last events, and its text whole."""
+    """An answer as the ``answer`` tier stores it: its first and last events, and its text piece by piece
+    (a hit streams as the answer did)."""
 
     sources: SourcesEvent
-    text: str
+    pieces: list[str]
     done: DoneEvent
 
 
 class _StoredChat(BaseModel):
-    """A grounded chat as the ``chat`` tier stores it: its sources, and its text whole with the last delta's counts."""
+    """A grounded chat as the ``chat`` tier stores it: its sources and its deltas."""
 
     sources: list[Source]
-    reply: GenerationDelta
+    deltas: list[GenerationDelta]
 
 
 class CachedAnswers:
@@ -139,7 +140,7 @@ class CachedAnswers:
         return await gather_answer(request.collection, self.query_stream(request, request_id))
 
     async def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]:
-        """``AnswerService.query_stream``, replayed from the cache on a hit: sources, the text in one delta, done."""
+        """``AnswerService.query_stream``, replayed from the cache on a hit: sources, the same deltas, done."""
         cacheable = self._cache.enabled("answer") and deterministic(request.sampling)
         key = await self._keys.answer(request) if cacheable else None
         events = await cached_run(
@@ -163,7 +164,7 @@ class CachedAnswers:
         request_id: str | None = None,
     ) -> tuple[list[Source], AsyncGenerator[GenerationDelta]]:
         """``AnswerService.chat``; a grounded one at temperature 0 or with a seed replayed from the cache on a hit:
-        its sources, then its text in one delta."""
+        its sources, then the same deltas."""
         if grounding is None or not (self._cache.enabled("chat") and deterministic(params)):
             return await self._answers.chat(messages, params, grounding, request_id)
         key = await self._keys.chat(messages, params, grounding)
@@ -225,13 +226,13 @@ def _record_answer(events: list[QueryEvent]) -> bytes | None:
     assert isinstance(sources, SourcesEvent) and isinstance(done, DoneEvent)  # an answer's first and last events
     if sources.degraded or done.degraded or done.finish_reason == FinishReason.cancelled:
         return None
-    text = "".join(event.text for event in events if isinstance(event, DeltaEvent))
-    return _StoredAnswer(sources=sources, text=text, done=done).model_dump_json().encode()
+    pieces = [event.text for event in events if isinstance(event, DeltaEvent)]
+    return _StoredAnswer(sources=sources, pieces=pieces, done=done).model_dump_json().encode()
 
 
 def _replay_answer(value: bytes, timings: dict[str, float]) -> list[QueryEvent]:
     stored = _StoredAnswer.model_validate_json(value)
-    deltas = [DeltaEvent(text=stored.text)] if stored.text else []
+    deltas = [DeltaEvent(text=piece) for piece in stored.pieces]
     return [stored.sources, *deltas, stored.done.model_copy(update={"timings_ms": timings})]
 
 
@@ -241,10 +242,9 @@ def _record_chat(items: list[_ChatItem]) -> bytes | None:
     last = deltas[-1] if deltas else None
     if first.degraded or last is None or last.finish_reason in (None, FinishReason.cancelled):
         return None
-    reply = last.model_copy(update={"text": "".join(delta.text for delta in deltas)})
-    return _StoredChat(sources=first.sources, reply=reply).model_dump_json().encode()
+    return _StoredChat(sources=first.sources, deltas=deltas).model_dump_json().encode()
 
 
 def _replay_chat(value: bytes, timings: dict[str, float]) -> list[_ChatItem]:
     stored = _StoredChat.model_validate_json(value)
-    return [_ChatSources(stored.sources), stored.reply]
+    return [_ChatSources(stored.sources), *stored.deltas]
