@@ -248,7 +248,8 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     data_dir = work_dir / "data"
     filled = fill(data_dir, repository, args.chunks, args.vectors, args.seed)
     texts = queries(args.requests, args.seed)
-    with running_stack(repository, ["embedder"], data_dir, work_dir) as stack:
+    # The uncached path: every query embedded and searched (bench/cache.py measures the cache).
+    with running_stack(repository, ["embedder"], data_dir, work_dir, TRITONRAG_CACHE__ENABLED="false") as stack:
         http_url = stack.orchestrator.http_url
         async with httpx2.AsyncClient(base_url=http_url, timeout=600) as http:
             info = (await http.get(f"/v1/collections/{COLLECTION}")).json()  # opens the collection
