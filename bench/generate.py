@@ -551,7 +551,10 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
         probe = min(args.attention_probe, len(prompts))
         torch_rows = measure_torch(model, generate, args.attention, prompts, args.max_tokens, probe)
         served = await measure_served(server, prompts, sorted({1, args.streams}), args.max_tokens)
-    with running_stack(repository, ["embedder", "generator"], work_dir / "data", work_dir) as stack:
+    # The uncached path: every question retrieved and generated (bench/cache.py measures the cache).
+    with running_stack(
+        repository, ["embedder", "generator"], work_dir / "data", work_dir, TRITONRAG_CACHE__ENABLED="false"
+    ) as stack:
         queries = await measure_queries(
             stack.orchestrator.http_url, documents, questions, sorted({1, args.streams}), args.max_tokens
         )
