@@ -12,6 +12,11 @@ hybrid+rerank of the top ``RERANK_TOP_N`` — with ``top_k = RERANK_TOP_N``, so 
 reorders exactly the hybrid candidates. Hits are chunks; a document's rank is that of its first
 chunk. Queries run one at a time; the report gives the mean metrics and the per-query latency as
 markdown on stdout. ``--documents`` and ``--queries`` draw smaller sets for a quick run.
+
+``--embedder DIR [DIR ...]`` evaluates the given embedder version directories instead of the
+repository's embedder (e.g. an int8 export, or ``bench/int8.py``'s variants), one stack each, in one
+table side by side: each is served as version 1 of ``embedder`` in a repository of its own (a
+symbolic link to the directory, with the ``config.pbtxt`` beside it, else the project's template).
 """
 
 from __future__ import annotations
@@ -21,22 +26,24 @@ import importlib
 import inspect
 import math
 import random
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from corpus import docstrings, stdlib_dir
 from embed import percentiles
-from stack import machine, markdown_table, model_repository, progress, running_stack, split_summary
+from stack import machine, markdown_table, model_repository, progress, running_stack, split_summary, version_dir
 
 from tritonrag.clients.http_client import TritonRagClient
 from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn, SearchMode, SearchRequest
 
 COLLECTION = "retrieval-eval"
+CONFIG_TEMPLATE = Path(__file__).resolve().parents[1] / "model_repository" / "embedder" / "config.pbtxt"
 CUTOFF = 10
 RERANK_TOP_N = 20
 SUMMARY_WORDS = (3, 40)
@@ -161,6 +168,19 @@ def evaluate(client: TritonRagClient, mode: Mode, queries: Sequence[Example]) ->
     return result
 
 
+def metric_cells(result: Result) -> list[str]:
+    """nDCG@10, Recall@10, MRR@10 and the share found among the chunks, as table cells."""
+    return [
+        f"{statistics.mean(map(ndcg, result.ranks)):.3f}",
+        f"{statistics.mean(rank is not None and rank <= CUTOFF for rank in result.ranks):.3f}",
+        f"{statistics.mean(map(reciprocal_rank, result.ranks)):.3f}",
+        f"{statistics.mean(rank is not None for rank in result.ranks):.3f}",
+    ]
+
+
+METRICS_HEADER = ["nDCG@10", "Recall@10", "MRR@10", f"found in {RERANK_TOP_N} chunks"]
+
+
 def report(results: dict[str, Result], documents: int, chunks: int, queries: int) -> str:
     """The markdown report: metrics, client latency and the server's median stage timings per mode."""
     stages = ["embed", "search", "rerank", "total"]
@@ -171,19 +191,8 @@ def report(results: dict[str, Result], documents: int, chunks: int, queries: int
             f"{statistics.median(result.server_ms[stage]):.1f}" if stage in result.server_ms else "-"
             for stage in stages
         ]
-        rows.append(
-            [
-                label,
-                f"{statistics.mean(map(ndcg, result.ranks)):.3f}",
-                f"{statistics.mean(rank is not None and rank <= CUTOFF for rank in result.ranks):.3f}",
-                f"{statistics.mean(map(reciprocal_rank, result.ranks)):.3f}",
-                f"{statistics.mean(rank is not None for rank in result.ranks):.3f}",
-                f"{p50:.1f}",
-                f"{p95:.1f}",
-                *server,
-            ]
-        )
-    header = ["mode", "nDCG@10", "Recall@10", "MRR@10", f"found in {RERANK_TOP_N} chunks", "p50 ms", "p95 ms"]
+        rows.append([label, *metric_cells(result), f"{p50:.1f}", f"{p95:.1f}", *server])
+    header = ["mode", *METRICS_HEADER, "p50 ms", "p95 ms"]
     header += [f"server {stage} ms" for stage in stages]
     return "\n".join(
         [
@@ -195,18 +204,14 @@ def report(results: dict[str, Result], documents: int, chunks: int, queries: int
     )
 
 
-def run(args: argparse.Namespace, work_dir: Path) -> str:
-    """Index the labelled set in a stack started here and evaluate every mode; the markdown report."""
-    models = ["embedder", "reranker"] if "hybrid+rerank" in args.modes else ["embedder"]
-    repository = model_repository(args.repository, models)
-    labelled = examples()
-    if args.documents:
-        labelled = sorted(random.Random(args.seed).sample(labelled, args.documents), key=lambda e: e.module)
-    queries = random.Random(args.seed).sample(labelled, args.queries) if args.queries else labelled
-    progress(f"{len(labelled)} documents, {len(queries)} queries; models from {repository}")
-    data_dir = work_dir / "data"
+def evaluate_stack(
+    repository: Path, labelled: Sequence[Example], queries: Sequence[Example], modes: Sequence[str], work_dir: Path
+) -> tuple[dict[str, Result], int]:
+    """Index ``labelled`` in a stack started on ``repository`` and search ``queries`` in every mode: the results
+    by mode label, and the chunks indexed."""
+    models = ["embedder", "reranker"] if "hybrid+rerank" in modes else ["embedder"]
     with (
-        running_stack(repository, models, data_dir, work_dir, **PATIENT) as stack,
+        running_stack(repository, models, work_dir / "data", work_dir, **PATIENT) as stack,
         TritonRagClient(stack.orchestrator.http_url, timeout_s=600) as client,
     ):
         client.create_collection(CollectionCreate(name=COLLECTION))
@@ -216,8 +221,100 @@ def run(args: argparse.Namespace, work_dir: Path) -> str:
             documents = [DocumentIn(id=example.module, text=example.document) for example in batch]
             chunks += client.upsert(COLLECTION, documents).chunks
         progress(f"indexed {len(labelled)} documents as {chunks} chunks")
-        results = {mode.label: evaluate(client, mode, queries) for mode in MODES if mode.label in args.modes}
-    return report(results, len(labelled), chunks, len(queries))
+        results = {mode.label: evaluate(client, mode, queries) for mode in MODES if mode.label in modes}
+    return results, chunks
+
+
+def embedder_repository(
+    embedder_dir: Path, work_dir: Path, reranker_from: Path | None = None, config: Path | None = None
+) -> Path:
+    """A repository in ``work_dir`` serving ``embedder_dir`` as version 1 of ``embedder`` (and, when given, the
+    reranker of ``reranker_from``), by symbolic links; its ``config.pbtxt`` is ``config``, else the one beside
+    ``embedder_dir``, else the project's template."""
+    repository = work_dir / "repository"
+    model_dir = repository / "embedder"
+    model_dir.mkdir(parents=True)
+    if config is None:
+        config = embedder_dir.parent / "config.pbtxt"
+        if not config.is_file():
+            config = CONFIG_TEMPLATE
+    shutil.copy(config, model_dir / "config.pbtxt")
+    (model_dir / "1").symlink_to(embedder_dir.resolve(), target_is_directory=True)
+    if reranker_from is not None:
+        (repository / "reranker").symlink_to((reranker_from / "reranker").resolve(), target_is_directory=True)
+    return repository
+
+
+def labelled_set(documents: int | None, queries: int | None, seed: int) -> tuple[list[Example], list[Example]]:
+    """The labelled documents and the queries evaluated (``None``: all)."""
+    labelled = examples()
+    if documents:
+        labelled = sorted(random.Random(seed).sample(labelled, documents), key=lambda e: e.module)
+    chosen = random.Random(seed).sample(labelled, queries) if queries else labelled
+    return labelled, chosen
+
+
+def compare(
+    embedders: Mapping[str, Path],
+    modes: Sequence[str],
+    work_dir: Path,
+    documents: int | None = None,
+    queries: int | None = None,
+    seed: int = 0,
+    reranker_repository: Path | None = None,
+) -> str:
+    """Every embedder version directory evaluated in a stack of its own; one markdown table, side by side.
+
+    The reranker (mode ``hybrid+rerank``) comes from ``reranker_repository`` (default: see ``stack.py``)."""
+    labelled, chosen = labelled_set(documents, queries, seed)
+    reranker_from = model_repository(reranker_repository, ["reranker"]) if "hybrid+rerank" in modes else None
+    rows = []
+    chunks = 0
+    for number, (label, embedder_dir) in enumerate(embedders.items()):
+        progress(f"retrieval: {label} ({embedder_dir})")
+        stack_dir = work_dir / f"embedder-{number}"
+        stack_dir.mkdir()
+        repository = embedder_repository(embedder_dir, stack_dir, reranker_from)
+        try:
+            results, chunks = evaluate_stack(repository, labelled, chosen, modes, stack_dir)
+        except Exception as exc:  # one stack that fails does not lose the others' results
+            progress(f"retrieval: {label} failed: {type(exc).__name__}: {exc}")
+            rows.append([label, "failed", f"{type(exc).__name__}: {exc}", *[""] * (len(METRICS_HEADER) + 1)])
+            continue
+        for mode, result in results.items():
+            p50, p95 = percentiles(result.latencies_ms, [50, 95])
+            rows.append([label, mode, *metric_cells(result), f"{p50:.1f}", f"{p95:.1f}"])
+            progress(f"retrieval: {label}, {mode}: " + ", ".join(rows[-1][2:5]))
+    return "\n".join(
+        [
+            f"bench/retrieval_eval.py: {len(chosen)} queries over {len(labelled)} documents ({chunks} chunks), "
+            f"{RERANK_TOP_N} chunks a search; {machine()}.",
+            "",
+            markdown_table(["embedder", "mode", *METRICS_HEADER, "p50 ms", "p95 ms"], rows, labels=2),
+        ]
+    )
+
+
+def run(args: argparse.Namespace, work_dir: Path) -> str:
+    """Index the labelled set in a stack started here and evaluate every mode; the markdown report."""
+    if args.embedder:
+        labels = [str(path) for path in args.embedder]
+        return compare(
+            dict(zip(labels, args.embedder, strict=True)),
+            args.modes,
+            work_dir,
+            args.documents,
+            args.queries,
+            args.seed,
+            args.repository,
+        )
+    models = ["embedder", "reranker"] if "hybrid+rerank" in args.modes else ["embedder"]
+    repository = model_repository(args.repository, models)
+    labelled, queries = labelled_set(args.documents, args.queries, args.seed)
+    progress(f"{len(labelled)} documents, {len(queries)} queries; models from {repository}")
+    results, chunks = evaluate_stack(repository, labelled, queries, args.modes, work_dir)
+    embedder = version_dir(repository, "embedder")
+    return f"Embedder: `{embedder}`.\n\n" + report(results, len(labelled), chunks, len(queries))
 
 
 def main() -> None:
@@ -226,6 +323,9 @@ def main() -> None:
     parser.add_argument("--documents", type=int, help="index only this many modules, drawn at random (default: all)")
     parser.add_argument("--queries", type=int, help="evaluate only this many of them, drawn at random (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    parser.add_argument(
+        "--embedder", type=Path, nargs="+", help="embedder version directories to evaluate, side by side"
+    )
     labels = [mode.label for mode in MODES]
     parser.add_argument("--modes", nargs="+", choices=labels, default=labels, help="modes to evaluate")
     args = parser.parse_args()
