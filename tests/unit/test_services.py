@@ -40,17 +40,13 @@ from tritonrag.clients.wire.schema import (
     UpsertRequest,
 )
 from tritonrag.server.api.admission import Admission
-from tritonrag.server.api.http import create_http_app
 from tritonrag.server.app import Services
 from tritonrag.server.cache.keys import Keys
 from tritonrag.server.config import (
-    ApiSettings,
     IndexSettings,
     LimitsSettings,
-    ModelSettings,
     QuerySettings,
     Settings,
-    TelemetrySettings,
 )
 from tritonrag.server.errors import (
     InvalidArgumentError,
@@ -759,19 +755,7 @@ def test_grounded_greedy_chats_are_replayed_from_the_cache_delta_by_delta(
 def test_the_cache_over_http(services_and_pool: tuple[Services, StandInPool]) -> None:
     services, pool = services_and_pool
     levels: list[str | None] = []
-    app = create_http_app(
-        services.collections,
-        services.search,
-        services.answers,
-        services.health,
-        services.answers,
-        services.models,
-        ApiSettings(),
-        ModelSettings(),
-        Admission(LimitsSettings()),
-        TelemetrySettings(),
-        services.cache,
-    )
+    app = services.http_app(Settings(), Admission(LimitsSettings()))
 
     async def observed(scope: Scope, receive: Receive, send: Send) -> None:
         await app(scope, receive, send)
