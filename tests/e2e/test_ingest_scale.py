@@ -21,6 +21,8 @@ from tritonrag.server.ingest.chunking import Chunker
 # Modules whose pydoc render is long (hundreds of KB for some); "this" and "antigravity" act on import.
 MODULES = sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in {"this", "antigravity"})
 HUGE_CHUNKS = 2000
+# Closes the longest document; no module doc holds these words, so only its last chunk can match them.
+CODA = "Coda: the quetzal lighthouse keeper tallies zeppelins over Reykjavik."
 
 
 def render(name: str) -> str | None:
@@ -42,7 +44,7 @@ def documents(bundled_repository: Path) -> tuple[list[DocumentIn], dict[str, int
     huge, parts = "", iter(text for _, text in renders)
     while len(chunker.chunk(huge)) < HUGE_CHUNKS:
         huge += next(parts) + "\n\n" + next(parts) + "\n\n"
-    docs.append(DocumentIn(id="huge", text=huge, metadata={"kind": "concatenation"}))
+    docs.append(DocumentIn(id="huge", text=huge + CODA, metadata={"kind": "concatenation"}))
     return docs, {doc.id: len(chunker.chunk(doc.text)) for doc in docs}
 
 
@@ -84,15 +86,12 @@ def test_long_documents_land_whole_while_searches_keep_working(
             searching = False
             await searches
             info = await services.collections.get_collection("stdlib")
-            tail = docs[-1].text.strip().splitlines()[-1]
-            found = await services.search.search(
-                SearchRequest(collection="stdlib", query=tail[:200], mode="sparse", top_k=3)
-            )
+            found = await services.search.search(SearchRequest(collection="stdlib", query=CODA, mode="sparse", top_k=3))
             endpoints = services.health.endpoints()
 
         assert (job.done, job.failed, job.errors) == (len(docs), 0, [])
         assert info.documents == len(docs) and info.chunks == sum(chunk_counts.values())
-        assert any(hit.doc_id == "huge" for hit in found.hits)  # the last chunk of the longest document
+        assert found.hits[0].doc_id == "huge" and CODA in found.hits[0].text  # its last chunk landed
         assert errors == [] and degraded == [] and len(latencies) >= 3
         assert [e.breaker_openings for e in endpoints] == [0]
 
