@@ -93,7 +93,8 @@ def quantize_int8(source: Path, target: Path, float_weight_shape: tuple[int, int
 
     MatMuls whose weight has ``float_weight_shape`` stay float32. Given the FFN down-projection's shape
     ``(intermediate_size, hidden_size)``, that keeps the layers fed by the FFN activation, whose outliers
-    one per-tensor activation scale cannot hold (MiniLM: cosine 0.983 with them quantised, 0.991 without).
+    one per-tensor activation scale cannot hold (MiniLM, min cosine over 2,000 real chunks: 0.977 with them
+    quantised, 0.988 without).
     """
     excluded = _matmuls_with_weight_shape(source, float_weight_shape) if float_weight_shape else []
     quantize_dynamic(

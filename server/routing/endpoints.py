@@ -70,9 +70,14 @@ def grpc_client(url: str) -> TritonClient:
 @dataclass
 class ServedModel:
     """A model as one endpoint serves it, read from its config: how large a request may be, and how many
-    requests of each kind (interactive, bulk) the endpoint gets at once: one per instance and one more
-    waiting, so that no instance idles between two requests and no request of ours waits long inside
-    Triton behind our own work (its attempt's timeout runs from when it is sent)."""
+    requests of each kind the endpoint gets at once (its lanes).
+
+    Interactive work gets one lane per instance and one more waiting, so that no instance idles between
+    two requests and no request of ours waits long inside Triton behind our own work (its attempt's
+    timeout runs from when it is sent). Bulk work gets one lane per instance but one: the last instance
+    stays free for interactive work, which Triton hands to it at once, where a priority level only
+    reorders the queue and a search's query would still wait for the bulk batches that every instance
+    is running (seconds during an ingest, docs/BENCHMARKS.md). A model of one instance shares it."""
 
     version: str
     max_batch_rows: int
@@ -83,7 +88,12 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         self.interactive_lanes = asyncio.Semaphore(self.instances + 1)
-        self.bulk_lanes = asyncio.Semaphore(self.instances + 1)
+        self.bulk_lanes = asyncio.Semaphore(self.bulk_capacity)
+
+    @property
+    def bulk_capacity(self) -> int:
+        """How many bulk requests the endpoint gets at once."""
+        return max(1, self.instances - 1)
 
     def lanes(self, bulk: bool) -> asyncio.Semaphore:
         """The lanes of one kind of work."""

@@ -124,7 +124,7 @@ class TritonPool(GenerationStreams):
         if deadline_s is None:
             deadline_s = self.settings.request_timeout_s
             if bulk:
-                rounds = -(-len(slices) // sum(m.instances + 1 for m in served))
+                rounds = -(-len(slices) // sum(m.bulk_capacity for m in served))
                 deadline_s += rounds * self.settings.attempt_timeout_s
         deadline = self._clock() + deadline_s
         calls = [self._infer(model, inputs(s), output, deadline, request_id, bulk) for s in slices]

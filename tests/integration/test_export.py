@@ -138,7 +138,7 @@ def test_embedder_matches_a_plain_transformers_computation(
 def test_int8_version_is_quantised_and_reported(embedder_versions: list[ExportResult]) -> None:
     fp32, int8 = embedder_versions
     report = int8.parity["int8"]
-    assert report["metric"] == "cosine_min" and report["value"] >= report["threshold"] == 0.99
+    assert report["metric"] == "cosine_min" and report["value"] >= report["threshold"] == 0.98
     assert metadata(int8)["quantization"] == {"method": "dynamic", "weights": "int8", "parity": report}
     ops = {node.op_type for node in onnx.load(str(int8.version_dir / "model.onnx")).graph.node}
     assert "DynamicQuantizeLinear" in ops
