@@ -10,9 +10,11 @@ call and per token on a small CPU), so a miss costs what the served models would
 hit measures the cache and the HTTP stack alone.
 
 The collection: ``--documents`` synthetic documents. Latency: ``--requests`` distinct queries, one at a
-time, sent to orchestrator A (misses), again to A (L1 hits), then to B, which shares A's Redis but not its
-L1 (L2 hits). Zipf: ``--queries`` draws (s = ``--zipf-s``) from ``--distinct`` queries, by ``--concurrency``
-closed-loop clients, to A (cache flushed first) and to C (``cache.enabled`` false). ``--scale`` multiplies
+time over one keep-alive connection of the standard library's client (``KeepAlive``), sent to orchestrator
+A (misses), again to A (L1 hits), then to B, which shares A's Redis but not its L1 (L2 hits); ``GET
+/healthz`` gives the floor of the HTTP stack, and again through httpx what that client library adds.
+Zipf: ``--queries`` draws (s = ``--zipf-s``) from ``--distinct`` queries, by ``--concurrency`` closed-loop
+clients (httpx), to A (cache flushed first) and to C (``cache.enabled`` false). ``--scale`` multiplies
 ``--queries`` and ``--distinct``. The report (markdown) goes to stdout.
 """
 
@@ -21,12 +23,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
+import json
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,15 +146,60 @@ async def stats(http: httpx2.AsyncClient) -> CacheStats:
     return CacheStats.model_validate((await http.get("/v1/cache/stats")).json())
 
 
-async def latencies(url: str, tier: str, texts: Sequence[str]) -> tuple[list[float], list[dict[str, float]]]:
-    """Each request's latency (ms), one at a time, and the server's ``timings_ms`` (with "cache" on a hit)."""
-    async with httpx2.AsyncClient(base_url=url, timeout=120) as http:
-        run = await closed_loop(texts, 1, lambda text: request(http, tier, text))
-    return run.latencies_ms, [answer["timings_ms"] for answer in run.results]
+class KeepAlive:
+    """One keep-alive HTTP/1.1 connection of the standard library's ``http.client``, one request at a time:
+    the leanest client there is, so that a latency is the server's and the loopback's, not a client
+    library's (httpx spends ~1-2 ms of Python on each request, more than an L1 hit takes)."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.connection = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[float, bytes]:
+        """The latency (ms) and body of one request; raises on a status other than 200."""
+        began = time.perf_counter()
+        if body is None:
+            self.connection.request(method, path)
+        else:
+            self.connection.request(method, path, json.dumps(body), {"content-type": "application/json"})
+        response = self.connection.getresponse()
+        payload = response.read()
+        elapsed_ms = (time.perf_counter() - began) * 1e3
+        if response.status != 200:
+            raise RuntimeError(f"{method} {path}: {response.status} {payload[:300]!r}")
+        return elapsed_ms, payload
+
+    def close(self) -> None:
+        self.connection.close()
 
 
-async def floor(url: str, requests: int) -> list[float]:
-    """Latencies (ms) of ``GET /healthz``: the HTTP stack alone, for comparison."""
+def latencies(url: str, tier: str, texts: Sequence[str]) -> tuple[list[float], list[dict[str, float]]]:
+    """Each request's latency (ms), one at a time over one connection, and the server's ``timings_ms``
+    (with "cache" on a hit)."""
+    path, body = ENDPOINTS[tier]
+    client = KeepAlive(url)
+    values, timings = [], []
+    try:
+        for text in texts:
+            elapsed_ms, payload = client.call("POST", path, body | {"query": text})
+            values.append(elapsed_ms)
+            timings.append(json.loads(payload)["timings_ms"])
+    finally:
+        client.close()
+    return values, timings
+
+
+def floor(url: str, requests: int) -> list[float]:
+    """Latencies (ms) of ``GET /healthz`` over one connection: the HTTP stack alone, for comparison."""
+    client = KeepAlive(url)
+    try:
+        return [client.call("GET", "/healthz")[0] for _ in range(requests)]
+    finally:
+        client.close()
+
+
+async def httpx_floor(url: str, requests: int) -> list[float]:
+    """The same through ``httpx2.AsyncClient``: what that client library adds."""
     async with httpx2.AsyncClient(base_url=url, timeout=120) as http:
         run = await closed_loop(range(requests), 1, lambda _: http.get("/healthz"))
     latencies_ms: list[float] = run.latencies_ms
@@ -192,11 +242,14 @@ async def main_async(args: argparse.Namespace, work_dir: Path) -> None:
                 texts = questions(args.requests, vocabulary, seed)
                 for level, url in (("miss", a), ("L1 hit", a), ("L2 hit", b)):
                     progress(f"{tier}: {level}, {len(texts)} requests")
-                    values, timings = await latencies(url, tier, texts)
+                    values, timings = await asyncio.to_thread(latencies, url, tier, texts)
                     answered = sum("cache" in t for t in timings)
                     server = statistics.median(t["total"] for t in timings)
                     rows.append([ENDPOINTS[tier][0], level, f"{answered}/{len(values)}", *ms(values), f"{server:.2f}"])
-            rows.append(["GET /healthz", "(the HTTP stack alone)", "-", *ms(await floor(a, args.requests)), "-"])
+            healthz = await asyncio.to_thread(floor, a, args.requests)
+            rows.append(["GET /healthz", "(the HTTP stack alone)", "-", *ms(healthz), "-"])
+            httpx_healthz = await httpx_floor(a, args.requests)
+            rows.append(["GET /healthz, through httpx", "(the HTTP stack and httpx)", "-", *ms(httpx_healthz), "-"])
         print(f"\n## Cache latency over HTTP, one request at a time ({machine()})\n")
         header = ["endpoint", "served by", "cache answered", "p50 ms", "p95 ms", "server p50 ms"]
         print(markdown_table(header, rows, 2))
