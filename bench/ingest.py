@@ -26,6 +26,10 @@ For each embedder of ``--embedders`` (``fp32``: the benchmark repository's, see 
   + irq + softirq + steal over all but idle and iowait), and the CPU ms per chunk of the orchestrator,
   Triton (with its backend stubs) and this process.
 
+* unless ``--no-quality``: known-item retrieval over the first round's full collection, dense, sparse and
+  hybrid: each document's summary is a query whose one relevant document is that document (ranked at its
+  best chunk); nDCG@10, Recall@10, MRR@10; the int8 embedder holds when it loses at most 0.01 nDCG@10.
+
 Targets: stack >= 0.95x the loop (fp32); int8 stack >= 1.6x fp32 stack. The report is markdown on
 stdout (progress on stderr); benchmarks assert nothing about time.
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -83,6 +88,7 @@ PASSAGE_SHARES = {"sentence": 0.73, "paragraph": 0.23, "section": 0.04}
 PASSAGES_TARGET = 0.7
 LOOP_TARGET = 0.95  # stack / in-process loop, same embedder
 INT8_TARGET = 1.6  # int8 stack / fp32 stack
+INT8_QUALITY_MARGIN = 0.01  # int8 may lose at most this much nDCG@10 against fp32
 INLINE_MAX = 64  # the server's default ingest.inline_max_documents: larger upserts become jobs
 SMOKE_DOCUMENTS = 100
 POLL_S = 0.1
@@ -223,6 +229,33 @@ async def ingest_all(
 
 
 @dataclass(frozen=True)
+class KnownItem:
+    """Known-item retrieval over the ingested collection: each document's summary is a query whose one
+    relevant document is that document (a document ranks at its best chunk)."""
+
+    queries: int
+    ndcg_at_10: float
+    recall_at_10: float
+    mrr_at_10: float
+
+
+async def known_item(http: httpx2.AsyncClient, collection: str, documents: Sequence[Document], mode: str) -> KnownItem:
+    """nDCG@10, Recall@10 and MRR@10 of ``mode`` searches for every document's summary, one at a time."""
+    gains, found, reciprocal = [], 0, []
+    asked = [document for document in documents if document.summary]
+    for document in asked:
+        body = {"collection": collection, "query": document.summary, "mode": mode, "top_k": 50}
+        hits = (await post_json(http, "/v1/search", body))["hits"]
+        ranked = list(dict.fromkeys(hit["doc_id"] for hit in hits))[:10]
+        rank = ranked.index(document.id) + 1 if document.id in ranked else None
+        gains.append(1 / math.log2(rank + 1) if rank else 0.0)
+        reciprocal.append(1 / rank if rank else 0.0)
+        found += rank is not None
+    count = max(1, len(asked))
+    return KnownItem(len(asked), sum(gains) / count, found / count, sum(reciprocal) / count)
+
+
+@dataclass(frozen=True)
 class Window:
     """One measured window: chunks done, wall seconds, core busy shares and CPU ms per chunk by process."""
 
@@ -237,6 +270,7 @@ class Window:
     idle_search: SearchLog | None = None
     note: str = ""
     setting: str = ""
+    quality: dict[str, KnownItem] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -329,8 +363,26 @@ async def measure_stack(
                 note = "" if info["chunks"] == chunks else f"MISMATCH: the server has {info['chunks']} chunks"
                 progress(f"{embedder}: ingest round {round_number}: {chunks / seconds:.1f} chunks/s {note}")
                 idle = await timed_stream(searches, collection, queries, args.search_rate, args.idle_seconds)
+                quality = {}
+                if round_number == 1 and args.quality:
+                    for mode in ("dense", "sparse", "hybrid"):
+                        quality[mode] = await known_item(searches, collection, documents, mode)
+                        progress(f"{embedder}: known-item {mode}: nDCG@10 {quality[mode].ndcg_at_10:.3f}")
                 windows.append(
-                    Window(embedder, STACK, round_number, chunks, seconds, busy, cpu_ms, during, idle, note, "default")
+                    Window(
+                        embedder,
+                        STACK,
+                        round_number,
+                        chunks,
+                        seconds,
+                        busy,
+                        cpu_ms,
+                        during,
+                        idle,
+                        note,
+                        "default",
+                        quality,
+                    )
                 )
     return windows
 
@@ -414,6 +466,25 @@ def pydoc_report(args: argparse.Namespace, header: str, windows: Sequence[Window
         )
     if o32 and o8:
         ratios.append(f"- int8 / fp32, in-process loop: {o8:.1f} / {o32:.1f} = {o8 / o32:.2f}x (no target)")
+    quality_rows = [
+        [w.embedder, mode, str(q.queries), f"{q.ndcg_at_10:.3f}", f"{q.recall_at_10:.3f}", f"{q.mrr_at_10:.3f}"]
+        for w in windows
+        for mode, q in w.quality.items()
+    ]
+    if quality_rows:
+        lines += [
+            "Known-item retrieval over the ingested collection (each document's summary a query, its document the "
+            "one relevant; a document ranks at its best chunk; top_k 50 chunks):",
+            "",
+            markdown_table(["embedder", "mode", "queries", "nDCG@10", "Recall@10", "MRR@10"], quality_rows, labels=2),
+            "",
+        ]
+        scores = {(w.embedder, mode): q.ndcg_at_10 for w in windows for mode, q in w.quality.items()}
+        for mode in ("dense", "hybrid"):
+            if ("fp32", mode) in scores and ("int8", mode) in scores:
+                delta = scores[("int8", mode)] - scores[("fp32", mode)]
+                holds = "holds" if delta >= -INT8_QUALITY_MARGIN else "does not hold"
+                ratios.append(f"- int8 - fp32, {mode} nDCG@10: {delta:+.3f} (within {INT8_QUALITY_MARGIN}: {holds})")
     rounds = f"medians of {args.rounds} rounds" if args.rounds > 1 else "one round"
     loop_note = "; the loop's fastest setting is the baseline" if len(args.loop_max_tokens) > 1 else ""
     return "\n".join([*lines, f"Ratios of chunks/s ({rounds}{loop_note}):", "", *ratios])
@@ -615,6 +686,9 @@ def main() -> None:
         help="padded tokens a loop batch; several: each is measured, the fastest is the baseline",
     )
     pydoc.add_argument("--loop-spinning", choices=["on", "off"], default="on", help="ONNX Runtime's thread spinning")
+    pydoc.add_argument(
+        "--quality", action=argparse.BooleanOptionalAction, default=True, help="known-item retrieval after round 1"
+    )
     passages = parser.add_argument_group("--corpus passages")
     passages.add_argument("--batch", type=int, default=32, help=f"documents or texts a request (at most {INLINE_MAX})")
     passages.add_argument("--concurrency", type=int, default=4, help="concurrent clients")
