@@ -15,15 +15,21 @@ from tritonrag.clients.wire.schema import CacheFlushed, CacheStats
 from ..cache.scope import CacheScope, Level, open_scope
 from .services import CacheAdmin
 
+CACHE_CONTROL = "cache-control"  # the HTTP header, and the gRPC metadata key
+
+
+def no_cache(cache_control: str | None) -> bool:
+    """Whether a ``Cache-Control`` value asks for a fresh result."""
+    return "no-cache" in {part.strip().lower() for part in (cache_control or "").split(",")}
+
 
 async def cache_scope(request: Request) -> None:
     """Open the request's cache scope from its ``Cache-Control`` header."""
-    directives = {part.strip().lower() for part in request.headers.get("cache-control", "").split(",")}
 
     def report(level: Level) -> None:
         request.state.cache = level
 
-    open_scope(CacheScope(bypass="no-cache" in directives, report=report))
+    open_scope(CacheScope(bypass=no_cache(request.headers.get(CACHE_CONTROL)), report=report))
 
 
 CACHE_SCOPE = Depends(cache_scope)

@@ -7,6 +7,7 @@ through ``_rpc``, which also makes each call one telemetry record (counted, logg
 ``context.write`` from within the handler, so a cancelled call (the client went away) cancels the
 handler, which closes the service's stream. The request id of every call is its ``x-request-id``
 metadata (or a new one); ``Search``, ``Query`` and ``QueryStream`` send it back in the initial metadata.
+``cache-control: no-cache`` metadata bypasses the cache, as the header does over HTTP.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ from tritonrag.clients.wire.schema import (
     UpsertRequest,
 )
 
+from ..cache.scope import CacheScope, open_scope
 from ..config import ApiSettings, TelemetrySettings
 from ..errors import ResourceExhaustedError, TritonRagError
 from ..telemetry.observer import RequestTelemetry
 from .admission import Admission, RouteClass
+from .cache import CACHE_CONTROL, no_cache
 from .common import closing, invalid_argument
 from .services import Answers, Collections, Search
 
@@ -94,11 +97,13 @@ def _rpc(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
 
     @functools.wraps(method)
     async def mapped(self: _Servicer, request: _Request, context: _Context) -> _Result:
-        given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER)
+        metadata = dict(context.invocation_metadata() or ())
+        given = metadata.get(REQUEST_ID_HEADER)
         request_id = given if isinstance(given, str) and given else uuid.uuid4().hex
         _REQUEST_ID.set(request_id)
         with self.telemetry.request("grpc", "POST", request_id) as record:
             record.route = route
+            open_scope(CacheScope(bypass=no_cache(metadata.get(CACHE_CONTROL)), report=record.report_cache))
             error: TritonRagError
             try:
                 result = await method(self, request, context)

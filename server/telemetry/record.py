@@ -65,6 +65,10 @@ class RequestRecord:
         """Add ``ms`` to stage ``name``."""
         self.stages_ms[name] = self.stages_ms.get(name, 0.0) + ms
 
+    def report_cache(self, level: str) -> None:
+        """The cache level that served the request."""
+        self.cache = level
+
 
 _CURRENT: ContextVar[RequestRecord | None] = ContextVar("tritonrag_request_record", default=None)
 

@@ -27,6 +27,7 @@ from tritonrag.clients.wire.schema import CollectionCreate, JobStatus, SearchReq
 from tritonrag.deploy.launcher import free_port
 from tritonrag.server.api.admission import Admission
 from tritonrag.server.api.grpc_service import create_grpc_server
+from tritonrag.server.cache.scope import current_scope
 from tritonrag.server.config import ApiSettings, IndexSettings, LimitsSettings, LogFormat, TelemetrySettings
 from tritonrag.server.retrieval.registry import CollectionRegistry
 from tritonrag.server.routing.endpoints import EndpointStatus
@@ -224,6 +225,41 @@ async def test_grpc_calls_are_counted_by_method_and_code(fakes: FakeServices, st
         sample("tritonrag_stage_duration_seconds_count", **stages),
     ]
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 2]
+
+
+class ScopedSearch(FakeSearch):
+    """``FakeSearch`` that sees the call's cache scope: it records whether the scope bypasses the cache, and
+    reports that L2 served the result unless it does."""
+
+    def __init__(self, fakes: FakeServices) -> None:
+        super().__init__(fakes.collections)
+        self.bypassed: list[bool] = []
+
+    async def search(self, request: SearchRequest, request_id: str | None = None) -> SearchResponse:
+        scope = current_scope()
+        self.bypassed.append(scope.bypass)
+        scope.report("miss" if scope.bypass else "l2")
+        return await super().search(request, request_id)
+
+
+@pytest.mark.anyio
+async def test_a_grpc_call_has_a_cache_scope_whose_level_reaches_the_access_line(
+    fakes: FakeServices, json_logs: Logs
+) -> None:
+    search = ScopedSearch(fakes)
+    settings = ApiSettings(grpc_port=free_port())
+    server = create_grpc_server(
+        fakes.collections, search, fakes.answers, settings, Admission(LimitsSettings()), TelemetrySettings()
+    )
+    await server.start()
+    await fakes.collections.create_collection(CollectionCreate(name="docs"))
+    async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as channel:
+        stub = pb_grpc.TritonRagStub(channel)
+        await stub.Search(pb.SearchRequest(collection="docs", query="q"))
+        await stub.Search(pb.SearchRequest(collection="docs", query="q"), metadata=(("cache-control", "no-cache"),))
+    await server.stop(grace=None)
+    assert search.bypassed == [False, True]
+    assert [line["cache"] for line in json_logs.access_lines()] == ["l2", "miss"]
 
 
 async def _dimension() -> int:
