@@ -103,7 +103,9 @@ def _rpc(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
         _REQUEST_ID.set(request_id)
         with self.telemetry.request("grpc", "POST", request_id) as record:
             record.route = route
-            open_scope(CacheScope(bypass=no_cache(metadata.get(CACHE_CONTROL)), report=record.report_cache))
+            cache_control = metadata.get(CACHE_CONTROL)
+            bypass = isinstance(cache_control, str) and no_cache(cache_control)
+            open_scope(CacheScope(bypass=bypass, report=record.report_cache))
             error: TritonRagError
             try:
                 result = await method(self, request, context)
