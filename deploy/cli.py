@@ -221,8 +221,9 @@ def up(config: ConfigOption = None) -> None:
         if source is None:
             typer.echo(f"error: model '{name}' has no version and no default source to export it from", err=True)
             raise typer.Exit(1)
-        typer.echo(f"exporting {name} from {source} (first start only)")
-        export(source, Task(name), config=config)
+        quantize = settings.default_quantization.get(name)
+        typer.echo(f"exporting {name} from {source}{f' ({quantize})' if quantize else ''} (first start only)")
+        export(source, Task(name), quantize=Quantization(quantize) if quantize else None, config=config)
     server = _start_triton(settings)
     try:
         _run_orchestrator(settings)
