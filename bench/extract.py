@@ -30,9 +30,8 @@ one table for all pages, one per site. Extractors:
 * ``trafilatura``: ``trafilatura.extract`` with tables, without comments (its defaults), and with
   ``favor_recall``.
 
-``python bench/extract.py`` (``--pages 40 --seed 0``); needs ``pip install trafilatura==2.3.1
-lxml_html_clean==0.4.6 selectolax==1.0.2``. The report is markdown on stdout, progress on stderr;
-nothing about time is asserted.
+``.venv/bin/python bench/extract.py`` (``--pages 40 --seed 0``; the libraries are in the ``dev`` extras).
+The report is markdown on stdout, progress on stderr; nothing about time is asserted.
 """
 
 from __future__ import annotations
