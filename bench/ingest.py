@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -66,7 +65,7 @@ from corpus import Document, build_corpus, corpus_digest, describe_distribution,
 from embed import percentiles, tree_cpu_seconds
 from int8 import int8_version
 from ortloop import DEFAULT_MAX_TOKENS, OrtLoop
-from retrieval_eval import CONFIG_TEMPLATE, embedder_repository
+from retrieval_eval import CONFIG_TEMPLATE, document_ranking, embedder_repository
 from stack import (
     Run,
     Stack,
@@ -81,6 +80,7 @@ from stack import (
     version_dir,
 )
 
+from tritonrag.clients.evaluation import ndcg_at, recall_at, reciprocal_rank_at
 from tritonrag.clients.wire.schema import Chunking
 from tritonrag.server.ingest.chunking import Chunker
 
@@ -241,16 +241,15 @@ class KnownItem:
 
 async def known_item(http: httpx2.AsyncClient, collection: str, documents: Sequence[Document], mode: str) -> KnownItem:
     """nDCG@10, Recall@10 and MRR@10 of ``mode`` searches for every document's summary, one at a time."""
-    gains, found, reciprocal = [], 0, []
+    gains, found, reciprocal = [], 0.0, []
     asked = [document for document in documents if document.summary]
     for document in asked:
         body = {"collection": collection, "query": document.summary, "mode": mode, "top_k": 50}
         hits = (await post_json(http, "/v1/search", body))["hits"]
-        ranked = list(dict.fromkeys(hit["doc_id"] for hit in hits))[:10]
-        rank = ranked.index(document.id) + 1 if document.id in ranked else None
-        gains.append(1 / math.log2(rank + 1) if rank else 0.0)
-        reciprocal.append(1 / rank if rank else 0.0)
-        found += rank is not None
+        ranking = document_ranking([hit["doc_id"] for hit in hits])
+        gains.append(ndcg_at(ranking, [document.id]))
+        reciprocal.append(reciprocal_rank_at(ranking, [document.id]))
+        found += recall_at(ranking, [document.id])
     count = max(1, len(asked))
     return KnownItem(len(asked), sum(gains) / count, found / count, sum(reciprocal) / count)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import math
 import random
 import shutil
 import statistics
@@ -39,12 +38,12 @@ from corpus import docstrings, stdlib_dir
 from embed import percentiles
 from stack import machine, markdown_table, model_repository, progress, running_stack, split_summary, version_dir
 
+from tritonrag.clients.evaluation import ndcg_at, recall_at, reciprocal_rank_at
 from tritonrag.clients.http_client import TritonRagClient
 from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn, SearchMode, SearchRequest
 
 COLLECTION = "retrieval-eval"
 CONFIG_TEMPLATE = Path(__file__).resolve().parents[1] / "model_repository" / "embedder" / "config.pbtxt"
-CUTOFF = 10
 RERANK_TOP_N = 20
 SUMMARY_WORDS = (3, 40)
 MIN_DOCUMENT_WORDS = 20
@@ -112,26 +111,17 @@ def examples() -> list[Example]:
     return sorted(found.values(), key=lambda example: example.module)
 
 
-def ndcg(rank: int | None) -> float:
-    """nDCG@CUTOFF with one relevant document at 1-based ``rank`` (None: not retrieved)."""
-    return 1.0 / math.log2(rank + 1) if rank is not None and rank <= CUTOFF else 0.0
-
-
-def reciprocal_rank(rank: int | None) -> float:
-    return 1.0 / rank if rank is not None and rank <= CUTOFF else 0.0
-
-
-def document_rank(doc_ids: Sequence[str], relevant: str) -> int | None:
-    """The 1-based rank of ``relevant`` among the distinct documents of the hits, in hit order."""
-    ranking = list(dict.fromkeys(doc_ids))
-    return ranking.index(relevant) + 1 if relevant in ranking else None
+def document_ranking(doc_ids: Sequence[str]) -> list[str]:
+    """The distinct documents of the hits, in hit order (a document ranks at its best chunk)."""
+    return list(dict.fromkeys(doc_ids))
 
 
 @dataclass
 class Result:
-    """One mode over every query."""
+    """One mode over every query: each query's document ranking and its one relevant document."""
 
-    ranks: list[int | None]
+    rankings: list[list[str]]
+    relevant: list[str]
     latencies_ms: list[float]
     server_ms: dict[str, list[float]]
 
@@ -156,10 +146,11 @@ def evaluate(client: TritonRagClient, mode: Mode, queries: Sequence[Example]) ->
         return [hit.doc_id for hit in response.hits], response.timings_ms, elapsed
 
     search(queries[0].query)
-    result = Result([], [], {})
+    result = Result([], [], [], {})
     for number, example in enumerate(queries, 1):
         doc_ids, timings, elapsed = search(example.query)
-        result.ranks.append(document_rank(doc_ids, example.module))
+        result.rankings.append(document_ranking(doc_ids))
+        result.relevant.append(example.module)
         result.latencies_ms.append(elapsed)
         for stage, ms in timings.items():
             result.server_ms.setdefault(stage, []).append(ms)
@@ -169,12 +160,13 @@ def evaluate(client: TritonRagClient, mode: Mode, queries: Sequence[Example]) ->
 
 
 def metric_cells(result: Result) -> list[str]:
-    """nDCG@10, Recall@10, MRR@10 and the share found among the chunks, as table cells."""
+    """nDCG@10, Recall@10, MRR@10 (``tritonrag eval``'s) and the share found among the chunks, as table cells."""
+    pairs = list(zip(result.rankings, ([relevant] for relevant in result.relevant), strict=True))
     return [
-        f"{statistics.mean(map(ndcg, result.ranks)):.3f}",
-        f"{statistics.mean(rank is not None and rank <= CUTOFF for rank in result.ranks):.3f}",
-        f"{statistics.mean(map(reciprocal_rank, result.ranks)):.3f}",
-        f"{statistics.mean(rank is not None for rank in result.ranks):.3f}",
+        f"{statistics.mean(ndcg_at(ranking, relevant) for ranking, relevant in pairs):.3f}",
+        f"{statistics.mean(recall_at(ranking, relevant) for ranking, relevant in pairs):.3f}",
+        f"{statistics.mean(reciprocal_rank_at(ranking, relevant) for ranking, relevant in pairs):.3f}",
+        f"{statistics.mean(recall_at(ranking, relevant, len(ranking)) for ranking, relevant in pairs):.3f}",
     ]
 
 

@@ -1,4 +1,5 @@
-"""The ``tritonrag`` command line: export models, run Triton and the orchestrator, bring the stack up, ingest files."""
+"""The ``tritonrag`` command line: export models, run Triton and the orchestrator, bring the stack up, ingest files,
+measure retrieval quality."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from tritonrag.clients.wire.schema import SearchMode
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
 from tritonrag.export.repository import versions
 from tritonrag.export.runtime.contract import ONNX_FILE
@@ -153,6 +155,40 @@ def _run_orchestrator(settings: Settings) -> None:
         asyncio.run(serve(settings))
     finally:
         log_writer.stop()  # the lines still queued are written
+
+
+@app.command("eval")
+def eval_command(
+    collection: Annotated[str, typer.Option(help="The collection to search.")],
+    queries: Annotated[
+        Path, typer.Option(help='JSON lines: {"query": "...", "relevant": ["doc-id", ...]}.', exists=True)
+    ],
+    modes: Annotated[list[SearchMode] | None, typer.Option("--mode", help="Modes to measure (repeatable).")] = None,
+    rerank: Annotated[bool, typer.Option(help="Also measure each mode reranked.")] = False,
+    url: Annotated[str | None, typer.Option(help="Orchestrator HTTP URL (default: the configured one).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Retrieval quality of a collection on your labelled queries: nDCG@10, MRR@10 and Recall@10 per mode
+    (documents ranked at their best chunk), with each mode's median latency."""
+    from tritonrag.clients.evaluation import QuerySetError, evaluate, read_queries, report
+    from tritonrag.clients.http_client import ApiError, TritonRagClient
+
+    settings = _settings(config)
+    try:
+        labelled = read_queries(queries)
+    except (OSError, QuerySetError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--queries") from exc
+    base_url = url or f"http://{settings.api.host}:{settings.api.http_port}"
+    results = []
+    with TritonRagClient(base_url) as client:
+        try:
+            for mode in modes or list(SearchMode):
+                for reranked in (False, True) if rerank else (False,):
+                    results.append(evaluate(client, collection, labelled, mode, reranked))
+        except ApiError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+    typer.echo(report(results))
 
 
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: the server stayed unavailable; the same command resumes later

@@ -29,6 +29,7 @@ from tritonrag.clients.wire.schema import (
     FinishReason,
     GenerationDelta,
     Grounding,
+    GroupBy,
     JobInfo,
     JobStatus,
     Metadata,
@@ -131,6 +132,7 @@ class FakeCollections:
             name=name,
             chunking=spec.chunking,
             index_type=spec.index_type,
+            language=spec.language,
             active_index="flat",
             documents=len(documents),
             chunks=len(documents),
@@ -219,6 +221,8 @@ class FakeSearch:
         self.searches.append(request)
         self.request_ids.append(request_id)
         hits = self.hits(request.collection, request.filters, request.top_k)
+        if request.group_by is GroupBy.document:  # each document is one chunk here: name a second one
+            hits = [hit.model_copy(update={"other_chunk_ids": [hit.chunk_id + 100]}) for hit in hits]
         return SearchResponse(collection=request.collection, hits=hits, timings_ms={"total": 1.5})
 
 

@@ -48,6 +48,31 @@ class IndexType(StrEnum):
     auto = "auto"
 
 
+class Language(StrEnum):
+    """How a collection's lexical index analyses text: that language's stop words and Snowball stemmer, or
+    ``none`` (words as they are, lower-cased)."""
+
+    none = "none"
+    arabic = "arabic"
+    danish = "danish"
+    dutch = "dutch"
+    english = "english"
+    finnish = "finnish"
+    french = "french"
+    german = "german"
+    greek = "greek"
+    hungarian = "hungarian"
+    italian = "italian"
+    norwegian = "norwegian"
+    portuguese = "portuguese"
+    romanian = "romanian"
+    russian = "russian"
+    spanish = "spanish"
+    swedish = "swedish"
+    tamil = "tamil"
+    turkish = "turkish"
+
+
 class SearchMode(StrEnum):
     dense = "dense"
     sparse = "sparse"
@@ -82,6 +107,7 @@ class CollectionCreate(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     chunking: Chunking = Chunking()
     index_type: IndexType = IndexType.auto
+    language: Language = Language.english  # the lexical index's stop words and stemming
 
 
 class ModelVersion(BaseModel):
@@ -93,6 +119,7 @@ class CollectionInfo(BaseModel):
     name: str
     chunking: Chunking
     index_type: IndexType
+    language: Language
     active_index: str
     documents: int
     chunks: int
@@ -189,6 +216,13 @@ class DeleteByFilterRequest(Strict):
     filters: Filter
 
 
+class GroupBy(StrEnum):
+    """What a search returns k of: chunks, or documents (each its best chunk, its other matching chunks listed)."""
+
+    chunk = "chunk"
+    document = "document"
+
+
 class Mmr(Strict):
     lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0)
 
@@ -202,6 +236,7 @@ class SearchRequest(Strict):
     rerank: bool = False
     rerank_top_n: int = Field(50, ge=1, le=200)
     mmr: Mmr | None = None
+    group_by: GroupBy = GroupBy.chunk
     use_cache: bool = True  # false: computed afresh, never served from the cache (the fresh result is stored)
 
 
@@ -214,6 +249,8 @@ class SearchHit(BaseModel):
     metadata: Metadata
     score: float
     scores: dict[str, float]
+    # group_by "document": the document's other chunks among the candidates, best first
+    other_chunk_ids: list[int] = []
 
 
 class SearchResponse(BaseModel):

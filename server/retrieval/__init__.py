@@ -1,1 +1,2 @@
-"""Retrieval over a collection: FAISS (dense) and BM25 (sparse) indexes derived from the store, filters, fusion."""
+"""Retrieval over a collection: FAISS (dense) and tantivy BM25 (sparse) indexes derived from the store, filters,
+fusion."""

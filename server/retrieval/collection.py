@@ -1,13 +1,17 @@
 """`Collection`: one collection's store and derived indexes behind one readers-writer lock.
 
-A write commits to SQLite first (the acknowledgement point), then applies the same change to
-the FAISS and BM25 indexes, all under the write lock, so a search (under the read lock) sees
-every index at the same revision as the store. Index snapshots are written every
-``snapshot_interval_s`` (after a write) and on `close`. On `open`, each index is loaded from its
-snapshot (or started empty if the file is missing or corrupt) and reconciled with the store by
-chunk id: chunk ids are never reused, so the ids the store has and an index lacks are added, and
-the ids an index has and the store lacks are removed. A restart therefore serves exactly what
-was committed before it.
+Writes run one at a time. A write's change is made in an SQLite transaction and committed to the
+lexical index while searches go on; then, under the write lock, the SQLite commit (the
+acknowledgement point), the change to FAISS, and the lexical commit and new revision made what
+searches see: a search (under the read lock) sees the store and both indexes at one revision, and
+waits for milliseconds rather than for the lexical index's file syncs. A crash between the two
+commits leaves ids that reconciliation removes. FAISS snapshots are written every
+``snapshot_interval_s`` (after a write) and on `close`. On `open`,
+FAISS is loaded from its snapshot (or started empty if the file is missing or corrupt), the
+lexical index from its directory (or started empty if unreadable), and both are reconciled with
+the store by chunk id: chunk ids are never reused, so the ids the store has and an index lacks
+are added, and the ids an index has and the store lacks are removed. A restart therefore serves
+exactly what was committed before it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -24,12 +29,12 @@ import numpy as np
 import numpy.typing as npt
 
 from tritonrag.clients.wire.schema import CollectionCreate, Document, Filter
-from tritonrag.server.config import Bm25Params, DenseParams
+from tritonrag.server.config import DenseParams
 from tritonrag.server.retrieval.dense import DenseIndex
 from tritonrag.server.retrieval.filters import compile_filter
+from tritonrag.server.retrieval.lexical import LexicalIndex
 from tritonrag.server.retrieval.locks import ReadWriteLock
 from tritonrag.server.retrieval.snapshot import TMP_SUFFIX, SnapshotError
-from tritonrag.server.retrieval.sparse import SparseIndex
 from tritonrag.server.store.documents import (
     Change,
     ChunkSpan,
@@ -47,12 +52,13 @@ logger = logging.getLogger(__name__)
 
 STORE_FILE = "store.sqlite"
 DENSE_FILE = "dense.faiss"
-SPARSE_FILE = "sparse.bm25"
+LEXICAL_DIR = "lexical"
+FORMER_SPARSE_FILE = "sparse.bm25"  # the lexical snapshot of earlier versions, rebuilt as LEXICAL_DIR
 T = TypeVar("T")
 
 
 class ScoredChunk(NamedTuple):
-    """One search hit: a chunk id and its score (cosine for dense, BM25 for sparse)."""
+    """One search hit: a chunk id and its score (cosine for dense, BM25 for sparse, the lexical index)."""
 
     chunk_id: int
     score: float
@@ -70,7 +76,7 @@ class CollectionStats:
 
 
 class Collection:
-    """Documents, chunks and vectors of one collection, searchable by vector and by BM25.
+    """Documents, chunks and vectors of one collection, searchable by vector and by BM25 (lexical).
 
     All methods are synchronous and thread-safe; call them from async code with ``asyncio.to_thread``.
     """
@@ -81,7 +87,7 @@ class Collection:
         spec: CollectionCreate,
         store: DocumentStore,
         dense: DenseIndex,
-        sparse: SparseIndex,
+        lexical: LexicalIndex,
         snapshot_interval_s: float,
     ) -> None:
         """Use `open`."""
@@ -89,9 +95,10 @@ class Collection:
         self.spec = spec
         self._store = store
         self._dense = dense
-        self._sparse = sparse
+        self._lexical = lexical
         self._snapshot_interval_s = snapshot_interval_s
         self._lock = ReadWriteLock()
+        self._revision = store.revision
         self._snapshot_lock = threading.Lock()
         self._saved_revision = -1
         self._last_snapshot = time.monotonic()
@@ -104,7 +111,6 @@ class Collection:
         dimension: int,
         *,
         dense_params: DenseParams | None = None,
-        bm25_params: Bm25Params | None = None,
         snapshot_interval_s: float = 60.0,
     ) -> Collection:
         """Open (or create) the collection stored in ``directory`` for ``dimension``-wide vectors."""
@@ -112,17 +118,16 @@ class Collection:
         for leftover in directory.glob(f"*{TMP_SUFFIX}"):
             leftover.unlink()
         store = DocumentStore(directory / STORE_FILE, dimension)
-        dense_path, sparse_path = directory / DENSE_FILE, directory / SPARSE_FILE
+        dense_path = directory / DENSE_FILE
+        (directory / FORMER_SPARSE_FILE).unlink(missing_ok=True)
         dense, dense_revision = _load_or_empty(
             lambda: DenseIndex.load(dense_path, dimension, spec.index_type, dense_params),
             lambda: DenseIndex(dimension, spec.index_type, dense_params),
         )
-        sparse, sparse_revision = _load_or_empty(
-            lambda: SparseIndex.load(sparse_path, bm25_params), lambda: SparseIndex(bm25_params)
-        )
-        collection = cls(directory, spec, store, dense, sparse, snapshot_interval_s)
+        lexical = LexicalIndex.open_or_empty(directory / LEXICAL_DIR, spec.language)
+        collection = cls(directory, spec, store, dense, lexical, snapshot_interval_s)
         changed = collection._reconcile()
-        if not changed and dense_revision == sparse_revision == store.revision:
+        if not changed and dense_revision == store.revision:
             collection._saved_revision = store.revision
         collection.snapshot()
         return collection
@@ -139,41 +144,48 @@ class Collection:
 
     @property
     def revision(self) -> int:
-        """The number of committed writes; changes with every write (for cache keys)."""
-        return self._store.revision
+        """The number of writes that searches see; changes with every write (for cache keys: a write is
+        counted once its chunks are searchable, so no key is newer than the results it names)."""
+        return self._revision
 
     # --- writes -------------------------------------------------------------------------------
 
     def upsert(self, documents: Sequence[PreparedDocument]) -> None:
         """Insert or replace ``documents``: each replaces all chunks of its id, atomically."""
-        with self._lock.write():
-            self._apply(self._store.upsert(documents))
+        self._store.upsert(documents, self._publishing)
         self._snapshot_if_due()
 
     def delete(self, doc_ids: Sequence[str]) -> int:
         """Delete the documents ``doc_ids``; returns how many existed."""
-        with self._lock.write():
-            change = self._store.delete(doc_ids)
-            self._apply(change)
+        change = self._store.delete(doc_ids, self._publishing)
         self._snapshot_if_due()
         return change.documents
 
     def delete_by_filter(self, filter: Filter) -> int:
         """Delete the documents whose metadata matches ``filter``; returns how many."""
-        query = compile_filter(filter)
-        with self._lock.write():
-            change = self._store.delete_where(query)
-            self._apply(change)
+        change = self._store.delete_where(compile_filter(filter), self._publishing)
         self._snapshot_if_due()
         return change.documents
 
-    def _apply(self, change: Change) -> None:
-        self._dense.remove(change.removed)
-        self._sparse.remove(change.removed)
-        self._dense.add(change.added, change.vectors)
-        self._sparse.add(change.added, change.texts)
-        if self._dense.needs_rebuild():
-            self._dense.rebuild(self._store)
+    @contextmanager
+    def _publishing(self, change: Change) -> Iterator[None]:
+        """Around the store's commit of ``change`` (writes come one at a time, the store's own lock):
+        first the lexical index's commit, while searches go on (tens of ms of file syncs); then, under
+        the write lock, the store's commit, FAISS, and what searches see (the lexical commit, the
+        revision). A failed store commit brings the lexical index back to the store."""
+        self._lexical.write(change.removed, change.added, change.texts)
+        with self._lock.write():
+            try:
+                yield
+            except BaseException:
+                self._reconcile_lexical(self._store.chunk_ids())
+                raise
+            self._dense.remove(change.removed)
+            self._dense.add(change.added, change.vectors)
+            if self._dense.needs_rebuild():
+                self._dense.rebuild(self._store)
+            self._lexical.refresh()
+            self._revision = change.revision
 
     def _reconcile(self) -> bool:
         """Bring both indexes to the store's chunk ids; returns whether anything changed."""
@@ -186,20 +198,27 @@ class Collection:
             rebuild = self._dense.needs_rebuild()
             if rebuild:
                 self._dense.rebuild(self._store)
-            sparse_missing, sparse_extra = _difference(stored, self._sparse.ids())
-            self._sparse.remove(sparse_extra)
-            for ids, texts in self._store.iter_texts(sparse_missing):
-                self._sparse.add(ids, texts)
-        counts = [len(missing), len(extra), len(sparse_missing), len(sparse_extra)]
+            lexical_missing, lexical_extra = self._reconcile_lexical(stored)
+            self._revision = self._store.revision
+        counts = [len(missing), len(extra), len(lexical_missing), len(lexical_extra)]
         if any(counts) or rebuild:
             logger.info(
-                "collection %s reconciled with its store at revision %d: dense +%d -%d, sparse +%d -%d%s",
+                "collection %s reconciled with its store at revision %d: dense +%d -%d, lexical +%d -%d%s",
                 self.name,
                 self._store.revision,
                 *counts,
                 f", rebuilt as {self._dense.kind}" if rebuild else "",
             )
         return any(counts) or rebuild
+
+    def _reconcile_lexical(self, stored: IdArray) -> tuple[IdArray, IdArray]:
+        """Bring the lexical index to the ``stored`` chunk ids; returns the ids added and removed."""
+        missing, extra = _difference(stored, self._lexical.ids())
+        batches = list(self._store.iter_texts(missing))
+        ids = np.concatenate([np.empty(0, np.int64), *(batch_ids for batch_ids, _ in batches)])
+        self._lexical.write(extra, ids, [text for _, texts in batches for text in texts])
+        self._lexical.refresh()
+        return missing, extra
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -220,7 +239,7 @@ class Collection:
         doc_query = None if filter is None else compile_filter(filter)
         with self._lock.read():
             allowed = None if doc_query is None else self._store.chunk_ids(doc_query)
-            scores, ids = self._sparse.search(query, k, allowed)
+            scores, ids = self._lexical.search(query, k, allowed)
         return [ScoredChunk(int(i), float(s)) for s, i in zip(scores, ids, strict=True)]
 
     def chunks(self, chunk_ids: Sequence[int]) -> list[StoredChunk]:
@@ -231,14 +250,15 @@ class Collection:
         """Counts, size on disk, revision and active index kind."""
         with self._lock.read():
             documents, chunks = self._store.counts()
-            revision, kind = self._store.revision, self._dense.kind.value
-        size = sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
+            revision, kind = self._revision, self._dense.kind.value
+        size = sum(path.stat().st_size for path in self.directory.rglob("*") if path.is_file())
         return CollectionStats(documents, chunks, size, revision, kind)
 
     # --- snapshots ----------------------------------------------------------------------------
 
     def snapshot(self) -> None:
-        """Write both index snapshots now, unless they already reflect the store's revision."""
+        """Write the FAISS snapshot now, unless it already reflects the store's revision (the lexical index
+        is on disk at every write)."""
         with self._snapshot_lock, self._lock.read():
             self._save()
 
@@ -247,15 +267,14 @@ class Collection:
             self.snapshot()
 
     def _save(self) -> None:
-        revision = self._store.revision
+        revision = self._revision
         if revision != self._saved_revision:
             self._dense.save(self.directory / DENSE_FILE, revision)
-            self._sparse.save(self.directory / SPARSE_FILE, revision)
             self._saved_revision = revision
         self._last_snapshot = time.monotonic()
 
     def close(self) -> None:
-        """Write the snapshots and close the store."""
+        """Write the snapshot and close the store."""
         with self._snapshot_lock, self._lock.write():
             self._save()
             self._store.close()

@@ -62,7 +62,6 @@ class CollectionRegistry:
             spec,
             dimension,
             dense_params=index.dense,
-            bm25_params=index.bm25,
             snapshot_interval_s=index.snapshot_interval_s,
         )
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from tritonrag.clients.wire.schema import Filter, SearchHit
+from tritonrag.clients.wire.schema import Filter, GroupBy, SearchHit
 
 from ..routing.triton_pool import TritonPool
 from .collection import Collection, ScoredChunk, StoredChunk
@@ -116,22 +116,31 @@ class Candidates:
         for hit in ranking:
             self.scores.setdefault(hit.chunk_id, {})[stage] = hit.score
 
-    def hits(self, top_k: int) -> list[SearchHit]:
-        """The first ``top_k`` in order; ``score`` is the last stage's score (rerank, rrf, dense or sparse)."""
-        result = []
-        for chunk_id in self.order[:top_k]:
-            chunk, scores = self.chunks[chunk_id], self.scores[chunk_id]
-            final = next(scores[s] for s in ("rerank", "rrf", "dense", "sparse") if s in scores)
-            result.append(
-                SearchHit(
-                    doc_id=chunk.doc_id,
-                    chunk_id=chunk_id,
-                    text=chunk.text,
-                    start=chunk.start,
-                    end=chunk.end,
-                    metadata=chunk.metadata,
-                    score=final,
-                    scores=scores,
-                )
-            )
-        return result
+    def hits(self, top_k: int, group_by: GroupBy = GroupBy.chunk) -> list[SearchHit]:
+        """The first ``top_k`` in order (by document: each document's first chunk, its later ones listed);
+        ``score`` is the last stage's score (rerank, rrf, dense or sparse)."""
+        result: dict[str | int, SearchHit] = {}
+        for chunk_id in self.order:
+            chunk = self.chunks[chunk_id]
+            group: str | int = chunk.doc_id if group_by is GroupBy.document else chunk_id
+            if group in result:
+                result[group].other_chunk_ids.append(chunk_id)
+            elif len(result) < top_k:
+                result[group] = self._hit(chunk_id)
+            elif group_by is GroupBy.chunk:
+                break
+        return list(result.values())
+
+    def _hit(self, chunk_id: int) -> SearchHit:
+        chunk, scores = self.chunks[chunk_id], self.scores[chunk_id]
+        final = next(scores[s] for s in ("rerank", "rrf", "dense", "sparse") if s in scores)
+        return SearchHit(
+            doc_id=chunk.doc_id,
+            chunk_id=chunk_id,
+            text=chunk.text,
+            start=chunk.start,
+            end=chunk.end,
+            metadata=chunk.metadata,
+            score=final,
+            scores=scores,
+        )

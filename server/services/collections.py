@@ -78,6 +78,7 @@ class CollectionService:
             name=collection.name,
             chunking=collection.spec.chunking,
             index_type=collection.spec.index_type,
+            language=collection.spec.language,
             active_index=stats.active_index,
             documents=stats.documents,
             chunks=stats.chunks,

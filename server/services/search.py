@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from tritonrag.clients.wire.schema import SearchMode, SearchRequest, SearchResponse
+from tritonrag.clients.wire.schema import GroupBy, SearchMode, SearchRequest, SearchResponse
 
 from ..errors import DeadlineExceededError, UnavailableError
 from ..retrieval.collection import Collection, ScoredChunk
@@ -16,6 +16,9 @@ from ..retrieval.stages import Candidates, SearchStages
 from ..telemetry.timing import Timer
 
 _DOWN = (UnavailableError, DeadlineExceededError)
+# Grouped by document, a search ranks this many chunks per document asked for: k documents are found
+# unless fewer than k appear among them (a few long documents matching everywhere).
+DOCUMENT_DEPTH = 5
 
 
 class SearchService:
@@ -35,7 +38,7 @@ class SearchService:
         found = await self.find(request, timer, request_id)
         return SearchResponse(
             collection=request.collection,
-            hits=found.hits(request.top_k),
+            hits=found.hits(request.top_k, request.group_by),
             timings_ms=timer.report(found.degraded),
             degraded=found.degraded,
         )
@@ -46,6 +49,8 @@ class SearchService:
         depth = max(request.top_k, request.rerank_top_n if request.rerank else 0)
         if request.mmr is not None:
             depth = max(depth, 4 * request.top_k)
+        if request.group_by is GroupBy.document:
+            depth = max(depth, DOCUMENT_DEPTH * request.top_k)
         found = await self._retrieve(collection, request, depth, timer, request_id)
         if request.rerank and found.order:
             started = time.perf_counter()

@@ -1,8 +1,9 @@
 """`DocumentStore`: one collection's ``store.sqlite``, the source of truth.
 
 Documents, their metadata, their chunks (text, offsets, float32 vector) and a revision
-counter that every committed write bumps. The FAISS and BM25 indexes are derived from it.
-A write is one SQLite transaction; its commit is the acknowledgement point.
+counter that every committed write bumps. The FAISS and lexical indexes are derived from it.
+A write is one SQLite transaction; its commit is the acknowledgement point, and the caller may
+wrap it (``publish``) to move its derived indexes with it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -110,6 +111,14 @@ class Change:
     texts: Sequence[str]
 
 
+Publish = Callable[[Change], AbstractContextManager[object]]
+
+
+def unpublished(change: Change) -> AbstractContextManager[object]:
+    """Commit with nothing around it."""
+    return contextlib.nullcontext()
+
+
 @dataclass(frozen=True, slots=True)
 class DocQuery:
     """An SQL ``SELECT doc_id …`` over the store's tables, with its parameters."""
@@ -197,8 +206,9 @@ class DocumentStore:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def upsert(self, documents: Sequence[PreparedDocument]) -> Change:
-        """Insert or replace ``documents`` (each replaces all chunks of its id) in one transaction."""
+    def upsert(self, documents: Sequence[PreparedDocument], publish: Publish = unpublished) -> Change:
+        """Insert or replace ``documents`` (each replaces all chunks of its id) in one transaction, which
+        commits within ``publish(change)``."""
         doc_ids = [prepared.document.id for prepared in documents]
         if len(set(doc_ids)) != len(doc_ids):
             raise InvalidArgumentError("a document id appears twice in one upsert", field="documents")
@@ -230,27 +240,37 @@ class DocumentStore:
                     for chunk_id, span, row in zip(added.tolist(), spans, matrix, strict=True)
                 ],
             )
-            revision = self._bump(conn)
-        return Change(revision, len(documents), removed, added, matrix, texts)
+            change = Change(self._bump(conn), len(documents), removed, added, matrix, texts)
+            self._commit(conn, change, publish)
+        return change
 
-    def delete(self, doc_ids: Sequence[str]) -> Change:
-        """Delete the documents ``doc_ids`` (absent ids are ignored) in one transaction."""
+    def delete(self, doc_ids: Sequence[str], publish: Publish = unpublished) -> Change:
+        """Delete the documents ``doc_ids`` (absent ids are ignored) in one transaction, which commits within
+        ``publish(change)``."""
         with self._write_lock, transaction(self._writer) as conn:
             found = conn.execute(
                 "SELECT doc_id FROM documents WHERE doc_id IN (SELECT value FROM json_each(?))", (_json_list(doc_ids),)
             ).fetchall()
-            return self._delete_found(conn, [row[0] for row in found])
+            return self._delete_found(conn, [row[0] for row in found], publish)
 
-    def delete_where(self, query: DocQuery) -> Change:
-        """Delete the documents that ``query`` selects, in one transaction."""
+    def delete_where(self, query: DocQuery, publish: Publish = unpublished) -> Change:
+        """Delete the documents that ``query`` selects, in one transaction, which commits within
+        ``publish(change)``."""
         with self._write_lock, transaction(self._writer) as conn:
             found = conn.execute(query.sql, query.params).fetchall()
-            return self._delete_found(conn, [row[0] for row in found])
+            return self._delete_found(conn, [row[0] for row in found], publish)
 
-    def _delete_found(self, conn: sqlite3.Connection, doc_ids: list[str]) -> Change:
+    def _delete_found(self, conn: sqlite3.Connection, doc_ids: list[str], publish: Publish) -> Change:
         removed = self._remove_documents(conn, doc_ids)
         revision = self._bump(conn) if doc_ids else self._revision
-        return Change(revision, len(doc_ids), removed, _ids([]), self._no_vectors(), [])
+        change = Change(revision, len(doc_ids), removed, _ids([]), self._no_vectors(), [])
+        self._commit(conn, change, publish)
+        return change
+
+    def _commit(self, conn: sqlite3.Connection, change: Change, publish: Publish) -> None:
+        with publish(change):
+            conn.execute("COMMIT")
+            self._revision = change.revision
 
     def _checked_vectors(self, prepared: PreparedDocument) -> FloatMatrix:
         field = f"documents[{prepared.document.id}].vectors"
@@ -275,11 +295,11 @@ class DocumentStore:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
         return 1 + (int(row[0]) if row else 0)
 
-    def _bump(self, conn: sqlite3.Connection) -> int:
+    @staticmethod
+    def _bump(conn: sqlite3.Connection) -> int:
         revision: int = conn.execute(
             "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value"
         ).fetchone()[0]
-        self._revision = revision
         return revision
 
     # --- reads --------------------------------------------------------------------------------

@@ -100,7 +100,10 @@ async def test_collection_lifecycle(stub: pb_grpc.TritonRagAsyncStub) -> None:
         pb.CreateCollectionRequest(name="news", chunking=pb.Chunking(chunk_tokens=128))
     )
     assert (created.name, created.chunking.chunk_tokens, created.chunking.overlap_tokens) == ("news", 128, 40)
-    assert (created.index_type, created.embedder.version) == ("auto", "1")
+    assert (created.index_type, created.language, created.embedder.version) == ("auto", "english", "1")
+    german = await stub.CreateCollection(pb.CreateCollectionRequest(name="nachrichten", language="german"))
+    assert german.language == "german"
+    await stub.DeleteCollection(pb.DeleteCollectionRequest(name="nachrichten"))
 
     duplicate = await failure(stub.CreateCollection(pb.CreateCollectionRequest(name="news")))
     assert duplicate == (grpc.StatusCode.ALREADY_EXISTS, "collection 'news' exists")
@@ -183,6 +186,12 @@ async def test_delete_by_filter_and_search(
 
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str, Message]] = [
     ("/v1/collections", {"name": "bad name"}, "CreateCollection", pb.CreateCollectionRequest(name="bad name")),
+    (
+        "/v1/collections",
+        {"name": "news", "language": "klingon"},
+        "CreateCollection",
+        pb.CreateCollectionRequest(name="news", language="klingon"),
+    ),
     (
         "/v1/collections/news/documents",
         {"documents": [{"id": "a", "text": "  "}]},
@@ -422,3 +431,16 @@ async def test_use_cache_reaches_the_services(
     await news.Search(pb.SearchRequest(collection="news", query="q", use_cache=False))
     await news.Query(pb.QueryRequest(collection="news", query="q", use_cache=False))
     assert search.searches[-1].use_cache is False and answers.queries[-1].use_cache is False
+
+
+async def test_search_grouped_by_document_over_grpc_and_http(
+    news: pb_grpc.TritonRagAsyncStub, fakes: FakeServices, search: FakeSearch, settings: ApiSettings
+) -> None:
+    found = await news.Search(pb.SearchRequest(collection="news", query="q", group_by="document"))
+    assert search.searches[-1].group_by == "document"
+    assert [(hit.doc_id, list(hit.other_chunk_ids)) for hit in found.hits] == [("a", [100]), ("b", [101])]
+    with TestClient(fakes.http_app(settings)) as client:
+        answer = client.post("/v1/search", json={"collection": "news", "query": "q", "group_by": "document"})
+    assert [(hit["doc_id"], hit["other_chunk_ids"]) for hit in answer.json()["hits"]] == [("a", [100]), ("b", [101])]
+    code, message = await failure(news.Search(pb.SearchRequest(collection="news", query="q", group_by="page")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "group_by" in message

@@ -60,7 +60,7 @@ def test_collection_lifecycle(client: TestClient) -> None:
     created = client.post("/v1/collections", json={"name": "news", "chunking": {"chunk_tokens": 128}})
     assert created.status_code == 201
     assert created.json()["chunking"] == {"chunk_tokens": 128, "overlap_tokens": 40}
-    assert created.json()["index_type"] == "auto"
+    assert (created.json()["index_type"], created.json()["language"]) == ("auto", "english")
 
     duplicate = client.post("/v1/collections", json={"name": "news"})
     assert duplicate.status_code == 409

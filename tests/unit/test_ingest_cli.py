@@ -32,6 +32,7 @@ from tritonrag.clients.wire.schema import (
     IndexType,
     JobInfo,
     JobStatus,
+    Language,
     UpsertResult,
 )
 
@@ -91,6 +92,7 @@ class StandInClient:
             name=name,
             chunking=Chunking(),
             index_type=IndexType.flat,
+            language=Language.english,
             active_index="flat",
             documents=0,
             chunks=0,

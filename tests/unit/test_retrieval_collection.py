@@ -18,10 +18,19 @@ import numpy as np
 import pytest
 
 from tests.unit.test_store_documents import DIM, prepared
-from tritonrag.clients.wire.schema import And, CollectionCreate, Condition, Filter, IndexType, Metadata, Or
+from tritonrag.clients.wire.schema import (
+    And,
+    CollectionCreate,
+    Condition,
+    Filter,
+    IndexType,
+    Language,
+    Metadata,
+    Or,
+)
 from tritonrag.server.config import DenseParams
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
-from tritonrag.server.retrieval.collection import DENSE_FILE, SPARSE_FILE, Collection
+from tritonrag.server.retrieval.collection import DENSE_FILE, LEXICAL_DIR, Collection
 from tritonrag.server.store.documents import StoredChunk
 
 PARAMS = DenseParams(nlist=8, nprobe=8, hnsw_m=16, auto_threshold=400, auto_kind=IndexType.ivf)
@@ -41,12 +50,14 @@ def collection(tmp_path: Path) -> Iterator[Collection]:
 
 
 def snapshot_of(collection: Collection) -> dict[str, Any]:
-    """What the store and both indexes hold, for comparison across restarts."""
+    """What the store and both indexes hold, for comparison across restarts. BM25 scores are rounded: until
+    segments merge, the lexical index's term statistics still count deleted chunks, so the same chunks
+    score a little differently after a different history of writes (ranks are the same)."""
     query = np.random.default_rng(9).standard_normal(DIM).astype(np.float32)
     return {
         "chunks": collection.info().chunks,
         "dense": collection.search_dense(query, 20),
-        "sparse": collection.search_sparse("common", 20),
+        "sparse": [(hit.chunk_id, round(hit.score, 3)) for hit in collection.search_sparse("common", 20)],
         "ids": collection._store.chunk_ids().tolist(),
     }
 
@@ -54,7 +65,7 @@ def snapshot_of(collection: Collection) -> dict[str, Any]:
 def assert_indexes_match_store(collection: Collection) -> None:
     stored = collection._store.chunk_ids()
     np.testing.assert_array_equal(collection._dense.ids(), stored)
-    np.testing.assert_array_equal(collection._sparse.ids(), stored)
+    np.testing.assert_array_equal(collection._lexical.ids(), stored)
 
 
 # --- filters ----------------------------------------------------------------------------------
@@ -165,6 +176,21 @@ def test_selective_filter_still_returns_k(tmp_path: Path, index_type: IndexType)
 # --- writes -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("language", "stemmed"), [(Language.english, True), (Language.none, False)])
+def test_the_collections_language_decides_stemming_and_stop_words(
+    tmp_path: Path, language: Language, stemmed: bool
+) -> None:
+    spec = CollectionCreate(name="test", language=language)
+    collection = Collection.open(tmp_path, spec, DIM, dense_params=PARAMS)
+    collection.upsert([prepared("owl", ["The owls were hunting at night."]), prepared("cat", ["A cat sleeps."])])
+    assert [h.chunk_id for h in collection.search_sparse("hunted owl", 5)] == ([1] if stemmed else [])
+    assert bool(collection.search_sparse("the", 5)) is not stemmed  # a stop word in English
+    collection.close()
+    reopened = Collection.open(tmp_path, spec, DIM, dense_params=PARAMS)
+    assert [h.chunk_id for h in reopened.search_sparse("hunted owl", 5)] == ([1] if stemmed else [])
+    reopened.close()
+
+
 def test_upsert_replaces_a_documents_chunks(collection: Collection) -> None:
     collection.upsert([prepared("a", ["alpha one", "alpha two", "alpha three"], {"v": 1})])
     old = collection.search_sparse("alpha", 10)
@@ -249,18 +275,50 @@ def damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "bitflip"])
-@pytest.mark.parametrize("file", [DENSE_FILE, SPARSE_FILE])
-def test_damaged_index_files_are_rebuilt_from_the_store(tmp_path: Path, file: str, how: str) -> None:
+def test_a_damaged_dense_snapshot_is_rebuilt_from_the_store(tmp_path: Path, how: str) -> None:
     collection = open_collection(tmp_path, IndexType.ivf)
     fill(collection, 0, 200)
     before = snapshot_of(collection)
     collection.close()
-    damage(tmp_path / file, how)
+    damage(tmp_path / DENSE_FILE, how)
     reopened = open_collection(tmp_path, IndexType.ivf)
     assert snapshot_of(reopened) == before
     assert_indexes_match_store(reopened)
     reopened.close()
-    assert (tmp_path / file).is_file()  # written again
+    assert (tmp_path / DENSE_FILE).is_file()  # written again
+
+
+@pytest.mark.parametrize("how", ["missing", "garbage meta", "segments gone"])
+def test_a_damaged_lexical_index_is_rebuilt_from_the_store(tmp_path: Path, how: str) -> None:
+    collection = open_collection(tmp_path)
+    fill(collection, 0, 200)
+    before = snapshot_of(collection)
+    collection.close()
+    lexical = tmp_path / LEXICAL_DIR
+    if how == "missing":
+        shutil.rmtree(lexical)
+    elif how == "garbage meta":
+        (lexical / "meta.json").write_text("not json at all")
+    else:
+        for segment in lexical.glob("*.idx"):
+            segment.unlink()
+    reopened = open_collection(tmp_path)
+    assert snapshot_of(reopened) == before
+    assert_indexes_match_store(reopened)
+    reopened.close()
+
+
+def test_the_former_sparse_snapshot_gives_way_to_the_lexical_index(tmp_path: Path) -> None:
+    collection = open_collection(tmp_path)
+    fill(collection, 0, 20)
+    before = snapshot_of(collection)
+    collection.close()
+    shutil.rmtree(tmp_path / LEXICAL_DIR)
+    (tmp_path / "sparse.bm25").write_bytes(b"an index file of an earlier version")
+    reopened = open_collection(tmp_path)
+    assert snapshot_of(reopened) == before and not (tmp_path / "sparse.bm25").exists()
+    assert_indexes_match_store(reopened)
+    reopened.close()
 
 
 def test_stale_snapshots_are_reconciled_by_chunk_id(tmp_path: Path) -> None:
@@ -269,15 +327,17 @@ def test_stale_snapshots_are_reconciled_by_chunk_id(tmp_path: Path) -> None:
     collection.snapshot()
     stale = tmp_path / "stale"
     stale.mkdir()
-    for name in (DENSE_FILE, SPARSE_FILE):
-        shutil.copy(tmp_path / name, stale / name)
+    shutil.copy(tmp_path / DENSE_FILE, stale / DENSE_FILE)
+    shutil.copytree(tmp_path / LEXICAL_DIR, stale / LEXICAL_DIR)
     fill(collection, 100, 150)  # added after the snapshot
     collection.upsert([prepared("d5", ["replaced"], seed=99)])  # replaced after it
     collection.delete(["d7", "d120"])  # removed after it
     before = snapshot_of(collection)
     collection.close()
-    for name in (DENSE_FILE, SPARSE_FILE):
-        shutil.copy(stale / name, tmp_path / name)  # as if the process died before a newer snapshot
+    # As if the process died before a newer snapshot, and before the lexical index's later commits.
+    shutil.copy(stale / DENSE_FILE, tmp_path / DENSE_FILE)
+    shutil.rmtree(tmp_path / LEXICAL_DIR)
+    shutil.copytree(stale / LEXICAL_DIR, tmp_path / LEXICAL_DIR)
     reopened = open_collection(tmp_path, IndexType.hnsw)
     assert snapshot_of(reopened) == before
     assert_indexes_match_store(reopened)
@@ -376,7 +436,7 @@ def test_parallel_writers_and_readers(tmp_path: Path) -> None:
     assert not errors, errors
     assert_indexes_match_store(collection)
     documents, chunks = collection._store.counts()
-    assert len(collection._dense) == len(collection._sparse) == chunks
+    assert len(collection._dense) == len(collection._lexical) == chunks
     stored = collection.chunks(collection._store.chunk_ids().tolist())
     check_whole(stored, complete=True)
     assert len({chunk.doc_id for chunk in stored}) == documents

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from tritonrag.clients.wire.schema import (
     CacheStats,
     ChatMessage,
+    Chunking,
     CollectionCreate,
     DocumentIn,
     FinishReason,
@@ -294,6 +295,37 @@ def test_filters_and_unknown_collections(services_and_pool: tuple[Services, Stan
     assert ids == ["tea"]
     with pytest.raises(NotFoundError):
         asyncio.run(services.search.search(SearchRequest(collection="absent", query="x")))
+
+
+def test_group_by_document_returns_k_documents_each_at_its_best_chunk(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, _ = services_and_pool
+    owls = " ".join(f"Owl fact {i}: owls hunt mice at night and sleep by day." for i in range(12))
+    documents = [
+        DocumentIn(id="owls", text=owls),
+        DocumentIn(id="bats", text="Bats hunt insects at night, finding them by echoes."),
+        DocumentIn(id="tea", text="Green tea is brewed with water below boiling."),
+    ]
+
+    async def scenario() -> tuple[SearchResponse, SearchResponse]:
+        chunking = Chunking(chunk_tokens=32, overlap_tokens=0)
+        await services.collections.create_collection(CollectionCreate(name="g", chunking=chunking))
+        await services.collections.upsert_documents("g", UpsertRequest(documents=documents))
+        asked = {"collection": "g", "query": "owls hunt at night", "mode": "sparse", "top_k": 2}
+        by_chunk = await services.search.search(SearchRequest.model_validate(asked))
+        by_document = await services.search.search(SearchRequest.model_validate({**asked, "group_by": "document"}))
+        await services.close()
+        return by_chunk, by_document
+
+    by_chunk, by_document = asyncio.run(scenario())
+    assert [hit.doc_id for hit in by_chunk.hits] == ["owls", "owls"]
+    assert all(hit.other_chunk_ids == [] for hit in by_chunk.hits)
+    owl_hit, bat_hit = by_document.hits
+    assert (owl_hit.doc_id, bat_hit.doc_id) == ("owls", "bats")
+    assert owl_hit.chunk_id == by_chunk.hits[0].chunk_id  # the document's best chunk
+    assert by_chunk.hits[1].chunk_id in owl_hit.other_chunk_ids and len(owl_hit.other_chunk_ids) >= 3
+    assert owl_hit.chunk_id not in owl_hit.other_chunk_ids and bat_hit.other_chunk_ids == []
 
 
 # -- answers ---------------------------------------------------------------------------------
