@@ -1,4 +1,4 @@
-"""Lexical retrieval libraries side by side, in process, on two known-item sets: which one replaces today's BM25.
+"""Lexical retrieval libraries side by side, in process, on two known-item sets: which one serves BM25.
 
 Sets (both built offline, both chunked by the server's own chunker with the default chunking, a
 document ranked at its best chunk):
@@ -10,16 +10,16 @@ document ranked at its best chunk):
 
 Indexes over the same chunk texts:
 
-* ``today``: ``server/retrieval/sparse.py`` (Unicode ``\\w+`` tokens, case-folded; no stemming, no stop words);
-* ``tantivy``: tantivy (Rust, via its Python bindings): simple tokenizer, lower-casing, English stop words,
-  Snowball English stemmer; BM25 (k1 1.2, b 0.75);
+* ``tantivy``: the server's ``LexicalIndex`` (tantivy, Rust, via its Python bindings): simple tokenizer,
+  lower-casing, English stop words, Snowball English stemmer; BM25 (k1 1.2, b 0.75);
 * ``fts5``: SQLite FTS5 with the ``porter unicode61`` tokenizer (no stop-word list exists in FTS5), ranked by
   ``bm25()``, in an SQLite file;
 * ``bm25s``: the ``bm25s`` library with its English stop words and PyStemmer's English stemmer: the baseline.
 
 Reported per set and index: nDCG@10, Recall@10, MRR@10; indexing seconds; query latency p50/p95 (top 50
 chunks, one query at a time). Then latency at scale: the pydoc chunks repeated (as distinct chunks) up to
-``--scale-chunks`` (default 100,000), the pydoc queries against ``today`` and ``tantivy``, top 50.
+``--scale-chunks`` (default 100,000), the pydoc queries against ``tantivy``, top 50. (The hand-written index
+that tantivy replaced was measured beside them at commit e12250e; docs/BENCHMARKS.md.)
 
 Run: ``.venv/bin/python bench/lexical.py`` (``--pydoc-documents N`` for a sample; default all).
 """
@@ -38,16 +38,15 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import Stemmer
-import tantivy
 from corpus import pydoc_documents, sample_documents
 from embed import percentiles
 from retrieval_eval import document_ranking, examples
 from stack import machine, markdown_table, model_repository, progress, version_dir
 
 from tritonrag.clients.evaluation import ndcg_at, recall_at, reciprocal_rank_at
-from tritonrag.clients.wire.schema import Chunking
+from tritonrag.clients.wire.schema import Chunking, Language
 from tritonrag.server.ingest.chunking import Chunker
-from tritonrag.server.retrieval.sparse import SparseIndex
+from tritonrag.server.retrieval.lexical import LexicalIndex
 
 TOP_CHUNKS = 50
 
@@ -85,46 +84,14 @@ def build_sets(pydoc_count: int | None, seed: int) -> list[KnownItemSet]:
     return sets
 
 
-def today_index(texts: Sequence[str], _: Path) -> Search:
-    index = SparseIndex()
-    index.add(np.arange(len(texts), dtype=np.int64), texts)
-
-    def search(query: str, k: int) -> list[int]:
-        _, ids = index.search(query, k)
-        return [int(i) for i in ids]
-
-    return search
-
-
 def tantivy_index(texts: Sequence[str], work_dir: Path) -> Search:
-    analyzer = (
-        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
-        .filter(tantivy.Filter.remove_long(40))
-        .filter(tantivy.Filter.lowercase())
-        .filter(tantivy.Filter.stopword("english"))
-        .filter(tantivy.Filter.stemmer("english"))
-        .build()
-    )
-    builder = tantivy.SchemaBuilder()
-    builder.add_integer_field("chunk_id", stored=True, indexed=True, fast=True)
-    builder.add_text_field("text", stored=False, tokenizer_name="english")
-    schema = builder.build()
-    directory = work_dir / "tantivy"
-    directory.mkdir()
-    index = tantivy.Index(schema, path=str(directory))
-    index.register_tokenizer("english", analyzer)
-    writer = index.writer(heap_size=64_000_000, num_threads=1)
-    for position, text in enumerate(texts):
-        writer.add_document(tantivy.Document(chunk_id=position, text=text))
-    writer.commit()
-    writer.wait_merging_threads()
-    index.reload()
-    searcher = index.searcher()
+    """The server's own lexical index (``server/retrieval/lexical.py``), English."""
+    index = LexicalIndex(work_dir / "tantivy", Language.english)
+    index.write(np.empty(0, np.int64), np.arange(len(texts), dtype=np.int64), texts)
+    index.refresh()
 
     def search(query: str, k: int) -> list[int]:
-        parsed = index.parse_query_lenient(query, ["text"])[0]
-        hits = searcher.search(parsed, k).hits
-        return [searcher.doc(address)["chunk_id"][0] for _, address in hits]
+        return [int(i) for i in index.search(query, k)[1]]
 
     return search
 
@@ -168,7 +135,6 @@ def bm25s_index(texts: Sequence[str], _: Path) -> Search:
 
 
 INDEXES: dict[str, Callable[[Sequence[str], Path], Search]] = {
-    "today": today_index,
     "tantivy": tantivy_index,
     "fts5": fts5_index,
     "bm25s": bm25s_index,
@@ -204,11 +170,11 @@ def evaluate(known: KnownItemSet, name: str, work_dir: Path) -> list[str]:
 
 
 def latency_at_scale(known: KnownItemSet, chunks: int) -> list[list[str]]:
-    """Query latency of ``today`` and ``tantivy`` over ``known``'s chunks repeated up to ``chunks``."""
+    """Query latency of ``tantivy`` over ``known``'s chunks repeated up to ``chunks``."""
     repeats = -(-chunks // len(known.chunk_texts))
     texts = (known.chunk_texts * repeats)[:chunks]
     rows = []
-    for name in ("today", "tantivy"):
+    for name in ("tantivy",):
         with tempfile.TemporaryDirectory(prefix="lexical-") as work_dir:
             began = time.perf_counter()
             search = INDEXES[name](texts, Path(work_dir))

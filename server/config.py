@@ -99,20 +99,11 @@ class DenseParams(BaseModel):
         return self.nlist * MIN_TRAIN_PER_LIST
 
 
-class Bm25Params(BaseModel):
-    """BM25's term-frequency saturation ``k1`` and length normalisation ``b``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    k1: float = Field(1.2, ge=0.0)
-    b: float = Field(0.75, ge=0.0, le=1.0)
-
-
 class IndexSettings(BaseModel):
-    """The derived indexes of every collection: FAISS (dense), BM25 (sparse), and their snapshots."""
+    """The derived indexes of every collection: FAISS (dense) and its snapshots; the lexical index (sparse) is
+    tantivy's BM25 (k1 1.2, b 0.75), analysed in each collection's language."""
 
     dense: DenseParams = DenseParams()
-    bm25: Bm25Params = Bm25Params()
     snapshot_interval_s: float = Field(60.0, gt=0)  # index snapshots after writes, at most this often
 
 
