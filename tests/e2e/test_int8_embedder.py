@@ -27,8 +27,9 @@ def embed(version_dir: Path, texts: list[str]) -> npt.NDArray[np.float32]:
     for start in range(0, len(texts), 8):
         batch = tokenizer.pad([tokenizer.encode_text(text) for text in texts[start : start + 8]])
         rows.append(session.run(None, batch)[0])
-    vectors = np.concatenate(rows)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors: npt.NDArray[np.float32] = np.concatenate(rows)
+    unit: npt.NDArray[np.float32] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return unit
 
 
 def test_int8_minilm_passes_its_gate_and_keeps_real_chunks_close(bundled_repository: Path, tmp_path: Path) -> None:
