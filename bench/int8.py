@@ -150,7 +150,7 @@ class _Calibration(CalibrationDataReader):  # type: ignore[misc]
     def __init__(self, loop: OrtLoop, texts: Sequence[str], length: int | None = None) -> None:
         self._rows: list[dict[str, npt.NDArray[np.int64]]] = []
         for row in loop.encode(texts):
-            feeds = loop.feeds([row])
+            feeds = loop.padding.pad([row])
             if length is not None:
                 if len(row.ids) < length:
                     continue

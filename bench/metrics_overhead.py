@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import random
 import statistics
@@ -30,6 +29,7 @@ import numpy.typing as npt
 from stack import markdown_table
 
 from tests.fakes import FakeServices
+from tests.unit.test_services import vector
 from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn
 from tritonrag.server.api.admission import Admission
 from tritonrag.server.api.http import create_http_app
@@ -53,15 +53,6 @@ CONFIGURATIONS = {
 }
 
 
-def vector(text: str) -> npt.NDArray[np.float32]:
-    """A unit vector per bag of words: texts that share words are close."""
-    total = np.zeros(DIMENSION, dtype=np.float32)
-    for word in text.split():
-        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "little")
-        total += np.random.default_rng(seed).standard_normal(DIMENSION).astype(np.float32)
-    return total / max(float(np.linalg.norm(total)), 1e-6)
-
-
 class HashingTriton:
     """The one call of a search to Triton, embedding the query, answered in-process."""
 
@@ -73,7 +64,7 @@ class HashingTriton:
         *,
         bulk: bool = False,
     ) -> npt.NDArray[np.float32]:
-        return np.stack([vector(text) for text in texts])
+        return np.stack([vector(text, DIMENSION) for text in texts])
 
 
 async def dimension() -> int:
@@ -89,7 +80,9 @@ async def filled(data_dir: Path, documents: int) -> CollectionRegistry:
     for n in range(documents):
         text = " ".join(rng.choice(WORDS, size=40))
         prepared.append(
-            PreparedDocument(DocumentIn(id=f"d{n}", text=text), [ChunkSpan(text, 0, len(text))], vector(text)[None])
+            PreparedDocument(
+                DocumentIn(id=f"d{n}", text=text), [ChunkSpan(text, 0, len(text))], vector(text, DIMENSION)[None]
+            )
         )
     await asyncio.to_thread(collection.upsert, prepared)
     return registry

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Tokenizer
 
 from tritonrag.export.runtime.contract import ONNX_FILE, TOKENIZER_FILE
-from tritonrag.export.runtime.encoding import ModelMetadata
+from tritonrag.export.runtime.encoding import Encoding, ModelMetadata, ModelTokenizer
+from tritonrag.export.runtime.inference import sub_batches
 
 Embeddings = npt.NDArray[np.float32]
 DEFAULT_MAX_TOKENS = 4096
@@ -46,21 +47,6 @@ class LoopRun:
         return len(self.embeddings) / self.seconds
 
 
-def token_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
-    """Indices sorted by length, cut so that rows x longest <= ``max_tokens`` (a longer row runs alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current and (len(current) >= max_rows or (len(current) + 1) * lengths[index] > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
-
-
 class OrtLoop:
     """Embeds texts with one version directory's graph and tokenizer, in length-sorted token-budgeted batches."""
 
@@ -78,6 +64,7 @@ class OrtLoop:
         self.max_tokens = max_tokens
         self.max_rows = max_rows
         self.tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
+        self.padding = ModelTokenizer.from_version_dir(version_dir)  # pads rows as the served model does
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.metadata.max_sequence_length)
         options = ort.SessionOptions()
@@ -90,32 +77,18 @@ class OrtLoop:
 
     def encode(self, texts: Sequence[str]) -> list[Encoding]:
         """Token rows of ``texts``, truncated at the version's limit."""
-        encodings: list[Encoding] = self.tokenizer.encode_batch(list(texts))
-        return encodings
-
-    def feeds(self, rows: Sequence[Encoding]) -> dict[str, npt.NDArray[np.int64]]:
-        """``rows`` right-padded to the longest, as the graph's inputs."""
-        length = max(len(row.ids) for row in rows)
-        ids = np.full((len(rows), length), self.metadata.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(rows), length), dtype=np.int64)
-        types = np.zeros((len(rows), length), dtype=np.int64)
-        for number, row in enumerate(rows):
-            ids[number, : len(row.ids)] = row.ids
-            mask[number, : len(row.ids)] = 1
-            types[number, : len(row.ids)] = row.type_ids
-        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return {name: arrays[name] for name in self.metadata.inputs}
+        return [Encoding(row.ids, row.type_ids) for row in self.tokenizer.encode_batch(list(texts))]
 
     def run(self, texts: Sequence[str]) -> LoopRun:
         """Embed every text; the wall time covers tokenising, sorting, padding and ONNX Runtime."""
         start = time.perf_counter()
         rows = self.encode(texts)
         lengths = [len(row.ids) for row in rows]
-        batches = token_batches(lengths, self.max_tokens, self.max_rows)
+        batches = sub_batches(lengths, self.max_rows, self.max_tokens)
         output: Embeddings | None = None
         padded = 0
         for batch in batches:
-            result: Embeddings = self.session.run(None, self.feeds([rows[i] for i in batch]))[0]
+            result: Embeddings = self.session.run(None, self.padding.pad([rows[i] for i in batch]))[0]
             if output is None:
                 output = np.empty((len(texts), result.shape[1]), dtype=np.float32)
             output[batch] = result

@@ -66,12 +66,12 @@ from tritonrag.server.store.catalog import Catalog
 DIMENSION = 16
 
 
-def vector(text: str) -> npt.NDArray[np.float32]:
+def vector(text: str, dimension: int = DIMENSION) -> npt.NDArray[np.float32]:
     """A deterministic unit vector per word bag: texts sharing words are close."""
-    total = np.zeros(DIMENSION, dtype=np.float32)
+    total = np.zeros(dimension, dtype=np.float32)
     for word in text.lower().split():
         seed = int.from_bytes(hashlib.sha256(word.strip(".,?").encode()).digest()[:4], "little")
-        total += np.random.default_rng(seed).standard_normal(DIMENSION).astype(np.float32)
+        total += np.random.default_rng(seed).standard_normal(dimension).astype(np.float32)
     return total / np.linalg.norm(total)
 
 
