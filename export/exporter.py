@@ -20,7 +20,7 @@ from .generation_parity import GenerationParity
 from .graphs import AUTO_CLASSES, OUTPUT_NAMES, DecoderGraph, Head, Task, build_graph, select_head
 from .native import write_native
 from .parity import ParityCheck, ParityThresholds
-from .prompt import answer_token_ids, render_prompt
+from .prompt import render_prompt
 from .repository import ensure_config, publish, staging_dir, write_json, write_model_py
 from .runtime.contract import METADATA_FILE, ONNX_FILE, TOKENIZER_FILE
 from .runtime.decoding import CacheShape
@@ -77,8 +77,7 @@ def export_model(
     log.info("%s: loading the %s model (%s)", source, task, head)
     model = resolved.load_model(AUTO_CLASSES[head])
     metadata = _metadata(resolved, task, head, tokenizer, config, max_sequence_length)
-    answer_ids = (metadata["yes_token_id"], metadata["no_token_id"]) if head == "generative_yes_no" else None
-    graph = build_graph(head, model, answer_ids)
+    graph = build_graph(head, model)
     model_dir = repository / name
 
     with staging_dir(model_dir) as staging:
@@ -218,9 +217,9 @@ def _metadata(
         "pad_token_id": next(int(i) for i in pad_ids if i is not None),
         "quantization": None,
     }
-    if head == "generative_yes_no":
+    if head == "generative_query_likelihood":
         metadata["prompt"] = render_prompt(tokenizer)
-        metadata["yes_token_id"], metadata["no_token_id"] = answer_token_ids(tokenizer)
+        metadata["inputs"] = ["input_ids", "attention_mask", "token_type_ids"]  # segment 1: the query's tokens
     if head == "causal_lm":
         metadata.update(_generator_metadata(tokenizer, config))
     return metadata

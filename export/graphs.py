@@ -1,9 +1,9 @@
 """Torch modules that put each model's final head inside the exported graph.
 
-The text graphs take ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the model has them),
-right-padded int64 ``[batch, sequence]``, and return the served result: L2-normalised embeddings
-``[batch, dimension]`` or one relevance score per row ``[batch, 1]``. The generator's graph is one
-decoding step with a KV cache (``DecoderGraph``).
+The text graphs take ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the model has them, or
+where a query-likelihood reranker marks the query's tokens), right-padded int64 ``[batch, sequence]``, and
+return the served result: L2-normalised embeddings ``[batch, dimension]`` or one relevance score per row
+``[batch, 1]``. The generator's graph is one decoding step with a KV cache (``DecoderGraph``).
 """
 
 from __future__ import annotations
@@ -29,21 +29,21 @@ from transformers import (
 from .errors import ExportError
 
 Task = Literal["embedder", "reranker", "generator"]
-Head = Literal["mean_pool", "cls_pool", "sequence_classification", "generative_yes_no", "causal_lm"]
+Head = Literal["mean_pool", "cls_pool", "sequence_classification", "generative_query_likelihood", "causal_lm"]
 
 OUTPUT_NAMES: dict[Task, str] = {"embedder": "sentence_embedding", "reranker": "score"}
 AUTO_CLASSES: dict[Head, Any] = {
     "mean_pool": AutoModel,
     "cls_pool": AutoModel,
     "sequence_classification": AutoModelForSequenceClassification,
-    "generative_yes_no": AutoModelForCausalLM,
+    "generative_query_likelihood": AutoModelForCausalLM,
     "causal_lm": AutoModelForCausalLM,
 }
 
 
 def select_head(task: Task, config: PretrainedConfig, folder: Path, gguf: bool) -> Head:
     """The head for ``task``: pooling from sentence-transformers' ``1_Pooling/config.json`` (mean when absent);
-    for rerankers, sequence classification or yes/no scoring by a causal LM (GGUF files hold causal LMs)."""
+    for rerankers, sequence classification or query likelihood under a causal LM (GGUF files hold causal LMs)."""
     if task == "embedder":
         pooling_file = folder / "1_Pooling" / "config.json"
         if not pooling_file.is_file():
@@ -63,7 +63,7 @@ def select_head(task: Task, config: PretrainedConfig, folder: Path, gguf: bool) 
     if any(name.endswith("ForSequenceClassification") for name in architectures):
         return "sequence_classification"
     if causal:
-        return "generative_yes_no"
+        return "generative_query_likelihood"
     raise ExportError(
         f"a reranker needs a sequence-classification cross-encoder or a causal LM; the model is {architectures}"
     )
@@ -115,34 +115,33 @@ class SequenceClassificationGraph(nn.Module):
         return logits[:, -1:] - logits[:, :1]
 
 
-class YesNoGraph(nn.Module):
-    """Causal-LM score: logit("yes") - logit("no") at each row's last real token (rows are right-padded).
+class QueryLikelihoodGraph(nn.Module):
+    """Causal-LM score: the mean log-probability of the query's tokens after the instruction and the passage.
 
-    The difference of two logits is one dot product with the difference of their output-embedding rows,
-    so the graph holds that vector instead of projecting onto the whole vocabulary.
+    ``token_type_ids`` is 1 at the query's tokens (rows are right-padded). Only the hidden states that predict
+    a query token are projected onto the vocabulary, ``[query tokens in the batch, vocabulary]``; the graph
+    never holds logits for every position.
     """
 
-    def __init__(self, model: PreTrainedModel, yes_id: int, no_id: int) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model.base_model
         projection = model.get_output_embeddings()  # type: ignore[no-untyped-call]
         if not isinstance(projection, nn.Linear):
             raise ExportError(f"the model's output projection is a {type(projection).__name__}, not a linear layer")
-        with torch.no_grad():
-            direction = projection.weight[yes_id] - projection.weight[no_id]
-            offset = projection.bias[yes_id] - projection.bias[no_id] if projection.bias is not None else 0.0
-        self.register_buffer("direction", direction.detach().clone().unsqueeze(-1))
-        self.offset = float(offset)
+        self.projection = projection
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
     ) -> torch.Tensor:
-        inputs = _model_inputs(input_ids, attention_mask, token_type_ids)
-        hidden = self.model(**inputs, use_cache=False).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        score: torch.Tensor = hidden[rows, last] @ self.direction + self.offset
-        return score
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        targets = token_type_ids[:, 1:] == 1  # position p predicts token p + 1
+        logits = self.projection(hidden[:, :-1][targets]).float()
+        token_scores = logits.log_softmax(dim=-1).gather(-1, input_ids[:, 1:][targets].unsqueeze(-1)).squeeze(-1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1).expand_as(targets)[targets]
+        totals = torch.zeros(input_ids.shape[0], device=input_ids.device).index_add(0, rows, token_scores)
+        counts = targets.sum(dim=1).clamp(min=1).to(totals.dtype)
+        return (totals / counts).unsqueeze(-1)
 
 
 GROUPED_ATTENTION = "tritonrag_grouped"
@@ -230,8 +229,8 @@ class DecoderGraph(nn.Module):
         return (output.logits[:, -1, :], *present)
 
 
-def build_graph(head: Head, model: PreTrainedModel, answer_ids: tuple[int, int] | None = None) -> nn.Module:
-    """The module to export for ``head``; ``answer_ids`` (yes, no) is needed by ``generative_yes_no``."""
+def build_graph(head: Head, model: PreTrainedModel) -> nn.Module:
+    """The module to export for ``head``."""
     graph: nn.Module
     if head in ("mean_pool", "cls_pool"):
         graph = EmbedderGraph(model, "mean" if head == "mean_pool" else "cls")
@@ -239,8 +238,6 @@ def build_graph(head: Head, model: PreTrainedModel, answer_ids: tuple[int, int] 
         graph = SequenceClassificationGraph(model)
     elif head == "causal_lm":
         graph = DecoderGraph(model)
-    elif answer_ids is None:
-        raise ExportError("generative_yes_no needs the token ids of the answers yes and no")
     else:
-        graph = YesNoGraph(model, *answer_ids)
+        graph = QueryLikelihoodGraph(model)
     return graph.eval()

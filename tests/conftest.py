@@ -22,7 +22,7 @@ from tritonrag.server.config import REPO_ROOT
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from tests.reference import YesNoReference
+    from tests.reference import QueryLikelihoodReference
 
 TESTS = Path(__file__).parent
 # A test's tier is the folder under tests/ that holds it, and its marker (registered in pyproject.toml).
@@ -185,11 +185,8 @@ def smollm2() -> PreTrainedModel:
 
 
 @pytest.fixture(scope="session")
-def bundled_reranker(bundled_repository: Path, smollm2: PreTrainedModel) -> YesNoReference:
+def bundled_reranker(bundled_repository: Path, smollm2: PreTrainedModel) -> QueryLikelihoodReference:
     """SmolLM2 in PyTorch, scoring as the exported reranker does."""
-    from tests.reference import YesNoReference
-    from tritonrag.export.runtime.encoding import ModelMetadata
+    from tests.reference import QueryLikelihoodReference
 
-    version_dir = bundled_repository / "reranker" / "1"
-    metadata = ModelMetadata.read(version_dir)
-    return YesNoReference(smollm2, version_dir, metadata.extra["yes_token_id"], metadata.extra["no_token_id"])
+    return QueryLikelihoodReference(smollm2, bundled_repository / "reranker" / "1")

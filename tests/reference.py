@@ -47,21 +47,21 @@ def cross_encoder_scores(model_dir: Path, pairs: list[tuple[str, str]], max_leng
     return result
 
 
-class YesNoReference:
-    """A causal LM scoring relevance as logit("yes") - logit("no") after the exported prompt."""
+class QueryLikelihoodReference:
+    """A causal LM scoring relevance as the mean log-probability of the query's tokens after the exported prompt."""
 
-    def __init__(self, model: PreTrainedModel, version_dir: Path, yes_id: int, no_id: int) -> None:
+    def __init__(self, model: PreTrainedModel, version_dir: Path) -> None:
         self.model = model.eval()  # type: ignore[no-untyped-call]
         self.tokenizer = ModelTokenizer.from_version_dir(version_dir)
-        self.yes_id = yes_id
-        self.no_id = no_id
 
     @torch.inference_mode()
     def scores(self, pairs: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
-        """One pair at a time, unpadded, so padding cannot hide a bug in the served graph."""
+        """One pair at a time, unpadded, with logits at every position, so that neither padding nor the graph's
+        selection of query positions can hide a bug in the served graph."""
         result = []
         for query, passage in pairs:
-            ids = torch.tensor([self.tokenizer.encode_pair(query, passage).ids])
-            logits = self.model(input_ids=ids).logits[0, -1]
-            result.append(float(logits[self.yes_id] - logits[self.no_id]))
+            encoding = self.tokenizer.encode_pair(query, passage)
+            log_probs = self.model(input_ids=torch.tensor([encoding.ids])).logits[0].log_softmax(dim=-1)
+            scored = [p for p, segment in enumerate(encoding.type_ids) if segment == 1]
+            result.append(float(np.mean([float(log_probs[p - 1, encoding.ids[p]]) for p in scored])))
         return np.array(result, dtype=np.float32)

@@ -1,7 +1,8 @@
 """Tokenisation shared by the Triton models and the export-time parity check.
 
 One ``ModelTokenizer`` turns texts (embedder) or (query, passage) pairs (reranker) into
-token ids exactly as the served model sees them, so the parity check measures what is served.
+token ids exactly as the served model sees them, so the parity check measures what is served. A
+query-likelihood reranker's rows put the passage in a prompt and mark the query's tokens (segment id 1).
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """A rendered chat prompt with one slot for the query and one for the passage."""
+    """A rendered chat prompt with a slot for the passage and, at its end, one for the query."""
 
     template: str
     query_slot: str = "{query}"
     passage_slot: str = "{passage}"
 
-    def parts(self) -> tuple[str, str, str]:
-        """The literal text before the query, between query and passage, and after the passage."""
-        head, rest = self.template.split(self.query_slot, 1)
-        middle, tail = rest.split(self.passage_slot, 1)
-        return head, middle, tail
+    def parts(self) -> tuple[str, str]:
+        """The literal text before the passage, and between the passage and the query."""
+        head, rest = self.template.split(self.passage_slot, 1)
+        middle, tail = rest.split(self.query_slot, 1)
+        if tail:
+            raise ValueError(f"the prompt must end at the query slot; it has {tail!r} after it")
+        return head, middle
 
 
 @dataclass(frozen=True)
@@ -145,33 +148,32 @@ class ModelTokenizer:
         return text if tokens >= len(offsets) else text[: offsets[tokens - 1][1]]
 
     def _encode_prompt(self, prompt: PromptTemplate, query: str, passage: str, truncate: bool) -> Encoding:
-        """The filled chat prompt, tokenised as one text so that tokens merge across the slots as in training.
+        """The prompt with the passage, then the query's own tokens, marked by segment id 1 (the tokens scored).
 
-        When too long, the passage is cut first, then the query, at their ends; the passage keeps what the
-        query leaves, but never less than half the room.
+        The query is tokenised alone, as the text the model is asked to write. When too long, the passage is
+        cut at its end first, then the query; the passage keeps what the query leaves, but never less than
+        half the room.
         """
-        head, middle, tail = prompt.parts()
-        ids = self._ids(head + query + middle + passage + tail)
-        if len(ids) > self.max_length:
+        head, middle = prompt.parts()
+        query_ids = self._ids(query)
+        ids = self._ids(head + passage + middle)
+        if len(ids) + len(query_ids) > self.max_length:
             if not truncate:
                 raise InputError(
-                    f"query and passage have {len(ids)} tokens with the prompt, over the model's limit of "
-                    f"{self.max_length} (truncation is off)"
+                    f"query and passage have {len(ids) + len(query_ids)} tokens with the prompt, over the model's "
+                    f"limit of {self.max_length} (truncation is off)"
                 )
-            room = self.max_length - len(self._ids(head + middle + tail))
+            room = self.max_length - len(self._ids(head + middle))
             if room < 2:
                 raise InputError(f"the model's limit of {self.max_length} tokens leaves no room for the prompt")
-            query_tokens, passage_tokens = len(self._ids(query)), len(self._ids(passage))
-            passage_tokens = max(room - query_tokens, min(passage_tokens, room // 2))
-            query, passage = self._prefix(query, room - passage_tokens), self._prefix(passage, passage_tokens)
-            ids = self._ids(head + query + middle + passage + tail)
-            while len(ids) > self.max_length:  # merges across the cuts can add a token
-                if passage:
-                    passage = self._prefix(passage, len(self._ids(passage)) - 1)
-                else:
-                    query = self._prefix(query, len(self._ids(query)) - 1)
-                ids = self._ids(head + query + middle + passage + tail)
-        return Encoding(ids, [0] * len(ids))
+            passage_tokens = max(room - len(query_ids), min(len(self._ids(passage)), room // 2))
+            query_ids = query_ids[: room - passage_tokens]
+            passage = self._prefix(passage, passage_tokens)
+            ids = self._ids(head + passage + middle)
+            while len(ids) + len(query_ids) > self.max_length:  # merges across the cut can add a token
+                passage = self._prefix(passage, len(self._ids(passage)) - 1)
+                ids = self._ids(head + passage + middle)
+        return Encoding(ids + query_ids, [0] * len(ids) + [1] * len(query_ids))
 
     def pad(self, encodings: Sequence[Encoding]) -> dict[str, npt.NDArray[np.int64]]:
         """Right-pad a batch to its longest row; arrays named as the ONNX graph's inputs."""

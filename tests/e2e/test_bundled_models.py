@@ -8,7 +8,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from tests import reference
-from tests.reference import YesNoReference
+from tests.reference import QueryLikelihoodReference
 from tests.serving import embed, rerank
 
 SENTENCES = [
@@ -72,7 +72,7 @@ def test_reranker_puts_the_relevant_passage_first(bundled_triton: grpcclient.Inf
 
 
 def test_reranker_matches_pytorch(
-    bundled_triton: grpcclient.InferenceServerClient, bundled_reranker: YesNoReference
+    bundled_triton: grpcclient.InferenceServerClient, bundled_reranker: QueryLikelihoodReference
 ) -> None:
     pairs = [(q, p) for q, relevant, irrelevant in RELEVANCE for p in (relevant, *irrelevant)]
     served = np.concatenate([rerank(bundled_triton, q, [p]) for q, p in pairs])

@@ -198,30 +198,60 @@ def test_native_configs_wire_text_to_score(cross_encoder_native: ExportResult) -
         assert model.max_batch_size == ensemble.max_batch_size > 0
 
 
-def test_generative_reranker_prompt_and_parity(generative: ExportResult, generative_dir: Path) -> None:
+def test_generative_reranker_prompt_and_parity(generative: ExportResult) -> None:
     data = metadata(generative)
-    assert data["head"] == "generative_yes_no" and data["inputs"] == ["input_ids", "attention_mask"]
+    assert data["head"] == "generative_query_likelihood"
+    assert data["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert data["max_sequence_length"] == 128
     template = data["prompt"]["template"]
-    assert template.startswith("<|im_start|>system\n") and template.endswith("<|im_start|>assistant\n")
+    assert template.startswith("<|im_start|>system\n") and template.endswith("<|im_start|>assistant\n{query}")
     assert template.count("{query}") == template.count("{passage}") == 1
-    assert template.index("{query}") < template.index("{passage}")
-    tokenizer = AutoTokenizer.from_pretrained(generative_dir)  # type: ignore[no-untyped-call]
-    assert tokenizer.convert_ids_to_tokens([data["yes_token_id"], data["no_token_id"]]) == ["yes", "no"]
     assert generative.parity["fp32"]["value"] <= 1e-3 and generative.parity["fp32"]["same_order"]
 
 
-def test_generative_score_is_yes_minus_no_logit(generative: ExportResult, generative_dir: Path) -> None:
-    """Against the full causal LM, one unpadded pair at a time."""
-    data = metadata(generative)
+def test_generative_score_is_the_mean_log_probability_of_the_query(
+    generative: ExportResult, generative_dir: Path
+) -> None:
+    """Against the full causal LM, one unpadded pair at a time, with logits at every position."""
     tokenizer = ModelTokenizer.from_version_dir(generative.version_dir)
     model = AutoModelForCausalLM.from_pretrained(generative_dir).eval()  # type: ignore[no-untyped-call]
     expected = []
     for query, passage in PAIRS:
+        encoding = tokenizer.encode_pair(query, passage)
+        query_ids = tokenizer._ids(query)
+        assert encoding.ids[-len(query_ids) :] == query_ids
+        assert encoding.type_ids == [0] * (len(encoding.ids) - len(query_ids)) + [1] * len(query_ids)
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([tokenizer.encode_pair(query, passage).ids])).logits[0, -1]
-        expected.append(float(logits[data["yes_token_id"]] - logits[data["no_token_id"]]))
+            log_probs = model(input_ids=torch.tensor([encoding.ids])).logits[0].log_softmax(dim=-1)
+        start = len(encoding.ids) - len(query_ids)
+        expected.append(
+            float(np.mean([float(log_probs[p - 1, encoding.ids[p]]) for p in range(start, len(encoding.ids))]))
+        )
     np.testing.assert_allclose(onnx_scores(generative.version_dir, PAIRS)[:, 0], expected, atol=1e-5)
+
+
+def test_query_likelihood_graph_matches_a_plain_computation(generative_dir: Path) -> None:
+    """The graph over a right-padded batch, with query marks of different lengths, against log-probabilities
+    computed row by row from the whole vocabulary at every position."""
+    model = AutoModelForCausalLM.from_pretrained(generative_dir).eval()  # type: ignore[no-untyped-call]
+    graph = build_graph("generative_query_likelihood", model)
+    generator = torch.Generator().manual_seed(0)
+    lengths, query_lengths = [9, 14, 5], [3, 1, 4]
+    ids = torch.full((3, max(lengths)), 2, dtype=torch.int64)
+    mask, marks = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (length, query) in enumerate(zip(lengths, query_lengths, strict=True)):
+        ids[row, :length] = torch.randint(3, 1000, (length,), generator=generator)
+        mask[row, :length] = 1
+        marks[row, length - query : length] = 1
+    with torch.inference_mode():
+        scores = graph(ids, mask, marks)[:, 0]
+        expected = []
+        for row, (length, query) in enumerate(zip(lengths, query_lengths, strict=True)):
+            log_probs = model(input_ids=ids[row : row + 1, :length]).logits[0].log_softmax(dim=-1)
+            targets = range(length - query, length)
+            expected.append(sum(float(log_probs[p - 1, ids[row, p]]) for p in targets) / query)
+    assert scores.shape == (3,)
+    np.testing.assert_allclose(scores.numpy(), expected, atol=1e-5)
 
 
 def test_reranker_int8_is_reported_not_judged(cross_encoder_dir: Path, tmp_path: Path) -> None:

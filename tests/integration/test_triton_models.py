@@ -18,7 +18,6 @@ from tritonclient.utils import InferenceServerException
 from tests import reference
 from tests.serving import embed, rerank, running_triton, text_input
 from tritonrag.deploy.launcher import TritonLaunchError, TritonServer
-from tritonrag.export.runtime.encoding import ModelMetadata
 
 SENTENCES = [
     "Hi.",
@@ -70,9 +69,8 @@ def test_generative_reranker_scores_equal_pytorch(
     tiny_client: grpcclient.InferenceServerClient, tiny_sources: dict[str, Path], tiny_repository: Path
 ) -> None:
     version_dir = tiny_repository / "reranker_generative" / "1"
-    metadata = ModelMetadata.read(version_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_sources["generative"])
-    scorer = reference.YesNoReference(model, version_dir, metadata.extra["yes_token_id"], metadata.extra["no_token_id"])
+    scorer = reference.QueryLikelihoodReference(model, version_dir)
     queries, passages = zip(*PAIRS, strict=True)
     # One request with rows of different lengths: padding must not change any row's score.
     inputs = [text_input("QUERY", queries), text_input("PASSAGE", passages)]

@@ -14,7 +14,7 @@ from tritonrag.export.runtime.encoding import InputError, ModelMetadata, ModelTo
 def _tokenizer(minilm_dir: Path, max_length: int = 16, prompt: PromptTemplate | None = None) -> ModelTokenizer:
     metadata = ModelMetadata(
         task="reranker" if prompt else "embedder",
-        head="generative_yes_no" if prompt else "mean_pool",
+        head="generative_query_likelihood" if prompt else "mean_pool",
         max_sequence_length=max_length,
         inputs=("input_ids", "attention_mask", "token_type_ids"),
         pad_token_id=0,
@@ -54,16 +54,34 @@ def test_pair_truncates_only_the_passage(minilm_dir: Path) -> None:
     assert enc.type_ids == [0] * 5 + [1] * 5
 
 
-def test_prompt_fills_slots_and_cuts_the_passage_first(minilm_dir: Path) -> None:
-    prompt = PromptTemplate("query : {query} passage : {passage} relevant ?")
+def test_prompt_marks_the_query_tokens_and_cuts_the_passage_first(minilm_dir: Path) -> None:
+    prompt = PromptTemplate("passage : {passage} query : {query}")
     tok = _tokenizer(minilm_dir, max_length=12, prompt=prompt)
-    short = tok.encode_pair("paris", "france")
-    assert tok._tokenizer.decode(short.ids) == "query : paris passage : france relevant?"
-    long = tok.encode_pair("paris", "one two three four five six seven eight")
-    assert len(long.ids) == 12
-    assert tok._tokenizer.decode(long.ids) == "query : paris passage : one two three four five relevant?"
+    short = tok.encode_pair("capital city", "france")
+    assert tok._tokenizer.decode(short.ids) == "passage : france query : capital city"
+    assert short.type_ids == [0] * 5 + [1] * 2  # the query's two tokens are the ones scored
+    long = tok.encode_pair("capital city", "one two three four five six seven eight")
+    assert len(long.ids) == 12 and long.type_ids == [0] * 10 + [1] * 2
+    assert tok._tokenizer.decode(long.ids) == "passage : one two three four five six query : capital city"
     with pytest.raises(InputError, match="over the model's limit of 12"):
-        tok.encode_pair("paris", "one two three four five six seven eight", truncate=False)
+        tok.encode_pair("capital city", "one two three four five six seven eight", truncate=False)
+
+
+def test_a_long_query_is_cut_only_past_half_the_room(minilm_dir: Path) -> None:
+    tok = _tokenizer(minilm_dir, max_length=12, prompt=PromptTemplate("passage : {passage} query : {query}"))
+    # 8 tokens of room: the passage keeps half, the query the rest, cut at its end.
+    encoding = tok.encode_pair("one two three four five six seven", "alpha beta gamma delta epsilon")
+    assert len(encoding.ids) == 12 and encoding.type_ids == [0] * 8 + [1] * 4
+    assert tok._tokenizer.decode(encoding.ids) == "passage : alpha beta gamma delta query : one two three four"
+    # A short passage leaves its unused room to the query.
+    encoding = tok.encode_pair("one two three four five six seven", "alpha")
+    assert encoding.type_ids == [0] * 5 + [1] * 7
+
+
+def test_prompt_must_end_at_the_query(minilm_dir: Path) -> None:
+    tok = _tokenizer(minilm_dir, prompt=PromptTemplate("passage : {passage} query : {query} end"))
+    with pytest.raises(ValueError, match="must end at the query slot"):
+        tok.encode_pair("capital", "france")
 
 
 def test_pad_right_pads_to_the_longest_row(minilm_dir: Path) -> None:
