@@ -234,7 +234,7 @@ class SearchRequest(Strict):
     mode: SearchMode = SearchMode.hybrid
     filters: Filter | None = None
     rerank: bool = False
-    rerank_top_n: int = Field(50, ge=1, le=200)
+    rerank_top_n: int = Field(20, ge=1, le=200)
     mmr: Mmr | None = None
     group_by: GroupBy = GroupBy.chunk
     use_cache: bool = True  # false: computed afresh, never served from the cache (the fresh result is stored)

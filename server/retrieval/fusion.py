@@ -20,6 +20,22 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = 60) -> li
     return sorted(scores.items(), key=lambda pair: (-pair[1], pair[0]))
 
 
+def fuse_reranked(retrieved: Sequence[int], scores: Sequence[float], k: int = 60) -> list[tuple[int, float]]:
+    """Reorder ``retrieved`` (best first) by reciprocal rank fusion of that order with the reranker's
+    (``scores[i]`` belongs to ``retrieved[i]``, higher is better).
+
+    Returns ``(id, fused score)`` pairs, best first; ties keep the retrieval order.
+    """
+    if len(scores) != len(retrieved):
+        raise ValueError(f"{len(scores)} scores for {len(retrieved)} ids")
+    by_score = sorted(range(len(retrieved)), key=lambda i: (-scores[i], i))
+    fused = [1.0 / (k + rank) for rank in range(1, len(retrieved) + 1)]
+    for rank, index in enumerate(by_score, start=1):
+        fused[index] += 1.0 / (k + rank)
+    order = sorted(range(len(retrieved)), key=lambda i: (-fused[i], i))
+    return [(retrieved[i], fused[i]) for i in order]
+
+
 def mmr(
     query_vec: npt.NDArray[np.float32],
     candidate_vecs: npt.NDArray[np.float32],

@@ -11,6 +11,7 @@ from tritonrag.clients.wire.schema import GroupBy, SearchMode, SearchRequest, Se
 
 from ..errors import DeadlineExceededError, UnavailableError
 from ..retrieval.collection import Collection, ScoredChunk
+from ..retrieval.fusion import fuse_reranked
 from ..retrieval.registry import CollectionRegistry
 from ..retrieval.stages import Candidates, SearchStages
 from ..telemetry.timing import Timer
@@ -19,6 +20,8 @@ _DOWN = (UnavailableError, DeadlineExceededError)
 # Grouped by document, a search ranks this many chunks per document asked for: k documents are found
 # unless fewer than k appear among them (a few long documents matching everywhere).
 DOCUMENT_DEPTH = 5
+# Rank constant of the fusion of the reranker's order with the retrieval order (see ``_rerank``).
+RERANK_FUSION_K = 60
 
 
 class SearchService:
@@ -102,13 +105,19 @@ class SearchService:
         return found
 
     async def _rerank(self, query: str, found: Candidates, top_n: int, request_id: str | None) -> None:
-        """Order the first ``top_n`` candidates by the reranker; leave the order as is when it is down."""
+        """Score the first ``top_n`` candidates by the reranker and reorder them by reciprocal rank fusion of its
+        order with the retrieval order (a reranker alone can be worse than its input); the later candidates
+        follow as they were. Each reranked chunk keeps its reranker score (``rerank``) and the fused one
+        (``rerank_fused``). A reranker that is down leaves the order as is."""
         candidates = found.order[:top_n]
         try:
             scores = await self._stages.reranking.run(query, [found.chunks[c].text for c in candidates], request_id)
         except _DOWN:
             found.degraded.append("rerank")
             return
+        fused = fuse_reranked(candidates, [float(score) for score in scores], RERANK_FUSION_K)
         for chunk_id, score in zip(candidates, scores, strict=True):
             found.scores[chunk_id]["rerank"] = float(score)
-        found.order = sorted(candidates, key=lambda c: -found.scores[c]["rerank"])
+        for chunk_id, fused_score in fused:
+            found.scores[chunk_id]["rerank_fused"] = fused_score
+        found.order = [chunk_id for chunk_id, _ in fused] + found.order[top_n:]

@@ -272,8 +272,13 @@ def test_rerank_reorders_and_a_down_reranker_keeps_the_retrieval_order(
 ) -> None:
     services, _ = services_and_pool
     ids, _, scores = run_search(services, query="pets", mode="dense", top_k=3, rerank=True)
-    assert ids == ["dogs", "tea", "cats"]  # the stand-in reranker prefers long passages
-    assert [s["rerank"] for s in scores] == sorted((s["rerank"] for s in scores), reverse=True)
+    dense = dict(zip(ids, (s["dense"] for s in scores), strict=True))
+    assert sorted(dense, key=lambda doc_id: -dense[doc_id]) == ["cats", "tea", "dogs"]  # the retrieval order
+    # The stand-in reranker prefers long passages (dogs, tea, cats); fused with the retrieval order, cats and
+    # dogs tie above tea, in retrieval order.
+    assert ids == ["cats", "dogs", "tea"]
+    assert [s["rerank_fused"] for s in scores] == sorted((s["rerank_fused"] for s in scores), reverse=True)
+    assert [s["rerank"] for s in scores] == [28.0, 60.0, 45.0]  # the reranker's own scores (lengths) are kept
 
 
 def test_a_down_reranker_is_reported(services_and_pool: tuple[Services, StandInPool]) -> None:
@@ -377,13 +382,13 @@ def test_passages_that_do_not_fit_the_window_are_dropped(
     def cost(citation: int, doc_id: str) -> int:
         return window.count(passage_line(citation, texts[doc_id]) + "\n")
 
-    assert cost(2, "tea") > cost(2, "cats")
+    assert cost(2, "dogs") > cost(2, "tea")
     frame = window.count(window.render(grounded_messages("pets", [])))
-    write_generator(tmp_path / "repository", frame + 64 + cost(1, "dogs") + cost(2, "cats"))
+    write_generator(tmp_path / "repository", frame + 64 + cost(1, "cats") + cost(2, "tea"))
     request = query(query="pets", mode="dense", top_k=3, rerank=True, sampling={"max_tokens": 64})
     response: QueryResponse = answer(services, lambda c: c.answers.query(request))
-    # The reranker ranks dogs, tea, cats: tea does not fit after dogs, cats still does.
-    assert [(s.citation, s.doc_id) for s in response.sources] == [(1, "dogs"), (2, "cats")]
+    # Reranked (fused with the retrieval order): cats, dogs, tea. Dogs does not fit after cats, tea still does.
+    assert [(s.citation, s.doc_id) for s in response.sources] == [(1, "cats"), (2, "tea")]
     assert response.dropped_passages == 1 and "rerank" in response.timings_ms
     assert pool.generations[0].params.max_tokens == 64
 
@@ -702,7 +707,7 @@ SEARCH_VARIANTS: list[dict[str, Any]] = [
     {"filters": {"field": "kind", "op": "eq", "value": "drink"}},
     {"filters": {"or": [{"field": "kind", "op": "eq", "value": "pet"}]}},
     {"rerank": True},
-    {"rerank": True, "rerank_top_n": 20},
+    {"rerank": True, "rerank_top_n": 10},
     {"mmr": {"lambda": 0.5}},
     {"mmr": {"lambda": 0.7}},
 ]
