@@ -107,8 +107,8 @@ class SearchService:
     async def _rerank(self, query: str, found: Candidates, top_n: int, request_id: str | None) -> None:
         """Score the first ``top_n`` candidates by the reranker and reorder them by reciprocal rank fusion of its
         order with the retrieval order (a reranker alone can be worse than its input); the later candidates
-        follow as they were. Each reranked chunk keeps its reranker score (``rerank``) and the fused one
-        (``rerank_fused``). A reranker that is down leaves the order as is."""
+        follow as they were. Each reranked chunk gets the fused score (``rerank``, the hit's score) and the
+        reranker's own (``reranker``). A reranker that is down leaves the order as is."""
         candidates = found.order[:top_n]
         try:
             scores = await self._stages.reranking.run(query, [found.chunks[c].text for c in candidates], request_id)
@@ -117,7 +117,7 @@ class SearchService:
             return
         fused = fuse_reranked(candidates, [float(score) for score in scores], RERANK_FUSION_K)
         for chunk_id, score in zip(candidates, scores, strict=True):
-            found.scores[chunk_id]["rerank"] = float(score)
+            found.scores[chunk_id]["reranker"] = float(score)
         for chunk_id, fused_score in fused:
-            found.scores[chunk_id]["rerank_fused"] = fused_score
+            found.scores[chunk_id]["rerank"] = fused_score
         found.order = [chunk_id for chunk_id, _ in fused] + found.order[top_n:]

@@ -75,9 +75,9 @@ def test_rerank_fuses_the_first_top_n_and_keeps_the_rest_in_place() -> None:
     assert reranking.asked == [["a", "b", "c"]]  # only the first top_n are scored
     expected = fuse_reranked([0, 1, 2], [-3.0, -2.0, -1.0], RERANK_FUSION_K)
     assert found.order == [chunk_id for chunk_id, _ in expected] + [3, 4]
-    assert [found.scores[c]["rerank"] for c in range(3)] == [-3.0, -2.0, -1.0]
-    assert [found.scores[c]["rerank_fused"] for c, _ in expected] == [score for _, score in expected]
-    assert "rerank" not in found.scores[3] and not found.degraded
+    assert [found.scores[c]["reranker"] for c in range(3)] == [-3.0, -2.0, -1.0]
+    assert [found.scores[c]["rerank"] for c, _ in expected] == [score for _, score in expected]
+    assert "rerank" not in found.scores[3] and "reranker" not in found.scores[3] and not found.degraded
 
 
 def test_a_down_reranker_leaves_the_order_and_is_reported() -> None:

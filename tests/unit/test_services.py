@@ -277,8 +277,8 @@ def test_rerank_reorders_and_a_down_reranker_keeps_the_retrieval_order(
     # The stand-in reranker prefers long passages (dogs, tea, cats); fused with the retrieval order, cats and
     # dogs tie above tea, in retrieval order.
     assert ids == ["cats", "dogs", "tea"]
-    assert [s["rerank_fused"] for s in scores] == sorted((s["rerank_fused"] for s in scores), reverse=True)
-    assert [s["rerank"] for s in scores] == [28.0, 60.0, 45.0]  # the reranker's own scores (lengths) are kept
+    assert [s["rerank"] for s in scores] == sorted((s["rerank"] for s in scores), reverse=True)
+    assert [s["reranker"] for s in scores] == [28.0, 60.0, 45.0]  # the reranker's own scores (lengths) are kept
 
 
 def test_a_down_reranker_is_reported(services_and_pool: tuple[Services, StandInPool]) -> None:
