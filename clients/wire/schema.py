@@ -90,11 +90,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ChunkHeader(Strict):
+    """A short header from a chunk's document, put before the chunk's text where the chunk is embedded and
+    indexed (never in the stored or returned text): the document's ``metadata_field`` when it is text, else
+    (``first_line``) its first non-blank line, on one line, cut at ``max_tokens`` embedder tokens. No header:
+    ``metadata_field`` null (or "") and ``first_line`` false."""
+
+    metadata_field: str | None = Field("title", max_length=64)
+    first_line: bool = True
+    max_tokens: int = Field(32, ge=1, le=64)
+
+
+NO_HEADER = ChunkHeader(metadata_field=None, first_line=False)
+
+
 class Chunking(Strict):
-    """How documents are cut: windows of the embedder's tokens, with overlap."""
+    """How documents are cut: windows of the embedder's tokens, with overlap. A header's tokens count toward
+    ``chunk_tokens`` (a header is cut at a quarter of them, and to leave a window longer than the overlap)."""
 
     chunk_tokens: int = Field(200, ge=16, le=512)
     overlap_tokens: int = Field(40, ge=0, le=256)
+    header: ChunkHeader = ChunkHeader()
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> Chunking:
@@ -223,6 +239,33 @@ class GroupBy(StrEnum):
     document = "document"
 
 
+class FusionMethod(StrEnum):
+    """How a hybrid search merges its rankings: reciprocal rank fusion, or a weighted sum of scores
+    normalised per ranking (min-max to [0, 1], or z-scores)."""
+
+    rrf = "rrf"
+    minmax = "minmax"
+    zscore = "zscore"
+
+
+class Fusion(Strict):
+    """The fusion method and each ranking's weight: ``dense`` (vector similarity), ``sparse`` (BM25 of
+    chunks) and ``document`` (BM25 of whole documents, each chunk ranked as its document). A weight of 0
+    leaves its ranking out; a dense search uses its one ranking, a sparse one the two lexical rankings.
+    The defaults were chosen on two evaluation sets (docs/BENCHMARKS.md, "Retrieval quality")."""
+
+    method: FusionMethod = FusionMethod.zscore
+    dense: float = Field(0.6, ge=0.0, le=1.0)
+    sparse: float = Field(0.4, ge=0.0, le=1.0)
+    document: float = Field(0.2, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Fusion:
+        if self.dense + self.sparse + self.document <= 0:
+            raise ValueError("at least one fusion weight must be above 0")
+        return self
+
+
 class Mmr(Strict):
     lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0)
 
@@ -232,6 +275,7 @@ class SearchRequest(Strict):
     query: QueryText
     top_k: int = Field(10, ge=1, le=100)
     mode: SearchMode = SearchMode.hybrid
+    fusion: Fusion = Fusion()
     filters: Filter | None = None
     rerank: bool = False
     rerank_top_n: int = Field(20, ge=1, le=200)
@@ -342,6 +386,7 @@ class Grounding(Strict):
     collection: str = Field(pattern=NAME_PATTERN)
     top_k: int = Field(5, ge=1, le=50)  # passages retrieved and offered to the generator, best first
     mode: SearchMode = SearchMode.hybrid
+    fusion: Fusion = Fusion()
     filters: Filter | None = None
     rerank: bool = False
 

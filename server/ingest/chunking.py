@@ -10,9 +10,11 @@ character that belongs to a token lies in some span.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from tokenizers import Tokenizer
 
+from tritonrag.clients.wire.schema import ChunkHeader, DocumentIn, Metadata
 from tritonrag.export.runtime.contract import TOKENIZER_FILE
 from tritonrag.server.store.documents import ChunkSpan  # what the store keeps of a chunk
 
@@ -20,6 +22,13 @@ _SENTENCE_ENDS = frozenset(".!?;:\u3002\uff01\uff1f")  # with the ideographic fu
 
 # How good a cut between two tokens is: the higher, the better. Byte-level tokens may share a character.
 _INSIDE_CHARACTER, _INSIDE_WORD, _BETWEEN_WORDS, _SENTENCE_END = -1, 0, 1, 2
+
+
+class DocumentChunks(NamedTuple):
+    """A document's chunk header ("" when none) and its chunks."""
+
+    header: str
+    spans: list[ChunkSpan]
 
 
 class Chunker:
@@ -43,16 +52,37 @@ class Chunker:
         """A chunker with the tokenizer of an exported model version."""
         return cls(Tokenizer.from_file(str(version_dir / TOKENIZER_FILE)), chunk_tokens, overlap_tokens)
 
-    def chunk(self, text: str) -> list[ChunkSpan]:
-        """The chunks of ``text`` in order; none when it has no tokens."""
-        encoding = self._tokenizer.encode(text, add_special_tokens=False)
-        offsets = [(start, end) for start, end in encoding.offsets if end > start]
+    def chunk_document(self, document: DocumentIn, header: ChunkHeader) -> DocumentChunks:
+        """A document's header under ``header`` and its chunks, each with room for the header."""
+        line = self.header(header, document.text, document.metadata)
+        return DocumentChunks(line, self.chunk(document.text, line))
+
+    def header(self, spec: ChunkHeader, text: str, metadata: Metadata) -> str:
+        """A document's chunk header under ``spec`` (see `ChunkHeader`): one line, cut at ``spec.max_tokens``
+        tokens, a quarter of ``chunk_tokens``, and what leaves a window longer than the overlap; "" when there
+        is none."""
+        value = metadata.get(spec.metadata_field) if spec.metadata_field else None
+        if not isinstance(value, str) or not value.strip():
+            value = next((line for line in text.splitlines() if line.strip()), "") if spec.first_line else ""
+        line = " ".join(value.split())
+        # At most a quarter of the window, and never so much that the window is no longer than the overlap.
+        budget = min(spec.max_tokens, self.chunk_tokens // 4, self.chunk_tokens - self.overlap_tokens - 2)
+        if budget < 1:
+            return ""
+        offsets = self._offsets(line)
+        return line if len(offsets) <= budget else line[: offsets[budget - 1][1]]
+
+    def chunk(self, text: str, header: str = "") -> list[ChunkSpan]:
+        """The chunks of ``text`` in order (none when it has no tokens), each with room for ``header`` and a line
+        break before it."""
+        offsets = self._offsets(text)
+        window = self.chunk_tokens - (len(self._offsets(header)) + 1 if header else 0)
         spans: list[ChunkSpan] = []
         first = 0
         while first < len(offsets):
-            stop = min(first + self.chunk_tokens, len(offsets))
+            stop = min(first + window, len(offsets))
             if stop < len(offsets):
-                stop = self._best_cut(text, offsets, first, stop)
+                stop = self._best_cut(text, offsets, first, stop, window)
             start = min(s for s, _ in offsets[first:stop])
             end = max(e for _, e in offsets[first:stop])
             spans.append(ChunkSpan(text[start:end], start, end))
@@ -61,9 +91,14 @@ class Chunker:
             first = self._next_start(text, offsets, first, stop)
         return spans
 
-    def _best_cut(self, text: str, offsets: list[tuple[int, int]], first: int, stop: int) -> int:
+    def _offsets(self, text: str) -> list[tuple[int, int]]:
+        """The character span of each token of ``text`` that covers any."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return [(start, end) for start, end in encoding.offsets if end > start]
+
+    def _best_cut(self, text: str, offsets: list[tuple[int, int]], first: int, stop: int, window: int) -> int:
         """The latest best cut in the second half of the window ``[first, stop)`` (and past the overlap)."""
-        earliest = first + max(self.overlap_tokens + 1, self.chunk_tokens // 2)
+        earliest = first + max(self.overlap_tokens + 1, window // 2)
         best, best_quality = stop, _cut_quality(text, offsets, stop)
         for cut in range(stop - 1, earliest - 1, -1):
             if best_quality == _SENTENCE_END:

@@ -1,17 +1,18 @@
 """`Collection`: one collection's store and derived indexes behind one readers-writer lock.
 
-Writes run one at a time. A write's change is made in an SQLite transaction and committed to the
-lexical index while searches go on; then, under the write lock, the SQLite commit (the
-acknowledgement point), the change to FAISS, and the lexical commit and new revision made what
-searches see: a search (under the read lock) sees the store and both indexes at one revision, and
-waits for milliseconds rather than for the lexical index's file syncs. A crash between the two
-commits leaves ids that reconciliation removes. FAISS snapshots are written every
-``snapshot_interval_s`` (after a write) and on `close`. On `open`,
-FAISS is loaded from its snapshot (or started empty if the file is missing or corrupt), the
-lexical index from its directory (or started empty if unreadable), and both are reconciled with
-the store by chunk id: chunk ids are never reused, so the ids the store has and an index lacks
-are added, and the ids an index has and the store lacks are removed. A restart therefore serves
-exactly what was committed before it.
+The derived indexes: FAISS over chunk vectors, BM25 over chunk texts, and BM25 over whole documents
+(keyed by each document's first chunk id). Writes run one at a time. A write's change is made in an
+SQLite transaction and committed to the lexical indexes while searches go on; then, under the write
+lock, the SQLite commit (the acknowledgement point), the change to FAISS, and the lexical commits and
+new revision made what searches see: a search (under the read lock) sees the store and every index at
+one revision, and waits for milliseconds rather than for the lexical indexes' file syncs. A crash
+between the commits leaves ids that reconciliation removes. FAISS snapshots are written every
+``snapshot_interval_s`` (after a write) and on `close`. On `open`, FAISS is loaded from its snapshot
+(or started empty if the file is missing or corrupt), the lexical indexes from their directories (or
+started empty if unreadable), and each is reconciled with the store by id: chunk ids are never reused
+(so neither are document keys), so the ids the store has and an index lacks are added, and the ids an
+index has and the store lacks are removed. A restart therefore serves exactly what was committed
+before it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 STORE_FILE = "store.sqlite"
 DENSE_FILE = "dense.faiss"
 LEXICAL_DIR = "lexical"
+DOCUMENTS_DIR = "lexical-documents"  # BM25 over whole documents, keyed by their first chunk's id
 FORMER_SPARSE_FILE = "sparse.bm25"  # the lexical snapshot of earlier versions, rebuilt as LEXICAL_DIR
 T = TypeVar("T")
 
@@ -88,6 +90,7 @@ class Collection:
         store: DocumentStore,
         dense: DenseIndex,
         lexical: LexicalIndex,
+        documents: LexicalIndex,
         snapshot_interval_s: float,
     ) -> None:
         """Use `open`."""
@@ -96,6 +99,7 @@ class Collection:
         self._store = store
         self._dense = dense
         self._lexical = lexical
+        self._documents = documents
         self._snapshot_interval_s = snapshot_interval_s
         self._lock = ReadWriteLock()
         self._revision = store.revision
@@ -125,7 +129,8 @@ class Collection:
             lambda: DenseIndex(dimension, spec.index_type, dense_params),
         )
         lexical = LexicalIndex.open_or_empty(directory / LEXICAL_DIR, spec.language)
-        collection = cls(directory, spec, store, dense, lexical, snapshot_interval_s)
+        documents = LexicalIndex.open_or_empty(directory / DOCUMENTS_DIR, spec.language)
+        collection = cls(directory, spec, store, dense, lexical, documents, snapshot_interval_s)
         changed = collection._reconcile()
         if not changed and dense_revision == store.revision:
             collection._saved_revision = store.revision
@@ -170,21 +175,23 @@ class Collection:
     @contextmanager
     def _publishing(self, change: Change) -> Iterator[None]:
         """Around the store's commit of ``change`` (writes come one at a time, the store's own lock):
-        first the lexical index's commit, while searches go on (tens of ms of file syncs); then, under
-        the write lock, the store's commit, FAISS, and what searches see (the lexical commit, the
-        revision). A failed store commit brings the lexical index back to the store."""
+        first the lexical indexes' commits, while searches go on (tens of ms of file syncs); then, under
+        the write lock, the store's commit, FAISS, and what searches see (the lexical commits, the
+        revision). A failed store commit brings the lexical indexes back to the store."""
         self._lexical.write(change.removed, change.added, change.texts)
+        self._documents.write(change.removed, change.document_keys, change.document_texts)
         with self._lock.write():
             try:
                 yield
             except BaseException:
-                self._reconcile_lexical(self._store.chunk_ids())
+                self._reconcile_lexical()
                 raise
             self._dense.remove(change.removed)
             self._dense.add(change.added, change.vectors)
             if self._dense.needs_rebuild():
                 self._dense.rebuild(self._store)
             self._lexical.refresh()
+            self._documents.refresh()
             self._revision = change.revision
 
     def _reconcile(self) -> bool:
@@ -198,12 +205,13 @@ class Collection:
             rebuild = self._dense.needs_rebuild()
             if rebuild:
                 self._dense.rebuild(self._store)
-            lexical_missing, lexical_extra = self._reconcile_lexical(stored)
+            lexical = self._reconcile_lexical()
             self._revision = self._store.revision
-        counts = [len(missing), len(extra), len(lexical_missing), len(lexical_extra)]
+        counts = [len(missing), len(extra), *(len(ids) for ids in lexical)]
         if any(counts) or rebuild:
             logger.info(
-                "collection %s reconciled with its store at revision %d: dense +%d -%d, lexical +%d -%d%s",
+                "collection %s reconciled with its store at revision %d: dense +%d -%d, lexical +%d -%d, "
+                "documents +%d -%d%s",
                 self.name,
                 self._store.revision,
                 *counts,
@@ -211,14 +219,12 @@ class Collection:
             )
         return any(counts) or rebuild
 
-    def _reconcile_lexical(self, stored: IdArray) -> tuple[IdArray, IdArray]:
-        """Bring the lexical index to the ``stored`` chunk ids; returns the ids added and removed."""
-        missing, extra = _difference(stored, self._lexical.ids())
-        batches = list(self._store.iter_texts(missing))
-        ids = np.concatenate([np.empty(0, np.int64), *(batch_ids for batch_ids, _ in batches)])
-        self._lexical.write(extra, ids, [text for _, texts in batches for text in texts])
-        self._lexical.refresh()
-        return missing, extra
+    def _reconcile_lexical(self) -> tuple[IdArray, IdArray, IdArray, IdArray]:
+        """Bring both lexical indexes to the store (chunks by id, documents by key); returns the chunk ids
+        added and removed, then the document keys added and removed."""
+        chunks = _sync(self._lexical, self._store.chunk_ids(), self._store.iter_texts)
+        documents = _sync(self._documents, self._store.document_keys(), self._store.iter_document_texts)
+        return (*chunks, *documents)
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -241,6 +247,20 @@ class Collection:
             allowed = None if doc_query is None else self._store.chunk_ids(doc_query)
             scores, ids = self._lexical.search(query, k, allowed)
         return [ScoredChunk(int(i), float(s)) for s, i in zip(scores, ids, strict=True)]
+
+    def search_documents(self, query: str, k: int, filter: Filter | None = None) -> dict[str, float]:
+        """The ``k`` best documents for ``query`` by BM25 of their whole text, among those matching ``filter``:
+        document id → score."""
+        doc_query = None if filter is None else compile_filter(filter)
+        with self._lock.read():
+            allowed = None if doc_query is None else self._store.chunk_ids(doc_query)
+            scores, keys = self._documents.search(query, k, allowed)
+            owners = self._store.document_of(keys)
+        return {owners[int(key)]: float(score) for score, key in zip(scores, keys, strict=True) if int(key) in owners}
+
+    def documents_of(self, chunk_ids: Sequence[int]) -> dict[int, str]:
+        """The document id of each of ``chunk_ids`` that is stored."""
+        return self._store.document_of(chunk_ids)
 
     def chunks(self, chunk_ids: Sequence[int]) -> list[StoredChunk]:
         """The chunks ``chunk_ids`` (text, offsets, metadata, vector) in that order; missing ids are left out."""
@@ -278,6 +298,19 @@ class Collection:
         with self._snapshot_lock, self._lock.write():
             self._save()
             self._store.close()
+
+
+def _sync(
+    index: LexicalIndex, stored: IdArray, texts: Callable[[IdArray], Iterator[tuple[IdArray, list[str]]]]
+) -> tuple[IdArray, IdArray]:
+    """Bring ``index`` to the ``stored`` ids, reading the missing texts by ``texts``; returns the ids added
+    and removed."""
+    missing, extra = _difference(stored, index.ids())
+    batches = list(texts(missing))
+    ids = np.concatenate([np.empty(0, np.int64), *(batch_ids for batch_ids, _ in batches)])
+    index.write(extra, ids, [text for _, batch in batches for text in batch])
+    index.refresh()
+    return missing, extra
 
 
 def _difference(stored: IdArray, indexed: IdArray) -> tuple[IdArray, IdArray]:

@@ -1,4 +1,5 @@
-"""The stages of a search, each a small object with one ``run`` method: embed → dense / sparse → fuse → rerank → MMR.
+"""The stages of a search, each a small object with one ``run`` method: embed → dense / sparse / document → fuse →
+rerank → MMR.
 
 ``SearchService`` chains them; a cache or a metric wraps one stage without touching the others.
 Stages that call Triton raise its errors (``UnavailableError``, ``DeadlineExceededError``); the
@@ -14,11 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from tritonrag.clients.wire.schema import Filter, GroupBy, SearchHit
+from tritonrag.clients.wire.schema import Filter, Fusion, FusionMethod, GroupBy, SearchHit
 
 from ..routing.triton_pool import TritonPool
 from .collection import Collection, ScoredChunk, StoredChunk
-from .fusion import mmr, reciprocal_rank_fusion
+from .fusion import mmr, normalised_fusion, reciprocal_rank_fusion
 
 Vectors = npt.NDArray[np.float32]
 
@@ -50,17 +51,40 @@ class SparseRetrieval:
         return await asyncio.to_thread(collection.search_sparse, query, depth, filters)
 
 
-class Fusion:
-    """Rankings → one: reciprocal rank fusion of several, or the one as it is."""
+class DocumentRetrieval:
+    """The documents that best match a query's words as whole texts (BM25), given to the candidate chunks:
+    each chunk of such a document is ranked with its document's score."""
+
+    async def run(
+        self, collection: Collection, query: str, candidates: Sequence[int], depth: int, filters: Filter | None
+    ) -> list[ScoredChunk]:
+        def ranking() -> list[ScoredChunk]:
+            scores = collection.search_documents(query, depth, filters)
+            owners = collection.documents_of(candidates) if scores else {}
+            ranked = [ScoredChunk(c, scores[owners[c]]) for c in candidates if owners.get(c) in scores]
+            return sorted(ranked, key=lambda hit: (-hit.score, hit.chunk_id))
+
+        return await asyncio.to_thread(ranking)
+
+
+class RankFusion:
+    """Rankings → one, by the request's method and weights (`Fusion`); one ranking is kept as it is."""
 
     def __init__(self, k: int = 60) -> None:
         self.k = k
 
-    def run(self, rankings: Sequence[Sequence[ScoredChunk]], depth: int) -> list[ScoredChunk]:
-        """The fused top ``depth``; with one ranking, that ranking."""
+    def run(self, rankings: dict[str, list[ScoredChunk]], fusion: Fusion, depth: int) -> list[ScoredChunk]:
+        """The fused top ``depth`` of the rankings named ``dense``, ``sparse`` and ``document``."""
         if len(rankings) == 1:
-            return list(rankings[0])
-        fused = reciprocal_rank_fusion([[hit.chunk_id for hit in ranking] for ranking in rankings], self.k)
+            return next(iter(rankings.values()))
+        lists = list(rankings.values())
+        weights = [getattr(fusion, name) for name in rankings]
+        if fusion.method is FusionMethod.minmax:
+            fused = normalised_fusion(lists, weights, "minmax")
+        elif fusion.method is FusionMethod.zscore:
+            fused = normalised_fusion(lists, weights, "zscore")
+        else:
+            fused = reciprocal_rank_fusion(lists, weights, self.k)
         return [ScoredChunk(chunk_id, score) for chunk_id, score in fused[:depth]]
 
 
@@ -91,14 +115,23 @@ class SearchStages:
     embedding: Embedding
     dense: DenseRetrieval
     sparse: SparseRetrieval
-    fusion: Fusion
+    documents: DocumentRetrieval
+    fusion: RankFusion
     reranking: Reranking
     diversification: Diversification
 
     @classmethod
     def over(cls, pool: TritonPool) -> SearchStages:
         """Every stage, calling Triton through ``pool``."""
-        return cls(Embedding(pool), DenseRetrieval(), SparseRetrieval(), Fusion(), Reranking(pool), Diversification())
+        return cls(
+            Embedding(pool),
+            DenseRetrieval(),
+            SparseRetrieval(),
+            DocumentRetrieval(),
+            RankFusion(),
+            Reranking(pool),
+            Diversification(),
+        )
 
 
 @dataclass
@@ -118,7 +151,7 @@ class Candidates:
 
     def hits(self, top_k: int, group_by: GroupBy = GroupBy.chunk) -> list[SearchHit]:
         """The first ``top_k`` in order (by document: each document's first chunk, its later ones listed);
-        ``score`` is the last stage's score (rerank, rrf, dense or sparse)."""
+        ``score`` is the last stage's score (rerank, fused, dense or sparse)."""
         result: dict[str | int, SearchHit] = {}
         for chunk_id in self.order:
             chunk = self.chunks[chunk_id]
@@ -133,7 +166,7 @@ class Candidates:
 
     def _hit(self, chunk_id: int) -> SearchHit:
         chunk, scores = self.chunks[chunk_id], self.scores[chunk_id]
-        final = next(scores[s] for s in ("rerank", "rrf", "dense", "sparse") if s in scores)
+        final = next(scores[s] for s in ("rerank", "fused", "dense", "sparse") if s in scores)
         return SearchHit(
             doc_id=chunk.doc_id,
             chunk_id=chunk_id,

@@ -187,6 +187,7 @@ class AnswerService:
             query=query,
             top_k=grounding.top_k,
             mode=grounding.mode,
+            fusion=grounding.fusion,
             filters=grounding.filters,
             rerank=grounding.rerank,
         )

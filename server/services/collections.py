@@ -19,11 +19,12 @@ from tritonrag.clients.wire.schema import (
 
 from ..config import IngestSettings
 from ..errors import NotFoundError, PayloadTooLargeError, UnavailableError
+from ..ingest.chunking import DocumentChunks
 from ..ingest.jobs import JobRunner
 from ..retrieval.collection import Collection, PreparedDocument
 from ..retrieval.registry import CollectionRegistry
 from ..retrieval.stages import Embedding
-from ..store.documents import ChunkSpan
+from ..store.documents import with_header
 from .models import ModelService
 
 
@@ -104,29 +105,30 @@ class CollectionService:
 
     # Documents
 
-    async def _chunk(self, collection: Collection, documents: Sequence[DocumentIn]) -> list[list[ChunkSpan]]:
-        """Each document's chunks, cut in a worker thread (a long document takes a while)."""
-        chunker = await self._models.chunker(collection.spec.chunking)
-        return await asyncio.to_thread(lambda: [chunker.chunk(doc.text) for doc in documents])
+    async def _chunk(self, collection: Collection, documents: Sequence[DocumentIn]) -> list[DocumentChunks]:
+        """Each document's header and chunks, cut in a worker thread (a long document takes a while)."""
+        chunking = collection.spec.chunking
+        chunker = await self._models.chunker(chunking)
+        return await asyncio.to_thread(lambda: [chunker.chunk_document(doc, chunking.header) for doc in documents])
 
     async def _prepare(
-        self, collection: Collection, documents: Sequence[DocumentIn], spans: list[list[ChunkSpan]] | None = None
+        self, collection: Collection, documents: Sequence[DocumentIn], chunked: list[DocumentChunks] | None = None
     ) -> list[PreparedDocument]:
-        spans = spans if spans is not None else await self._chunk(collection, documents)
-        texts = [span.text for doc_spans in spans for span in doc_spans]
+        chunked = chunked if chunked is not None else await self._chunk(collection, documents)
+        texts = [with_header(header, span.text) for header, spans in chunked for span in spans]
         vectors = await self._embedding.run(texts, bulk=True)
         prepared, start = [], 0
-        for doc, doc_spans in zip(documents, spans, strict=True):
-            prepared.append(PreparedDocument(doc, doc_spans, vectors[start : start + len(doc_spans)]))
-            start += len(doc_spans)
+        for doc, (header, spans) in zip(documents, chunked, strict=True):
+            prepared.append(PreparedDocument(doc, spans, vectors[start : start + len(spans)], header))
+            start += len(spans)
         return prepared
 
     async def _upsert_now(
-        self, collection_name: str, documents: Sequence[DocumentIn], spans: list[list[ChunkSpan]] | None = None
+        self, collection_name: str, documents: Sequence[DocumentIn], chunked: list[DocumentChunks] | None = None
     ) -> int:
-        """Chunk (unless ``spans`` are given), embed and store ``documents``; returns the chunks written."""
+        """Chunk (unless ``chunked`` is given), embed and store ``documents``; returns the chunks written."""
         collection = await self._registry.get(collection_name)
-        prepared = await self._prepare(collection, documents, spans)
+        prepared = await self._prepare(collection, documents, chunked)
         await asyncio.to_thread(collection.upsert, prepared)
         return sum(len(p.chunks) for p in prepared)
 
@@ -136,9 +138,9 @@ class CollectionService:
         target = await self._registry.get(collection)
         documents = request.documents
         if len(documents) <= self._ingest.inline_max_documents:
-            spans = await self._chunk(target, documents)
-            if sum(map(len, spans)) <= self._ingest.inline_max_chunks:
-                chunks = await self._upsert_now(collection, documents, spans)
+            chunked = await self._chunk(target, documents)
+            if sum(len(spans) for _, spans in chunked) <= self._ingest.inline_max_chunks:
+                chunks = await self._upsert_now(collection, documents, chunked)
                 return UpsertResult(collection=collection, documents=len(documents), chunks=chunks)
         job_id = await self.jobs.submit(collection, documents)
         return UpsertResult(collection=collection, documents=len(documents), chunks=0, job_id=job_id)

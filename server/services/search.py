@@ -25,7 +25,7 @@ RERANK_FUSION_K = 60
 
 
 class SearchService:
-    """Dense, sparse or hybrid retrieval, then reranking and MMR when asked.
+    """Dense, sparse (chunk and document BM25) or hybrid retrieval, then reranking and MMR when asked.
 
     An embedder that cannot answer turns a dense or hybrid search into a BM25 one, and a reranker
     that cannot answer leaves the retrieval order; the response lists the stage in ``degraded``.
@@ -71,8 +71,10 @@ class SearchService:
     async def _retrieve(
         self, collection: Collection, request: SearchRequest, depth: int, timer: Timer, request_id: str | None
     ) -> Candidates:
-        """Dense and/or BM25 top-``depth`` (fused by RRF when both); BM25 alone when the embedder is down."""
-        stages, found, mode = self._stages, Candidates(), request.mode
+        """The top ``depth`` of the rankings the mode and fusion weights ask for (dense; BM25 of chunks; BM25 of
+        whole documents, given to the chunks the others found), fused when there are several; the lexical
+        ones alone when the embedder is down."""
+        stages, found, mode, weights = self._stages, Candidates(), request.mode, request.fusion
         if mode != SearchMode.sparse:
             started = time.perf_counter()
             try:
@@ -82,26 +84,34 @@ class SearchService:
                 mode = SearchMode.sparse
             timer.stage("embed", started)
         started = time.perf_counter()
+        lexical = mode != SearchMode.dense
         rankings: dict[str, list[ScoredChunk]] = {}
-        if found.query_vector is not None:
+        if found.query_vector is not None and (mode == SearchMode.dense or weights.dense > 0):
             part = time.perf_counter()
             rankings["dense"] = await stages.dense.run(collection, found.query_vector, depth, request.filters)
             timer.stage("dense", part)
-        if mode != SearchMode.dense:
+        if lexical and (weights.sparse > 0 or not rankings):
             part = time.perf_counter()
             rankings["sparse"] = await stages.sparse.run(collection, request.query, depth, request.filters)
             timer.stage("sparse", part)
+        if lexical and weights.document > 0:
+            part = time.perf_counter()
+            candidates = list(dict.fromkeys(hit.chunk_id for ranking in rankings.values() for hit in ranking))
+            rankings["document"] = await stages.documents.run(
+                collection, request.query, candidates, depth, request.filters
+            )
+            timer.stage("document", part)
         for stage, ranking in rankings.items():
             found.record(stage, ranking)
         part = time.perf_counter()
-        fused = stages.fusion.run(list(rankings.values()), depth)
+        fused = stages.fusion.run(rankings, weights, depth)
         timer.stage("fuse", part)
-        if len(rankings) == 2:
-            found.record("rrf", fused)
+        if len(rankings) > 1:
+            found.record("fused", fused)
         order = [hit.chunk_id for hit in fused]
         found.chunks = {c.chunk_id: c for c in await asyncio.to_thread(collection.chunks, order)}
         found.order = [chunk_id for chunk_id in order if chunk_id in found.chunks]
-        timer.stage("search", started)  # the whole retrieval: dense, sparse, fuse and reading the chunks
+        timer.stage("search", started)  # the whole retrieval: every ranking, the fusion and reading the chunks
         return found
 
     async def _rerank(self, query: str, found: Candidates, top_n: int, request_id: str | None) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tritonrag.clients.wire.schema import CollectionCreate, DocumentError, JobInfo, JobStatus
+from tritonrag.clients.wire.schema import NO_HEADER, CollectionCreate, DocumentError, JobInfo, JobStatus
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
 from tritonrag.server.store.sqlite import connect, transaction
 
@@ -100,8 +100,11 @@ class Catalog:
             raise AlreadyExistsError(f"collection {spec.name!r} already exists", field="name") from None
 
     def get_collection(self, name: str) -> CollectionCreate:
-        """The spec of the collection ``name``; `NotFoundError` if there is none."""
-        return CollectionCreate.model_validate_json(self._collection_column(name, "spec"))
+        """The spec of the collection ``name``; `NotFoundError` if there is none. A spec from before chunk
+        headers (0.3) has none: its chunks were embedded without."""
+        spec = json.loads(self._collection_column(name, "spec"))
+        spec.setdefault("chunking", {}).setdefault("header", NO_HEADER.model_dump())
+        return CollectionCreate.model_validate(spec)
 
     def collection_created_at(self, name: str) -> float:
         """When the collection ``name`` was created (Unix time); `NotFoundError` if there is none."""

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS documents (
     doc_id TEXT PRIMARY KEY,
     text TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    header TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS chunks (
     chunk_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -64,6 +65,11 @@ CREATE INDEX IF NOT EXISTS doc_metadata_by_doc ON doc_metadata(doc_id);
 UPDATE meta SET key = 'revision' WHERE key = 'generation';  -- the counter's name before 0.2
 INSERT OR IGNORE INTO meta(key, value) VALUES ('revision', 0);
 """
+_CONTENT_QUERIES = {
+    "vector": "SELECT cc.chunk_id, cc.vector FROM chunk_content cc",
+    "text": "SELECT cc.chunk_id, cc.text, d.header FROM chunk_content cc JOIN chunks c USING (chunk_id) "
+    "JOIN documents d USING (doc_id)",
+}
 _INT64_MAX = 2**63 - 1
 _READ_BATCH = 8192
 
@@ -79,11 +85,21 @@ class ChunkSpan:
 
 @dataclass(frozen=True, slots=True)
 class PreparedDocument:
-    """A document ready to store: its chunks and one vector per chunk, ``(len(chunks), dimension)``."""
+    """A document ready to store: its chunks, one vector per chunk, ``(len(chunks), dimension)``, and the header
+    its chunks were embedded with (see `with_header`)."""
 
     document: DocumentIn
     chunks: Sequence[ChunkSpan]
     vectors: FloatMatrix
+    header: str = ""
+
+
+def with_header(header: str, text: str) -> str:
+    """A chunk's (or document's) text as it is embedded and indexed: after its document's header line, unless
+    there is none or the text already starts with it (a document's first chunk, under a first-line header)."""
+    if not header or " ".join(text[: 2 * len(header) + 16].split()).startswith(header):
+        return text
+    return f"{header}\n{text}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +117,12 @@ class StoredChunk:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """What one committed write did, for the derived indexes to apply."""
+    """What one committed write did, for the derived indexes to apply.
+
+    A document is keyed in the document-level index by its first chunk's id (chunk ids are never
+    reused, so a key names one version of one document); ``document_keys`` and ``document_texts`` are
+    the added documents that have chunks. Removed keys are among ``removed``.
+    """
 
     revision: int
     documents: int
@@ -109,6 +130,8 @@ class Change:
     added: IdArray
     vectors: FloatMatrix
     texts: Sequence[str]
+    document_keys: IdArray
+    document_texts: Sequence[str]
 
 
 Publish = Callable[[Change], AbstractContextManager[object]]
@@ -157,6 +180,11 @@ def _metadata_rows(doc_id: str, metadata: Metadata) -> Iterator[tuple[str, str, 
             yield (doc_id, key, *encode_scalar(element))
 
 
+def _content(column: Literal["vector", "text"], row: Sequence[Any]) -> Any:
+    """A ``_CONTENT_QUERIES`` row's vector blob, or its text as indexed."""
+    return with_header(row[2], row[1]) if column == "text" else row[1]
+
+
 def _ids(values: Sequence[int] | IdArray) -> IdArray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
 
@@ -191,6 +219,8 @@ class DocumentStore:
         self._all_readers: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
         self._writer.executescript(_SCHEMA)
+        if "header" not in {row[1] for row in self._writer.execute("PRAGMA table_info(documents)")}:
+            self._writer.execute("ALTER TABLE documents ADD COLUMN header TEXT NOT NULL DEFAULT ''")  # before 0.3
         with transaction(self._writer) as conn:
             conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('dimension', ?)", (dimension,))
             stored = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()[0]
@@ -213,13 +243,13 @@ class DocumentStore:
         if len(set(doc_ids)) != len(doc_ids):
             raise InvalidArgumentError("a document id appears twice in one upsert", field="documents")
         vectors = [self._checked_vectors(prepared) for prepared in documents]
-        texts = [chunk.text for prepared in documents for chunk in prepared.chunks]
+        texts = [with_header(prepared.header, chunk.text) for prepared in documents for chunk in prepared.chunks]
         now = time.time()
         with self._write_lock, transaction(self._writer) as conn:
             removed = self._remove_documents(conn, doc_ids)
             conn.executemany(
-                "INSERT INTO documents(doc_id, text, metadata, updated_at) VALUES (?, ?, ?, ?)",
-                [(p.document.id, p.document.text, json.dumps(p.document.metadata), now) for p in documents],
+                "INSERT INTO documents(doc_id, text, metadata, updated_at, header) VALUES (?, ?, ?, ?, ?)",
+                [(p.document.id, p.document.text, json.dumps(p.document.metadata), now, p.header) for p in documents],
             )
             conn.executemany(
                 "INSERT INTO doc_metadata(doc_id, key, kind, value) VALUES (?, ?, ?, ?)",
@@ -240,7 +270,10 @@ class DocumentStore:
                     for chunk_id, span, row in zip(added.tolist(), spans, matrix, strict=True)
                 ],
             )
-            change = Change(self._bump(conn), len(documents), removed, added, matrix, texts)
+            counts = np.asarray([len(p.chunks) for p in documents], np.int64)
+            keys = added[np.cumsum(counts)[counts > 0] - counts[counts > 0]] if len(added) else _ids([])
+            document_texts = [with_header(p.header, p.document.text) for p in documents if p.chunks]
+            change = Change(self._bump(conn), len(documents), removed, added, matrix, texts, keys, document_texts)
             self._commit(conn, change, publish)
         return change
 
@@ -263,7 +296,7 @@ class DocumentStore:
     def _delete_found(self, conn: sqlite3.Connection, doc_ids: list[str], publish: Publish) -> Change:
         removed = self._remove_documents(conn, doc_ids)
         revision = self._bump(conn) if doc_ids else self._revision
-        change = Change(revision, len(doc_ids), removed, _ids([]), self._no_vectors(), [])
+        change = Change(revision, len(doc_ids), removed, _ids([]), self._no_vectors(), [], _ids([]), [])
         self._commit(conn, change, publish)
         return change
 
@@ -356,6 +389,36 @@ class DocumentStore:
         with self._reader() as conn:
             return np.fromiter((row[0] for row in conn.execute(sql, params)), dtype=np.int64)
 
+    def document_keys(self) -> IdArray:
+        """Each document's key (its first chunk's id), ascending; documents without chunks have none."""
+        with self._reader() as conn:
+            rows = conn.execute("SELECT min(chunk_id) AS key FROM chunks GROUP BY doc_id ORDER BY key")
+            return np.fromiter((row[0] for row in rows), dtype=np.int64)
+
+    def iter_document_texts(self, keys: IdArray) -> Iterator[tuple[IdArray, list[str]]]:
+        """``(keys, texts)`` batches of the documents keyed ``keys`` (first chunk ids; other ids are left out),
+        ascending, each text as it is indexed (`with_header`)."""
+        ordered = np.sort(_ids(keys))
+        for start in range(0, len(ordered), _READ_BATCH):
+            batch = ordered[start : start + _READ_BATCH]
+            with self._reader() as conn:
+                rows = conn.execute(
+                    "SELECT c.chunk_id, d.header, d.text FROM chunks c JOIN documents d USING (doc_id) "
+                    "WHERE c.chunk_id IN (SELECT value FROM json_each(?)) "
+                    "AND c.chunk_id = (SELECT min(chunk_id) FROM chunks WHERE doc_id = c.doc_id) ORDER BY c.chunk_id",
+                    (_json_list(batch),),
+                ).fetchall()
+            yield _ids([row[0] for row in rows]), [with_header(header, text) for _, header, text in rows]
+
+    def document_of(self, chunk_ids: Sequence[int] | IdArray) -> dict[int, str]:
+        """The document id of each stored chunk of ``chunk_ids``."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT chunk_id, doc_id FROM chunks WHERE chunk_id IN (SELECT value FROM json_each(?))",
+                (_json_list(_ids(chunk_ids)),),
+            ).fetchall()
+        return dict(rows)
+
     def counts(self) -> tuple[int, int]:
         """``(documents, chunks)``."""
         with self._reader() as conn:
@@ -381,28 +444,29 @@ class DocumentStore:
             yield ids_, np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dimension)
 
     def iter_texts(self, ids: IdArray | None = None) -> Iterator[tuple[IdArray, list[str]]]:
-        """``(ids, texts)`` batches of the chunks ``ids`` (all chunks when None), ascending by id."""
+        """``(ids, texts)`` batches of the chunks ``ids`` (all chunks when None), ascending by id, each text as it
+        is indexed (`with_header`)."""
         yield from self._iter_content("text", ids)
 
     def _iter_content(
         self, column: Literal["vector", "text"], ids: IdArray | None
     ) -> Iterator[tuple[IdArray, list[Any]]]:
+        select = _CONTENT_QUERIES[column]
         if ids is None:
             with self._reader() as conn:
-                cursor = conn.execute(f"SELECT chunk_id, {column} FROM chunk_content ORDER BY chunk_id")
+                cursor = conn.execute(f"{select} ORDER BY cc.chunk_id")
                 while rows := cursor.fetchmany(_READ_BATCH):
-                    yield _ids([row[0] for row in rows]), [row[1] for row in rows]
+                    yield _ids([row[0] for row in rows]), [_content(column, row) for row in rows]
             return
         ordered = np.sort(_ids(ids))
         for start in range(0, len(ordered), _READ_BATCH):
             batch = ordered[start : start + _READ_BATCH]
             with self._reader() as conn:
                 rows = conn.execute(
-                    f"SELECT chunk_id, {column} FROM chunk_content "
-                    "WHERE chunk_id IN (SELECT value FROM json_each(?)) ORDER BY chunk_id",
+                    f"{select} WHERE cc.chunk_id IN (SELECT value FROM json_each(?)) ORDER BY cc.chunk_id",
                     (_json_list(batch),),
                 ).fetchall()
-            yield _ids([row[0] for row in rows]), [row[1] for row in rows]
+            yield _ids([row[0] for row in rows]), [_content(column, row) for row in rows]
 
     def _no_vectors(self) -> FloatMatrix:
         return np.empty((0, self.dimension), np.float32)

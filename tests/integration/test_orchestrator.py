@@ -103,7 +103,7 @@ def test_sparse_search_finds_the_matching_document(http: httpx2.Client, cities: 
     assert hits[0]["doc_id"] == "berlin"
     assert hits[0]["text"] == DOCS[1]["text"] and (hits[0]["start"], hits[0]["end"]) == (0, len(DOCS[1]["text"]))
     assert hits[0]["metadata"] == {"year": 2021, "lang": "en"}
-    assert set(hits[0]["scores"]) == {"sparse"}
+    assert set(hits[0]["scores"]) == {"sparse", "document", "fused"}
 
 
 @pytest.mark.parametrize("mode", ["dense", "hybrid"])
@@ -112,7 +112,7 @@ def test_dense_and_hybrid_return_k_hits_with_stage_scores_and_timings(
 ) -> None:
     result = search(http, collection=cities, query="capital of Germany", mode=mode, top_k=3, rerank=True)
     assert len(result["hits"]) == 3
-    expected_stages = {"dense", "rerank"} if mode == "dense" else {"rrf", "rerank"}
+    expected_stages = {"dense", "rerank"} if mode == "dense" else {"fused", "rerank"}
     assert all(expected_stages <= set(hit["scores"]) for hit in result["hits"])
     scores = [hit["score"] for hit in result["hits"]]
     assert scores == sorted(scores, reverse=True) and scores[0] == result["hits"][0]["scores"]["rerank"]

@@ -97,9 +97,14 @@ def event_of(message: pb.QueryEvent) -> QueryEvent:
 
 async def test_collection_lifecycle(stub: pb_grpc.TritonRagAsyncStub) -> None:
     created = await stub.CreateCollection(
-        pb.CreateCollectionRequest(name="news", chunking=pb.Chunking(chunk_tokens=128))
+        pb.CreateCollectionRequest(
+            name="news",
+            chunking=pb.Chunking(chunk_tokens=128, header=pb.ChunkHeader(metadata_field="", first_line=False)),
+        )
     )
     assert (created.name, created.chunking.chunk_tokens, created.chunking.overlap_tokens) == ("news", 128, 40)
+    header = created.chunking.header
+    assert (header.metadata_field, header.first_line, header.max_tokens) == ("", False, 32)
     assert (created.index_type, created.language, created.embedder.version) == ("auto", "english", "1")
     german = await stub.CreateCollection(pb.CreateCollectionRequest(name="nachrichten", language="german"))
     assert german.language == "german"

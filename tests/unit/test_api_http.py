@@ -57,9 +57,10 @@ def news(client: TestClient) -> TestClient:
 
 
 def test_collection_lifecycle(client: TestClient) -> None:
-    created = client.post("/v1/collections", json={"name": "news", "chunking": {"chunk_tokens": 128}})
+    header = {"metadata_field": "headline", "first_line": False, "max_tokens": 16}
+    created = client.post("/v1/collections", json={"name": "news", "chunking": {"chunk_tokens": 128, "header": header}})
     assert created.status_code == 201
-    assert created.json()["chunking"] == {"chunk_tokens": 128, "overlap_tokens": 40}
+    assert created.json()["chunking"] == {"chunk_tokens": 128, "overlap_tokens": 40, "header": header}
     assert (created.json()["index_type"], created.json()["language"]) == ("auto", "english")
 
     duplicate = client.post("/v1/collections", json={"name": "news"})

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from tritonrag.clients.wire.schema import NO_HEADER, ChunkHeader, DocumentIn
 from tritonrag.server.ingest.chunking import Chunker
-from tritonrag.server.store.documents import ChunkSpan
+from tritonrag.server.store.documents import ChunkSpan, with_header
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -144,3 +145,38 @@ def test_text_without_word_boundaries_advances_by_window_minus_overlap(
     spans = Chunker(tokenizer, 64, 16).chunk(text)
     assert len(spans) <= tokens // (64 - 16) + 2
     assert spans[0].start == 0 and spans[-1].end == len(text)
+
+
+def test_the_header_is_the_metadata_field_else_the_first_line_cut_to_its_token_budget(wordpiece: Tokenizer) -> None:
+    chunker = Chunker(wordpiece, 64, 8)
+    text = "\n  \n  Module   json:\tencoder and decoder  \nBody text follows here."
+    assert chunker.header(ChunkHeader(), text, {"title": "  The  JSON\nmodule "}) == "The JSON module"
+    assert chunker.header(ChunkHeader(), text, {"title": 3}) == "Module json: encoder and decoder"  # not text
+    assert (
+        chunker.header(ChunkHeader(metadata_field="name"), text, {"title": "x"}) == "Module json: encoder and decoder"
+    )
+    assert chunker.header(ChunkHeader(first_line=False), text, {}) == ""
+    assert chunker.header(NO_HEADER, text, {"title": "x"}) == ""
+    assert chunker.header(ChunkHeader(max_tokens=4), text, {}) == "Module json:"  # module, j, ##son, :
+    # at most a quarter of the window, and it leaves a window longer than the overlap
+    assert len(token_offsets(wordpiece, Chunker(wordpiece, 40, 4).header(ChunkHeader(), SENTENCES[0] * 3, {}))) == 10
+    assert len(token_offsets(wordpiece, Chunker(wordpiece, 40, 32).header(ChunkHeader(), SENTENCES[0] * 3, {}))) == 6
+
+
+@pytest.mark.parametrize("tokenizer_name", ["wordpiece", "byte_bpe"])
+def test_chunks_leave_room_for_their_header_and_keep_the_original_text(
+    request: pytest.FixtureRequest, tokenizer_name: str
+) -> None:
+    tokenizer: Tokenizer = request.getfixturevalue(tokenizer_name)
+    text = document(5, sentences=80)
+    chunker = Chunker(tokenizer, 96, 8)
+    header, spans = chunker.chunk_document(
+        DocumentIn(id="d", text=text, metadata={"title": "Quick brown foxes"}), ChunkHeader()
+    )
+    assert header == "Quick brown foxes"
+    offsets = token_offsets(tokenizer, text)
+    room = 96 - len(token_offsets(tokenizer, header)) - 1
+    assert all(text[s.start : s.end] == s.text for s in spans)
+    assert max(tokens_in(offsets, s) for s in spans) <= room + (4 if tokenizer_name == "byte_bpe" else 0)
+    assert len(spans) > len(chunker.chunk(text))  # smaller windows: more of them
+    assert all(len(token_offsets(tokenizer, with_header(header, s.text))) <= 96 + 4 for s in spans)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ from tritonrag.clients.wire.schema import (
 )
 from tritonrag.server.config import DenseParams
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
-from tritonrag.server.retrieval.collection import DENSE_FILE, LEXICAL_DIR, Collection
+from tritonrag.server.retrieval.collection import DENSE_FILE, DOCUMENTS_DIR, LEXICAL_DIR, Collection
 from tritonrag.server.store.documents import StoredChunk
 
 PARAMS = DenseParams(nlist=8, nprobe=8, hnsw_m=16, auto_threshold=400, auto_kind=IndexType.ivf)
@@ -58,6 +59,7 @@ def snapshot_of(collection: Collection) -> dict[str, Any]:
         "chunks": collection.info().chunks,
         "dense": collection.search_dense(query, 20),
         "sparse": [(hit.chunk_id, round(hit.score, 3)) for hit in collection.search_sparse("common", 20)],
+        "documents": {doc: round(score, 3) for doc, score in collection.search_documents("common", 20).items()},
         "ids": collection._store.chunk_ids().tolist(),
     }
 
@@ -66,6 +68,7 @@ def assert_indexes_match_store(collection: Collection) -> None:
     stored = collection._store.chunk_ids()
     np.testing.assert_array_equal(collection._dense.ids(), stored)
     np.testing.assert_array_equal(collection._lexical.ids(), stored)
+    np.testing.assert_array_equal(collection._documents.ids(), collection._store.document_keys())
 
 
 # --- filters ----------------------------------------------------------------------------------
@@ -205,6 +208,41 @@ def test_upsert_replaces_a_documents_chunks(collection: Collection) -> None:
     assert collection.info().chunks == 1 and collection.revision == 2
 
 
+def test_documents_are_searched_as_whole_texts_with_filters_before_the_cut(collection: Collection) -> None:
+    collection.upsert(
+        [
+            prepared("owls", ["Owls hunt at night.", "They have soft feathers."], {"kind": "bird"}),
+            prepared("cats", ["Cats hunt mice.", "Cats sleep in the day and hunt at night."], {"kind": "pet"}),
+            prepared("tea", ["Tea is brewed.", "Feathers are not tea."], {"kind": "drink"}),
+        ]
+    )
+    # Across chunks: "night" and "feathers" are in different chunks of "owls", and in one chunk of no document.
+    found = collection.search_documents("night feathers", 10)
+    assert next(iter(found)) == "owls" and set(found) == {"owls", "cats", "tea"}
+    assert found["owls"] > max(found["cats"], found["tea"])
+    assert set(collection.search_documents("night feathers", 10, cond("kind", "in", ["pet", "drink"]))) == {
+        "cats",
+        "tea",
+    }
+    assert list(collection.search_documents("night", 1)) == ["owls"]  # the shorter of the two documents with it
+    collection.upsert([prepared("owls", ["Owls are birds."], {"kind": "bird"}, seed=3)])
+    assert set(collection.search_documents("night", 10)) == {"cats"}
+    collection.delete(["cats"])
+    assert collection.search_documents("night", 10) == {}
+    assert collection.documents_of([1, 5, 7, 999]) == {5: "tea", 7: "owls"}
+
+
+def test_headers_are_indexed_but_never_returned(collection: Collection) -> None:
+    header = "Strix aluco"
+    document = prepared("owl", ["They hunt at night.", "Soft feathers."])
+    collection.upsert([dataclasses.replace(document, header=header)])
+    assert {h.chunk_id for h in collection.search_sparse("strix", 5)} == {1, 2}
+    assert set(collection.search_documents("aluco", 5)) == {"owl"}
+    assert [c.text for c in collection.chunks([1, 2])] == ["They hunt at night.", "Soft feathers."]
+    assert collection.get("owl").text == "They hunt at night. Soft feathers."
+    assert_indexes_match_store(collection)
+
+
 def test_delete_by_id_and_by_filter(collection: Collection) -> None:
     collection.upsert([prepared(f"d{i}", [f"common {i}", "common"], {"even": i % 2 == 0}) for i in range(6)])
     assert collection.delete(["d0", "d1", "nope"]) == 2
@@ -289,12 +327,13 @@ def test_a_damaged_dense_snapshot_is_rebuilt_from_the_store(tmp_path: Path, how:
 
 
 @pytest.mark.parametrize("how", ["missing", "garbage meta", "segments gone"])
-def test_a_damaged_lexical_index_is_rebuilt_from_the_store(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize("index_dir", [LEXICAL_DIR, DOCUMENTS_DIR])
+def test_a_damaged_lexical_index_is_rebuilt_from_the_store(tmp_path: Path, how: str, index_dir: str) -> None:
     collection = open_collection(tmp_path)
     fill(collection, 0, 200)
     before = snapshot_of(collection)
     collection.close()
-    lexical = tmp_path / LEXICAL_DIR
+    lexical = tmp_path / index_dir
     if how == "missing":
         shutil.rmtree(lexical)
     elif how == "garbage meta":
@@ -328,7 +367,8 @@ def test_stale_snapshots_are_reconciled_by_chunk_id(tmp_path: Path) -> None:
     stale = tmp_path / "stale"
     stale.mkdir()
     shutil.copy(tmp_path / DENSE_FILE, stale / DENSE_FILE)
-    shutil.copytree(tmp_path / LEXICAL_DIR, stale / LEXICAL_DIR)
+    for index_dir in (LEXICAL_DIR, DOCUMENTS_DIR):
+        shutil.copytree(tmp_path / index_dir, stale / index_dir)
     fill(collection, 100, 150)  # added after the snapshot
     collection.upsert([prepared("d5", ["replaced"], seed=99)])  # replaced after it
     collection.delete(["d7", "d120"])  # removed after it
@@ -336,8 +376,9 @@ def test_stale_snapshots_are_reconciled_by_chunk_id(tmp_path: Path) -> None:
     collection.close()
     # As if the process died before a newer snapshot, and before the lexical index's later commits.
     shutil.copy(stale / DENSE_FILE, tmp_path / DENSE_FILE)
-    shutil.rmtree(tmp_path / LEXICAL_DIR)
-    shutil.copytree(stale / LEXICAL_DIR, tmp_path / LEXICAL_DIR)
+    for index_dir in (LEXICAL_DIR, DOCUMENTS_DIR):
+        shutil.rmtree(tmp_path / index_dir)
+        shutil.copytree(stale / index_dir, tmp_path / index_dir)
     reopened = open_collection(tmp_path, IndexType.hnsw)
     assert snapshot_of(reopened) == before
     assert_indexes_match_store(reopened)

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
 from tritonrag.clients.wire.schema import (
+    NO_HEADER,
     CacheStats,
     ChatMessage,
     Chunking,
@@ -257,14 +258,68 @@ def run_search(
 def test_hybrid_fuses_both_rankings(services_and_pool: tuple[Services, StandInPool]) -> None:
     ids, degraded, scores = run_search(services_and_pool[0], query="cats purr", mode="hybrid", top_k=3)
     assert ids[0] == "cats" and degraded == []
-    assert {"dense", "sparse", "rrf"} <= set(scores[0])
+    assert {"dense", "sparse", "document", "fused"} <= set(scores[0])
+
+
+@pytest.mark.parametrize("method", ["rrf", "minmax", "zscore"])
+def test_fusion_weights_choose_the_rankings_and_the_method_combines_them(
+    services_and_pool: tuple[Services, StandInPool], method: str
+) -> None:
+    services, _ = services_and_pool
+
+    async def scenario() -> list[SearchResponse]:
+        await services.collections.create_collection(CollectionCreate(name="c"))
+        await services.collections.upsert_documents("c", UpsertRequest(documents=DOCS))
+        responses = []
+        for weights in ((0.0, 1.0, 0.0), (1.0, 1.0, 1.0)):
+            fusion = dict(zip(("dense", "sparse", "document"), weights, strict=True), method=method)
+            request = {"collection": "c", "query": "green tea water", "top_k": 3, "fusion": fusion}
+            responses.append(await services.search.search(SearchRequest.model_validate(request)))
+        await services.close()
+        return responses
+
+    lexical, fused = asyncio.run(scenario())
+    # one ranking: no fusion, and no dense search
+    assert [h.doc_id for h in lexical.hits] == ["tea"] and set(lexical.hits[0].scores) == {"sparse"}
+    assert "dense" not in lexical.timings_ms and "document" not in lexical.timings_ms
+    assert fused.hits[0].doc_id == "tea" and set(fused.hits[0].scores) == {"dense", "sparse", "document", "fused"}
+    assert [h.score for h in fused.hits] == sorted((h.score for h in fused.hits), reverse=True)
+    assert {"dense", "sparse", "document", "fuse"} <= set(fused.timings_ms)
+
+
+def test_chunks_are_embedded_and_indexed_with_their_header_and_returned_without(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, pool = services_and_pool
+    owl = DocumentIn(id="owl", text="Hunts at night.\n\nSoft feathers.", metadata={"title": "Strix aluco"})
+    headless = CollectionCreate(name="plain", chunking=Chunking(header=NO_HEADER))
+
+    async def scenario() -> list[SearchResponse]:
+        for spec in (CollectionCreate(name="c"), headless):
+            await services.collections.create_collection(spec)
+            await services.collections.upsert_documents(spec.name, UpsertRequest(documents=[owl, *DOCS]))
+        responses = []
+        for collection, mode in (("c", "sparse"), ("c", "dense"), ("plain", "sparse")):
+            request = {"collection": collection, "query": "strix aluco", "mode": mode, "top_k": 1}
+            responses.append(await services.search.search(SearchRequest.model_validate(request)))
+        await services.close()
+        return responses
+
+    sparse, dense, plain = asyncio.run(scenario())
+    owl_texts = [text for texts in pool.embedded for text in texts if "night" in text]
+    # the collection with headers, then the one without
+    assert owl_texts == ["Strix aluco\nHunts at night.\n\nSoft feathers.", "Hunts at night.\n\nSoft feathers."]
+    assert "Cats purr and sleep all day." in pool.embedded[1]  # a one-line document is not its header twice
+    for response in (sparse, dense):
+        assert [(h.doc_id, h.text) for h in response.hits] == [("owl", "Hunts at night.\n\nSoft feathers.")]
+    assert plain.hits == []  # the title is in no text
 
 
 def test_embedder_down_falls_back_to_bm25(services_and_pool: tuple[Services, StandInPool]) -> None:
     services, pool = services_and_pool
     ids, degraded, scores = run_search(services, pool, query="green tea", mode="dense", top_k=2)
     assert ids == ["tea"] and degraded == ["embed"]
-    assert set(scores[0]) == {"sparse"}
+    assert set(scores[0]) == {"sparse", "document", "fused"}  # BM25 of chunks and of whole documents
 
 
 def test_rerank_reorders_and_a_down_reranker_keeps_the_retrieval_order(
@@ -314,7 +369,7 @@ def test_group_by_document_returns_k_documents_each_at_its_best_chunk(
     ]
 
     async def scenario() -> tuple[SearchResponse, SearchResponse]:
-        chunking = Chunking(chunk_tokens=32, overlap_tokens=0)
+        chunking = Chunking(chunk_tokens=32, overlap_tokens=0, header=NO_HEADER)
         await services.collections.create_collection(CollectionCreate(name="g", chunking=chunking))
         await services.collections.upsert_documents("g", UpsertRequest(documents=documents))
         asked = {"collection": "g", "query": "owls hunt at night", "mode": "sparse", "top_k": 2}
@@ -366,7 +421,17 @@ def test_query_answers_from_the_packed_passages_and_marks_the_cited_ones(
     assert [s.cited for s in response.sources] == [True, False]
     assert (response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens) == (42, 3, 45)
     assert response.finish_reason == FinishReason.stop and response.dropped_passages == 0 and response.degraded == []
-    assert set(response.timings_ms) == {"embed", "dense", "sparse", "fuse", "search", "pack", "generate", "total"}
+    assert set(response.timings_ms) == {
+        "embed",
+        "dense",
+        "sparse",
+        "document",
+        "fuse",
+        "search",
+        "pack",
+        "generate",
+        "total",
+    }
     [call] = pool.generations
     assert call.messages == grounded_messages("cats purr", [s.text for s in response.sources])
     assert call.prompt is None and call.params.max_tokens == 256 and call.request_id == "request-1" and call.closed
@@ -420,7 +485,17 @@ def test_the_stream_sends_sources_deltas_then_done(services_and_pool: tuple[Serv
     assert sources.type == "sources" and [s.doc_id for s in sources.sources] == ["cats"]
     assert [d.text for d in deltas if d.type == "delta"] == ["Cats purr", " [1]", "."]
     assert done.type == "done" and done.cited == [1] and done.usage.total_tokens == 45
-    assert set(done.timings_ms) == {"embed", "dense", "sparse", "fuse", "search", "pack", "generate", "total"}
+    assert set(done.timings_ms) == {
+        "embed",
+        "dense",
+        "sparse",
+        "document",
+        "fuse",
+        "search",
+        "pack",
+        "generate",
+        "total",
+    }
 
 
 def test_closing_the_stream_closes_the_generation(services_and_pool: tuple[Services, StandInPool]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 
-from tritonrag.clients.wire.schema import CollectionCreate, DocumentError, IndexType, JobStatus
+from tritonrag.clients.wire.schema import NO_HEADER, ChunkHeader, CollectionCreate, DocumentError, IndexType, JobStatus
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
 from tritonrag.server.store.catalog import Catalog
 
@@ -71,3 +72,14 @@ def test_catalog_survives_reopen(tmp_path: Path) -> None:
     reopened = Catalog(tmp_path / "catalog.sqlite")
     assert reopened.get_collection("docs").name == "docs"
     assert reopened.get_job(job.info.id) == job
+
+
+def test_a_spec_from_before_chunk_headers_has_none(catalog: Catalog) -> None:
+    catalog.create_collection(CollectionCreate(name="old"))
+    spec = json.loads(catalog._collection_column("old", "spec"))
+    del spec["chunking"]["header"]
+    with catalog._lock, catalog._conn:
+        catalog._conn.execute("UPDATE collections SET spec = ? WHERE name = 'old'", (json.dumps(spec),))
+    assert catalog.get_collection("old").chunking.header == NO_HEADER
+    catalog.create_collection(CollectionCreate(name="new"))
+    assert catalog.get_collection("new").chunking.header == ChunkHeader()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from tritonrag.clients.wire.schema import DocumentIn, Metadata
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
-from tritonrag.server.store.documents import ChunkSpan, DocumentStore, PreparedDocument, unit_vectors
+from tritonrag.server.store.documents import ChunkSpan, DocumentStore, PreparedDocument, unit_vectors, with_header
 
 DIM = 8
 
@@ -105,3 +107,37 @@ def test_iterators_and_sample(store: DocumentStore) -> None:
     texts = [text for _, batch in store.iter_texts(np.array([4, 1], np.int64)) for text in batch]
     assert texts == ["t0a", "t1b"]
     assert store.sample_vectors(3).shape == (3, DIM) and store.sample_vectors(100).shape == (10, DIM)
+
+
+def test_documents_are_keyed_by_their_first_chunk_and_indexed_texts_carry_the_header(store: DocumentStore) -> None:
+    empty = PreparedDocument(DocumentIn(id="e", text="\u200b"), [], np.empty((0, DIM), np.float32))  # no tokens
+    headed = dataclasses.replace(prepared("b", ["b1", "b2"], seed=2), header="Title B")
+    change = store.upsert([prepared("a", ["a1", "a2", "a3"]), empty, headed])
+    assert change.document_keys.tolist() == [1, 4] and change.document_texts == ["a1 a2 a3", "Title B\nb1 b2"]
+    assert change.texts == ["a1", "a2", "a3", "Title B\nb1", "Title B\nb2"]
+    assert store.document_keys().tolist() == [1, 4]
+    assert [t for _, batch in store.iter_texts(np.array([5, 1], np.int64)) for t in batch] == ["a1", "Title B\nb2"]
+    assert [t for _, batch in store.iter_texts() for t in batch][3:] == ["Title B\nb1", "Title B\nb2"]
+    keys, texts = next(store.iter_document_texts(np.array([4, 1, 2], np.int64)))
+    assert keys.tolist() == [1, 4] and texts == ["a1 a2 a3", "Title B\nb1 b2"]  # 2 is no document's key
+    assert store.document_of([5, 2, 99]) == {5: "b", 2: "a"}
+    assert store.chunks([4])[0].text == "b1" and store.get("b").text == "b1 b2"  # the header is never returned
+    assert store.upsert([prepared("a", ["a4"])]).document_keys.tolist() == [6]
+    assert store.document_keys().tolist() == [4, 6]
+
+
+def test_a_store_from_before_headers_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    DocumentStore(path, DIM).upsert([prepared("a", ["old chunk"])])
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE documents DROP COLUMN header")
+    reopened = DocumentStore(path, DIM)
+    assert [t for _, batch in reopened.iter_texts() for t in batch] == ["old chunk"]
+    reopened.upsert([dataclasses.replace(prepared("b", ["new"]), header="H")])
+    assert [t for _, batch in reopened.iter_texts() for t in batch] == ["old chunk", "H\nnew"]
+
+
+def test_a_text_that_starts_with_its_header_is_not_given_it_twice() -> None:
+    assert with_header("Module  json", "Body") == "Module  json\nBody"
+    assert with_header("Module json", "Module   json:\n\tencoder") == "Module   json:\n\tencoder"
+    assert with_header("", "Body") == "Body"
