@@ -70,7 +70,7 @@ def build_sets(pydoc_count: int | None, seed: int) -> list[KnownItemSet]:
         version_dir(model_repository(None, ["embedder"]), "embedder"), chunking.chunk_tokens, chunking.overlap_tokens
     )
     sets = []
-    stdlib = [(e.module, e.document, e.query) for e in examples()]
+    stdlib = [(e.doc_id, e.document, e.query) for e in examples()]
     pages = sample_documents(pydoc_documents(), pydoc_count, seed)
     pydoc = [(d.id, d.text, d.summary) for d in pages if d.summary]
     for name, documents in (("stdlib", stdlib), ("pydoc", pydoc)):

@@ -1,17 +1,23 @@
-"""Retrieval quality of the search endpoint: nDCG@10, Recall@10 and MRR@10 per retrieval mode.
+"""Retrieval quality of the search endpoint on two labelled sets: nDCG@10, Recall@10 and MRR@10 per configuration.
 
-The labelled set is built offline from the documentation of Python's standard-library modules:
-a module's summary (the first sentence of its docstring) is the query, the rest of its docstring
-is the one relevant document. Docstrings of Python modules are read with ``ast`` (nothing is
-imported); compiled modules are imported for theirs. Modules whose name has a private part, and
-those with a summary under 3 or over 40 words or a remainder under 20 words, are left out.
+Both sets are built offline from text every machine has; each query has one relevant document:
 
-Every document is upserted over HTTP into a fresh collection (default chunking, server-side).
-Each query is searched once per mode of ``--modes`` (default: all) — dense, sparse, hybrid, and
-hybrid+rerank of the top ``RERANK_TOP_N`` — with ``top_k = RERANK_TOP_N``, so that reranking
-reorders exactly the hybrid candidates. Hits are chunks; a document's rank is that of its first
-chunk. Queries run one at a time; the report gives the mean metrics and the per-query latency as
-markdown on stdout. ``--documents`` and ``--queries`` draw smaller sets for a quick run.
+- ``stdlib``: the documentation of Python's standard-library modules. A module's summary (the first
+  sentence of its docstring) is the query, the rest of its docstring the document. Docstrings of Python
+  modules are read with ``ast`` (nothing is imported); compiled modules are imported for theirs. Modules
+  whose name has a private part, and those with a summary under 3 or over 40 words or a remainder under
+  20 words, are left out.
+- ``pydoc``: a sample (``--pydoc-documents``, seed ``--seed``) of ``bench/corpus.py``'s long documents, the
+  ``help()`` pages of modules, classes and functions (a few KB to several hundred KB); a page's summary (the
+  first sentence of its docstring) is the query, the page the document.
+
+Every document is upserted over HTTP with its title in metadata (``title``: the module or object name) into
+two collections of a fresh stack: ``plain`` (no chunk headers) and ``headers`` (the default chunk header:
+the title). Each query is searched once per configuration of ``--modes`` through ``tritonrag eval``'s code
+(``clients/evaluation.py``: documents ranked at their best chunk, top 10, no cache), one at a time; the
+table gives the means and the median latency per query. ``hybrid`` (RRF of dense and chunk BM25 without
+document evidence, on ``plain``) is the baseline of the issue's targets; ``default`` is a search with every
+request default, on the ``headers`` collection. ``--documents`` and ``--queries`` draw smaller sets.
 
 ``--embedder DIR [DIR ...]`` evaluates the given embedder version directories instead of the
 repository's embedder (e.g. an int8 export, or ``bench/int8.py``'s variants), one stack each, in one
@@ -26,57 +32,90 @@ import importlib
 import inspect
 import random
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from corpus import docstrings, stdlib_dir
-from embed import percentiles
+from corpus import docstrings, pydoc_documents, sample_documents, stdlib_dir
 from stack import machine, markdown_table, model_repository, progress, running_stack, split_summary, version_dir
 
-from tritonrag.clients.evaluation import ndcg_at, recall_at, reciprocal_rank_at
+from tritonrag.clients.evaluation import LabelledQuery, ModeResult, evaluate
 from tritonrag.clients.http_client import TritonRagClient
-from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn, SearchMode, SearchRequest
+from tritonrag.clients.wire.schema import (
+    NO_HEADER,
+    ChunkHeader,
+    Chunking,
+    CollectionCreate,
+    DocumentIn,
+    Fusion,
+    FusionMethod,
+    SearchMode,
+    SearchRequest,
+)
 
-COLLECTION = "retrieval-eval"
 CONFIG_TEMPLATE = Path(__file__).resolve().parents[1] / "model_repository" / "embedder" / "config.pbtxt"
-RERANK_TOP_N = 20
 SUMMARY_WORDS = (3, 40)
 MIN_DOCUMENT_WORDS = 20
 UPSERT_BATCH = 32
-# A reranking of 20 chunks takes SmolLM2 seconds on a few CPU cores, more than the default 10 s a
-# Triton call may take: quality is measured here, so the orchestrator waits as long as it takes.
+PYDOC_DOCUMENTS = 600
+# A reranking may take longer than the default 10 s a Triton call may take on a loaded machine: quality is
+# measured here, so the orchestrator waits as long as it takes.
 PATIENT = {"TRITONRAG_ROUTING__ATTEMPT_TIMEOUT_S": "600", "TRITONRAG_ROUTING__REQUEST_TIMEOUT_S": "600"}
+HEADINGS = {"plain": NO_HEADER, "headers": ChunkHeader()}
 
 
 @dataclass(frozen=True)
 class Example:
-    """A module: its summary is the query, the rest of its docstring the relevant document."""
+    """A labelled document: its query (a summary), its text without that summary where it was cut out, its title."""
 
-    module: str
+    doc_id: str
     query: str
     document: str
+    title: str
 
 
 @dataclass(frozen=True)
 class Mode:
-    """A search configuration under test."""
+    """A search configuration under test: the collection (``plain`` or ``headers``) and the request's settings."""
 
     label: str
-    mode: SearchMode
-    rerank: bool
+    collection: str
+    mode: SearchMode = SearchMode.hybrid
+    fusion: Fusion = field(default_factory=Fusion)
+    rerank: bool = False
+
+    def request(self, collection: str) -> SearchRequest:
+        """The search as a template (``evaluate`` sets the query, ``top_k`` and grouping)."""
+        return SearchRequest(collection=collection, query="-", mode=self.mode, fusion=self.fusion, rerank=self.rerank)
 
 
+DEFAULT_WEIGHTS = Fusion()
+CHUNKS_ONLY = Fusion(document=0.0)
 MODES = (
-    Mode("dense", SearchMode.dense, False),
-    Mode("sparse", SearchMode.sparse, False),
-    Mode("hybrid", SearchMode.hybrid, False),
-    Mode("hybrid+rerank", SearchMode.hybrid, True),
+    Mode("dense", "plain", SearchMode.dense),
+    Mode("sparse, chunks only", "plain", SearchMode.sparse, CHUNKS_ONLY),
+    Mode("sparse", "plain", SearchMode.sparse),
+    # The baseline of the targets: reciprocal rank fusion of dense and chunk BM25, as before this version.
+    Mode(
+        "hybrid RRF, chunks only",
+        "plain",
+        SearchMode.hybrid,
+        Fusion(method=FusionMethod.rrf, dense=1, sparse=1, document=0),
+    ),
+    Mode("hybrid RRF", "plain", SearchMode.hybrid, Fusion(method=FusionMethod.rrf, dense=1, sparse=1, document=1)),
+    Mode("hybrid minmax", "plain", SearchMode.hybrid, Fusion(method=FusionMethod.minmax)),
+    Mode("hybrid, chunks only", "plain", SearchMode.hybrid, CHUNKS_ONLY),
+    Mode("hybrid", "plain", SearchMode.hybrid),
+    Mode("dense, headers", "headers", SearchMode.dense),
+    Mode("sparse, headers", "headers", SearchMode.sparse),
+    Mode("default", "headers", SearchMode.hybrid),
+    Mode("default+rerank", "headers", SearchMode.hybrid, rerank=True),
 )
+# The modes of earlier versions of this script, still accepted (bench/int8.py passes them).
+ALIASES = {"hybrid+rerank": "default+rerank"}
+assert all(mode.fusion == DEFAULT_WEIGHTS for mode in MODES if mode.label in ("sparse", "hybrid", "default"))
 
 
 def module_docstrings() -> Iterator[tuple[str, str]]:
@@ -102,13 +141,20 @@ def module_docstrings() -> Iterator[tuple[str, str]]:
 
 
 def examples() -> list[Example]:
-    """The labelled set: one example per module whose summary and remainder are long enough, by module name."""
+    """The ``stdlib`` set: one example per module whose summary and remainder are long enough, by module name."""
     found: dict[str, Example] = {}
     for module, doc in module_docstrings():
         summary, rest = split_summary(doc)
         if SUMMARY_WORDS[0] <= len(summary.split()) <= SUMMARY_WORDS[1] and len(rest.split()) >= MIN_DOCUMENT_WORDS:
-            found.setdefault(module, Example(module, summary, rest))
-    return sorted(found.values(), key=lambda example: example.module)
+            found.setdefault(module, Example(module, summary, rest, module))
+    return sorted(found.values(), key=lambda example: example.doc_id)
+
+
+def pydoc_examples(count: int, seed: int) -> list[Example]:
+    """The ``pydoc`` set: ``count`` pages drawn with ``seed``, those with a summary, by id (``kind:name``)."""
+    pages = [page for page in sample_documents(pydoc_documents(), count, seed) if page.summary]
+    chosen = [Example(page.id, page.summary, page.text, page.id.split(":", 1)[1]) for page in pages]
+    return sorted(chosen, key=lambda example: example.doc_id)
 
 
 def document_ranking(doc_ids: Sequence[str]) -> list[str]:
@@ -116,105 +162,45 @@ def document_ranking(doc_ids: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(doc_ids))
 
 
-@dataclass
-class Result:
-    """One mode over every query: each query's document ranking and its one relevant document."""
-
-    rankings: list[list[str]]
-    relevant: list[str]
-    latencies_ms: list[float]
-    server_ms: dict[str, list[float]]
-
-
-def evaluate(client: TritonRagClient, mode: Mode, queries: Sequence[Example]) -> Result:
-    """Search every query in ``mode``, one at a time, after one unmeasured warm-up search."""
-
-    def search(query: str) -> tuple[list[str], dict[str, float], float]:
-        request = SearchRequest(
-            collection=COLLECTION,
-            query=query,
-            top_k=RERANK_TOP_N,
-            mode=mode.mode,
-            rerank=mode.rerank,
-            rerank_top_n=RERANK_TOP_N,
-        )
-        began = time.perf_counter()
-        response = client.search(request)
-        elapsed = (time.perf_counter() - began) * 1e3
-        if response.degraded:
-            raise RuntimeError(f"{mode.label}: the server skipped {response.degraded}")
-        return [hit.doc_id for hit in response.hits], response.timings_ms, elapsed
-
-    search(queries[0].query)
-    result = Result([], [], [], {})
-    for number, example in enumerate(queries, 1):
-        doc_ids, timings, elapsed = search(example.query)
-        result.rankings.append(document_ranking(doc_ids))
-        result.relevant.append(example.module)
-        result.latencies_ms.append(elapsed)
-        for stage, ms in timings.items():
-            result.server_ms.setdefault(stage, []).append(ms)
-        if number % 10 == 0:
-            progress(f"{mode.label}: {number}/{len(queries)} queries")
-    return result
-
-
-def metric_cells(result: Result) -> list[str]:
-    """nDCG@10, Recall@10, MRR@10 (``tritonrag eval``'s) and the share found among the chunks, as table cells."""
-    pairs = list(zip(result.rankings, ([relevant] for relevant in result.relevant), strict=True))
-    return [
-        f"{statistics.mean(ndcg_at(ranking, relevant) for ranking, relevant in pairs):.3f}",
-        f"{statistics.mean(recall_at(ranking, relevant) for ranking, relevant in pairs):.3f}",
-        f"{statistics.mean(reciprocal_rank_at(ranking, relevant) for ranking, relevant in pairs):.3f}",
-        f"{statistics.mean(recall_at(ranking, relevant, len(ranking)) for ranking, relevant in pairs):.3f}",
-    ]
-
-
-METRICS_HEADER = ["nDCG@10", "Recall@10", "MRR@10", f"found in {RERANK_TOP_N} chunks"]
-
-
-def report(results: dict[str, Result], documents: int, chunks: int, queries: int) -> str:
-    """The markdown report: metrics, client latency and the server's median stage timings per mode."""
-    stages = ["embed", "search", "rerank", "total"]
-    rows = []
-    for label, result in results.items():
-        p50, p95 = percentiles(result.latencies_ms, [50, 95])
-        server = [
-            f"{statistics.median(result.server_ms[stage]):.1f}" if stage in result.server_ms else "-"
-            for stage in stages
-        ]
-        rows.append([label, *metric_cells(result), f"{p50:.1f}", f"{p95:.1f}", *server])
-    header = ["mode", *METRICS_HEADER, "p50 ms", "p95 ms"]
-    header += [f"server {stage} ms" for stage in stages]
-    return "\n".join(
-        [
-            f"{queries} queries over {documents} documents ({chunks} chunks), {RERANK_TOP_N} chunks a search "
-            f"(hybrid+rerank: the hybrid {RERANK_TOP_N} reordered); {machine()}.",
-            "",
-            markdown_table(header, rows),
-        ]
-    )
+def selected(labels: Sequence[str]) -> list[Mode]:
+    """The modes named by ``labels`` (or their former names), in table order."""
+    wanted = {ALIASES.get(label, label) for label in labels}
+    return [mode for mode in MODES if mode.label in wanted]
 
 
 def evaluate_stack(
-    repository: Path, labelled: Sequence[Example], queries: Sequence[Example], modes: Sequence[str], work_dir: Path
-) -> tuple[dict[str, Result], int]:
-    """Index ``labelled`` in a stack started on ``repository`` and search ``queries`` in every mode: the results
-    by mode label, and the chunks indexed."""
-    models = ["embedder", "reranker"] if "hybrid+rerank" in modes else ["embedder"]
+    repository: Path, labelled: Sequence[Example], queries: Sequence[Example], modes: Sequence[Mode], work_dir: Path
+) -> tuple[dict[str, ModeResult], int]:
+    """Index ``labelled`` in a stack started on ``repository`` (one collection per heading the modes use) and
+    search ``queries`` in every mode: the results by mode label, and the chunks of the ``plain`` collection."""
+    models = ["embedder", "reranker"] if any(mode.rerank for mode in modes) else ["embedder"]
+    headings = sorted({mode.collection for mode in modes})
     with (
         running_stack(repository, models, work_dir / "data", work_dir, **PATIENT) as stack,
         TritonRagClient(stack.orchestrator.http_url, timeout_s=600) as client,
     ):
-        client.create_collection(CollectionCreate(name=COLLECTION))
-        chunks = 0
-        for first in range(0, len(labelled), UPSERT_BATCH):
-            batch = labelled[first : first + UPSERT_BATCH]
-            documents = [DocumentIn(id=example.module, text=example.document) for example in batch]
-            chunks += client.upsert(COLLECTION, documents).chunks
-        progress(f"indexed {len(labelled)} documents as {chunks} chunks")
-        results = {mode.label: evaluate(client, mode, queries) for mode in MODES if mode.label in modes}
-    return results, chunks
+        chunks: dict[str, int] = {}
+        for heading in headings:
+            client.create_collection(CollectionCreate(name=heading, chunking=Chunking(header=HEADINGS[heading])))
+            chunks[heading] = 0
+            for first in range(0, len(labelled), UPSERT_BATCH):
+                batch = labelled[first : first + UPSERT_BATCH]
+                documents = [DocumentIn(id=e.doc_id, text=e.document, metadata={"title": e.title}) for e in batch]
+                chunks[heading] += client.upsert(heading, documents).chunks
+            progress(f"{heading}: indexed {len(labelled)} documents as {chunks[heading]} chunks")
+        labelled_queries = [LabelledQuery(query=e.query, relevant=[e.doc_id]) for e in queries]
+        results = {}
+        for mode in modes:
+            results[mode.label] = evaluate(client, mode.request(mode.collection), labelled_queries, mode.label)
+            progress(f"{mode.label}: nDCG@10 {results[mode.label].ndcg:.3f}")
+    return results, chunks.get("plain", max(chunks.values()))
+
+
+def result_cells(result: ModeResult) -> list[str]:
+    return [f"{result.ndcg:.3f}", f"{result.recall:.3f}", f"{result.mrr:.3f}", f"{result.p50_ms:.1f}"]
+
+
+METRICS_HEADER = ["nDCG@10", "Recall@10", "MRR@10", "p50 ms"]
 
 
 def embedder_repository(
@@ -237,11 +223,13 @@ def embedder_repository(
     return repository
 
 
-def labelled_set(documents: int | None, queries: int | None, seed: int) -> tuple[list[Example], list[Example]]:
-    """The labelled documents and the queries evaluated (``None``: all)."""
-    labelled = examples()
+def labelled_set(
+    name: str, documents: int | None, queries: int | None, seed: int, pydoc_documents_count: int = PYDOC_DOCUMENTS
+) -> tuple[list[Example], list[Example]]:
+    """The labelled documents of set ``name`` and the queries evaluated (``None``: all)."""
+    labelled = examples() if name == "stdlib" else pydoc_examples(pydoc_documents_count, seed)
     if documents:
-        labelled = sorted(random.Random(seed).sample(labelled, documents), key=lambda e: e.module)
+        labelled = sorted(random.Random(seed).sample(labelled, documents), key=lambda e: e.doc_id)
     chosen = random.Random(seed).sample(labelled, queries) if queries else labelled
     return labelled, chosen
 
@@ -255,11 +243,13 @@ def compare(
     seed: int = 0,
     reranker_repository: Path | None = None,
 ) -> str:
-    """Every embedder version directory evaluated in a stack of its own; one markdown table, side by side.
-
-    The reranker (mode ``hybrid+rerank``) comes from ``reranker_repository`` (default: see ``stack.py``)."""
-    labelled, chosen = labelled_set(documents, queries, seed)
-    reranker_from = model_repository(reranker_repository, ["reranker"]) if "hybrid+rerank" in modes else None
+    """Every embedder version directory evaluated on the ``stdlib`` set in a stack of its own; one markdown
+    table, side by side. The reranker (modes with ``rerank``) comes from ``reranker_repository`` (default: see
+    ``stack.py``)."""
+    chosen_modes = selected(modes)
+    labelled, chosen = labelled_set("stdlib", documents, queries, seed)
+    rerank = any(mode.rerank for mode in chosen_modes)
+    reranker_from = model_repository(reranker_repository, ["reranker"]) if rerank else None
     rows = []
     chunks = 0
     for number, (label, embedder_dir) in enumerate(embedders.items()):
@@ -268,27 +258,24 @@ def compare(
         stack_dir.mkdir()
         repository = embedder_repository(embedder_dir, stack_dir, reranker_from)
         try:
-            results, chunks = evaluate_stack(repository, labelled, chosen, modes, stack_dir)
+            results, chunks = evaluate_stack(repository, labelled, chosen, chosen_modes, stack_dir)
         except Exception as exc:  # one stack that fails does not lose the others' results
             progress(f"retrieval: {label} failed: {type(exc).__name__}: {exc}")
-            rows.append([label, "failed", f"{type(exc).__name__}: {exc}", *[""] * (len(METRICS_HEADER) + 1)])
+            rows.append([label, "failed", f"{type(exc).__name__}: {exc}", *[""] * (len(METRICS_HEADER) - 1)])
             continue
-        for mode, result in results.items():
-            p50, p95 = percentiles(result.latencies_ms, [50, 95])
-            rows.append([label, mode, *metric_cells(result), f"{p50:.1f}", f"{p95:.1f}"])
-            progress(f"retrieval: {label}, {mode}: " + ", ".join(rows[-1][2:5]))
+        rows += [[label, mode, *result_cells(result)] for mode, result in results.items()]
     return "\n".join(
         [
-            f"bench/retrieval_eval.py: {len(chosen)} queries over {len(labelled)} documents ({chunks} chunks), "
-            f"{RERANK_TOP_N} chunks a search; {machine()}.",
+            f"bench/retrieval_eval.py: {len(chosen)} queries over {len(labelled)} documents ({chunks} chunks); "
+            f"{machine()}.",
             "",
-            markdown_table(["embedder", "mode", *METRICS_HEADER, "p50 ms", "p95 ms"], rows, labels=2),
+            markdown_table(["embedder", "mode", *METRICS_HEADER], rows, labels=2),
         ]
     )
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> str:
-    """Index the labelled set in a stack started here and evaluate every mode; the markdown report."""
+    """Index each labelled set in a stack started here and evaluate every mode; the markdown report."""
     if args.embedder:
         labels = [str(path) for path in args.embedder]
         return compare(
@@ -300,26 +287,45 @@ def run(args: argparse.Namespace, work_dir: Path) -> str:
             args.seed,
             args.repository,
         )
-    models = ["embedder", "reranker"] if "hybrid+rerank" in args.modes else ["embedder"]
+    modes = selected(args.modes)
+    models = ["embedder", "reranker"] if any(mode.rerank for mode in modes) else ["embedder"]
     repository = model_repository(args.repository, models)
-    labelled, queries = labelled_set(args.documents, args.queries, args.seed)
-    progress(f"{len(labelled)} documents, {len(queries)} queries; models from {repository}")
-    results, chunks = evaluate_stack(repository, labelled, queries, args.modes, work_dir)
+    rows, notes = [], []
+    for name in args.sets:
+        labelled, queries = labelled_set(name, args.documents, args.queries, args.seed, args.pydoc_documents)
+        progress(f"{name}: {len(labelled)} documents, {len(queries)} queries; models from {repository}")
+        set_dir = work_dir / name
+        set_dir.mkdir()
+        results, chunks = evaluate_stack(repository, labelled, queries, modes, set_dir)
+        notes.append(
+            f"`{name}`: {len(queries)} queries over {len(labelled)} documents ({chunks} chunks without headers)"
+        )
+        rows += [[name, mode, *result_cells(result)] for mode, result in results.items()]
     embedder = version_dir(repository, "embedder")
-    return f"Embedder: `{embedder}`.\n\n" + report(results, len(labelled), chunks, len(queries))
+    return "\n".join(
+        [
+            f"Embedder: `{embedder}`; {'; '.join(notes)}; {machine()}.",
+            "",
+            markdown_table(["set", "mode", *METRICS_HEADER], rows, labels=2),
+        ]
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, help="model repository (default: a cached export, see stack.py)")
-    parser.add_argument("--documents", type=int, help="index only this many modules, drawn at random (default: all)")
+    parser.add_argument("--sets", nargs="+", choices=["stdlib", "pydoc"], default=["stdlib", "pydoc"])
+    parser.add_argument("--pydoc-documents", type=int, default=PYDOC_DOCUMENTS, help="pages drawn for the pydoc set")
+    parser.add_argument("--documents", type=int, help="index only this many of a set, drawn at random (default: all)")
     parser.add_argument("--queries", type=int, help="evaluate only this many of them, drawn at random (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     parser.add_argument(
         "--embedder", type=Path, nargs="+", help="embedder version directories to evaluate, side by side"
     )
     labels = [mode.label for mode in MODES]
-    parser.add_argument("--modes", nargs="+", choices=labels, default=labels, help="modes to evaluate")
+    parser.add_argument(
+        "--modes", nargs="+", choices=[*labels, *ALIASES], default=labels, help="configurations to evaluate"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tritonrag-bench-") as work_dir:
         print(run(args, Path(work_dir)))

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from tritonrag.clients.http_client import TritonRagClient
-from tritonrag.clients.wire.schema import GroupBy, SearchMode, SearchRequest
+from tritonrag.clients.wire.schema import GroupBy, SearchRequest
 
 CUTOFF = 10
 
@@ -85,23 +85,14 @@ class ModeResult:
 
 
 def evaluate(
-    client: TritonRagClient,
-    collection: str,
-    queries: Sequence[LabelledQuery],
-    mode: SearchMode,
-    rerank: bool = False,
+    client: TritonRagClient, search: SearchRequest, queries: Sequence[LabelledQuery], label: str
 ) -> ModeResult:
-    """Search every query in ``mode`` (reranked if asked) and average the metrics of the document rankings."""
+    """Search every query as ``search`` asks (its query replaced; documents ranked at their best chunk, top 10,
+    never from the cache) and average the metrics of the document rankings."""
     ndcgs, mrrs, recalls, latencies = [], [], [], []
     for labelled in queries:
-        request = SearchRequest(
-            collection=collection,
-            query=labelled.query,
-            mode=mode,
-            top_k=CUTOFF,
-            rerank=rerank,
-            group_by=GroupBy.document,
-            use_cache=False,
+        request = search.model_copy(
+            update={"query": labelled.query, "top_k": CUTOFF, "group_by": GroupBy.document, "use_cache": False}
         )
         started = time.perf_counter()
         ranking = [hit.doc_id for hit in client.search(request).hits]
@@ -109,7 +100,6 @@ def evaluate(
         ndcgs.append(ndcg_at(ranking, labelled.relevant))
         mrrs.append(reciprocal_rank_at(ranking, labelled.relevant))
         recalls.append(recall_at(ranking, labelled.relevant))
-    label = f"{mode.value}+rerank" if rerank else mode.value
     return ModeResult(
         label,
         len(queries),

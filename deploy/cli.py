@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from tritonrag.clients.wire.schema import SearchMode
+from tritonrag.clients.wire.schema import SearchMode, SearchRequest
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
 from tritonrag.export.repository import versions
 from tritonrag.export.runtime.contract import ONNX_FILE
@@ -184,7 +184,9 @@ def eval_command(
         try:
             for mode in modes or list(SearchMode):
                 for reranked in (False, True) if rerank else (False,):
-                    results.append(evaluate(client, collection, labelled, mode, reranked))
+                    search = SearchRequest(collection=collection, query="-", mode=mode, rerank=reranked)
+                    label = f"{mode.value}+rerank" if reranked else mode.value
+                    results.append(evaluate(client, search, labelled, label))
         except ApiError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
