@@ -306,9 +306,12 @@ def _sync(
     """Bring ``index`` to the ``stored`` ids, reading the missing texts by ``texts``; returns the ids added
     and removed."""
     missing, extra = _difference(stored, index.ids())
-    batches = list(texts(missing))
-    ids = np.concatenate([np.empty(0, np.int64), *(batch_ids for batch_ids, _ in batches)])
-    index.write(extra, ids, [text for _, batch in batches for text in batch])
+    removed = extra
+    for ids, batch in texts(missing):  # a batch at a time: a rebuild never holds every text at once
+        index.write(removed, ids, batch)
+        removed = np.empty(0, np.int64)
+    if len(removed):
+        index.write(removed, removed[:0], [])
     index.refresh()
     return missing, extra
 
