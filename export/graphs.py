@@ -129,7 +129,9 @@ class QueryLikelihoodGraph(nn.Module):
         projection = model.get_output_embeddings()  # type: ignore[no-untyped-call]
         if not isinstance(projection, nn.Linear):
             raise ExportError(f"the model's output projection is a {type(projection).__name__}, not a linear layer")
-        self.projection = projection
+        # Its own copy of the weights: dynamic int8 quantisation mis-scales an embedding table it shares.
+        self.projection = nn.Linear(projection.in_features, projection.out_features, projection.bias is not None)
+        self.projection.load_state_dict(projection.state_dict())
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor

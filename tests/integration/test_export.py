@@ -262,6 +262,12 @@ def test_reranker_int8_is_reported_not_judged(cross_encoder_dir: Path, tmp_path:
     assert metadata(result)["quantization"]["parity"] == report
 
 
+def test_query_likelihood_reranker_int8_is_reported(generative_dir: Path, tmp_path: Path) -> None:
+    result = export_model(f"path:{generative_dir}", "reranker", tmp_path, max_sequence_length=128, quantize="int8")
+    report = result.parity["int8"]
+    assert report["metric"] == "max_abs_diff" and report["threshold"] is None and report["rows"] == 6
+
+
 def test_failed_parity_leaves_nothing(cross_encoder_dir: Path, tmp_path: Path) -> None:
     impossible = ParityThresholds(max_abs_diff=-1.0)
     with pytest.raises(ExportError, match="disagrees with the PyTorch reference or depends on padding"):
