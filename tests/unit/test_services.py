@@ -390,6 +390,9 @@ def test_group_by_document_returns_k_documents_each_at_its_best_chunk(
 
 # -- answers ---------------------------------------------------------------------------------
 
+# The stages a grounded answer times with the default search (hybrid: dense, chunk and document BM25).
+ANSWER_STAGES = {"embed", "dense", "sparse", "document", "fuse", "search", "pack", "generate", "total"}
+
 
 def answer(services: Services, scenario: Callable[[Services], Awaitable[Any]]) -> Any:
     """Fill collection "c", run ``scenario`` on the services, close it."""
@@ -421,17 +424,7 @@ def test_query_answers_from_the_packed_passages_and_marks_the_cited_ones(
     assert [s.cited for s in response.sources] == [True, False]
     assert (response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens) == (42, 3, 45)
     assert response.finish_reason == FinishReason.stop and response.dropped_passages == 0 and response.degraded == []
-    assert set(response.timings_ms) == {
-        "embed",
-        "dense",
-        "sparse",
-        "document",
-        "fuse",
-        "search",
-        "pack",
-        "generate",
-        "total",
-    }
+    assert set(response.timings_ms) == ANSWER_STAGES
     [call] = pool.generations
     assert call.messages == grounded_messages("cats purr", [s.text for s in response.sources])
     assert call.prompt is None and call.params.max_tokens == 256 and call.request_id == "request-1" and call.closed
@@ -485,17 +478,7 @@ def test_the_stream_sends_sources_deltas_then_done(services_and_pool: tuple[Serv
     assert sources.type == "sources" and [s.doc_id for s in sources.sources] == ["cats"]
     assert [d.text for d in deltas if d.type == "delta"] == ["Cats purr", " [1]", "."]
     assert done.type == "done" and done.cited == [1] and done.usage.total_tokens == 45
-    assert set(done.timings_ms) == {
-        "embed",
-        "dense",
-        "sparse",
-        "document",
-        "fuse",
-        "search",
-        "pack",
-        "generate",
-        "total",
-    }
+    assert set(done.timings_ms) == ANSWER_STAGES
 
 
 def test_closing_the_stream_closes_the_generation(services_and_pool: tuple[Services, StandInPool]) -> None:
