@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn, SearchRequest, UpsertRequest
+from tritonrag.clients.wire.schema import Chunking, CollectionCreate, DocumentIn, SearchRequest, UpsertRequest
 from tritonrag.deploy.launcher import TritonServer
 from tritonrag.server.app import running_services
 from tritonrag.server.config import Settings
@@ -36,7 +36,7 @@ def render(name: str) -> str | None:
 @pytest.fixture(scope="module")
 def documents(bundled_repository: Path) -> tuple[list[DocumentIn], dict[str, int]]:
     """One-chunk documents, module docs of every size, and one document of ~2,000 chunks; with each one's
-    chunk count under the default chunking."""
+    chunk count under the default chunking (headers included)."""
     chunker = Chunker.from_version_dir(bundled_repository / "embedder" / "1", 200, 40)
     renders = [(name, text) for name in MODULES[:400] if (text := render(name))]
     docs = [DocumentIn(id="one-line", text="Owls hunt at night; the ☕ keeps the librarian awake.")]
@@ -45,7 +45,8 @@ def documents(bundled_repository: Path) -> tuple[list[DocumentIn], dict[str, int
     while len(chunker.chunk(huge)) < HUGE_CHUNKS:
         huge += next(parts) + "\n\n" + next(parts) + "\n\n"
     docs.append(DocumentIn(id="huge", text=huge + CODA, metadata={"kind": "concatenation"}))
-    return docs, {doc.id: len(chunker.chunk(doc.text)) for doc in docs}
+    header = Chunking().header  # the collection's: each document's first line (no title)
+    return docs, {doc.id: len(chunker.chunk_document(doc, header).spans) for doc in docs}
 
 
 def test_long_documents_land_whole_while_searches_keep_working(

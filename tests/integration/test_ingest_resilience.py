@@ -45,7 +45,7 @@ def test_a_triton_restart_mid_ingest_pauses_the_job_and_it_completes_exactly(
     chunker = Chunker.from_version_dir(
         tiny_repository / "embedder" / "1", CHUNKING.chunk_tokens, CHUNKING.overlap_tokens
     )
-    expected_chunks = sum(len(chunker.chunk(doc.text)) for doc in docs)
+    expected_chunks = sum(len(chunker.chunk_document(doc, CHUNKING.header).spans) for doc in docs)
     endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
     triton = TritonServer(tiny_repository, endpoints, ["embedder"], tmp_path / "work")
     settings = Settings(

@@ -98,13 +98,21 @@ def test_concurrent_requests_are_batched_without_changing_results(
     tiny_triton: TritonServer, tiny_client: grpcclient.InferenceServerClient
 ) -> None:
     texts = [f"{SENTENCES[i % len(SENTENCES)]} (request {i})" for i in range(32)]
-    before = _stats(tiny_triton, "embedder")
-    batched = asyncio.run(_concurrent_embeddings(tiny_triton.endpoints.grpc_url, texts))
-    inferences, executions = (a - b for a, b in zip(_stats(tiny_triton, "embedder"), before, strict=True))
-    assert inferences == 32
-    assert executions < inferences, f"{executions} executions for {inferences} requests: nothing was batched"
     alone = embed(tiny_client, texts)
-    assert np.abs(np.stack(batched) - alone).max() < 1e-5
+    # Whether requests meet in the batcher's queue depends on how fast the client sends them: on a loaded
+    # machine one round may run each alone, so a few rounds are sent; every round must equal the one-by-one
+    # results, and at least one must have been batched.
+    rounds = []
+    for _ in range(5):
+        before = _stats(tiny_triton, "embedder")
+        batched = asyncio.run(_concurrent_embeddings(tiny_triton.endpoints.grpc_url, texts))
+        inferences, executions = (a - b for a, b in zip(_stats(tiny_triton, "embedder"), before, strict=True))
+        assert inferences == 32
+        assert np.abs(np.stack(batched) - alone).max() < 1e-5
+        rounds.append(executions)
+        if executions < inferences:
+            break
+    assert min(rounds) < 32, f"{rounds} executions for 32 requests a round: nothing was batched"
 
 
 def _error(call: object) -> InferenceServerException:
