@@ -67,6 +67,7 @@ def normalised_fusion(
     ``minmax``, the list's lowest z-score for ``zscore``. Returns ``(id, score)`` pairs, best first; ties go to
     the smaller id.
     """
+    weights = _checked(rankings, weights)
     normalised = []
     for ranking in rankings:
         raw = np.asarray([score for _, score in ranking], np.float64)
@@ -75,10 +76,7 @@ def normalised_fusion(
         normalised.append(({item: float(v) for (item, _), v in zip(ranking, values, strict=True)}, floor))
     items = {item for ranking in rankings for item, _ in ranking}
     scores = {
-        item: sum(
-            w * known.get(item, floor)
-            for (known, floor), w in zip(normalised, _checked(rankings, weights), strict=True)
-        )
+        item: sum(w * known.get(item, floor) for (known, floor), w in zip(normalised, weights, strict=True))
         for item in items
     }
     return _best_first(scores)
