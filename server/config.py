@@ -126,10 +126,27 @@ class IngestSettings(BaseModel):
     max_reported_errors: int = Field(100, ge=0)  # per-document errors listed in a job's info
 
 
+class InjectionMode(StrEnum):
+    """What a match of the prompt-injection heuristics does: ``flag`` reports it; ``drop`` also leaves flagged
+    passages out of the prompt; ``block`` also refuses a flagged query (422, INVALID_ARGUMENT)."""
+
+    flag = "flag"
+    drop = "drop"
+    block = "block"
+
+
+class InjectionSettings(BaseModel):
+    """Prompt-injection heuristics on the query and the retrieved passages of answers and grounded chats
+    (docs/SERVER.md, "Prompt injection"); search hits are flagged whatever the mode."""
+
+    mode: InjectionMode = InjectionMode.flag  # flag: report; drop: also leave flagged passages out; block: also refuse
+
+
 class QuerySettings(BaseModel):
-    """Answers to queries and grounded chats: the generator's completion budget."""
+    """Answers to queries and grounded chats: the generator's completion budget, the prompt-injection heuristics."""
 
     default_max_tokens: int = Field(256, ge=1)  # when a request sets none; capped by what the context window leaves
+    injection: InjectionSettings = InjectionSettings()
 
 
 class CacheTierSettings(BaseModel):

@@ -6,6 +6,10 @@ so a bad field gets the same message over HTTP (422) and gRPC (INVALID_ARGUMENT)
 
 from __future__ import annotations
 
+import json
+import re
+import unicodedata
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -13,6 +17,7 @@ from pydantic import (
     AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -29,14 +34,44 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
 # answer, and passed on to Triton.
 REQUEST_ID_HEADER = "x-request-id"
 
+# Limits on requests (docs/SERVER.md, "Limits"): what real use needs, well inside what the services handle.
+MAX_QUERY_CHARS = 4096  # a search query or a question, before control characters are removed
+MAX_UPSERT_DOCUMENTS = 10_000  # per upsert request; over ``ingest.inline_max_documents`` they run as a job
+MAX_METADATA_BYTES = 16 * 1024  # a document's metadata as compact UTF-8 JSON
+MAX_FIELD_CHARS = 128  # a metadata key, and the field a filter condition names
+MAX_FILTER_CONDITIONS = 64  # conditions in one filter
+MAX_FILTER_DEPTH = 8  # levels of a filter: a condition is 1, an ``and``/``or`` one more than its deepest part
+MAX_IN_VALUES = 1024  # values of one ``in`` condition
+# Values of all of a filter's conditions: each is an SQL parameter, and SQLite's default limit is 32,766.
+MAX_FILTER_VALUES = 8192
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256
+MAX_CHAT_MESSAGES = 1024  # messages of one chat
+MAX_MESSAGE_CHARS = 1_000_000  # one chat message's content
 
-def _not_blank_query(value: str) -> str:
-    if not value.strip():
-        raise ValueError("query is empty")
-    return value
+_LINE_BREAK = re.compile(r"\r\n?")
+# C0 and C1 control characters but tab and line feed: those that Python counts as whitespace (vertical tab,
+# form feed, the separators \x1c-\x1f, next line) become a space, the others go.
+_SPACING_CONTROL = re.compile(r"[\x0b\x0c\x1c-\x1f\x85]")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
 
 
-QueryText = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_not_blank_query)]
+def clean_query(text: str) -> str:
+    """``text`` in Unicode NFC, line breaks as ``\\n``, control characters other than tab and line feed removed
+    (those that separate words as a space), without leading or trailing whitespace."""
+    text = _CONTROL.sub("", _SPACING_CONTROL.sub(" ", _LINE_BREAK.sub("\n", text)))
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def _cleaned_query(value: str) -> str:
+    cleaned = clean_query(value)
+    if not cleaned:
+        raise ValueError("query is empty once control characters and surrounding whitespace are removed")
+    return cleaned
+
+
+# Every front-end gets the same cleaned query: it is searched, cached and put in prompts as it is here.
+QueryText = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS), AfterValidator(_cleaned_query)]
 
 
 class IndexType(StrEnum):
@@ -145,10 +180,40 @@ class CollectionInfo(BaseModel):
     created_at: float
 
 
+def _flat_value(value: Any) -> Any:
+    """Refuse an object or a nested list as a metadata value with one message (the type alone answers one per
+    type a value may take)."""
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(i, dict | list) for i in value)):
+        raise ValueError("metadata values are strings, numbers, booleans or flat lists of them, not nested")
+    return value
+
+
+def _short_keys(value: Any) -> Any:
+    for key in value if isinstance(value, dict) else ():
+        if isinstance(key, str) and len(key) > MAX_FIELD_CHARS:
+            raise ValueError(f"metadata key of {len(key)} characters is over the limit of {MAX_FIELD_CHARS}")
+    return value
+
+
+def _metadata_size(metadata: Metadata) -> Metadata:
+    size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata of {size} bytes (as JSON) is over the limit of {MAX_METADATA_BYTES}")
+    return metadata
+
+
+# A document's metadata as a request gives it: flat, its keys and its size bounded.
+MetadataIn = Annotated[
+    dict[str, Annotated[MetadataValue, BeforeValidator(_flat_value)]],
+    BeforeValidator(_short_keys),
+    AfterValidator(_metadata_size),
+]
+
+
 class DocumentIn(Strict):
     id: str = Field(min_length=1, max_length=256)
     text: str = Field(min_length=1)
-    metadata: Metadata = {}
+    metadata: MetadataIn = {}
 
     @field_validator("text")
     @classmethod
@@ -167,7 +232,7 @@ class Document(BaseModel):
 
 
 class UpsertRequest(Strict):
-    documents: list[DocumentIn] = Field(min_length=1)
+    documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_UPSERT_DOCUMENTS)
 
     @field_validator("documents")
     @classmethod
@@ -190,7 +255,7 @@ class UpsertResult(BaseModel):
 class Condition(Strict):
     """One metadata test: ``eq``/``in`` on any value, ``gt``/``gte``/``lt``/``lte`` on numbers."""
 
-    field: str = Field(min_length=1, max_length=128)
+    field: str = Field(min_length=1, max_length=MAX_FIELD_CHARS)
     op: Literal["eq", "in", "gt", "gte", "lt", "lte"]
     value: MetadataValue
 
@@ -198,6 +263,8 @@ class Condition(Strict):
     def _value_fits_op(self) -> Condition:
         if self.op == "in" and not isinstance(self.value, list):
             raise ValueError("'in' takes a list value")
+        if isinstance(self.value, list) and len(self.value) > MAX_IN_VALUES:
+            raise ValueError(f"'{self.op}' list of {len(self.value)} values is over the limit of {MAX_IN_VALUES}")
         if self.op in ("gt", "gte", "lt", "lte") and (
             isinstance(self.value, bool) or not isinstance(self.value, int | float)
         ):
@@ -228,8 +295,52 @@ And.model_rebuild()
 Or.model_rebuild()
 
 
+def _filter_parts(node: Any) -> list[Any]:
+    """The parts of an ``and``/``or`` (given as a model or as its JSON form), none of a condition."""
+    if isinstance(node, And | Or):
+        return list(node.and_ if isinstance(node, And) else node.or_)
+    if isinstance(node, dict):
+        parts = node.get("and", node.get("or"))
+        return parts if isinstance(parts, list) else []
+    return []
+
+
+def _condition_values(node: Any) -> int:
+    """How many values a condition (a model or its JSON form) holds: its list's length, else 1."""
+    value = node.value if isinstance(node, Condition) else node.get("value") if isinstance(node, dict) else None
+    return len(value) if isinstance(value, list) else 1
+
+
+def _walk_filter(root: Any) -> Iterator[tuple[Any, int]]:
+    """Every node of a filter with its depth (the root's is 1), breadth first, without recursion."""
+    level, depth = [root], 1
+    while level:
+        yield from ((node, depth) for node in level)
+        level, depth = [part for node in level for part in _filter_parts(node)], depth + 1
+
+
+def _bounded_filter(value: Any) -> Any:
+    """Refuse a filter over ``MAX_FILTER_DEPTH``, ``MAX_FILTER_CONDITIONS`` or ``MAX_FILTER_VALUES`` before
+    validating it: a filter nested deeper than any real one is refused as such, however deep it goes."""
+    conditions = values = 0
+    for node, depth in _walk_filter(value):
+        if depth > MAX_FILTER_DEPTH:
+            raise ValueError(f"filter nesting depth {depth} is over the limit of {MAX_FILTER_DEPTH}")
+        if not _filter_parts(node):
+            conditions, values = conditions + 1, values + _condition_values(node)
+    if conditions > MAX_FILTER_CONDITIONS:
+        raise ValueError(f"filter of {conditions} conditions is over the limit of {MAX_FILTER_CONDITIONS}")
+    if values > MAX_FILTER_VALUES:
+        raise ValueError(f"filter of {values} values is over the limit of {MAX_FILTER_VALUES}")
+    return value
+
+
+# A filter as a request gives it, within the limits on its size.
+BoundedFilter = Annotated[Filter, BeforeValidator(_bounded_filter)]
+
+
 class DeleteByFilterRequest(Strict):
-    filters: Filter
+    filters: BoundedFilter
 
 
 class GroupBy(StrEnum):
@@ -276,7 +387,7 @@ class SearchRequest(Strict):
     top_k: int = Field(10, ge=1, le=100)
     mode: SearchMode = SearchMode.hybrid
     fusion: Fusion = Fusion()
-    filters: Filter | None = None
+    filters: BoundedFilter | None = None
     rerank: bool = False
     rerank_top_n: int = Field(20, ge=1, le=200)
     mmr: Mmr | None = None
@@ -295,6 +406,7 @@ class SearchHit(BaseModel):
     scores: dict[str, float]
     # group_by "document": the document's other chunks among the candidates, best first
     other_chunk_ids: list[int] = []
+    flags: list[str] = []  # the prompt-injection rules its text matches (docs/SERVER.md, "Prompt injection")
 
 
 class SearchResponse(BaseModel):
@@ -344,22 +456,23 @@ class SamplingParams(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1000)  # 0: no top-k cut
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
 
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, stop: list[str]) -> list[str]:
-        if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
-        if any(len(s) > 256 for s in stop):
-            raise ValueError("stop strings are at most 256 characters")
+        for i, string in enumerate(stop):
+            if not string:
+                raise ValueError("stop strings must not be empty")
+            if len(string) > MAX_STOP_CHARS:
+                raise ValueError(f"stop string {i} of {len(string)} characters is over the limit of {MAX_STOP_CHARS}")
         return stop
 
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
 
 
 class Usage(BaseModel):
@@ -387,7 +500,7 @@ class Grounding(Strict):
     top_k: int = Field(5, ge=1, le=50)  # passages retrieved and offered to the generator, best first
     mode: SearchMode = SearchMode.hybrid
     fusion: Fusion = Fusion()
-    filters: Filter | None = None
+    filters: BoundedFilter | None = None
     rerank: bool = False
 
 
@@ -415,11 +528,29 @@ class Source(BaseModel):
     metadata: Metadata
     score: float
     cited: bool = False  # the answer refers to it
+    flags: list[str] = []  # the prompt-injection rules its text matches (docs/SERVER.md, "Prompt injection")
 
     @classmethod
     def of(cls, hit: SearchHit, citation: int) -> Source:
         """The search hit ``hit`` as the passage numbered ``citation``."""
         return cls(citation=citation, **hit.model_dump(exclude={"scores"}))
+
+
+class FlaggedPassage(BaseModel):
+    """A retrieved passage left out of the prompt for the prompt-injection rules it matches."""
+
+    doc_id: str
+    chunk_id: int
+    flags: list[str]
+
+
+class Injection(BaseModel):
+    """What the prompt-injection heuristics found in an answer's input (docs/SERVER.md, "Prompt injection"):
+    the rules the query matches, and the passages left out of the prompt for theirs (``query.injection.mode``
+    drop or block); a passage given to the generator has its own in ``Source.flags``."""
+
+    query: list[str] = []
+    dropped: list[FlaggedPassage] = []
 
 
 class QueryResponse(BaseModel):
@@ -431,6 +562,7 @@ class QueryResponse(BaseModel):
     finish_reason: FinishReason
     timings_ms: dict[str, float]  # embed, search, rerank, generate, total
     degraded: list[str] = []
+    injection: Injection = Injection()
 
 
 class SourcesEvent(BaseModel):
@@ -440,6 +572,7 @@ class SourcesEvent(BaseModel):
     sources: list[Source]
     dropped_passages: int
     degraded: list[str] = []
+    injection: Injection = Injection()
 
 
 class DeltaEvent(BaseModel):

@@ -14,12 +14,15 @@ from collections.abc import AsyncGenerator, Sequence
 from functools import partial
 
 from tritonrag.clients.wire.schema import (
+    MAX_QUERY_CHARS,
     ChatMessage,
     DeltaEvent,
     DoneEvent,
     FinishReason,
+    FlaggedPassage,
     GenerationDelta,
     Grounding,
+    Injection,
     QueryEvent,
     QueryRequest,
     QueryResponse,
@@ -29,6 +32,7 @@ from tritonrag.clients.wire.schema import (
     Source,
     SourcesEvent,
     Usage,
+    clean_query,
 )
 
 from ..config import QuerySettings
@@ -37,11 +41,10 @@ from ..generation.extractive import NO_PASSAGES_ANSWER, extractive_answer
 from ..generation.packing import ContextWindow, Packed, pack
 from ..generation.prompts import cited_numbers, grounded_chat, grounded_messages
 from ..routing.triton_pool import TritonPool
+from ..security.injection import InjectionGuard
 from ..telemetry.timing import Timer
 from .models import ModelService
 from .search import SearchService
-
-SEARCH_QUERY_CHARS = 4096  # SearchRequest.query's limit: a grounded chat searches with the start of its question
 
 
 class AnswerService:
@@ -52,6 +55,7 @@ class AnswerService:
         self._models = models
         self._pool = pool
         self._query = query
+        self._guard = InjectionGuard(query.injection)
 
     async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
         """The events of ``query_stream`` gathered into one answer (``gather_answer``)."""
@@ -66,10 +70,12 @@ class AnswerService:
         generator (none found, or none fits): a fixed answer, without generating. Generator down (not
         served, or failing before its first token): the best passage's first sentences, cited, and
         ``degraded`` lists "generate"; a failure after the first token is raised. Closing the stream
-        early closes the generation, and Triton cancels it.
+        early closes the generation, and Triton cancels it. The prompt-injection heuristics check the query
+        (refused in ``block`` mode) and the passages (``InjectionGuard``); ``SourcesEvent.injection`` reports them.
         """
         timer = Timer()
-        hits, degraded = await self._ground(request, request.query, timer, request_id)
+        query_flags = self._guard.check_query(request.query, "query")
+        hits, flagged, degraded = await self._ground(request, request.query, timer, request_id)
         window = await self._models.served_window() if hits else None
         packed: Packed | None = None
         if window is not None:
@@ -87,7 +93,12 @@ class AnswerService:
         usage, finish_reason = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0), FinishReason.stop
         async with contextlib.aclosing(deltas):
             delta: GenerationDelta | None = await anext(deltas)
-            yield SourcesEvent(sources=sources, dropped_passages=len(hits) - len(kept), degraded=list(degraded))
+            yield SourcesEvent(
+                sources=sources,
+                dropped_passages=len(hits) - len(kept),
+                degraded=list(degraded),
+                injection=Injection(query=query_flags, dropped=flagged),
+            )
             while delta is not None:
                 if delta.text:
                     text.append(delta.text)
@@ -151,15 +162,19 @@ class AnswerService:
 
         Grounded, ``max_tokens`` None is ``query.default_max_tokens`` capped by the window; the generator must
         be served (``UnavailableError``), as there is no answer to fall back to. ``degraded_into``, when given,
-        receives the retrieval's degraded stages (the cache keeps no such chat).
+        receives the retrieval's degraded stages (the cache keeps no such chat). The last user message is the
+        query: it is searched (cleaned, its start) and checked by the prompt-injection heuristics, as the
+        passages are (a kept passage's rules are its source's ``flags``).
         """
         if grounding is None:
             return [], self._pool.generate(params, messages=messages, request_id=request_id)
-        question = next((m.content for m in reversed(messages) if m.role == "user"), "").strip()
-        if not question:
+        last = next((i for i in reversed(range(len(messages))) if messages[i].role == "user"), None)
+        question = "" if last is None else clean_query(messages[last].content)[:MAX_QUERY_CHARS]
+        if last is None or not question:
             raise InvalidArgumentError("a grounded chat needs a last user message with text", field="messages")
+        self._guard.check_query(messages[last].content, f"messages.{last}.content")
         timer = Timer()
-        hits, degraded = await self._ground(grounding, question[:SEARCH_QUERY_CHARS], timer, request_id)
+        hits, _, degraded = await self._ground(grounding, question, timer, request_id)
         window = await self._models.context_window()
         build = partial(grounded_chat, messages)
         passages, default = [h.text for h in hits], self._query.default_max_tokens
@@ -180,8 +195,9 @@ class AnswerService:
 
     async def _ground(
         self, grounding: Grounding, query: str, timer: Timer, request_id: str | None
-    ) -> tuple[list[SearchHit], list[str]]:
-        """The passages a grounded answer offers the generator, best first, and the degraded retrieval stages."""
+    ) -> tuple[list[SearchHit], list[FlaggedPassage], list[str]]:
+        """The passages a grounded answer offers the generator, best first, those the prompt-injection heuristics
+        left out, and the degraded retrieval stages."""
         request = SearchRequest(
             collection=grounding.collection,
             query=query,
@@ -192,7 +208,8 @@ class AnswerService:
             rerank=grounding.rerank,
         )
         found = await self._search.find(request, timer, request_id)
-        return found.hits(grounding.top_k), found.degraded
+        hits, flagged = self._guard.screen(found.hits(grounding.top_k))
+        return hits, flagged, found.degraded
 
     def _generate(
         self,
@@ -237,6 +254,7 @@ async def gather_answer(collection: str, events: AsyncGenerator[QueryEvent]) -> 
         finish_reason=done.finish_reason,
         timings_ms=done.timings_ms,
         degraded=done.degraded,
+        injection=sources.injection,
     )
 
 

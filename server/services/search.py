@@ -14,6 +14,7 @@ from ..retrieval.collection import Collection, ScoredChunk
 from ..retrieval.fusion import fuse_reranked
 from ..retrieval.registry import CollectionRegistry
 from ..retrieval.stages import Candidates, SearchStages
+from ..security.injection import flag_hits
 from ..telemetry.timing import Timer
 
 _DOWN = (UnavailableError, DeadlineExceededError)
@@ -36,12 +37,13 @@ class SearchService:
         self._stages = stages
 
     async def search(self, request: SearchRequest, request_id: str | None = None) -> SearchResponse:
-        """Retrieve (dense, sparse or hybrid), optionally rerank and diversify, and return the top k."""
+        """Retrieve (dense, sparse or hybrid), optionally rerank and diversify, and return the top k, each hit
+        flagged with the prompt-injection rules its text matches."""
         timer = Timer()
         found = await self.find(request, timer, request_id)
         return SearchResponse(
             collection=request.collection,
-            hits=found.hits(request.top_k, request.group_by),
+            hits=flag_hits(found.hits(request.top_k, request.group_by)),
             timings_ms=timer.report(found.degraded),
             degraded=found.degraded,
         )

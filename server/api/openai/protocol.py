@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from tritonrag.clients.wire.schema import Grounding, Source, Usage
+from tritonrag.clients.wire.schema import MAX_CHAT_MESSAGES, Grounding, Source, Usage
 
 OWNER = "tritonrag"
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
@@ -97,7 +97,7 @@ class SamplingRequest(_OpenAIRequest):
 class ChatCompletionRequest(SamplingRequest):
     """``POST /v1/chat/completions``; ``tritonrag`` grounds the answer on a collection."""
 
-    messages: list[RequestMessage] = Field(min_length=1)
+    messages: list[RequestMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
