@@ -216,6 +216,39 @@ class LimitsSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1)  # the Retry-After (seconds) of a refused request
 
 
+class BucketSettings(BaseModel):
+    """One route class's token bucket: ``per_s`` requests a second on average, up to ``burst`` at once."""
+
+    per_s: float = Field(gt=0)  # the refill: requests a second, sustained
+    burst: int = Field(ge=1)  # the bucket's size: requests at once after an idle spell
+
+
+class RateLimitSettings(BaseModel):
+    """Rate limits per credential and route class (token buckets): one more request is refused (429 with
+    Retry-After, gRPC RESOURCE_EXHAUSTED) until the bucket has a token again.
+
+    The defaults stop a runaway client, not normal use (the in-flight ``limits`` guard capacity): each is
+    well above what a person or a UI sends. Raise them for a service that fronts many users with one key;
+    turn them off for load tests.
+    """
+
+    enabled: bool = True  # false: no rate limit
+    # A person searches every few seconds; 50/s is a quarter of what a CPU stack serves uncached (docs/BENCHMARKS.md).
+    search: BucketSettings = BucketSettings(per_s=50, burst=100)
+    # Each uncached answer is a whole generation (0.7 s on a CPU); 5/s is half what a CPU stack serves uncached.
+    answer: BucketSettings = BucketSettings(per_s=5, burst=20)
+    # Upserts hold up to 64 documents inline, more as a job; 10/s outruns a CPU stack's embedder (~30 chunks/s).
+    ingest: BucketSettings = BucketSettings(per_s=10, burst=20)
+    # Every other authenticated route (collections, documents, jobs, keys, the cache, models): a UI polls far slower.
+    manage: BucketSettings = BucketSettings(per_s=20, burst=50)
+    # Buckets shared by every orchestrator that uses it, so that a limit holds across replicas, e.g.
+    # "redis://:password@10.0.0.5:6379/0"; unset: buckets in process. Only its host and port are ever logged.
+    redis_url: SecretStr | None = None
+    redis_timeout_s: float = Field(0.25, gt=0)  # one Redis call, connecting included; then the in-process bucket
+    redis_retry_s: float = Field(1.0, gt=0)  # after a Redis error, the in-process buckets decide this long
+    key_prefix: str = Field("tritonrag-ratelimit", min_length=1)  # apart from the cache's, which a flush deletes
+
+
 class Settings(BaseSettings):
     """Everything the stack is configured by."""
 
@@ -231,6 +264,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     limits: LimitsSettings = LimitsSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
     work_dir: Path = REPO_ROOT / ".tritonrag"
     data_dir: Path = REPO_ROOT / ".tritonrag" / "data"  # collections, catalog and job payloads
     # Where `tritonrag up` exports each model from when the repository has no version of it.
