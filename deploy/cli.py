@@ -13,11 +13,14 @@ from typing import Annotated
 
 import typer
 
+from tritonrag.clients.wire.auth import ApiKeyCreate, Scope
 from tritonrag.clients.wire.schema import SearchMode, SearchRequest
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
 from tritonrag.export.repository import versions
 from tritonrag.export.runtime.contract import ONNX_FILE
 from tritonrag.server.config import Settings
+from tritonrag.server.errors import NotFoundError
+from tritonrag.server.security.keys import KEYS_FILE, KeyStore
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -240,6 +243,60 @@ def ingest_command(
     wall_s = time.monotonic() - started
     typer.echo(result_line(progress, collection, ingestion.already_there, len(extraction.errors), wall_s))
     raise typer.Exit(code or int(progress.failed > 0))
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys in the local key store (<data_dir>/keys.sqlite).")
+app.add_typer(keys_app, name="keys")
+
+
+def _key_store(config: Path | None) -> KeyStore:
+    return KeyStore(_settings(config).data_dir / KEYS_FILE)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant whose collections the key reaches.")],
+    scopes: Annotated[list[Scope], typer.Option("--scope", help="read, write or admin (repeatable).")],
+    name: Annotated[str, typer.Option(help="Who holds it, what for.")] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Make a key and print it, this once; only its SHA-256 is stored. A running orchestrator accepts it at once."""
+    try:
+        request = ApiKeyCreate(tenant=tenant, scopes=scopes, name=name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    created = _key_store(config).create(request.tenant, request.scopes, request.name)
+    typer.echo(f"key {created.id} (tenant {created.tenant!r}, {', '.join(created.scopes)}):")
+    typer.echo(created.key)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Every key (id, tenant, scopes, name, created, revoked), without secrets."""
+    for info in _key_store(config).list(tenant):
+        revoked = f"revoked {_when(info.revoked_at)}" if info.revoked_at is not None else "active"
+        line = f"{info.id}  {info.tenant}  {','.join(info.scopes)}  {info.name!r}  {_when(info.created_at)}  {revoked}"
+        typer.echo(line)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (tritonrag keys list).")], config: ConfigOption = None
+) -> None:
+    """Revoke a key; every orchestrator over this store refuses it from its next request."""
+    try:
+        info = _key_store(config).revoke(key_id)
+    except NotFoundError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"revoked {info.id} at {_when(info.revoked_at)}")
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 @app.command("serve")

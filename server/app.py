@@ -8,11 +8,13 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
+import grpc
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 
 from .api.admission import Admission
+from .api.auth import Guard
 from .api.grpc_service import create_grpc_server
 from .api.http import create_http_app
 from .cache.embedding import CachedEmbedding
@@ -23,6 +25,10 @@ from .config import Settings
 from .retrieval.registry import CollectionRegistry
 from .retrieval.stages import SearchStages
 from .routing.triton_pool import TritonPool
+from .security.auth import Authenticator, prepare_keys
+from .security.keys import KEYS_FILE, KeyStore
+from .security.ratelimit import RateLimiter
+from .security.tenancy import TenantAnswers, TenantChats, TenantCollections, TenantSearch
 from .services.answers import AnswerService
 from .services.collections import CollectionService
 from .services.health import HealthService
@@ -45,9 +51,10 @@ class Services:
     health: HealthService
     registry: CollectionRegistry
     cache: TwoLevelCache
+    key_store: KeyStore
 
     @classmethod
-    def build(cls, settings: Settings, pool: TritonPool, catalog: Catalog) -> Services:
+    def build(cls, settings: Settings, pool: TritonPool, catalog: Catalog, key_store: KeyStore) -> Services:
         """The services, each given its own settings section, and the cache in front of them; nothing is started."""
         models = ModelService(pool, settings.triton.repository, settings.models)
         registry = CollectionRegistry(settings.data_dir, catalog, settings.index, models.embedding_dimension)
@@ -64,22 +71,38 @@ class Services:
             health=HealthService(pool, catalog),
             registry=registry,
             cache=cache,
+            key_store=key_store,
         )
 
-    def http_app(self, settings: Settings, admission: Admission) -> FastAPI:
-        """The HTTP API (native, OpenAI-compatible, cache admin) over these services."""
+    def http_app(self, settings: Settings, admission: Admission, guard: Guard) -> FastAPI:
+        """The HTTP API (native, OpenAI-compatible, cache and key admin) over these services, each client seeing
+        its own tenant's collections."""
         return create_http_app(
-            self.collections,
-            self.search,
-            self.answers,
+            TenantCollections(self.collections),
+            TenantSearch(self.search),
+            TenantAnswers(self.answers),
             self.health,
-            self.answers,
+            TenantChats(self.answers),
             self.models,
             settings.api,
             settings.models,
             admission,
             settings.telemetry,
+            guard,
             self.cache,
+            self.key_store,
+        )
+
+    def grpc_server(self, settings: Settings, admission: Admission, guard: Guard) -> grpc.aio.Server:
+        """The gRPC API over these services, each client seeing its own tenant's collections."""
+        return create_grpc_server(
+            TenantCollections(self.collections),
+            TenantSearch(self.search),
+            TenantAnswers(self.answers),
+            settings.api,
+            admission,
+            settings.telemetry,
+            guard,
         )
 
     async def start(self) -> None:
@@ -97,9 +120,11 @@ class Services:
 async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """The services with their Triton pool, catalog and job runner started; all closed on exit."""
     catalog = Catalog(settings.data_dir / "catalog.sqlite")
+    key_store = KeyStore(settings.data_dir / KEYS_FILE)
+    prepare_keys(key_store, settings.auth)
     pool = TritonPool.from_settings(settings)
     await pool.start()
-    services = Services.build(settings, pool, catalog)
+    services = Services.build(settings, pool, catalog, key_store)
     try:
         await services.start()
         yield services
@@ -107,6 +132,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         await services.close()
         await pool.close()
         catalog.close()
+        key_store.close()
 
 
 def _collectors(services: Services, admission: Admission) -> contextlib.AbstractContextManager[None]:
@@ -138,16 +164,23 @@ def _metrics_server(settings: Settings) -> Iterator[None]:
 async def serve(settings: Settings) -> None:
     """Serve HTTP and gRPC until cancelled (or until uvicorn is told to exit by a signal)."""
     async with running_services(settings) as services:
-        api, telemetry = settings.api, settings.telemetry
+        api = settings.api
         admission = Admission(settings.limits)  # shared: the limits hold for both front-ends together
-        grpc_server = create_grpc_server(
-            services.collections, services.search, services.answers, api, admission, telemetry
-        )
+        limiter = RateLimiter(settings.rate_limits)
+        guard = Guard(Authenticator(settings.auth, services.key_store), limiter)
+        grpc_server = services.grpc_server(settings, admission, guard)
         await grpc_server.start()
-        app = services.http_app(settings, admission)
+        app = services.http_app(settings, admission, guard)
         # uvicorn logs through the root logger (logs.configure_logging); its access log is replaced by ours.
         config = uvicorn.Config(
-            app, host=api.host, port=api.http_port, lifespan="off", log_config=None, access_log=False
+            app,
+            host=api.host,
+            port=api.http_port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            ssl_certfile=api.tls_cert_file,
+            ssl_keyfile=api.tls_key_file,
         )
         http_server = uvicorn.Server(config)
         log.info("orchestrator: HTTP http://%s:%d, gRPC %s:%d", api.host, api.http_port, api.host, api.grpc_port)
@@ -160,3 +193,4 @@ async def serve(settings: Settings) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
                 await grpc_server.stop(grace=5)
+                await limiter.close()

@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -186,6 +186,15 @@ class ApiSettings(BaseModel):
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(50051, ge=1, le=65535)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # a larger body or message is refused (413)
+    # TLS of both front-ends (PEM files): HTTPS and gRPC over TLS; unset: plain, for loopback or a TLS proxy.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("api.tls_cert_file and api.tls_key_file are set together")
+        return self
 
 
 class LogFormat(StrEnum):
@@ -206,6 +215,38 @@ class TelemetrySettings(BaseModel):
     access_log: bool = True  # one line per request on the logger tritonrag.access
 
 
+class JwtSettings(BaseModel):
+    """JWT bearer tokens (PyJWT), accepted beside API keys when a verification key is set: HS256 with
+    ``hs256_secret``, RS256 with ``rs256_public_key_file`` (PEM) or a JWKS (``jwks_file`` or ``jwks_url``).
+
+    A token must carry ``exp``; ``nbf`` is checked when present, ``iss`` and ``aud`` when set here. Its
+    tenant is the claim ``tenant_claim``; its scopes the space-separated claim ``scope_claim``.
+    """
+
+    hs256_secret: SecretStr | None = None
+    rs256_public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None  # set: a token's "iss" must equal it
+    audience: str | None = None  # set: a token's "aud" must hold it
+    leeway_s: float = Field(30.0, ge=0)  # clock skew allowed on exp and nbf
+    tenant_claim: str = "tenant"
+    scope_claim: str = "scope"
+
+
+class AuthSettings(BaseModel):
+    """Who may call the API (docs/SECURITY.md): API keys (stored hashed in ``<data_dir>/keys.sqlite``) and JWTs.
+
+    Every route but ``/healthz`` and ``/readyz`` asks for a credential. On a first start with no key
+    stored, an admin key of the tenant ``default`` is made and printed once.
+    """
+
+    enabled: bool = True  # false: every caller is an admin of the tenant "default"; each start logs a warning
+    # An admin key the operator chose (e.g. from a secret store): its hash is stored at start, and no key is made.
+    admin_key: SecretStr | None = None
+    jwt: JwtSettings = JwtSettings()
+
+
 class LimitsSettings(BaseModel):
     """Load shedding: the requests of each route class in flight at once; one more is refused at once
     (429 with Retry-After, gRPC RESOURCE_EXHAUSTED) rather than queued."""
@@ -213,6 +254,8 @@ class LimitsSettings(BaseModel):
     search: int = Field(64, ge=1)  # POST /v1/search, /v1/embeddings; gRPC Search
     answer: int = Field(32, ge=1)  # POST /v1/query, /v1/chat/completions, /v1/completions; gRPC Query, QueryStream
     ingest: int = Field(8, ge=1)  # document upserts over HTTP and gRPC
+    # answer requests of one tenant in flight at once, within ``answer``: no tenant holds every generation slot
+    answer_per_tenant: int = Field(8, ge=1)
     retry_after_s: int = Field(1, ge=1)  # the Retry-After (seconds) of a refused request
 
 
@@ -265,6 +308,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     limits: LimitsSettings = LimitsSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
+    auth: AuthSettings = AuthSettings()
     work_dir: Path = REPO_ROOT / ".tritonrag"
     data_dir: Path = REPO_ROOT / ".tritonrag" / "data"  # collections, catalog and job payloads
     # Where `tritonrag up` exports each model from when the repository has no version of it.

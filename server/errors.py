@@ -22,6 +22,20 @@ class InvalidArgumentError(TritonRagError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class UnauthenticatedError(TritonRagError):
+    """The request carries no credential, or one that is invalid, expired or revoked."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(TritonRagError):
+    """The credential is valid but its scopes do not allow the operation."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
 class NotFoundError(TritonRagError):
     """A collection, document or job that does not exist."""
 

@@ -6,11 +6,12 @@ import asyncio
 import json
 import operator
 import threading
-from collections.abc import AsyncGenerator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import grpc
 import httpx2
 from fastapi import FastAPI
 
@@ -47,10 +48,24 @@ from tritonrag.clients.wire.schema import (
     UpsertResult,
     Usage,
 )
+from tritonrag.deploy.launcher import free_port
 from tritonrag.server.api.admission import Admission
+from tritonrag.server.api.auth import Guard
+from tritonrag.server.api.grpc_service import create_grpc_server
 from tritonrag.server.api.http import create_http_app
-from tritonrag.server.config import ApiSettings, LimitsSettings, ModelSettings, TelemetrySettings
+from tritonrag.server.api.services import Answers, Collections, Search
+from tritonrag.server.config import (
+    ApiSettings,
+    AuthSettings,
+    LimitsSettings,
+    ModelSettings,
+    RateLimitSettings,
+    TelemetrySettings,
+)
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError, TritonRagError
+from tritonrag.server.security.auth import Authenticator
+from tritonrag.server.security.keys import KeyStore
+from tritonrag.server.security.ratelimit import RateLimiter
 from tritonrag.server.services.answers import gather_answer
 
 NOW = 1_700_000_000.0
@@ -122,8 +137,8 @@ class FakeCollections:
         self.documents[request.name] = {}
         return await self.get_collection(request.name)
 
-    async def list_collections(self) -> list[CollectionInfo]:
-        return [await self.get_collection(name) for name in self.collections]
+    async def list_collections(self, prefix: str = "") -> list[CollectionInfo]:
+        return [await self.get_collection(name) for name in self.collections if name.startswith(prefix)]
 
     async def get_collection(self, name: str) -> CollectionInfo:
         documents = self.stored(name)
@@ -442,8 +457,11 @@ class FakeServices:
         settings: ApiSettings,
         admission: Admission | None = None,
         telemetry: TelemetrySettings | None = None,
+        guard: Guard | None = None,
+        keys: KeyStore | None = None,
     ) -> FastAPI:
-        """The HTTP API over the fakes, with the default model names, limits and telemetry unless given."""
+        """The HTTP API over the fakes, with the default model names, limits and telemetry unless given,
+        ``open_guard()`` unless ``guard`` is given, and the key routes over ``keys`` when given."""
         return create_http_app(
             self.collections,
             self.search,
@@ -455,4 +473,42 @@ class FakeServices:
             ModelSettings(),
             admission or Admission(LimitsSettings()),
             telemetry or TelemetrySettings(),
+            guard or open_guard(),
+            keys=keys,
         )
+
+
+@asynccontextmanager
+async def grpc_channel(
+    collections: Collections,
+    search: Search,
+    answers: Answers,
+    settings: ApiSettings | None = None,
+    admission: Admission | None = None,
+    telemetry: TelemetrySettings | None = None,
+    guard: Guard | None = None,
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the gRPC API over the services on a free port, with the default limits, telemetry and
+    ``open_guard()`` unless given; the server stops after the block."""
+    settings = settings or ApiSettings(grpc_port=free_port())
+    server = create_grpc_server(
+        collections,
+        search,
+        answers,
+        settings,
+        admission or Admission(LimitsSettings()),
+        telemetry or TelemetrySettings(),
+        guard or open_guard(),
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as channel:
+            yield channel
+    finally:
+        await server.stop(grace=None)
+
+
+def open_guard() -> Guard:
+    """Authentication off (every caller an admin of the tenant "default") and no rate limits: for tests of
+    what lies behind them."""
+    return Guard(Authenticator(AuthSettings(enabled=False), None), RateLimiter(RateLimitSettings(enabled=False)))

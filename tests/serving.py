@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -13,7 +14,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
@@ -58,6 +61,29 @@ def running_triton(repository: Path, models: Sequence[str], work_dir: Path) -> I
         server.stop()
 
 
+# The admin key of every orchestrator the tests and benchmarks start (``auth.admin_key``); the SDK sends it
+# when TRITONRAG_API_KEY holds it (tests/conftest.py sets that), raw clients send ``ADMIN_HEADERS``.
+ADMIN_KEY = "trk_tests-and-benchmarks-admin-key-0000000000"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_KEY}"),)
+
+
+class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``metadata`` to every call of a channel (``grpc.intercept_channel``)."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = tuple(metadata)
+
+    def _with_metadata(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_metadata(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_metadata(details), request)
+
+
 @dataclass
 class Orchestrator:
     """A ``tritonrag serve`` subprocess and where it listens."""
@@ -68,8 +94,41 @@ class Orchestrator:
     data_dir: Path
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, signed by its own key: (cert.pem, key.pem) in ``directory``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(names, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private = serialization.PrivateFormat.PKCS8
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, private, serialization.NoEncryption()))
+    return cert_file, key_file
+
+
 def orchestrator_env(triton: TritonServer, repository: Path, data_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment for ``tritonrag serve`` against ``triton`` on free loopback ports."""
+    """Environment for ``tritonrag serve`` against ``triton`` on free loopback ports, accepting ``ADMIN_KEY``."""
     env = dict(os.environ)
     env.update(
         {
@@ -78,24 +137,31 @@ def orchestrator_env(triton: TritonServer, repository: Path, data_dir: Path, **e
             "TRITONRAG_DATA_DIR": str(data_dir),
             "TRITONRAG_API__HTTP_PORT": str(free_port()),
             "TRITONRAG_API__GRPC_PORT": str(free_port()),
+            "TRITONRAG_AUTH__ADMIN_KEY": ADMIN_KEY,
             **extra,
         }
     )
     return env
 
 
-def start_orchestrator(env: dict[str, str], timeout_s: float = 60.0) -> Orchestrator:
-    """Start ``tritonrag serve`` with ``env`` and wait until ``/readyz`` answers 200."""
-    http_url = f"http://127.0.0.1:{env['TRITONRAG_API__HTTP_PORT']}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tritonrag.deploy.cli", "serve"], env=env, stdout=subprocess.DEVNULL
-    )
+def start_orchestrator(env: dict[str, str], timeout_s: float = 60.0, log: IO[bytes] | None = None) -> Orchestrator:
+    """Start ``tritonrag serve`` with ``env`` (its stdout and stderr into ``log`` when given) and wait until
+    ``/readyz`` answers 200."""
+    certificate = env.get("TRITONRAG_API__TLS_CERT_FILE")
+    scheme = "https" if certificate else "http"
+    http_url = f"{scheme}://127.0.0.1:{env['TRITONRAG_API__HTTP_PORT']}"
+    context = ssl.create_default_context(cafile=certificate) if certificate else None
+    command = [sys.executable, "-m", "tritonrag.deploy.cli", "serve"]
+    if log is None:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    else:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"tritonrag serve exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(f"{http_url}/readyz", timeout=2) as response:
+            with urllib.request.urlopen(f"{http_url}/readyz", timeout=2, context=context) as response:
                 if response.status == 200:
                     break
         except OSError:

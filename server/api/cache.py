@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from tritonrag.clients.wire.auth import Scope
 from tritonrag.clients.wire.schema import CacheFlushed, CacheStats
 
 from ..cache.scope import CacheScope, Level, open_scope
+from .auth import Guard
 from .services import CacheAdmin
 
 CACHE_CONTROL = "cache-control"  # the HTTP header, and the gRPC metadata key
@@ -35,9 +37,9 @@ async def cache_scope(request: Request) -> None:
 CACHE_SCOPE = Depends(cache_scope)
 
 
-def cache_router(cache: CacheAdmin) -> APIRouter:
-    """``GET /v1/cache/stats`` and ``POST /v1/cache:flush`` over ``cache``."""
-    router = APIRouter(prefix="/v1", tags=["cache"])
+def cache_router(cache: CacheAdmin, guard: Guard) -> APIRouter:
+    """``GET /v1/cache/stats`` and ``POST /v1/cache:flush`` over ``cache``, for admins."""
+    router = APIRouter(prefix="/v1", tags=["cache"], dependencies=[guard(Scope.admin)])
 
     @router.get("/cache/stats")
     async def cache_stats() -> CacheStats:

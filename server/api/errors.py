@@ -19,17 +19,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
-from ..errors import InvalidArgumentError, ResourceExhaustedError, TritonRagError
+from ..errors import InvalidArgumentError, ResourceExhaustedError, TritonRagError, UnauthenticatedError
 from .common import invalid_argument
 
 logger = logging.getLogger(__name__)
 
 
-def retry_after(exc: Exception) -> dict[str, str] | None:
-    """The ``Retry-After`` header of an error that says when to retry; None for any other."""
+def error_headers(exc: Exception) -> dict[str, str] | None:
+    """The headers an error's answer carries: ``Retry-After`` when it says when to retry, ``WWW-Authenticate``
+    when a credential is missing or refused; None for any other."""
     if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s is not None:
         return {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, UnauthenticatedError):
+        return {"WWW-Authenticate": "Bearer"}
     return None
 
 
@@ -88,8 +92,20 @@ async def native_error_response(request: Request, exc: Exception) -> JSONRespons
     which logs the traceback.
     """
     status_code, body = native_error(exc)
-    headers = exc.headers if isinstance(exc, HTTPException) else retry_after(exc)
+    headers = exc.headers if isinstance(exc, HTTPException) else error_headers(exc)
+    if status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        headers = {"Allow": _allowed_methods(request)}
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route at the request's path, for a 405's ``Allow``: Starlette's names those of the
+    first such route alone (``/v1/collections`` has one route for GET and one for POST)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 # The OpenAI-compatible API
@@ -152,7 +168,7 @@ def openai_error(exc: Exception) -> OpenAIError:
         return OpenAIError(malformed, code="invalid_json") if malformed else openai_invalid(_body_relative(exc))
     if isinstance(exc, TritonRagError):
         code = exc.grpc_code.lower()
-        return OpenAIError(exc.message, status=exc.http_status, param=exc.field, code=code, headers=retry_after(exc))
+        return OpenAIError(exc.message, status=exc.http_status, param=exc.field, code=code, headers=error_headers(exc))
     if isinstance(exc, HTTPException):
         return OpenAIError(str(exc.detail), status=exc.status_code)
     return OpenAIError("internal error", status=500, code="internal")

@@ -5,7 +5,9 @@ validate them exactly as over HTTP; answers come back the same way. Every error 
 through ``_rpc``, which also makes each call one telemetry record (counted, logged on one line);
 ``_limited`` sheds calls over their class's limit. ``QueryStream`` writes its events with
 ``context.write`` from within the handler, so a cancelled call (the client went away) cancels the
-handler, which closes the service's stream. The request id of every call is its ``x-request-id``
+handler, which closes the service's stream. Every call is authenticated first (``auth.Guard``) from its
+``authorization`` / ``x-api-key`` / ``x-tenant`` metadata, with the scope ``_ACCESS`` gives its method.
+The request id of every call is its ``x-request-id``
 metadata (or a new one); ``Search``, ``Query`` and ``QueryStream`` send it back in the initial metadata.
 ``cache-control: no-cache`` metadata bypasses the cache, as the header does over HTTP.
 """
@@ -27,6 +29,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ValidationError
 
+from tritonrag.clients.wire.auth import Scope
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import (
@@ -41,9 +44,11 @@ from tritonrag.clients.wire.schema import (
 
 from ..cache.scope import CacheScope, open_scope
 from ..config import ApiSettings, TelemetrySettings
-from ..errors import ResourceExhaustedError, TritonRagError
+from ..errors import InvalidArgumentError, ResourceExhaustedError, TritonRagError
+from ..security.auth import API_KEY, AUTHORIZATION, TENANT
 from ..telemetry.observer import RequestTelemetry
 from .admission import Admission, RouteClass
+from .auth import Guard
 from .cache import CACHE_CONTROL, no_cache
 from .common import closing, invalid_argument
 from .services import Answers, Collections, Search
@@ -62,6 +67,22 @@ _Method = Callable[["_Servicer", _Request, _Context], Awaitable[_Result]]
 _REQUEST_ID: ContextVar[str] = ContextVar("tritonrag_grpc_request_id")  # the id ``_rpc`` gave the call
 RETRY_AFTER_METADATA = "retry-after"
 
+# Each method's scope and rate-limit class; a method missing here fails the server's creation.
+_ACCESS: dict[str, tuple[Scope, RouteClass]] = {
+    "CreateCollection": (Scope.write, RouteClass.manage),
+    "ListCollections": (Scope.read, RouteClass.manage),
+    "GetCollection": (Scope.read, RouteClass.manage),
+    "DeleteCollection": (Scope.write, RouteClass.manage),
+    "UpsertDocuments": (Scope.write, RouteClass.ingest),
+    "GetDocument": (Scope.read, RouteClass.manage),
+    "DeleteDocument": (Scope.write, RouteClass.manage),
+    "DeleteByFilter": (Scope.write, RouteClass.manage),
+    "Search": (Scope.read, RouteClass.search),
+    "GetJob": (Scope.read, RouteClass.manage),
+    "Query": (Scope.read, RouteClass.answer),
+    "QueryStream": (Scope.read, RouteClass.answer),
+}
+
 
 def create_grpc_server(
     collections: Collections,
@@ -70,19 +91,29 @@ def create_grpc_server(
     settings: ApiSettings,
     admission: Admission,
     telemetry: TelemetrySettings,
+    guard: Guard,
 ) -> grpc.aio.Server:
     """A server (not yet started) on ``settings.host:settings.grpc_port`` with the service over ``collections``,
-    ``search`` and ``answers``, health and reflection; calls limited by ``admission``, metrics and access
-    lines as ``telemetry`` says.
+    ``search`` and ``answers``, health and reflection; calls admitted by ``guard`` and limited by
+    ``admission``, metrics and access lines as ``telemetry`` says.
 
-    A message over ``settings.max_request_bytes`` is refused with RESOURCE_EXHAUSTED.
+    A message over ``settings.max_request_bytes`` is refused with RESOURCE_EXHAUSTED. With
+    ``settings.tls_cert_file`` and ``tls_key_file`` the port serves TLS only.
     """
+    unguarded = set(pb.DESCRIPTOR.services_by_name["TritonRag"].methods_by_name) - set(_ACCESS)
+    if unguarded:
+        raise RuntimeError(f"methods without a scope in _ACCESS: {sorted(unguarded)}")
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes)])
-    servicer = _Servicer(collections, search, answers, admission, RequestTelemetry(telemetry))
+    servicer = _Servicer(collections, search, answers, admission, RequestTelemetry(telemetry), guard)
     pb_grpc.add_TritonRagServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # "" is SERVING
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+        server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+    else:
+        server.add_insecure_port(address)
     return server
 
 
@@ -94,6 +125,7 @@ def _rpc(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
     telemetry record, its route the full method name, its status the code name.
     """
     route = f"/{SERVICE_NAME}/{method.__name__}"
+    scope, route_class = _ACCESS[method.__name__]
 
     @functools.wraps(method)
     async def mapped(self: _Servicer, request: _Request, context: _Context) -> _Result:
@@ -108,6 +140,13 @@ def _rpc(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
             open_scope(CacheScope(bypass=bypass, report=record.report_cache))
             error: TritonRagError
             try:
+                await self.guard.admit(
+                    _text(metadata, AUTHORIZATION),
+                    _text(metadata, API_KEY),
+                    _text(metadata, TENANT),
+                    scope,
+                    route_class,
+                )
                 result = await method(self, request, context)
             except ValidationError as exc:
                 error = invalid_argument(exc.errors())
@@ -130,6 +169,12 @@ def _rpc(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
     return mapped
 
 
+def _text(metadata: dict[str, str | bytes], key: str) -> str | None:
+    """A text metadata value; None when absent or binary."""
+    value = metadata.get(key)
+    return value if isinstance(value, str) else None
+
+
 def _limited(route_class: RouteClass) -> Callable[[_Method[_Request, _Result]], _Method[_Request, _Result]]:
     """Run the RPC in a place of ``route_class`` (``Admission.slot``); under ``_rpc``, which maps a refusal."""
 
@@ -146,9 +191,12 @@ def _limited(route_class: RouteClass) -> Callable[[_Method[_Request, _Result]], 
 
 def _model(model: type[_Model], message: Message, *, without: str | None = None) -> _Model:
     """``message`` in its JSON form validated by ``model``; ``without`` drops a field that is an argument of its own."""
-    data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    try:
+        data = json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    except json_format.SerializeToJsonError as exc:  # a Struct's NaN or infinity, which JSON lacks
+        raise InvalidArgumentError(str(exc)) from exc
     if without is not None:
         del data[without]
     return model.model_validate(_integral(data))
@@ -192,12 +240,14 @@ class _Servicer(pb_grpc.TritonRagServicer):
         answers: Answers,
         admission: Admission,
         telemetry: RequestTelemetry,
+        guard: Guard,
     ) -> None:
         self._collections = collections
         self._search = search
         self._answers = answers
         self.admission = admission
         self.telemetry = telemetry
+        self.guard = guard
 
     @_rpc
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: _Context) -> pb.CollectionInfo:

@@ -21,11 +21,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import ApiSettings, ModelSettings, TelemetrySettings
 from ..errors import PayloadTooLargeError, TritonRagError
+from ..security.keys import KeyStore
 from ..telemetry.observer import RequestTelemetry
 from ..telemetry.record import UNMATCHED
 from .admission import Admission
+from .auth import Guard
 from .cache import cache_router
 from .errors import native_error_response
+from .keys import keys_router
 from .metrics import metrics_router
 from .native import health_router, native_router
 from .openai import openai_router
@@ -44,26 +47,32 @@ def create_http_app(
     names: ModelSettings,
     admission: Admission,
     telemetry: TelemetrySettings,
+    guard: Guard,
     cache: CacheAdmin | None = None,
+    keys: KeyStore | None = None,
 ) -> FastAPI:
     """The HTTP API: the native routes over ``collections``, ``search``, ``answers`` and ``readiness``; the
-    OpenAI-compatible ones over ``chats`` and ``models``, for the models ``names`` names; requests limited
-    by ``admission``; metrics and access lines as ``telemetry`` says, with ``/metrics`` unless it has a port
-    of its own; the cache's stats and flush over ``cache`` when given."""
+    OpenAI-compatible ones over ``chats`` and ``models``, for the models ``names`` names; every route but
+    health admitted by ``guard``; requests limited by ``admission``; metrics and access lines as ``telemetry``
+    says, with ``/metrics`` unless it has a port of its own; the cache's stats and flush over ``cache`` and key
+    management over ``keys`` when given."""
     app = _App(
         RequestTelemetry(telemetry),
         title="tritonrag",
         summary="Retrieval-augmented generation served by NVIDIA Triton",
         version=metadata.version("tritonrag"),
         generate_unique_id_function=_operation_id,
+        redirect_slashes=False,  # a URL names one operation: /v1/collections/ is no collection's, not the list's
     )
-    app.include_router(native_router(collections, search, answers, admission))
-    app.include_router(openai_router(chats, models, names, admission))
+    app.include_router(native_router(collections, search, answers, admission, guard))
+    app.include_router(openai_router(chats, models, names, admission, guard))
     app.include_router(health_router(readiness))
     if cache is not None:
-        app.include_router(cache_router(cache))
+        app.include_router(cache_router(cache, guard))
+    if keys is not None:
+        app.include_router(keys_router(keys, guard))
     if telemetry.metrics and telemetry.metrics_port is None:
-        app.include_router(metrics_router(telemetry))
+        app.include_router(metrics_router(telemetry, guard))
     app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
     for error_class in (TritonRagError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(error_class, native_error_response)
@@ -83,10 +92,13 @@ class _App(FastAPI):
         return RequestIds(_Observed(super().build_middleware_stack(), self.telemetry))
 
 
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
 class _Observed:
     """Each HTTP request as one telemetry record: its route template (``unmatched`` for no route), method,
     status and duration to the end of its answer, and the cache level a handler left in
-    ``request.state.cache``."""
+    ``request.state.cache``. Every answer gets ``X-Content-Type-Options: nosniff``."""
 
     def __init__(self, app: ASGIApp, telemetry: RequestTelemetry) -> None:
         self.app = app
@@ -102,6 +114,8 @@ class _Observed:
             async def send_observed(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     record.status = str(message["status"])
+                    # Answers are data (JSON, SSE): a browser must never sniff generated text into HTML.
+                    message["headers"] = [*message.get("headers", []), _NOSNIFF]
                 await send(message)
 
             try:

@@ -1,4 +1,5 @@
-"""``GET /metrics`` on the API's HTTP port: Prometheus' default registry, behind a bearer token when one is set."""
+"""``GET /metrics`` on the API's HTTP port: Prometheus' default registry, behind its own bearer token when one is
+set, else for admins (its labels name every tenant's collections)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from fastapi import APIRouter, Header, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException
 
+from tritonrag.clients.wire.auth import Scope
+
 from ..config import TelemetrySettings
+from .auth import Guard
 
 
-def metrics_router(settings: TelemetrySettings) -> APIRouter:
-    """``/metrics`` in Prometheus' text format; with ``settings.metrics_token``, only for ``Bearer <token>``."""
-    router = APIRouter()
+def metrics_router(settings: TelemetrySettings, guard: Guard) -> APIRouter:
+    """``/metrics`` in Prometheus' text format; with ``settings.metrics_token``, only for ``Bearer <token>``,
+    else for a caller with the ``admin`` scope."""
     expected = None if settings.metrics_token is None else f"Bearer {settings.metrics_token.get_secret_value()}"
+    router = APIRouter(dependencies=[] if expected is not None else [guard(Scope.admin)])
 
     @router.get("/metrics", include_in_schema=False)
     async def metrics(authorization: Annotated[str, Header()] = "") -> Response:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel
 
+from tritonrag.clients.wire.auth import Scope
 from tritonrag.clients.wire.schema import (
     CollectionCreate,
     CollectionInfo,
@@ -29,12 +30,22 @@ from tritonrag.clients.wire.schema import (
 )
 
 from .admission import Admission, RouteClass
+from .auth import Guard
 from .cache import CACHE_SCOPE
 from .errors import ErrorBody, native_error
 from .request_id import RequestId
 from .services import Answers, Collections, Readiness, Search
 from .sse import EventStream, event_stream, frame
 
+# One event of a streamed answer, as OpenAPI reads the schema of a text/event-stream (3.2 names it itemSchema).
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["sources", "delta", "done", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid request"},
     "default": {"model": ErrorBody, "description": "Error"},
@@ -47,24 +58,30 @@ def model_response(model: BaseModel) -> Response:
     return Response(model.model_dump_json(by_alias=True), media_type="application/json")
 
 
-def native_router(collections: Collections, search: Search, answers: Answers, admission: Admission) -> APIRouter:
-    """The routes under ``/v1`` over the services; upserts, searches and queries limited by ``admission``."""
+def native_router(
+    collections: Collections, search: Search, answers: Answers, admission: Admission, guard: Guard
+) -> APIRouter:
+    """The routes under ``/v1`` over the services, each admitted by ``guard`` for the scope it needs; upserts,
+    searches and queries limited by ``admission`` too."""
     router = APIRouter(prefix="/v1", responses=_ERROR_RESPONSES, dependencies=[CACHE_SCOPE])
+    read, write = guard(Scope.read), guard(Scope.write)
 
-    @router.post("/collections", status_code=status.HTTP_201_CREATED, tags=["collections"])
+    @router.post("/collections", status_code=status.HTTP_201_CREATED, tags=["collections"], dependencies=[write])
     async def create_collection(request: CollectionCreate) -> CollectionInfo:
         """Create an empty collection; 409 when the name is taken."""
         return await collections.create_collection(request)
 
-    @router.get("/collections", tags=["collections"])
+    @router.get("/collections", tags=["collections"], dependencies=[read])
     async def list_collections() -> dict[str, list[CollectionInfo]]:
         return {"collections": await collections.list_collections()}
 
-    @router.get("/collections/{name}", tags=["collections"])
+    @router.get("/collections/{name}", tags=["collections"], dependencies=[read])
     async def get_collection(name: str) -> CollectionInfo:
         return await collections.get_collection(name)
 
-    @router.delete("/collections/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["collections"])
+    @router.delete(
+        "/collections/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["collections"], dependencies=[write]
+    )
     async def delete_collection(name: str) -> None:
         """Delete a collection with its documents and indexes."""
         await collections.delete_collection(name)
@@ -73,7 +90,7 @@ def native_router(collections: Collections, search: Search, answers: Answers, ad
         "/collections/{name}/documents",
         tags=["documents"],
         responses={202: {"model": UpsertResult, "description": "Accepted as a job: poll /v1/jobs/{job_id}"}},
-        dependencies=[admission.dependency(RouteClass.ingest)],
+        dependencies=[guard(Scope.write, RouteClass.ingest), admission.dependency(RouteClass.ingest)],
     )
     async def upsert_documents(name: str, request: UpsertRequest, response: Response) -> UpsertResult:
         """Insert or replace documents by id; a large batch runs as a job (202 with ``job_id``)."""
@@ -83,17 +100,20 @@ def native_router(collections: Collections, search: Search, answers: Answers, ad
             response.headers["Location"] = f"/v1/jobs/{result.job_id}"
         return result
 
-    @router.get("/collections/{name}/documents/{doc_id:path}", tags=["documents"])
+    @router.get("/collections/{name}/documents/{doc_id:path}", tags=["documents"], dependencies=[read])
     async def get_document(name: str, doc_id: str) -> Document:
         return await collections.get_document(name, doc_id)
 
     @router.delete(
-        "/collections/{name}/documents/{doc_id:path}", status_code=status.HTTP_204_NO_CONTENT, tags=["documents"]
+        "/collections/{name}/documents/{doc_id:path}",
+        status_code=status.HTTP_204_NO_CONTENT,
+        tags=["documents"],
+        dependencies=[write],
     )
     async def delete_document(name: str, doc_id: str) -> None:
         await collections.delete_document(name, doc_id)
 
-    @router.post("/collections/{name}/documents:delete", tags=["documents"])
+    @router.post("/collections/{name}/documents:delete", tags=["documents"], dependencies=[write])
     async def delete_by_filter(name: str, request: DeleteByFilterRequest) -> dict[str, int]:
         """Delete every document whose metadata matches the filter; answers ``{"deleted": n}``."""
         return {"deleted": await collections.delete_by_filter(name, request)}
@@ -103,7 +123,7 @@ def native_router(collections: Collections, search: Search, answers: Answers, ad
         tags=["search"],
         name="search",
         response_model=SearchResponse,
-        dependencies=[admission.dependency(RouteClass.search)],
+        dependencies=[guard(Scope.read, RouteClass.search), admission.dependency(RouteClass.search)],
     )
     async def search_collection(request: SearchRequest, request_id: RequestId) -> Response:
         """Dense, sparse or hybrid retrieval with metadata filters, optional reranking and MMR."""
@@ -117,7 +137,7 @@ def native_router(collections: Collections, search: Search, answers: Answers, ad
             200: {
                 "description": "The answer; with `stream: true`, Server-Sent Events: `sources`, `delta`..., `done` "
                 "(or `error`), each `data:` the event's JSON",
-                "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
+                "content": {"text/event-stream": {"schema": _SSE_EVENT, "example": _SSE_EXAMPLE}},
             },
             429: {
                 "model": ErrorBody,
@@ -125,7 +145,7 @@ def native_router(collections: Collections, search: Search, answers: Answers, ad
                 "retry later (after Retry-After seconds)",
             },
         },
-        dependencies=[admission.dependency(RouteClass.answer)],
+        dependencies=[guard(Scope.read, RouteClass.answer), admission.dependency(RouteClass.answer)],
     )
     async def query(request: QueryRequest, request_id: RequestId) -> Response | EventStream:
         """Retrieve passages, pack them into the generator's context and answer with cited sources.
@@ -136,7 +156,7 @@ def native_router(collections: Collections, search: Search, answers: Answers, ad
             return model_response(await answers.query(request, request_id))
         return await event_stream(answers.query_stream(request, request_id), _frames, _error_frame)
 
-    @router.get("/jobs/{job_id}", tags=["jobs"])
+    @router.get("/jobs/{job_id}", tags=["jobs"], dependencies=[read])
     async def get_job(job_id: str) -> JobInfo:
         """Progress and per-document errors of an upsert job."""
         return await collections.get_job(job_id)

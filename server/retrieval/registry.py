@@ -10,12 +10,15 @@ from pathlib import Path
 from tritonrag.clients.wire.schema import CollectionCreate
 
 from ..config import IndexSettings
+from ..security.principal import DEFAULT_TENANT
+from ..security.tenancy import SEPARATOR, collection_key
 from ..store.catalog import Catalog
 from .collection import Collection
 
 
 class CollectionRegistry:
-    """Open collections by name; the catalog says which exist, ``<data_dir>/collections/<name>`` holds each.
+    """Open collections by key (``<tenant>/<name>``, ``security.tenancy``); the catalog says which exist,
+    ``<data_dir>/collections/<tenant>/<name>`` holds each.
 
     ``dimension`` is asked only for a collection that has no vectors yet: an existing collection opens
     with the width it stored, so it opens (and BM25 search works) while the embedder is down.
@@ -31,6 +34,19 @@ class CollectionRegistry:
         self._open: dict[str, Collection] = {}
         self._created_at: dict[str, float] = {}
         self._lock = asyncio.Lock()
+        self._adopt_untenanted()
+
+    def _adopt_untenanted(self) -> None:
+        """Collections from before tenants (a key without ``/``) become the default tenant's: the directory
+        moves first, then the catalog, so a crash between the two is finished at the next start."""
+        for name in self.catalog.list_collections():
+            if SEPARATOR in name:
+                continue
+            key = collection_key(DEFAULT_TENANT, name)
+            if self._directory(name).exists() and not self._directory(key).exists():
+                self._directory(key).parent.mkdir(parents=True, exist_ok=True)
+                self._directory(name).rename(self._directory(key))
+            self.catalog.rename_collection(name, key)
 
     def _directory(self, name: str) -> Path:
         return self._root / name

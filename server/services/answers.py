@@ -198,7 +198,9 @@ class AnswerService:
     ) -> tuple[list[SearchHit], list[FlaggedPassage], list[str]]:
         """The passages a grounded answer offers the generator, best first, those the prompt-injection heuristics
         left out, and the degraded retrieval stages."""
-        request = SearchRequest(
+        # Built from validated parts (the grounding, the cleaned query), unvalidated: its collection is a key
+        # ``<tenant>/<name>`` (security.tenancy), which the name pattern of requests refuses.
+        request = SearchRequest.model_construct(
             collection=grounding.collection,
             query=query,
             top_k=grounding.top_k,

@@ -93,8 +93,10 @@ class CollectionService:
         """Create an empty collection; AlreadyExistsError when the name is taken."""
         return await self._info(await self._registry.create(request))
 
-    async def list_collections(self) -> list[CollectionInfo]:
-        return [await self._info(await self._registry.get(name)) for name in await self._registry.names()]
+    async def list_collections(self, prefix: str = "") -> list[CollectionInfo]:
+        """The collections whose names start with ``prefix``."""
+        names = [name for name in await self._registry.names() if name.startswith(prefix)]
+        return [await self._info(await self._registry.get(name)) for name in names]
 
     async def get_collection(self, name: str) -> CollectionInfo:
         return await self._info(await self._registry.get(name))

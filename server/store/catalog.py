@@ -100,11 +100,13 @@ class Catalog:
             raise AlreadyExistsError(f"collection {spec.name!r} already exists", field="name") from None
 
     def get_collection(self, name: str) -> CollectionCreate:
-        """The spec of the collection ``name``; `NotFoundError` if there is none. A spec from before chunk
-        headers (0.3) has none: its chunks were embedded without."""
+        """The spec of the collection ``name`` (a key ``<tenant>/<name>``: the spec's name is that key);
+        `NotFoundError` if there is none. A spec from before chunk headers (0.3) has none: its chunks were
+        embedded without."""
         spec = json.loads(self._collection_column(name, "spec"))
         spec.setdefault("chunking", {}).setdefault("header", NO_HEADER.model_dump())
-        return CollectionCreate.model_validate(spec)
+        spec["name"] = name.rpartition("/")[2]  # validated as the name its tenant gave
+        return CollectionCreate.model_validate(spec).model_copy(update={"name": name})
 
     def collection_created_at(self, name: str) -> float:
         """When the collection ``name`` was created (Unix time); `NotFoundError` if there is none."""
@@ -122,6 +124,12 @@ class Catalog:
         with self._lock:
             rows = self._conn.execute("SELECT name FROM collections ORDER BY name").fetchall()
         return [row[0] for row in rows]
+
+    def rename_collection(self, name: str, new_name: str) -> None:
+        """Give the collection ``name`` and its jobs the name ``new_name``, in one transaction."""
+        with self._lock, transaction(self._conn) as conn:
+            conn.execute("UPDATE collections SET name = ? WHERE name = ?", (new_name, name))
+            conn.execute("UPDATE jobs SET collection = ? WHERE collection = ?", (new_name, name))
 
     def delete_collection(self, name: str) -> None:
         """Forget the collection ``name`` (its jobs stay, as history); `NotFoundError` if there is none."""

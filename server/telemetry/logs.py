@@ -2,8 +2,9 @@
 
 JSON lines come from python-json-logger: ``time``, ``level``, ``logger``, ``message`` and a record's
 extra fields. The access line (logger ``tritonrag.access``, one per request) carries the request id,
-protocol, route template, method, status, latency, stage timings, degraded stages, the cache level that
-served it, and the first generation's time to first token and token counts.
+protocol, route template, method, status, the caller (tenant and ``key:<id>`` / ``jwt:<sub>``, never a
+secret), latency, stage timings, degraded stages, the cache level that served it, and the first generation's
+time to first token and token counts.
 
 Records are formatted and written by a thread of their own (``QueueListener``): a request hands its
 record over and goes on, never waiting on a slow stderr (a pipe to a log collector) nor on formatting.
@@ -27,7 +28,17 @@ _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _JSON = ("asctime", "levelname", "name", "message")
 _JSON_NAMES = {"asctime": "time", "levelname": "level", "name": "logger"}
 # Fields of an access line that its text form appends as key=value (its message has the route and status).
-_TEXT_FIELDS = ("request_id", "protocol", "latency_ms", "stages_ms", "degraded", "cache", "ttft_ms", "tokens")
+_TEXT_FIELDS = (
+    "request_id",
+    "protocol",
+    "caller",
+    "latency_ms",
+    "stages_ms",
+    "degraded",
+    "cache",
+    "ttft_ms",
+    "tokens",
+)
 
 _access = logging.getLogger(ACCESS_LOGGER)
 
@@ -60,6 +71,7 @@ def log_access(record: RequestRecord) -> None:
         "route": record.route,
         "method": record.method,
         "status": record.status,
+        "caller": record.caller,
         "latency_ms": round(record.duration_s * 1000.0, 3),
         "stages_ms": {stage: round(ms, 3) for stage, ms in record.stages_ms.items()},
         "degraded": record.degraded,

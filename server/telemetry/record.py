@@ -59,6 +59,7 @@ class RequestRecord:
     stages_ms: dict[str, float] = field(default_factory=dict)
     degraded: list[str] = field(default_factory=list)
     cache: str | None = None  # the cache level that served the request: "l1", "l2", "miss"
+    caller: str | None = None  # "<tenant>/<subject>" of an authenticated request
     generations: list[GenerationRecord] = field(default_factory=list)
 
     def stage(self, name: str, ms: float) -> None:

@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
-from tests.serving import Orchestrator, embed, orchestrator_env, start_orchestrator, stop_orchestrator
+from tests.serving import ADMIN_KEY, Orchestrator, embed, orchestrator_env, start_orchestrator, stop_orchestrator
 from tritonrag.clients.http_client import TritonRagClient
 from tritonrag.clients.wire.schema import (
     ChatMessage,
@@ -227,7 +227,7 @@ def test_the_fact_is_found_when_it_is_not_the_first_passage(stack: Orchestrator,
 
 @pytest.fixture(scope="module")
 def openai_client(stack: Orchestrator) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0) as client:
+    with openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key=ADMIN_KEY, max_retries=0) as client:
         yield client
 
 

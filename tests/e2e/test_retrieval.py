@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from tests import reference
-from tests.serving import Orchestrator, orchestrator_env, running_triton, start_orchestrator, stop_orchestrator
+from tests.serving import (
+    ADMIN_HEADERS,
+    Orchestrator,
+    orchestrator_env,
+    running_triton,
+    start_orchestrator,
+    stop_orchestrator,
+)
 
 # "this" prints a poem and "antigravity" opens a web browser when imported.
 MODULES = sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in {"this", "antigravity"})
@@ -64,7 +71,7 @@ def test_served_dense_top10_equals_exact_search(stack: Orchestrator, minilm_dir:
     texts = passages()
     assert len(texts) >= 80
     ids = list(texts)
-    with httpx2.Client(base_url=stack.http_url, timeout=120) as http:
+    with httpx2.Client(base_url=stack.http_url, timeout=120, headers=ADMIN_HEADERS) as http:
         assert http.post("/v1/collections", json={"name": "stdlib", "index_type": "flat"}).status_code == 201
         for start in range(0, len(ids), 50):
             batch = [{"id": i, "text": texts[i]} for i in ids[start : start + 50]]

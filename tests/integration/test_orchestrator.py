@@ -24,7 +24,15 @@ from google.protobuf import struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.documents import JAPANESE, LATIN_1, RUSSIAN, SMALL_MODULES, mixed_corpus
-from tests.serving import Orchestrator, orchestrator_env, start_orchestrator, stop_orchestrator
+from tests.serving import (
+    ADMIN_HEADERS,
+    ADMIN_METADATA,
+    MetadataInterceptor,
+    Orchestrator,
+    orchestrator_env,
+    start_orchestrator,
+    stop_orchestrator,
+)
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.deploy.launcher import TritonServer
@@ -71,14 +79,14 @@ def orchestrator(
 
 @pytest.fixture(scope="module")
 def http(orchestrator: Orchestrator) -> Iterator[httpx2.Client]:
-    with httpx2.Client(base_url=orchestrator.http_url, timeout=60) as client:
+    with httpx2.Client(base_url=orchestrator.http_url, timeout=60, headers=ADMIN_HEADERS) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def stub(orchestrator: Orchestrator) -> Iterator[pb_grpc.TritonRagStub]:
     with grpc.insecure_channel(orchestrator.grpc_url) as channel:
-        yield pb_grpc.TritonRagStub(channel)
+        yield pb_grpc.TritonRagStub(grpc.intercept_channel(channel, MetadataInterceptor(ADMIN_METADATA)))
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +235,7 @@ def test_kill_9_during_ingest_keeps_everything_acknowledged(
     stop = threading.Event()
 
     def ingest() -> None:
-        with httpx2.Client(base_url=server.http_url, timeout=30) as client:
+        with httpx2.Client(base_url=server.http_url, timeout=30, headers=ADMIN_HEADERS) as client:
             client.post("/v1/collections", json={"name": "crash"})
             for i in range(10_000):
                 if stop.is_set():
@@ -253,7 +261,7 @@ def test_kill_9_during_ingest_keeps_everything_acknowledged(
 
     restarted = start_orchestrator(env)
     try:
-        with httpx2.Client(base_url=restarted.http_url, timeout=30) as client:
+        with httpx2.Client(base_url=restarted.http_url, timeout=30, headers=ADMIN_HEADERS) as client:
             info = client.get("/v1/collections/crash").json()
             # Everything acknowledged is there; at most the one request in flight at the kill may be too.
             assert info["documents"] in (len(acknowledged), len(acknowledged) + 1)

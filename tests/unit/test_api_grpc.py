@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import BaseModel
 
-from tests.fakes import FakeAnswers, FakeCollections, FakeSearch, FakeServices, sse_events
+from tests.fakes import FakeAnswers, FakeCollections, FakeSearch, FakeServices, grpc_channel, sse_events
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import (
@@ -31,9 +31,8 @@ from tritonrag.clients.wire.schema import (
     SourcesEvent,
 )
 from tritonrag.deploy.launcher import free_port
-from tritonrag.server.api.admission import Admission
-from tritonrag.server.api.grpc_service import SERVICE_NAME, create_grpc_server
-from tritonrag.server.config import ApiSettings, LimitsSettings, TelemetrySettings
+from tritonrag.server.api.grpc_service import SERVICE_NAME
+from tritonrag.server.config import ApiSettings
 from tritonrag.server.errors import ResourceExhaustedError, UnavailableError
 
 pytestmark = pytest.mark.anyio
@@ -54,13 +53,8 @@ def settings() -> ApiSettings:
 
 @pytest.fixture
 async def channel(fakes: FakeServices, settings: ApiSettings) -> AsyncIterator[grpc.aio.Channel]:
-    server = create_grpc_server(
-        fakes.collections, fakes.search, fakes.answers, settings, Admission(LimitsSettings()), TelemetrySettings()
-    )
-    await server.start()
-    async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as client_channel:
+    async with grpc_channel(fakes.collections, fakes.search, fakes.answers, settings) as client_channel:
         yield client_channel
-    await server.stop(grace=None)
 
 
 @pytest.fixture

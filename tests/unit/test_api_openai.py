@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.fakes import PROMPT_TOKENS, SERVED, VECTORS, FakeAnswers, FakeModels, FakeServices, Pace
+from tests.fakes import PROMPT_TOKENS, SERVED, VECTORS, FakeAnswers, FakeModels, FakeServices, Pace, open_guard
 from tests.harness import serving
 from tritonrag.clients.wire.schema import (
     ChatMessage,
@@ -74,7 +74,9 @@ def served() -> Iterator[tuple[FakeServices, str]]:
     fakes = FakeServices.create()
     asyncio.run(store_sources(fakes))
     app = FastAPI()  # no exception handlers: the router answers its own errors
-    app.include_router(openai_router(fakes.answers, fakes.models, ModelSettings(), Admission(LimitsSettings())))
+    app.include_router(
+        openai_router(fakes.answers, fakes.models, ModelSettings(), Admission(LimitsSettings()), open_guard())
+    )
     app.add_middleware(RequestIds)
     with serving(app) as url:
         yield fakes, f"{url}/v1"

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from tests.fakes import FakeAnswers, FakeSearch, FakeServices, open_guard
+from tests.fakes import FakeAnswers, FakeSearch, FakeServices, grpc_channel
 from tests.unit.test_api_grpc import failure
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
@@ -31,11 +31,8 @@ from tritonrag.clients.wire.schema import (
     CollectionCreate,
     clean_query,
 )
-from tritonrag.deploy.launcher import free_port
-from tritonrag.server.api.admission import Admission
-from tritonrag.server.api.grpc_service import create_grpc_server
 from tritonrag.server.api.openai.protocol import MAX_EMBEDDING_INPUTS
-from tritonrag.server.config import ApiSettings, LimitsSettings, TelemetrySettings
+from tritonrag.server.config import ApiSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -211,20 +208,8 @@ def client(fakes: FakeServices) -> Iterator[TestClient]:
 async def stub(fakes: FakeServices) -> AsyncIterator[pb_grpc.TritonRagAsyncStub]:
     """The gRPC API over the fakes with the default message limit (16 MiB), and the collection "news"."""
     await fakes.collections.create_collection(CollectionCreate(name="news"))
-    settings = ApiSettings(grpc_port=free_port())
-    server = create_grpc_server(
-        fakes.collections,
-        fakes.search,
-        fakes.answers,
-        settings,
-        Admission(LimitsSettings()),
-        TelemetrySettings(),
-        open_guard(),
-    )
-    await server.start()
-    async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as channel:
+    async with grpc_channel(fakes.collections, fakes.search, fakes.answers) as channel:
         yield pb_grpc.TritonRagStub(channel)
-    await server.stop(grace=None)
 
 
 @pytest.mark.parametrize(("kind", "at_limit", "over", "field", "message"), LIMITS.values(), ids=list(LIMITS))

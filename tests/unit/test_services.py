@@ -22,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
+from tests.fakes import open_guard
 from tritonrag.clients.wire.schema import (
     NO_HEADER,
     CacheStats,
@@ -62,6 +63,7 @@ from tritonrag.server.generation.extractive import NO_PASSAGES_ANSWER
 from tritonrag.server.generation.packing import ContextWindow
 from tritonrag.server.generation.prompts import SYSTEM_PROMPT, grounded_messages, passage_line
 from tritonrag.server.routing.triton_pool import TritonPool
+from tritonrag.server.security.keys import KeyStore
 from tritonrag.server.store.catalog import Catalog
 
 DIMENSION = 16
@@ -234,7 +236,10 @@ def services_and_pool_with(
         ingest=ingest or {},
         cache=cache or {},
     )
-    services = Services.build(settings, cast(TritonPool, pool), Catalog(tmp_path / "data" / "catalog.sqlite"))
+    data = tmp_path / "data"
+    services = Services.build(
+        settings, cast(TritonPool, pool), Catalog(data / "catalog.sqlite"), KeyStore(data / "keys.sqlite")
+    )
     return services, pool
 
 
@@ -850,7 +855,7 @@ def test_grounded_greedy_chats_are_replayed_from_the_cache_delta_by_delta(
 def test_the_cache_over_http(services_and_pool: tuple[Services, StandInPool]) -> None:
     services, pool = services_and_pool
     levels: list[str | None] = []
-    app = services.http_app(Settings(), Admission(LimitsSettings()))
+    app = services.http_app(Settings(), Admission(LimitsSettings()), open_guard())
 
     async def observed(scope: Scope, receive: Receive, send: Send) -> None:
         await app(scope, receive, send)

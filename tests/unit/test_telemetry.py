@@ -20,15 +20,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, generate_latest
 from pydantic import SecretStr
 
-from tests.fakes import FakeSearch, FakeServices
+from tests.fakes import FakeSearch, FakeServices, grpc_channel
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import CollectionCreate, JobStatus, SearchRequest, SearchResponse
-from tritonrag.deploy.launcher import free_port
-from tritonrag.server.api.admission import Admission
-from tritonrag.server.api.grpc_service import create_grpc_server
 from tritonrag.server.cache.scope import current_scope
-from tritonrag.server.config import ApiSettings, IndexSettings, LimitsSettings, LogFormat, TelemetrySettings
+from tritonrag.server.config import ApiSettings, IndexSettings, LogFormat, TelemetrySettings
 from tritonrag.server.retrieval.registry import CollectionRegistry
 from tritonrag.server.routing.endpoints import EndpointStatus
 from tritonrag.server.routing.resilience import BreakerState
@@ -193,14 +190,8 @@ def test_metrics_endpoint_and_its_bearer_token(fakes: FakeServices) -> None:
 
 @pytest.fixture
 async def stub(fakes: FakeServices) -> AsyncIterator[pb_grpc.TritonRagAsyncStub]:
-    settings = ApiSettings(grpc_port=free_port())
-    server = create_grpc_server(
-        fakes.collections, fakes.search, fakes.answers, settings, Admission(LimitsSettings()), TelemetrySettings()
-    )
-    await server.start()
-    async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as channel:
+    async with grpc_channel(fakes.collections, fakes.search, fakes.answers) as channel:
         yield pb_grpc.TritonRagStub(channel)
-    await server.stop(grace=None)
 
 
 @pytest.mark.anyio
@@ -247,17 +238,11 @@ async def test_a_grpc_call_has_a_cache_scope_whose_level_reaches_the_access_line
     fakes: FakeServices, json_logs: Logs
 ) -> None:
     search = ScopedSearch(fakes)
-    settings = ApiSettings(grpc_port=free_port())
-    server = create_grpc_server(
-        fakes.collections, search, fakes.answers, settings, Admission(LimitsSettings()), TelemetrySettings()
-    )
-    await server.start()
     await fakes.collections.create_collection(CollectionCreate(name="docs"))
-    async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as channel:
+    async with grpc_channel(fakes.collections, search, fakes.answers) as channel:
         stub = pb_grpc.TritonRagStub(channel)
         await stub.Search(pb.SearchRequest(collection="docs", query="q"))
         await stub.Search(pb.SearchRequest(collection="docs", query="q"), metadata=(("cache-control", "no-cache"),))
-    await server.stop(grace=None)
     assert search.bypassed == [False, True]
     assert [line["cache"] for line in json_logs.access_lines()] == ["l2", "miss"]
 
