@@ -1,19 +1,27 @@
 """Rate limits in a real Redis (``redis-server`` from deploy/install-system-deps.sh): two limiters, as two
-orchestrator replicas, share each bucket; a Redis that goes away fails open to each process's buckets."""
+orchestrator replicas, share each bucket; so do two ``tritonrag serve`` processes, over HTTP and gRPC; a Redis
+that goes away fails open to each process's buckets."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import httpx2
 import pytest
 import redis
 from pydantic import SecretStr
 
-from tests.serving import RedisServer
+from tests.serving import RedisServer, orchestrator_env, start_orchestrator, stop_orchestrator
 from tests.unit.test_rate_limits import admitted
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
+from tritonrag.deploy.launcher import TritonServer
+from tritonrag.server.api.grpc_service import RETRY_AFTER_METADATA
 from tritonrag.server.config import BucketSettings, RateLimitSettings
 from tritonrag.server.security.ratelimit import RateLimiter, RouteClass
 
@@ -88,3 +96,43 @@ async def test_a_redis_that_stops_fails_open_to_each_process_and_is_shared_again
     client.close()
     await limiter.close()
     assert PASSWORD not in caplog.text
+
+
+ADMIN_KEY = "trk_rate-limits-over-two-orchestrators-0123456789"
+
+
+def test_a_burst_over_two_orchestrators_sharing_redis_is_refused_with_retry_after(
+    tiny_triton: TritonServer, tiny_repository: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    limits = {
+        "TRITONRAG_AUTH__ADMIN_KEY": ADMIN_KEY,
+        "TRITONRAG_RATE_LIMITS__REDIS_URL": redis_server.url,
+        "TRITONRAG_RATE_LIMITS__MANAGE__PER_S": "0.5",
+        "TRITONRAG_RATE_LIMITS__MANAGE__BURST": "3",
+    }
+    first, second = replicas = [
+        start_orchestrator(orchestrator_env(tiny_triton, tiny_repository, tmp_path / f"data-{n}", **limits))
+        for n in range(2)
+    ]
+    try:
+
+        def list_collections(url: str) -> httpx2.Response:
+            return httpx2.get(f"{url}/v1/collections", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+        assert [list_collections(r.http_url).status_code for r in (first, second, first)] == [200] * 3
+        refused = list_collections(second.http_url)
+        assert (refused.status_code, refused.headers.get("retry-after")) == (429, "2")
+        assert "rate_limits.manage" in refused.json()["error"]["message"]
+
+        time.sleep(2)  # the Retry-After given
+        assert list_collections(second.http_url).status_code == 200
+        with grpc.insecure_channel(first.grpc_url) as channel, pytest.raises(grpc.RpcError) as grpc_refused:
+            pb_grpc.TritonRagStub(channel).ListCollections(
+                pb.ListCollectionsRequest(), metadata=(("authorization", f"Bearer {ADMIN_KEY}"),)
+            )
+        error = grpc_refused.value
+        assert isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (RETRY_AFTER_METADATA, "2") in tuple(error.trailing_metadata() or ())
+    finally:
+        for replica in replicas:
+            stop_orchestrator(replica)

@@ -1,33 +1,38 @@
 """Load shedding: a burst over a route class's limit is refused at once with Retry-After (429, or gRPC
-RESOURCE_EXHAUSTED with retry-after metadata); the requests admitted run to their end."""
+RESOURCE_EXHAUSTED with retry-after metadata); the requests admitted run to their end. A tenant at its own
+limit of answers in flight is refused while another is admitted."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 
 import grpc
 import httpx2
 import pytest
 
-from tests.fakes import FakeServices
+from tests.fakes import FakeServices, open_guard
 from tests.harness import serving, wait_until
 from tritonrag.clients.http_client import TritonRagClient
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn, DoneEvent, QueryEvent, QueryRequest
 from tritonrag.deploy.launcher import free_port
-from tritonrag.server.api.admission import Admission
+from tritonrag.server.api.admission import Admission, RouteClass
 from tritonrag.server.api.grpc_service import RETRY_AFTER_METADATA, create_grpc_server
 from tritonrag.server.config import ApiSettings, LimitsSettings, TelemetrySettings
+from tritonrag.server.errors import ResourceExhaustedError
+from tritonrag.server.security.principal import Principal, open_principal
 
 LIMITS = LimitsSettings(answer=2, search=5, retry_after_s=3)
 
 
 def counts(admission: Admission) -> dict[tuple[str, str], float]:
-    """``(series, class) -> value`` of the admission's own metrics."""
+    """``(series, class) -> value`` of the admission's own metrics ("" for a series without a class)."""
     return {
-        (sample.name, sample.labels["class"]): sample.value
+        (sample.name, sample.labels.get("class", "")): sample.value
         for family in admission.collect()
         for sample in family.samples
     }
@@ -84,7 +89,13 @@ def test_a_burst_over_the_limit_is_refused_and_the_admitted_complete() -> None:
 async def grpc_server(fakes: FakeServices, admission: Admission) -> AsyncIterator[pb_grpc.TritonRagAsyncStub]:
     settings = ApiSettings(grpc_port=free_port())
     server = create_grpc_server(
-        fakes.collections, fakes.search, fakes.answers, settings, admission, TelemetrySettings(access_log=False)
+        fakes.collections,
+        fakes.search,
+        fakes.answers,
+        settings,
+        admission,
+        TelemetrySettings(access_log=False),
+        open_guard(),
     )
     await server.start()
     async with grpc.aio.insecure_channel(f"{settings.host}:{settings.grpc_port}") as channel:
@@ -119,3 +130,37 @@ async def test_grpc_refuses_over_the_limit_with_retry_after_metadata(
         assert isinstance(last, pb.QueryEvent) and last.WhichOneof("event") == "done"
     assert counts(admission)[("tritonrag_shed_requests_total", "answer")] == 1
     assert counts(admission)[("tritonrag_inflight_requests", "answer")] == 0
+
+
+def enter_answer(stack: ExitStack, admission: Admission, tenant: str) -> None:
+    """Hold an answer place in ``stack`` as a caller of ``tenant``, whose principal stays out of this context."""
+
+    def enter() -> None:
+        open_principal(Principal(tenant, frozenset(), f"key:{tenant}"))  # scopes: not the point here
+        stack.enter_context(admission.slot(RouteClass.answer))
+
+    contextvars.copy_context().run(enter)
+
+
+def test_a_tenant_at_its_answer_limit_is_refused_while_another_is_admitted() -> None:
+    admission = Admission(LimitsSettings(answer=3, answer_per_tenant=2, retry_after_s=4))
+    with ExitStack() as first:
+        enter_answer(first, admission, "acme")
+        with ExitStack() as second:
+            enter_answer(second, admission, "acme")
+            with pytest.raises(ResourceExhaustedError) as refused:
+                enter_answer(ExitStack(), admission, "acme")
+            assert refused.value.message == (
+                "2 answer requests of tenant 'acme' are in flight, the limit (limits.answer_per_tenant); retry later"
+            )
+            assert refused.value.retry_after_s == 4
+            with ExitStack() as other:
+                enter_answer(other, admission, "globex")
+                # The class's own limit still holds over all tenants.
+                with pytest.raises(ResourceExhaustedError, match=r"limits\.answer\)"):
+                    enter_answer(ExitStack(), admission, "initech")
+            with admission.slot(RouteClass.search):  # another class: no tenant limit
+                pass
+        enter_answer(first, admission, "acme")  # one of acme's answers ended: a place again
+
+    assert counts(admission)[("tritonrag_tenant_shed_requests_total", "")] == 1
