@@ -161,6 +161,8 @@ def test_grpc_isolates_tenants_as_http_does(orchestrator: Orchestrator, tenants:
             lambda: stub.Search(pb.SearchRequest(collection="private", query="JSON"), metadata=globex),
             lambda: stub.GetDocument(pb.GetDocumentRequest(collection="private", doc_id="json"), metadata=globex),
             lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(name="private"), metadata=globex),
+            lambda: stub.Query(pb.QueryRequest(collection="private", query="JSON"), metadata=globex),
+            lambda: list(stub.QueryStream(pb.QueryRequest(collection="private", query="JSON"), metadata=globex)),
         ]
         for call in refused:
             with pytest.raises(grpc.RpcError) as error:
@@ -169,6 +171,13 @@ def test_grpc_isolates_tenants_as_http_does(orchestrator: Orchestrator, tenants:
             assert error.value.details() == "collection 'private' does not exist"
         found = stub.Search(pb.SearchRequest(collection="private", query="JSON", mode="sparse"), metadata=acme)
         assert found.collection == "private" and found.hits[0].doc_id == "json"
+        documents = [pb.DocumentIn(id=f"grpc-{n}", text=f"{RUSSIAN} {n}") for n in range(3)]
+        job = stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="private", documents=documents), metadata=acme)
+        assert job.job_id
+        with pytest.raises(grpc.RpcError) as error:
+            stub.GetJob(pb.GetJobRequest(id=job.job_id), metadata=globex)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub.GetJob(pb.GetJobRequest(id=job.job_id), metadata=acme).collection == "private"
 
 
 def test_an_admin_acts_for_a_tenant_and_a_tenant_cannot(
