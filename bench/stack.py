@@ -101,7 +101,8 @@ def running_stack(
     ):
         try:
             with _stderr_to(orchestrator_log):
-                env = orchestrator_env(triton, repository, data_dir, **settings)
+                # Benchmarks measure capacity with one key: no rate limit of a single client applies.
+                env = orchestrator_env(triton, repository, data_dir, TRITONRAG_RATE_LIMITS__ENABLED="false", **settings)
                 orchestrator = start_orchestrator(env, timeout_s=300)
             try:
                 yield Stack(triton, orchestrator)

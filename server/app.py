@@ -135,13 +135,17 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         key_store.close()
 
 
-def _collectors(services: Services, admission: Admission) -> contextlib.AbstractContextManager[None]:
-    """The scrape-time series of this stack in the default registry: endpoints, collections, jobs, shedding."""
+def _collectors(
+    services: Services, admission: Admission, limiter: RateLimiter
+) -> contextlib.AbstractContextManager[None]:
+    """The scrape-time series of this stack in the default registry: endpoints, collections, jobs, shedding,
+    rate limits."""
     return registered(
         EndpointCollector(services.health.endpoints),
         CollectionCollector(services.registry),
         JobCollector(services.registry.catalog),
         admission,
+        limiter,
     )
 
 
@@ -184,7 +188,7 @@ async def serve(settings: Settings) -> None:
         )
         http_server = uvicorn.Server(config)
         log.info("orchestrator: HTTP http://%s:%d, gRPC %s:%d", api.host, api.http_port, api.host, api.grpc_port)
-        with _collectors(services, admission), _metrics_server(settings):
+        with _collectors(services, admission, limiter), _metrics_server(settings):
             serving = asyncio.create_task(http_server.serve())
             try:
                 await serving

@@ -167,7 +167,7 @@ class CacheSettings(BaseModel):
 
     enabled: bool = True  # false: nothing is cached
     # L2, shared by every orchestrator that uses it, e.g. "redis://127.0.0.1:6379/0"; unset: the in-process L1 only.
-    redis_url: str | None = None
+    redis_url: SecretStr | None = None
     redis_timeout_s: float = Field(0.25, gt=0)  # one Redis command, connecting included; then L1 only
     redis_retry_s: float = Field(1.0, gt=0)  # after a Redis error, L2 is skipped this long before one trial
     key_prefix: str = Field("tritonrag", min_length=1)  # every key starts "<key_prefix>:"; a flush deletes these

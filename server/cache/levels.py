@@ -36,8 +36,8 @@ class TwoLevelCache:
         self.flights = Flights()
         self._l1 = {tier: self._local(tier, clock) for tier in TIERS}
         self._l2 = (
-            RedisCache(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, clock)
-            if settings.redis_url
+            RedisCache(settings.redis_url.get_secret_value(), settings.redis_timeout_s, settings.redis_retry_s, clock)
+            if settings.redis_url is not None
             else None
         )
         self._counts: Counter[tuple[CacheLevel, Tier, Outcome]] = Counter()

@@ -33,16 +33,24 @@ class L2Error(Exception):
     """Redis failed, timed out, or is being skipped after a failure."""
 
 
+def redis_client(url: str, timeout_s: float) -> tuple[Redis, str]:
+    """A client of the Redis at ``url`` whose every command (connecting included) takes at most ``timeout_s``,
+    and the address that logs and errors name it by (the URL may hold a password)."""
+    # No retries inside redis-py: a failure costs one deadline at most, and the callers' breakers decide when
+    # to retry.
+    client = Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
+    where = client.connection_pool.connection_kwargs
+    return client, where.get("path") or f"{where.get('host', 'localhost')}:{where.get('port', 6379)}"
+
+
 class RedisCache:
     """Bytes by key in Redis at ``url``; entries expire after the TTL they were put with (None: never)."""
 
     def __init__(self, url: str, timeout_s: float, retry_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.url = url
         self._timeout_s = timeout_s
-        # No retries inside redis-py: a failure costs one deadline at most, and the breaker decides when to retry.
-        self._client: Redis = Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-        )
+        self._client, self.where = redis_client(url, timeout_s)
         self._breaker = CircuitBreaker(1, retry_s, clock)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -79,7 +87,7 @@ class RedisCache:
         """``command`` within the deadline, through the breaker; ``L2Error`` on any failure."""
         breaker = self._breaker
         if not breaker.available():
-            raise L2Error(f"Redis at {self.url} is skipped after a failure")
+            raise L2Error(f"Redis at {self.where} is skipped after a failure")
         recovering = breaker.state() is BreakerState.half_open
         breaker.acquire()
         try:
@@ -89,14 +97,14 @@ class RedisCache:
             outages = breaker.openings
             breaker.record_failure()
             if breaker.openings > outages:  # this failure opened the breaker: once per outage
-                log.warning("Redis at %s failed (%s: %s); the cache goes on with L1 only", self.url, _name(exc), exc)
+                log.warning("Redis at %s failed (%s: %s); the cache goes on with L1 only", self.where, _name(exc), exc)
             raise L2Error(f"{_name(exc)}: {exc}") from exc
         except BaseException:
             breaker.release()
             raise
         breaker.record_success()
         if recovering:
-            log.info("Redis at %s answers again: L2 is back", self.url)
+            log.info("Redis at %s answers again: L2 is back", self.where)
         return result
 
 

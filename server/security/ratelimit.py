@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from prometheus_client.core import CounterMetricFamily, Metric
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..cache.remote import redis_client
 from ..config import BucketSettings, RateLimitSettings
 from ..errors import ResourceExhaustedError
 from ..routing.resilience import BreakerState, CircuitBreaker
@@ -118,16 +116,10 @@ class RedisBuckets:
     """
 
     def __init__(self, url: str, timeout_s: float, retry_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        # No retries inside redis-py: a failure costs one deadline at most, and the breaker decides when to retry.
-        self._client: Redis = Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-        )
+        self._client, self.where = redis_client(url, timeout_s)
         self._script = self._client.register_script(_TAKE)
         self._timeout_s = timeout_s
         self._breaker = CircuitBreaker(1, retry_s, clock)
-        # What logs name it by: the URL may hold a password.
-        where = self._client.connection_pool.connection_kwargs
-        self.where: str = where.get("path") or f"{where.get('host', 'localhost')}:{where.get('port', 6379)}"
 
     async def take(self, key: str, bucket: BucketSettings) -> float:
         """As ``LocalBuckets.take``, on Redis' clock; ``SharedBucketsError`` when Redis cannot answer."""

@@ -126,9 +126,13 @@ def test_a_flight_is_closed_when_its_last_subscriber_leaves_and_shares_its_error
     asyncio.run(scenario())
 
 
-def test_an_unreachable_redis_is_counted_and_skipped_and_never_fails_a_request() -> None:
+def test_an_unreachable_redis_is_counted_and_skipped_and_never_fails_a_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     clock = FakeClock()
-    settings = CacheSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_retry_s=5.0)
+    port = free_port()
+    settings = CacheSettings(redis_url=f"redis://:the-redis-password@127.0.0.1:{port}/0", redis_retry_s=5.0)
+    assert "the-redis-password" not in repr(settings)
 
     async def scenario() -> None:
         cache = TwoLevelCache(settings, clock)
@@ -143,3 +147,4 @@ def test_an_unreachable_redis_is_counted_and_skipped_and_never_fails_a_request()
         await cache.close()
 
     asyncio.run(scenario())
+    assert f"Redis at 127.0.0.1:{port} failed" in caplog.text and "the-redis-password" not in caplog.text
