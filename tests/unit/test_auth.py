@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from google.protobuf import symbol_database
 
 from tests.fakes import FakeServices, grpc_channel
+from tests.harness import serving
 from tritonrag.clients.wire.auth import Scope
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.server.api.auth import Guard
@@ -35,7 +36,7 @@ from tritonrag.server.config import (
 from tritonrag.server.errors import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
 from tritonrag.server.security.auth import Authenticator, prepare_keys
 from tritonrag.server.security.keys import KeyStore
-from tritonrag.server.security.principal import DEFAULT_TENANT
+from tritonrag.server.security.principal import DEFAULT_TENANT, Principal
 from tritonrag.server.security.ratelimit import RateLimiter
 
 SECRET = "an-hs256-secret-of-enough-length-0123456789"
@@ -192,6 +193,29 @@ def test_rs256_tokens_verify_with_a_public_key_file_and_with_a_jwks_file(
     assert run(by_jwks.authenticate(f"Bearer {signed}", None, None)).subject == "jwt:svc-1"
     with pytest.raises(UnauthenticatedError, match="no key 'k2'"):
         run(by_jwks.authenticate(f"Bearer {token(rsa_key, 'RS256', headers={'kid': 'k2'})}", None, None))
+
+
+def test_rs256_tokens_verify_with_a_jwks_url_fetched_off_the_event_loop(
+    keys: KeyStore, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key())) | {"kid": "k1", "use": "sig"}
+    fetches: list[str] = []
+
+    async def jwks(scope: Any, receive: Any, send: Any) -> None:
+        fetches.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps({"keys": [jwk]}).encode()})
+
+    with serving(jwks) as url:
+        auth = authenticator(keys, jwks_url=f"{url}/.well-known/jwks.json")
+
+        async def twice() -> list[Principal]:
+            signed = f"Bearer {token(rsa_key, 'RS256', headers={'kid': 'k1'})}"
+            return [await auth.authenticate(signed, None, None) for _ in range(2)]
+
+        principals = run(twice())
+    assert [p.subject for p in principals] == ["jwt:svc-1"] * 2
+    assert fetches == ["/.well-known/jwks.json"]  # the key set is cached
 
 
 @pytest.mark.parametrize(
