@@ -21,12 +21,14 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    FiniteFloat,
     Tag,
     field_validator,
     model_validator,
 )
 
-MetadataValue = str | int | float | bool | list[str] | list[int] | list[float]
+# Numbers are finite: JSON has no NaN nor infinity, and SQLite would store a NaN as NULL.
+MetadataValue = str | int | FiniteFloat | bool | list[str] | list[int] | list[FiniteFloat]
 Metadata = dict[str, MetadataValue]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
@@ -54,6 +56,7 @@ _LINE_BREAK = re.compile(r"\r\n?")
 # form feed, the separators \x1c-\x1f, next line) become a space, the others go.
 _SPACING_CONTROL = re.compile(r"[\x0b\x0c\x1c-\x1f\x85]")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
+_ID_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: none in a document id
 
 
 def clean_query(text: str) -> str:
@@ -220,6 +223,15 @@ class DocumentIn(Strict):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("text is empty")
+        return value
+
+    @field_validator("id")
+    @classmethod
+    def _no_control_characters(cls, value: str) -> str:
+        # An id names its document in URLs, where a line feed ends a path parameter, and in SQL lists, where
+        # a NUL ends the text: such a document could be written once, and then not read, replaced or deleted.
+        if _ID_CONTROL.search(value):
+            raise ValueError("a document id holds no control characters")
         return value
 
 

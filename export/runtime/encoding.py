@@ -112,7 +112,11 @@ class ModelTokenizer:
                     f"{what} has {len(encoding.ids)} tokens, over the model's limit of {self.max_length} "
                     f"(truncation is off)"
                 )
-            strategy = "only_second" if pair is not None else "longest_first"
+            # A pair's passage is cut alone while it can take the whole cut; a query that leaves it no room is
+            # cut too (the longer first), which "only_second" would refuse.
+            overflow = len(encoding.ids) - self.max_length
+            room_in_passage = pair is not None and overflow < len(self._ids(pair))
+            strategy = "only_second" if room_in_passage else "longest_first"
             self._tokenizer.enable_truncation(self.max_length, strategy=strategy)
             try:
                 encoding = self._tokenizer.encode(text, pair, add_special_tokens=True)

@@ -13,6 +13,7 @@ import numpy.typing as npt
 from .encoding import InputError
 
 Floats = npt.NDArray[np.float32]
+_LARGEST = float(np.finfo(np.float64).max)
 MAX_STOP_STRINGS = 8
 
 
@@ -88,16 +89,20 @@ class Sampler:
         if p.repetition_penalty != 1.0 and seen:
             ids = np.unique(np.asarray(seen, dtype=np.int64))
             values = scores[ids]
-            scores[ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            with np.errstate(over="ignore"):  # a penalty near 0 overflows: the largest float instead of infinity
+                penalized = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            scores[ids] = np.clip(penalized, -_LARGEST, _LARGEST)
         if p.temperature == 0.0:
             return int(np.argmax(scores))
         candidates = np.arange(scores.shape[0])
         if 0 < p.top_k < scores.shape[0]:
             candidates = np.argpartition(-scores, p.top_k - 1)[: p.top_k]
-        chosen = scores[candidates] / p.temperature
+        chosen = scores[candidates]
         order = np.argsort(-chosen, kind="stable")
         candidates, chosen = candidates[order], chosen[order]
-        probs = np.exp(chosen - chosen[0])
+        # Scaled from the best score down: a temperature near 0 makes the others -inf (probability 0), never NaN.
+        with np.errstate(over="ignore"):
+            probs = np.exp((chosen - chosen[0]) / p.temperature)
         probs /= probs.sum()
         if p.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1

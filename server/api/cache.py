@@ -15,6 +15,7 @@ from tritonrag.clients.wire.schema import CacheFlushed, CacheStats
 
 from ..cache.scope import CacheScope, Level, open_scope
 from .auth import Guard
+from .errors import ERROR_RESPONSES
 from .services import CacheAdmin
 
 CACHE_CONTROL = "cache-control"  # the HTTP header, and the gRPC metadata key
@@ -39,7 +40,7 @@ CACHE_SCOPE = Depends(cache_scope)
 
 def cache_router(cache: CacheAdmin, guard: Guard) -> APIRouter:
     """``GET /v1/cache/stats`` and ``POST /v1/cache:flush`` over ``cache``, for admins."""
-    router = APIRouter(prefix="/v1", tags=["cache"], dependencies=[guard(Scope.admin)])
+    router = APIRouter(prefix="/v1", tags=["cache"], responses=ERROR_RESPONSES, dependencies=[guard(Scope.admin)])
 
     @router.get("/cache/stats")
     async def cache_stats() -> CacheStats:

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match
 
 from ..errors import InvalidArgumentError, ResourceExhaustedError, TritonRagError, UnauthenticatedError
 from .common import invalid_argument
@@ -65,6 +65,13 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+# The error answers of the native routes in the OpenAPI document: a refused request, and any other error.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "Invalid request"},
+    "default": {"model": ErrorBody, "description": "Error"},
+}
+
+
 # Errors of the HTTP layer itself, named like the services' errors by the matching gRPC status code.
 _HTTP_LAYER_CODES = {401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
 
@@ -98,14 +105,19 @@ async def native_error_response(request: Request, exc: Exception) -> JSONRespons
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
 def _allowed_methods(request: Request) -> str:
-    """The methods of every route at the request's path, for a 405's ``Allow``: Starlette's names those of the
-    first such route alone (``/v1/collections`` has one route for GET and one for POST)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
-            methods |= route.methods
-    return ", ".join(sorted(methods))
+    """The methods some route takes at the request's path, for a 405's ``Allow``: Starlette's names those of the
+    first route there alone (``/v1/collections`` has one route for GET and one for POST)."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)
 
 
 # The OpenAI-compatible API

@@ -51,6 +51,7 @@ from .admission import Admission, RouteClass
 from .auth import Guard
 from .cache import CACHE_CONTROL, no_cache
 from .common import closing, invalid_argument
+from .grpc_decoding import LenientDecoding, Undecodable
 from .services import Answers, Collections, Search
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ _Method = Callable[["_Servicer", _Request, _Context], Awaitable[_Result]]
 
 _REQUEST_ID: ContextVar[str] = ContextVar("tritonrag_grpc_request_id")  # the id ``_rpc`` gave the call
 RETRY_AFTER_METADATA = "retry-after"
+# Of a status message, as UTF-8: percent-encoded it is at most three times as long, well within the 8 KiB of
+# metadata a gRPC client reads at the least.
+MAX_STATUS_BYTES = 1024
 
 # Each method's scope and rate-limit class; a method missing here fails the server's creation.
 _ACCESS: dict[str, tuple[Scope, RouteClass]] = {
@@ -103,7 +107,10 @@ def create_grpc_server(
     unguarded = set(pb.DESCRIPTOR.services_by_name["TritonRag"].methods_by_name) - set(_ACCESS)
     if unguarded:
         raise RuntimeError(f"methods without a scope in _ACCESS: {sorted(unguarded)}")
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes)])
+    server = grpc.aio.server(
+        interceptors=[LenientDecoding(SERVICE_NAME)],  # a request that does not decode: INVALID_ARGUMENT
+        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+    )
     servicer = _Servicer(collections, search, answers, admission, RequestTelemetry(telemetry), guard)
     pb_grpc.add_TritonRagServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # "" is SERVING
@@ -147,6 +154,8 @@ def _rpc(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
                     scope,
                     route_class,
                 )
+                if isinstance(request, Undecodable):
+                    raise request.error()
                 result = await method(self, request, context)
             except ValidationError as exc:
                 error = invalid_argument(exc.errors())
@@ -164,9 +173,17 @@ def _rpc(method: _Method[_Request, _Result]) -> _Method[_Request, _Result]:
             record.status = error.grpc_code
             retry = error.retry_after_s if isinstance(error, ResourceExhaustedError) else None
             trailing = ((RETRY_AFTER_METADATA, str(retry)),) if retry is not None else ()
-            await context.abort(grpc.StatusCode[error.grpc_code], error.message, trailing)
+            await context.abort(grpc.StatusCode[error.grpc_code], _status_message(error.message), trailing)
 
     return mapped
+
+
+def _status_message(message: str) -> str:
+    """``message`` cut at ``MAX_STATUS_BYTES``: it may quote the request (a name or an id of any length)."""
+    data = message.encode()
+    if len(data) <= MAX_STATUS_BYTES:
+        return message
+    return f"{data[: MAX_STATUS_BYTES - 3].decode(errors='ignore')}…"  # "…" is three bytes
 
 
 def _text(metadata: dict[str, str | bytes], key: str) -> str | None:

@@ -14,11 +14,12 @@ from tritonrag.clients.wire.auth import ApiKeyCreate, ApiKeyCreated, ApiKeyInfo,
 
 from ..security.keys import KeyStore
 from .auth import Guard
+from .errors import ERROR_RESPONSES
 
 
 def keys_router(keys: KeyStore, guard: Guard) -> APIRouter:
     """The key routes over ``keys``, for callers with the ``admin`` scope."""
-    router = APIRouter(prefix="/v1", tags=["keys"], dependencies=[guard(Scope.admin)])
+    router = APIRouter(prefix="/v1", tags=["keys"], responses=ERROR_RESPONSES, dependencies=[guard(Scope.admin)])
 
     @router.post("/keys", status_code=status.HTTP_201_CREATED)
     async def create_key(request: ApiKeyCreate) -> ApiKeyCreated:

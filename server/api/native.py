@@ -32,7 +32,7 @@ from tritonrag.clients.wire.schema import (
 from .admission import Admission, RouteClass
 from .auth import Guard
 from .cache import CACHE_SCOPE
-from .errors import ErrorBody, native_error
+from .errors import ERROR_RESPONSES, ErrorBody, native_error
 from .request_id import RequestId
 from .services import Answers, Collections, Readiness, Search
 from .sse import EventStream, event_stream, frame
@@ -45,10 +45,6 @@ _SSE_EVENT: dict[str, Any] = {
         "event": {"enum": ["sources", "delta", "done", "error"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
-}
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    422: {"model": ErrorBody, "description": "Invalid request"},
-    "default": {"model": ErrorBody, "description": "Error"},
 }
 
 
@@ -63,7 +59,7 @@ def native_router(
 ) -> APIRouter:
     """The routes under ``/v1`` over the services, each admitted by ``guard`` for the scope it needs; upserts,
     searches and queries limited by ``admission`` too."""
-    router = APIRouter(prefix="/v1", responses=_ERROR_RESPONSES, dependencies=[CACHE_SCOPE])
+    router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, dependencies=[CACHE_SCOPE])
     read, write = guard(Scope.read), guard(Scope.write)
 
     @router.post("/collections", status_code=status.HTTP_201_CREATED, tags=["collections"], dependencies=[write])

@@ -294,10 +294,12 @@ class Collection:
         self._last_snapshot = time.monotonic()
 
     def close(self) -> None:
-        """Write the snapshot and close the store."""
+        """Write the snapshot and close the store. The store closes outside the write lock: a write holds the
+        store's lock while it waits for the write lock to publish, so closing under both would deadlock with a
+        write in flight (an ingestion job's, when its collection is deleted)."""
         with self._snapshot_lock, self._lock.write():
             self._save()
-            self._store.close()
+        self._store.close()
 
 
 def _sync(

@@ -41,7 +41,8 @@ def _condition(condition: Condition) -> tuple[str, list[SqlValue]]:
     value = condition.value
     if condition.op in _RANGE_OPS:
         assert isinstance(value, int | float)  # the schema allows numbers only
-        return f"{_LOOKUP}kind = 'n' AND value {_RANGE_OPS[condition.op]} ?", [condition.field, value]
+        _, number = encode_scalar(value)  # an int beyond SQLite's 64 bits as a float, as it is stored
+        return f"{_LOOKUP}kind = 'n' AND value {_RANGE_OPS[condition.op]} ?", [condition.field, number]
     if condition.op == "eq":
         if isinstance(value, list):
             raise InvalidArgumentError("'eq' takes one value; use 'in' to match any of several", field="filters")

@@ -4,8 +4,9 @@ The index lives in a directory of its own beside the collection's store and is d
 write commits to tantivy after the store's commit, and a missing, unreadable or stale index is brought
 back to the store's chunk ids (`Collection` reconciles by id; chunk ids are never reused). Texts are
 analysed per collection: the simple tokenizer, lower-casing, and for a language the Snowball stemmer
-and that language's stop words (``none``: neither). Scores are tantivy's BM25 (k1 1.2, b 0.75);
-filters arrive as the allowed chunk ids and restrict the matching documents before the top-k cut.
+and that language's stop words where tantivy has them (``none``: neither). Scores are tantivy's BM25
+(k1 1.2, b 0.75); filters arrive as the allowed chunk ids and restrict the matching documents before the
+top-k cut.
 
 Chosen over SQLite FTS5 and the earlier hand-written index by measurement (docs/BENCHMARKS.md,
 "Lexical indexes"): stemming and stop words, block-max WAND top-k, segments on disk, deletes by term.
@@ -47,8 +48,20 @@ def _analyzer(language: Language) -> Any:
         .filter(tantivy.Filter.lowercase())
     )
     if language is not Language.none:
-        builder = builder.filter(tantivy.Filter.stopword(language.value)).filter(tantivy.Filter.stemmer(language.value))
+        if _has_stop_words(language):
+            builder = builder.filter(tantivy.Filter.stopword(language.value))
+        builder = builder.filter(tantivy.Filter.stemmer(language.value))
     return builder.build()
+
+
+def _has_stop_words(language: Language) -> bool:
+    """Whether tantivy has stop words of ``language``: it stems Arabic, Greek, Romanian, Tamil and Turkish, but
+    has no stop words of them (and a builder that refused a filter is spent, so it is asked on one of its own)."""
+    try:
+        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(tantivy.Filter.stopword(language.value))
+    except ValueError:
+        return False
+    return True
 
 
 def _schema() -> Any:
