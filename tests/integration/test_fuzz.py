@@ -114,6 +114,7 @@ def test_every_http_operation_answers_without_5xx_as_the_openapi_document_says(
     assert f"Selected: {operations}/{operations}" in report and f"Tested: {operations}" in report, report
     cases = re.search(r"Test cases:\s+(\d+) generated, (\d+) passed", report)
     assert cases is not None and cases[1] == cases[2], report
+    print(report[report.rindex("API Operations:") :])  # schemathesis's summary, shown by pytest -rP
 
 
 def _lenient_json(value: Any) -> bool:
