@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests.serving import ADMIN_KEY
+from tritonrag.clients.http_client import API_KEY_ENV
 from tritonrag.deploy.launcher import TritonServer
 from tritonrag.server.config import REPO_ROOT
 
@@ -35,6 +37,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for tier in TIERS:
             if TESTS / tier in item.path.parents:
                 item.add_marker(tier)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def api_key() -> Iterator[None]:
+    """The SDK and the CLI, in every test, send the admin key of the orchestrators the tests start."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(API_KEY_ENV, ADMIN_KEY)
+        yield
 
 
 def package_dir(name: str) -> Path:

@@ -61,8 +61,8 @@ def running_triton(repository: Path, models: Sequence[str], work_dir: Path) -> I
         server.stop()
 
 
-# The admin key of every orchestrator the tests and benchmarks start (``auth.admin_key``); the SDK sends it
-# when TRITONRAG_API_KEY holds it (tests/conftest.py sets that), raw clients send ``ADMIN_HEADERS``.
+# The admin key of every orchestrator the tests and benchmarks start (``auth.admin_key``); the SDK and the CLI
+# send it from TRITONRAG_API_KEY (set for every test by tests/conftest.py), raw clients send ``ADMIN_HEADERS``.
 ADMIN_KEY = "trk_tests-and-benchmarks-admin-key-0000000000"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_KEY}"),)

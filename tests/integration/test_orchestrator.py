@@ -353,7 +353,7 @@ def test_metrics_show_the_running_stack(
     assert samples[("tritonrag_triton_endpoint_up", endpoint)] == 1
     assert samples[("tritonrag_triton_breaker_state", (*endpoint, ("state", "closed")))] == 1
     assert samples[("tritonrag_triton_model_version", (*endpoint, ("model", "embedder")))] == 1
-    assert samples[("tritonrag_collection_documents", (("collection", cities),))] >= 1
+    assert samples[("tritonrag_collection_documents", (("collection", f"default/{cities}"),))] >= 1  # its key
     http_search = (("method", "POST"), ("protocol", "http"), ("route", "/v1/search"), ("status", "200"))
     grpc_search = (
         ("method", "POST"),

@@ -15,6 +15,7 @@ import grpc
 import httpx2
 import jwt
 import pytest
+from google.protobuf import struct_pb2
 
 from tests.documents import RUSSIAN, UNICODE, text_of
 from tests.serving import (
@@ -149,6 +150,8 @@ def test_grpc_isolates_tenants_as_http_does(orchestrator: Orchestrator, tenants:
         return (("x-api-key", client.headers["x-api-key"]),)
 
     acme, globex = metadata(tenants["acme"]), metadata(tenants["globex"])
+    title_is_json = struct_pb2.Struct()
+    title_is_json.update({"field": "title", "op": "eq", "value": "json"})
     with grpc.insecure_channel(orchestrator.grpc_url) as channel:
         stub = pb_grpc.TritonRagStub(channel)
         listed = stub.ListCollections(pb.ListCollectionsRequest(), metadata=acme)
@@ -163,6 +166,16 @@ def test_grpc_isolates_tenants_as_http_does(orchestrator: Orchestrator, tenants:
             lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(name="private"), metadata=globex),
             lambda: stub.Query(pb.QueryRequest(collection="private", query="JSON"), metadata=globex),
             lambda: list(stub.QueryStream(pb.QueryRequest(collection="private", query="JSON"), metadata=globex)),
+            lambda: stub.UpsertDocuments(
+                pb.UpsertDocumentsRequest(
+                    collection="private", documents=[pb.DocumentIn(id="json", text="overwritten")]
+                ),
+                metadata=globex,
+            ),
+            lambda: stub.DeleteDocument(pb.DeleteDocumentRequest(collection="private", doc_id="json"), metadata=globex),
+            lambda: stub.DeleteByFilter(
+                pb.DeleteByFilterRequest(collection="private", filters=title_is_json), metadata=globex
+            ),
         ]
         for call in refused:
             with pytest.raises(grpc.RpcError) as error:
@@ -171,6 +184,8 @@ def test_grpc_isolates_tenants_as_http_does(orchestrator: Orchestrator, tenants:
             assert error.value.details() == "collection 'private' does not exist"
         found = stub.Search(pb.SearchRequest(collection="private", query="JSON", mode="sparse"), metadata=acme)
         assert found.collection == "private" and found.hits[0].doc_id == "json"
+        document = stub.GetDocument(pb.GetDocumentRequest(collection="private", doc_id="json"), metadata=acme)
+        assert document.text.startswith("Python Library Documentation: package json")  # untouched
         documents = [pb.DocumentIn(id=f"grpc-{n}", text=f"{RUSSIAN} {n}") for n in range(3)]
         job = stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="private", documents=documents), metadata=acme)
         assert job.job_id
