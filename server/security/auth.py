@@ -33,14 +33,14 @@ class Authenticator:
     ``ANONYMOUS`` when auth is off."""
 
     def __init__(self, settings: AuthSettings, keys: KeyStore | None) -> None:
-        self.enabled = settings.enabled
-        self.keys = keys
+        self._enabled = settings.enabled
+        self._keys = keys
         self._tokens = TokenVerifier(settings.jwt)
 
     async def authenticate(self, authorization: str | None, api_key: str | None, tenant: str | None) -> Principal:
         """The principal of a call that carries these headers; ``UnauthenticatedError`` without a valid
         credential, ``PermissionDeniedError`` when ``tenant`` names another tenant and the caller is no admin."""
-        principal = await self._credential(authorization, api_key) if self.enabled else ANONYMOUS
+        principal = await self._credential(authorization, api_key) if self._enabled else ANONYMOUS
         if not tenant or tenant == principal.tenant:
             return principal
         if not principal.allows(Scope.admin):
@@ -65,7 +65,7 @@ class Authenticator:
         return self._key(credential)
 
     def _key(self, key: str) -> Principal:
-        info = self.keys.verify(key) if self.keys is not None else None
+        info = self._keys.verify(key) if self._keys is not None else None
         if info is None:
             raise UnauthenticatedError("unknown or revoked API key")
         return Principal(info.tenant, frozenset(info.scopes), f"key:{info.id}")

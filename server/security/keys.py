@@ -107,12 +107,6 @@ class KeyStore:
             )
         return self.get(key_id)
 
-    def has_admin(self) -> bool:
-        """Whether a key with the admin scope that is not revoked exists."""
-        with self._lock:
-            rows = self._conn.execute("SELECT scopes FROM api_keys WHERE revoked_at IS NULL").fetchall()
-        return any(Scope.admin.value in scopes.split(",") for (scopes,) in rows)
-
     def verify(self, key: str) -> ApiKeyInfo | None:
         """The stored key that ``key`` is, unless unknown or revoked."""
         digest = _digest(key)

@@ -194,10 +194,3 @@ class TenantChats:
         self, prompt: str, params: SamplingParams, request_id: str | None = None
     ) -> AsyncGenerator[GenerationDelta]:
         return self._inner.complete(prompt, params, request_id)
-
-
-def scoped(
-    collections: Collections, search: Search, answers: Answers, chats: Chats
-) -> tuple[TenantCollections, TenantSearch, TenantAnswers, TenantChats]:
-    """The front-ends' services, each seen through the current principal's tenant."""
-    return TenantCollections(collections), TenantSearch(search), TenantAnswers(answers), TenantChats(chats)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -32,8 +31,9 @@ class TokenVerifier:
         if settings.hs256_secret is not None:
             self._keys["HS256"] = settings.hs256_secret.get_secret_value()
         if settings.rs256_public_key_file is not None:
-            self._keys["RS256"] = _read(settings.rs256_public_key_file)
-        self._jwks = PyJWKSet.from_json(_read(settings.jwks_file)) if settings.jwks_file is not None else None
+            self._keys["RS256"] = settings.rs256_public_key_file.read_text()
+        jwks = settings.jwks_file
+        self._jwks = PyJWKSet.from_json(jwks.read_text()) if jwks is not None else None
         self._jwks_client = PyJWKClient(settings.jwks_url) if settings.jwks_url is not None else None
 
     @property
@@ -47,10 +47,11 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         """The principal ``token`` names; ``UnauthenticatedError`` saying why it is refused (never echoing it)."""
         try:
-            algorithm = jwt.get_unverified_header(token).get("alg")
+            header = jwt.get_unverified_header(token)
+            algorithm = header.get("alg")
             if algorithm not in self._algorithms():
                 raise UnauthenticatedError(f"token algorithm {algorithm!r} is not accepted")
-            key = await self._key(token, algorithm)
+            key = await self._key(token, algorithm, header.get("kid"))
             settings = self._settings
             claims = jwt.decode(
                 token,
@@ -65,11 +66,10 @@ class TokenVerifier:
             raise UnauthenticatedError(f"invalid token: {exc}") from None
         return self._principal(claims)
 
-    async def _key(self, token: str, algorithm: str) -> Any:
+    async def _key(self, token: str, algorithm: str, kid: str | None) -> Any:
         if algorithm in self._keys:
             return self._keys[algorithm]
         if self._jwks is not None:
-            kid = jwt.get_unverified_header(token).get("kid")
             if kid is None:
                 raise jwt.InvalidTokenError("the token names no key id ('kid')")
             try:
@@ -88,7 +88,3 @@ class TokenVerifier:
         names = granted.split() if isinstance(granted, str) else granted if isinstance(granted, list) else []
         scopes = frozenset(Scope(name) for name in names if name in Scope.__members__)
         return Principal(tenant, scopes, f"jwt:{claims.get('sub', tenant)}")
-
-
-def _read(path: Path) -> str:
-    return path.read_text()
