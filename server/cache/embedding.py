@@ -13,6 +13,8 @@ from functools import partial
 
 import numpy as np
 
+from tritonrag.clients.wire.schema import ModelVersion
+
 from ..errors import UnavailableError
 from ..retrieval.stages import Embedding, Vectors
 from ..routing.triton_pool import TritonPool
@@ -33,14 +35,18 @@ class CachedEmbedding(Embedding):
         self._keys = keys
         self._models = models
 
-    async def run(self, texts: Sequence[str], request_id: str | None = None, *, bulk: bool = False) -> Vectors:
+    async def run(
+        self, texts: Sequence[str], request_id: str | None = None, *, bulk: bool = False, version: str | None = None
+    ) -> Vectors:
         tier: Tier = "chunk_embedding" if bulk else "query_embedding"
         if not texts or not self._cache.enabled(tier):
-            return await super().run(texts, request_id, bulk=bulk)
-        try:
-            model = await self._models.version(self._models.names.embedder)
-        except UnavailableError:  # not served: fails as an uncached call does
-            return await super().run(texts, request_id, bulk=bulk)
+            return await super().run(texts, request_id, bulk=bulk, version=version)
+        if version is None:
+            try:
+                version = (await self._models.version(self._models.names.embedder)).version
+            except UnavailableError:  # not served: fails as an uncached call does
+                return await super().run(texts, request_id, bulk=bulk)
+        model = ModelVersion(name=self._models.names.embedder, version=version)
         keys = [self._keys.embedding(tier, model, text) for text in texts]
         texts_by_key = dict(zip(keys, texts, strict=True))
         found = await self._cache.get_many(tier, list(texts_by_key))
@@ -55,7 +61,7 @@ class CachedEmbedding(Embedding):
                 self._cache.coalesced(tier)
                 flights[id(flight)] = flight
         if new:
-            source = self._embed([texts_by_key[key] for key in new], new, request_id, bulk)
+            source = self._embed([texts_by_key[key] for key in new], new, request_id, bulk, version)
             flight = self._cache.flights.start(new, source, partial(self._store, tier))
             flights[id(flight)] = flight
         for computed in await asyncio.gather(*(flight.result() for flight in flights.values())):
@@ -63,10 +69,10 @@ class CachedEmbedding(Embedding):
         return np.stack([vectors[key] for key in keys])
 
     async def _embed(
-        self, texts: list[str], keys: list[str], request_id: str | None, bulk: bool
+        self, texts: list[str], keys: list[str], request_id: str | None, bulk: bool, version: str
     ) -> AsyncGenerator[dict[str, Vectors]]:
         """One item: the vector of each text, by its key."""
-        matrix = await super().run(texts, request_id, bulk=bulk)
+        matrix = await super().run(texts, request_id, bulk=bulk, version=version)
         yield dict(zip(keys, matrix, strict=True))
 
     async def _store(self, tier: Tier, items: list[dict[str, Vectors]]) -> None:

@@ -30,9 +30,12 @@ class Embedding:
     def __init__(self, pool: TritonPool) -> None:
         self._pool = pool
 
-    async def run(self, texts: Sequence[str], request_id: str | None = None, *, bulk: bool = False) -> Vectors:
-        """``[len(texts), dimension]`` float32, in the order of ``texts``; ``bulk`` (ingestion) yields to searches."""
-        return await self._pool.embed(texts, request_id=request_id, bulk=bulk)
+    async def run(
+        self, texts: Sequence[str], request_id: str | None = None, *, bulk: bool = False, version: str | None = None
+    ) -> Vectors:
+        """``[len(texts), dimension]`` float32, in the order of ``texts``, from embedder ``version`` (default: the
+        route's stable version); ``bulk`` (ingestion) yields to searches."""
+        return await self._pool.embed(texts, request_id=request_id, bulk=bulk, version=version)
 
 
 class DenseRetrieval:

@@ -1,9 +1,10 @@
 """``EndpointSet``: the Triton endpoints the pool routes to, what each serves, and which can take a request.
 
 Every endpoint is probed at start and then every ``probe_interval_s``: server readiness, then each
-configured model's readiness, newest version and batch size. An endpoint is routable for a model
-when it and the model were ready at the last probe and its circuit breaker lets requests through;
-the pool sends each request to the routable endpoint with the fewest requests outstanding.
+configured model's readiness, ready versions and batch size. An endpoint is routable for a model
+(version) when it and the model (version) were ready at the last probe and its circuit breaker lets
+requests through; the pool sends each request to the routable endpoint with the fewest requests
+outstanding. Which version an unpinned request goes to is ``routes``' choice (versions.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tritonrag.server.config import ModelSettings, RoutingSettings
 from tritonrag.server.errors import DeadlineExceededError, UnavailableError
 
 from .resilience import BreakerState, CircuitBreaker, backoff_delay
+from .versions import VersionRoutes, VersionStats
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class TritonClient(Protocol):
         self,
         model_name: str,
         inputs: list[Any],
+        model_version: str = "",
         *,
         request_id: str,
         headers: dict[str, str],
@@ -57,6 +60,12 @@ class TritonClient(Protocol):
     def stream_infer(
         self, inputs_iterator: AsyncIterator[dict[str, Any]], stream_timeout: float | None, headers: dict[str, str]
     ) -> Any: ...
+
+    async def load_model(
+        self, model_name: str, *, config: str | None = None, client_timeout: float | None = None
+    ) -> None: ...
+
+    async def get_model_repository_index(self, *, client_timeout: float | None = None) -> Any: ...
 
     async def close(self) -> None: ...
 
@@ -79,14 +88,16 @@ class ServedModel:
     reorders the queue and a search's query would still wait for the bulk batches that every instance
     is running (seconds during an ingest, docs/BENCHMARKS.md). A model of one instance shares it."""
 
-    version: str
+    version: str  # the newest ready version
     max_batch_rows: int
     max_request_tokens: int | None = None  # the config's max_request_tokens parameter: estimated tokens per request
     instances: int = 1
+    versions: tuple[str, ...] = ()  # every ready version, ascending; () means ``(version,)``
     interactive_lanes: asyncio.Semaphore = field(init=False, compare=False)
     bulk_lanes: asyncio.Semaphore = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.versions = self.versions or (self.version,)
         self.interactive_lanes = asyncio.Semaphore(self.instances + 1)
         self.bulk_lanes = asyncio.Semaphore(self.bulk_capacity)
 
@@ -100,12 +111,13 @@ class ServedModel:
         return self.bulk_lanes if bulk else self.interactive_lanes
 
     @classmethod
-    def from_config(cls, version: str, config: Any) -> ServedModel:
-        """What the pool uses of a model's ``ModelConfig`` (``get_model_config(...).config``)."""
+    def from_config(cls, versions: tuple[str, ...], config: Any) -> ServedModel:
+        """What the pool uses of a model's ``ModelConfig`` (``get_model_config(...).config``), with its ready
+        ``versions`` (ascending)."""
         parameter = getattr(config, "parameters", {}).get(Parameters.MAX_REQUEST_TOKENS)
         tokens = int(parameter.string_value) if parameter is not None and parameter.string_value else None
         instances = sum(int(group.count) or 1 for group in getattr(config, "instance_group", [])) or 1
-        return cls(version, max(1, int(config.max_batch_size)), tokens, instances)
+        return cls(versions[-1], max(1, int(config.max_batch_size)), tokens, instances, versions)
 
 
 @dataclass
@@ -119,8 +131,20 @@ class Endpoint:
     ready: bool = False
     models: dict[str, ServedModel] = field(default_factory=dict)
 
-    def routable(self, model: str) -> bool:
-        return self.ready and model in self.models and self.breaker.available()
+    def forget(self, model: str, version: str) -> None:
+        """Stop routing ``model`` ``version`` here until the next probe says it is ready."""
+        served = self.models.get(model)
+        if served is not None:
+            served.versions = tuple(v for v in served.versions if v != version)
+            if not served.versions:
+                del self.models[model]
+
+    def routable(self, model: str, version: str | None = None) -> bool:
+        """Whether a request for ``model`` (``version``, when given) may go here now."""
+        served = self.models.get(model)
+        if not self.ready or served is None or not self.breaker.available():
+            return False
+        return version is None or version in served.versions
 
 
 @dataclass(frozen=True)
@@ -131,7 +155,7 @@ class EndpointStatus:
     ready: bool
     breaker: BreakerState
     outstanding: int
-    models: dict[str, str]  # model -> ready version
+    models: dict[str, str]  # model -> newest ready version
     breaker_openings: int  # times the breaker opened since the pool started
 
 
@@ -168,6 +192,8 @@ class EndpointSet:
         self._urls = list(dict.fromkeys(urls))
         self.models = models or ModelSettings()
         self._endpoints: list[Endpoint] = []
+        self.routes = VersionRoutes(self._rng)
+        self.version_stats = VersionStats(clock)
         self._probe_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -244,18 +270,26 @@ class EndpointSet:
 
     async def _served_model(self, endpoint: Endpoint, name: str, timeout: float) -> ServedModel:
         metadata = await endpoint.client.get_model_metadata(name, client_timeout=timeout)
-        version = max((str(v) for v in metadata.versions), key=int)
+        versions = tuple(sorted({str(v) for v in metadata.versions}, key=int))
         known = endpoint.models.get(name)
-        if known is not None and known.version == version:
+        if known is not None and known.versions == versions:
             return known
-        config = await endpoint.client.get_model_config(name, version, client_timeout=timeout)
-        return ServedModel.from_config(version, config.config)
+        config = await endpoint.client.get_model_config(name, versions[-1], client_timeout=timeout)
+        return ServedModel.from_config(versions, config.config)
 
     async def ready(self, model: str | None = None) -> bool:
         """Whether some endpoint can take requests now (for ``model``, when given)."""
         if model is None:
             return any(e.ready and e.breaker.available() for e in self._endpoints)
         return any(e.routable(model) for e in self._endpoints)
+
+    def endpoints(self) -> list[Endpoint]:
+        """Every endpoint (its client, for the rollout controller's repository calls)."""
+        return list(self._endpoints)
+
+    def ready_versions(self, name: str) -> dict[str, tuple[str, ...]]:
+        """Per endpoint URL, the versions of ``name`` ready at the last probe (``()`` when none or unreachable)."""
+        return {e.url: (e.models[name].versions if e.ready and name in e.models else ()) for e in self._endpoints}
 
     def status(self) -> list[EndpointStatus]:
         """Every endpoint's state."""
@@ -272,22 +306,35 @@ class EndpointSet:
         ]
 
     async def model_version(self, name: str) -> ModelVersion:
-        """The version of ``name`` that the routable endpoints serve (the newest, during a roll-out)."""
-        served = self._served(name)
-        if not served:  # e.g. loaded since the last probe
+        """The version of ``name`` new work goes to: the route's primary version, or without a route the newest
+        version the routable endpoints serve; ``UnavailableError`` when no endpoint serves it ready."""
+        version = self.routes.primary(name)
+        if not self._served(name, version):  # e.g. loaded since the last probe
             await self.probe()
-            served = self._served(name)
+        served = self._served(name, version)
         if not served:
-            raise UnavailableError(f"no Triton endpoint serves a ready '{name}'")
-        return ModelVersion(name=name, version=max((m.version for m in served), key=int))
+            which = f"version {version} of '{name}'" if version else f"a ready '{name}'"
+            raise UnavailableError(f"no Triton endpoint serves {which}")
+        return ModelVersion(name=name, version=version or max((m.version for m in served), key=int))
 
-    def _served(self, name: str) -> list[ServedModel]:
-        return [e.models[name] for e in self._endpoints if e.routable(name)]
+    def _served(self, name: str, version: str | None = None) -> list[ServedModel]:
+        return [e.models[name] for e in self._endpoints if e.routable(name, version)]
+
+    def resolve_versions(self, model: str, pinned: str | None) -> list[str]:
+        """The versions to try for one call, in order: ``[pinned]``, or the route's candidates (a canary's
+        failure is answered by the stable version), or the newest version served ready."""
+        if pinned is not None:
+            return [pinned]
+        versions = [v for v in self.routes.candidates(model) if v is not None]
+        if versions:
+            return versions
+        served = self._served(model)
+        return [max((m.version for m in served), key=int)] if served else []
 
     # Inference
 
     async def attempt_endpoints(
-        self, model: str, deadline: float, attempts: Attempts
+        self, model: str, deadline: float, attempts: Attempts, version: str | None = None
     ) -> AsyncGenerator[tuple[Endpoint, float]]:
         """The endpoint for each attempt of one call, and the time left: untried endpoints first, a jittered
         backoff before each retry. Ends when the attempts are used up or no endpoint is routable; a deadline
@@ -300,16 +347,16 @@ class EndpointSet:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise DeadlineExceededError(f"'{model}' did not answer within the deadline ({attempts.last})")
-            endpoint = self._pick(model, tried)
+            endpoint = self._pick(model, tried, version)
             if endpoint is None:
                 return
             tried.append(endpoint)
             attempts.made += 1
             yield endpoint, remaining
 
-    def _pick(self, model: str, tried: Sequence[Endpoint]) -> Endpoint | None:
+    def _pick(self, model: str, tried: Sequence[Endpoint], version: str | None = None) -> Endpoint | None:
         """The routable endpoint with the fewest outstanding requests, preferring those not tried yet."""
-        routable = [e for e in self._endpoints if e.routable(model)]
+        routable = [e for e in self._endpoints if e.routable(model, version)]
         candidates = [e for e in routable if e not in tried] or routable
         if not candidates:
             return None

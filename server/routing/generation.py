@@ -48,7 +48,9 @@ class GenerationStreams(EndpointSet):
         request_id: str | None = None,
         model: str | None = None,
     ) -> AsyncGenerator[GenerationDelta]:
-        """Stream a generation from ``model`` (default: the generator) for ``prompt`` (raw text) or ``messages``.
+        """Stream a generation from ``model`` (default: the generator) for ``prompt`` (raw text) or ``messages``,
+        on the version the routes choose (a canary version that fails before its first delta is replaced by
+        the stable version).
 
         Deltas arrive as the model produces them; the last has the finish reason and token counts (their
         timings and counts go to the request's telemetry record).
@@ -72,30 +74,37 @@ class GenerationStreams(EndpointSet):
         ]
         attempts = Attempts()
         timing = generation(model)
-        async with contextlib.aclosing(self.attempt_endpoints(model, deadline, attempts)) as endpoints:
-            async for endpoint, _ in endpoints:
-                async with contextlib.aclosing(self._stream(endpoint, model, inputs, deadline, request_id)) as stream:
-                    try:
-                        first = await anext(stream)
-                    except RetryableError as exc:
-                        attempts.last = f"{endpoint.url}: {exc}"
-                        continue
-                    yield timing.delta(first)
-                    async for delta in stream:
-                        yield timing.delta(delta)
-                    return
+        for version in self.resolve_versions(model, None):
+            version_attempts = Attempts()
+            async with contextlib.aclosing(self.attempt_endpoints(model, deadline, version_attempts, version)) as tries:
+                async for endpoint, _ in tries:
+                    started = self._clock()
+                    stream = self._stream(endpoint, model, version, inputs, deadline, request_id)
+                    async with contextlib.aclosing(stream):
+                        try:
+                            first = await anext(stream)
+                        except RetryableError as exc:
+                            version_attempts.last = f"{endpoint.url}: {exc}"
+                            continue
+                        self.version_stats.record(model, version, self._clock() - started)
+                        yield timing.delta(first)
+                        async for delta in stream:
+                            yield timing.delta(delta)
+                        return
+            attempts.made += version_attempts.made
+            attempts.last = version_attempts.last
         if BUSY_ERROR in attempts.last:
             raise ResourceExhaustedError(f"every generator is busy; retry later ({attempts.last})")
         raise UnavailableError(f"no Triton endpoint can serve '{model}' now ({attempts.last})")
 
     async def _stream(
-        self, endpoint: Endpoint, model: str, inputs: list[Any], deadline: float, request_id: str
+        self, endpoint: Endpoint, model: str, version: str, inputs: list[Any], deadline: float, request_id: str
     ) -> AsyncGenerator[GenerationDelta]:
         """One generation on one endpoint; ``RetryableError`` before the first delta for what another may fix."""
         done = asyncio.Event()
 
         async def request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+            yield {"model_name": model, "model_version": version, "inputs": inputs, "request_id": request_id}
             await done.wait()  # keep the stream open: closing it cancels the generation
 
         endpoint.breaker.acquire()
@@ -108,7 +117,7 @@ class GenerationStreams(EndpointSet):
             async for result, error in responses:
                 if error is not None:
                     ended = True  # an error response is the request's last
-                    raise self._stream_failed(endpoint, model, str(error.message()), started)
+                    raise self._stream_failed(endpoint, model, version, str(error.message()), started)
                 delta = _delta(result)
                 if not started:
                     endpoint.breaker.record_success()
@@ -117,12 +126,13 @@ class GenerationStreams(EndpointSet):
                 yield delta
                 if ended:
                     return
-            raise self._stream_failed(endpoint, model, "the stream ended before the generation did", started)
+            raise self._stream_failed(endpoint, model, version, "the stream ended before the generation did", started)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 endpoint.breaker.release()
                 raise DeadlineExceededError(f"'{model}' did not finish within the deadline") from exc
-            raise self._stream_failed(endpoint, model, f"[{exc.code().name}] {exc.details()}", started) from exc
+            message = f"[{exc.code().name}] {exc.details()}"
+            raise self._stream_failed(endpoint, model, version, message, started) from exc
         finally:
             done.set()  # ends the request side of the stream
             if not ended or not await _drained(responses):
@@ -131,18 +141,26 @@ class GenerationStreams(EndpointSet):
             if not started:
                 endpoint.breaker.release()
 
-    @staticmethod
-    def _stream_failed(endpoint: Endpoint, model: str, message: str, started: bool) -> Exception:
-        """What a failed generation stream raises: the model's own input and busy errors keep their meaning."""
+    def _stream_failed(self, endpoint: Endpoint, model: str, version: str, message: str, started: bool) -> Exception:
+        """What a failed generation stream raises: the model's own input and busy errors keep their meaning.
+
+        Before the first delta, a transport failure counts on the endpoint's breaker; an error the model version
+        answered with counts in the version's stats (the canary's judgement), and either is retried.
+        """
         if message.startswith(INPUT_ERROR):
             endpoint.breaker.record_success()  # the server is fine; the input is not
             return InvalidArgumentError(message.removeprefix(INPUT_ERROR))
         if message.startswith(BUSY_ERROR) and not started:
             return RetryableError(message)  # busy, not broken: the breaker is only released
-        if not started:
-            endpoint.breaker.record_failure()
+        if "unknown model" in message and not started:  # unloaded since the last probe
+            endpoint.forget(model, version)
             return RetryableError(message)
-        return UnavailableError(f"'{model}' failed on {endpoint.url} mid-generation: {message}")
+        self.version_stats.record(model, version, 0.0, message)
+        if not started:
+            if message.startswith("[UNAVAILABLE]") or message.startswith("the stream ended"):
+                endpoint.breaker.record_failure()
+            return RetryableError(message)
+        return UnavailableError(f"'{model}' version {version} failed on {endpoint.url} mid-generation: {message}")
 
 
 async def _drained(responses: Any, timeout_s: float = 5.0) -> bool:

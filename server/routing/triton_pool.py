@@ -4,7 +4,8 @@ Requests go over ``tritonclient.grpc.aio`` to the endpoints of an ``EndpointSet`
 to the routable endpoint with the fewest requests outstanding. Transient failures (UNAVAILABLE, a
 broken connection, one attempt's timeout) are retried on another endpoint when there is one, after a
 jittered exponential backoff, as long as the call's deadline allows. Triton's INVALID_ARGUMENT is
-never retried.
+never retried. Every call goes to one model version, pinned by the caller or chosen by the routes
+(versions.py); a call whose chosen canary version fails is answered by the stable version.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ class TritonPool(GenerationStreams):
         request_id: str | None = None,
         *,
         bulk: bool = False,
+        version: str | None = None,
     ) -> Floats:
-        """L2-normalised embeddings, float32 ``[len(texts), dim]``, in the order of ``texts``.
+        """L2-normalised embeddings, float32 ``[len(texts), dim]``, in the order of ``texts``, all from one
+        embedder version: ``version``, or the route's choice.
 
         ``bulk`` (ingestion) work waits for the endpoints' bulk lanes and yields to interactive work.
         """
@@ -77,7 +80,7 @@ class TritonPool(GenerationStreams):
 
         tokens = [_estimated_tokens(text) for text in texts]
         output = EmbedderTensors.EMBEDDING
-        return await self._infer_rows(model, tokens, inputs, output, deadline_s, request_id, bulk)
+        return await self._infer_rows(model, version, tokens, inputs, output, deadline_s, request_id, bulk)
 
     async def rerank(
         self, query: str, passages: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
@@ -95,12 +98,14 @@ class TritonPool(GenerationStreams):
             ]
 
         tokens = [_estimated_tokens(query) + _estimated_tokens(passage) for passage in passages]
-        scores = await self._infer_rows(model, tokens, inputs, RerankerTensors.SCORE, deadline_s, request_id, False)
+        score = RerankerTensors.SCORE
+        scores = await self._infer_rows(model, None, tokens, inputs, score, deadline_s, request_id, False)
         return scores.reshape(-1)
 
     async def _infer_rows(
         self,
         model: str,
+        version: str | None,
         tokens: Sequence[int],
         inputs: Callable[[slice], list[Any]],
         output: str,
@@ -113,12 +118,42 @@ class TritonPool(GenerationStreams):
 
         A request holds at most the model's max batch rows and its ``max_request_tokens``, so each one is
         short on a healthy server. Without ``deadline_s`` the call's deadline is ``request_timeout_s``, and
-        for bulk work it grows with the number of requests each bulk lane has to carry.
+        for bulk work it grows with the number of requests each bulk lane has to carry. Every row goes to one
+        version (``version``, or the route's choice; on its failure, the stable version).
         """
         request_id = request_id or uuid.uuid4().hex
-        served = self._served(model)
+        versions = self.resolve_versions(model, version)
+        for index, chosen in enumerate(versions):
+            try:
+                return await self._infer_version(model, chosen, tokens, inputs, output, deadline_s, request_id, bulk)
+            except UnavailableError as exc:
+                if index == len(versions) - 1:
+                    raise
+                log.warning(
+                    "request %s to '%s' version %s failed; trying version %s: %s",
+                    request_id,
+                    model,
+                    chosen,
+                    versions[index + 1],
+                    exc,
+                )
+        raise UnavailableError(f"no Triton endpoint can serve '{model}' now")
+
+    async def _infer_version(
+        self,
+        model: str,
+        version: str,
+        tokens: Sequence[int],
+        inputs: Callable[[slice], list[Any]],
+        output: str,
+        deadline_s: float | None,
+        request_id: str,
+        bulk: bool,
+    ) -> Floats:
+        """``_infer_rows`` on one version."""
+        served = self._served(model, version)
         if not served:
-            raise UnavailableError(f"no Triton endpoint can serve '{model}' now")
+            raise UnavailableError(f"no Triton endpoint can serve '{model}' version {version} now")
         budgets = [m.max_request_tokens for m in served if m.max_request_tokens is not None]
         slices = work_slices(tokens, min(m.max_batch_rows for m in served), min(budgets) if budgets else None)
         if deadline_s is None:
@@ -127,19 +162,19 @@ class TritonPool(GenerationStreams):
                 rounds = -(-len(slices) // sum(m.bulk_capacity for m in served))
                 deadline_s += rounds * self.settings.attempt_timeout_s
         deadline = self._clock() + deadline_s
-        calls = [self._infer(model, inputs(s), output, deadline, request_id, bulk) for s in slices]
+        calls = [self._infer(model, version, inputs(s), output, deadline, request_id, bulk) for s in slices]
         parts = await _gather_first_error(calls)
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     async def _infer(
-        self, model: str, inputs: list[Any], output: str, deadline: float, request_id: str, bulk: bool
+        self, model: str, version: str, inputs: list[Any], output: str, deadline: float, request_id: str, bulk: bool
     ) -> Floats:
         """One request, retried on transient failures while attempts and the deadline allow."""
         attempts = Attempts()
-        async with contextlib.aclosing(self.attempt_endpoints(model, deadline, attempts)) as endpoints:
+        async with contextlib.aclosing(self.attempt_endpoints(model, deadline, attempts, version)) as endpoints:
             async for endpoint, remaining in endpoints:
                 try:
-                    return await self._attempt(endpoint, model, inputs, output, remaining, request_id, bulk)
+                    return await self._attempt(endpoint, model, version, inputs, output, remaining, request_id, bulk)
                 except RetryableError as exc:
                     attempts.last = f"{endpoint.url}: {exc}"
                     log.info("request %s to %s failed, attempt %d: %s", request_id, endpoint.url, attempts.made, exc)
@@ -153,6 +188,7 @@ class TritonPool(GenerationStreams):
         self,
         endpoint: Endpoint,
         model: str,
+        version: str,
         inputs: list[Any],
         output: str,
         remaining: float,
@@ -166,8 +202,8 @@ class TritonPool(GenerationStreams):
         requests have lanes of their own, and the higher priority in Triton's queue.
         """
         served = endpoint.models.get(model)
-        if served is None:
-            raise RetryableError(f"{endpoint.url} no longer serves '{model}'")
+        if served is None or version not in served.versions:
+            raise RetryableError(f"{endpoint.url} no longer serves '{model}' version {version}")
         endpoint.outstanding += 1
         lanes, started = served.lanes(bulk), self._clock()
         try:
@@ -178,7 +214,7 @@ class TritonPool(GenerationStreams):
                 raise RetryableError(f"no lane of {endpoint.url} came free in time") from None
             try:
                 remaining -= self._clock() - started
-                result = await self._send(endpoint, model, inputs, remaining, request_id, bulk)
+                result = await self._send(endpoint, model, version, inputs, remaining, request_id, bulk)
             finally:
                 lanes.release()
         finally:
@@ -187,50 +223,68 @@ class TritonPool(GenerationStreams):
         return values
 
     async def _send(
-        self, endpoint: Endpoint, model: str, inputs: list[Any], remaining: float, request_id: str, bulk: bool
+        self,
+        endpoint: Endpoint,
+        model: str,
+        version: str,
+        inputs: list[Any],
+        remaining: float,
+        request_id: str,
+        bulk: bool,
     ) -> Any:
-        """The request itself, its outcome recorded on the endpoint's breaker."""
+        """The request itself, its outcome recorded on the endpoint's breaker and in the version's stats."""
         timeout = max(0.001, min(self.settings.attempt_timeout_s, remaining))
         endpoint.breaker.acquire()
+        started = self._clock()
         try:
             result = await endpoint.client.infer(
                 model,
                 inputs,
+                version,
                 request_id=request_id,
                 headers={REQUEST_ID_HEADER: request_id},
                 client_timeout=timeout,
                 priority=Priority.BULK if bulk else Priority.INTERACTIVE,
             )
         except InferenceServerException as exc:  # every RPC failure, a refused connection included
-            raise self._failed(endpoint, model, exc) from exc
+            raise self._failed(endpoint, model, version, exc) from exc
         except BaseException:  # cancelled: says nothing about the endpoint
             endpoint.breaker.release()
             raise
         endpoint.breaker.record_success()
+        self.version_stats.record(model, version, self._clock() - started)
         return result
 
-    @staticmethod
-    def _failed(endpoint: Endpoint, model: str, exc: InferenceServerException) -> TritonRagError | RetryableError:
-        """Record the outcome on the endpoint and say what the caller should raise.
+    def _failed(
+        self, endpoint: Endpoint, model: str, version: str, exc: InferenceServerException
+    ) -> TritonRagError | RetryableError:
+        """Record the outcome on the endpoint or the version, and say what the caller should raise.
 
         A request that ran out of time tells nothing sure about the endpoint (it may have been our own
-        work that kept it busy): the breaker is left to the health probes and to real errors.
+        work that kept it busy): the breaker is left to the health probes and to real errors. An error the
+        model version itself answered with (INTERNAL, a runtime that raised) is the version's: it counts
+        in the version's stats, which the canary judges, not on the endpoint's breaker, so that a broken
+        new version cannot take the endpoint away from the versions that work.
         """
         status, message = _status(exc), str(exc.message())
         if status == "INVALID_ARGUMENT":
             endpoint.breaker.record_success()  # the server is fine; the input is not
             return InvalidArgumentError(message)
-        if status == "NOT_FOUND":  # unloaded since the last probe: route around it until the next one
+        # Unloaded since the last probe (Triton says UNAVAILABLE "Request for unknown model" for a version it does
+        # not have): route around the version on this endpoint until the next probe.
+        if status == "NOT_FOUND" or (status == "UNAVAILABLE" and "unknown model" in message):
             endpoint.breaker.record_success()
-            endpoint.models.pop(model, None)
+            endpoint.forget(model, version)
             return RetryableError(message)
         if status == "DEADLINE_EXCEEDED":
             endpoint.breaker.release()
             return RetryableError(message)
-        endpoint.breaker.record_failure()
         if status == "UNAVAILABLE":
+            endpoint.breaker.record_failure()
             return RetryableError(message)
-        return UnavailableError(f"'{model}' failed on {endpoint.url}: [{status}] {message}")
+        endpoint.breaker.release()
+        self.version_stats.record(model, version, 0.0, f"[{status}] {message}")
+        return UnavailableError(f"'{model}' version {version} failed on {endpoint.url}: [{status}] {message}")
 
 
 def _bytes_input(name: str, texts: Sequence[str]) -> Any:

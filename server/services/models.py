@@ -47,10 +47,11 @@ class ModelService:
         self._pool = pool
         self._repository = repository
         self._loaded: dict[tuple[str, str, object], object] = {}
-        self._dimension: int | None = None
+        self._dimensions: dict[str, int] = {}
 
     async def version(self, name: str) -> ModelVersion:
-        """The version of ``name`` Triton serves now; ``UnavailableError`` when no endpoint serves it."""
+        """The version of ``name`` new work goes to (the route's stable version, or the newest Triton serves);
+        ``UnavailableError`` when no endpoint serves it."""
         return await self._pool.model_version(name)
 
     async def served_models(self) -> list[ModelVersion]:
@@ -61,20 +62,24 @@ class ModelService:
                 served.append(await self.version(name))
         return served
 
-    async def _per_version(self, name: str, key: object, load: Callable[[Path], _T]) -> _T:
-        """``load(version_dir)`` of the served version of ``name``, computed once per (version, ``key``)."""
-        version = await self.version(name)
-        cache_key = (name, version.version, key)
+    async def _per_version(self, name: str, key: object, load: Callable[[Path], _T], version: str | None = None) -> _T:
+        """``load(version_dir)`` of ``version`` of ``name`` (default: the one new work goes to), computed once per
+        (version, ``key``)."""
+        model = await self.version(name) if version is None else ModelVersion(name=name, version=version)
+        cache_key = (name, model.version, key)
         if cache_key not in self._loaded:
-            version_dir = served_version_dir(self._repository, version)
+            version_dir = served_version_dir(self._repository, model)
             self._loaded[cache_key] = await asyncio.to_thread(load, version_dir)
         return cast(_T, self._loaded[cache_key])  # stored by this method, with this key, from ``load``
 
-    async def chunker(self, chunking: Chunking) -> Chunker:
-        """A chunker on the tokenizer of the embedder version Triton serves now."""
+    async def chunker(self, chunking: Chunking, version: str | None = None) -> Chunker:
+        """A chunker on the tokenizer of embedder ``version`` (default: the version new work goes to)."""
         tokens, overlap = chunking.chunk_tokens, chunking.overlap_tokens
         return await self._per_version(
-            self.names.embedder, ("chunker", tokens, overlap), lambda d: Chunker.from_version_dir(d, tokens, overlap)
+            self.names.embedder,
+            ("chunker", tokens, overlap),
+            lambda d: Chunker.from_version_dir(d, tokens, overlap),
+            version,
         )
 
     async def context_window(self) -> ContextWindow:
@@ -88,16 +93,21 @@ class ModelService:
         except UnavailableError:
             return None
 
-    async def embedding_dimension(self) -> int:
-        """The width of the embedder's vectors, asked of Triton once."""
-        if self._dimension is None:
-            self._dimension = int((await self._pool.embed(["dimension probe"])).shape[1])
-        return self._dimension
+    async def embedding_dimension(self, version: str | None = None) -> int:
+        """The width of embedder ``version``'s vectors (default: the version new work goes to), asked of Triton
+        once per version."""
+        version = version or (await self.version(self.names.embedder)).version
+        if version not in self._dimensions:
+            vectors = await self._pool.embed(["dimension probe"], version=version)
+            self._dimensions[version] = int(vectors.shape[1])
+        return self._dimensions[version]
 
     async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings:
-        """Vectors of ``texts`` from the embedder Triton serves, and the tokens it read (truncated as it does)."""
+        """Vectors of ``texts`` from the embedder's stable version, and the tokens it read (truncated as it does)."""
         version = await self.version(self.names.embedder)
-        vectors = await self._pool.embed(texts, request_id=request_id)
-        tokenizer = await self._per_version(self.names.embedder, "tokenizer", ModelTokenizer.from_version_dir)
+        vectors = await self._pool.embed(texts, request_id=request_id, version=version.version)
+        tokenizer = await self._per_version(
+            self.names.embedder, "tokenizer", ModelTokenizer.from_version_dir, version.version
+        )
         tokens = sum(len(tokenizer.encode_text(text).ids) for text in texts)
         return Embeddings(model=version, vectors=vectors.tolist(), prompt_tokens=tokens)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from tritonrag.server.errors import (
 )
 from tritonrag.server.routing.resilience import BreakerState
 from tritonrag.server.routing.triton_pool import TritonPool, work_slices
+from tritonrag.server.routing.versions import Route
 from tritonrag.server.services.models import served_version_dir
 from tritonrag.server.telemetry.record import RequestRecord, recording
 
@@ -64,6 +66,7 @@ class Call:
     headers: dict[str, str]
     timeout: float | None
     priority: int = 0
+    version: str = ""
 
 
 @dataclass
@@ -72,7 +75,9 @@ class FakeTriton:
 
     url: str
     server_ready: bool = True
+    # model -> its ready versions, comma-separated
     models: dict[str, str] = field(default_factory=lambda: {"embedder": "1", "reranker": "3", "generator": "2"})
+    broken: set[tuple[str, str]] = field(default_factory=set)  # (model, version) whose runtime raises
     max_batch_size: int = 4
     max_request_tokens: int | None = None  # the config parameter, when set
     instances: int = 1
@@ -101,7 +106,7 @@ class FakeTriton:
         return model_name in self.models
 
     async def get_model_metadata(self, model_name: str, *, client_timeout: float | None = None) -> Any:
-        return SimpleNamespace(versions=[self.models[model_name]])
+        return SimpleNamespace(versions=self.models[model_name].split(","))
 
     async def get_model_config(
         self, model_name: str, model_version: str, *, client_timeout: float | None = None
@@ -120,6 +125,7 @@ class FakeTriton:
         self,
         model_name: str,
         inputs: list[Any],
+        model_version: str = "",
         *,
         request_id: str,
         headers: dict[str, str],
@@ -127,7 +133,11 @@ class FakeTriton:
         priority: int = 0,
     ) -> Any:
         columns = [[b.decode() for b in deserialize_bytes_tensor(i._get_content())] for i in inputs]
-        self.calls.append(Call(model_name, columns[-1], request_id, headers, client_timeout, priority))
+        self.calls.append(Call(model_name, columns[-1], request_id, headers, client_timeout, priority, model_version))
+        if model_version and model_version not in self.models.get(model_name, "").split(","):
+            raise rpc_error("UNAVAILABLE", f"Request for unknown model: '{model_name}' version {model_version}")
+        if (model_name, model_version) in self.broken:
+            raise rpc_error("INTERNAL", "the runtime raised")
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -160,7 +170,7 @@ class FakeTriton:
         self, inputs_iterator: AsyncIterator[dict[str, Any]], stream_timeout: float | None, headers: dict[str, str]
     ) -> FakeStream:
         error = self.stream_errors.pop(0) if self.stream_errors else None
-        stream = FakeStream(inputs_iterator, list(self.words), error)
+        stream = FakeStream(inputs_iterator, list(self.words), error, broken=self.broken)
         self.streams.append(stream)
         return stream
 
@@ -176,6 +186,8 @@ class FakeStream:
     cancelled: bool = False
     drained: bool = False
     request: dict[str, str] = field(default_factory=dict)
+    broken: set[tuple[str, str]] = field(default_factory=set)
+    version: str = ""
 
     def __aiter__(self) -> FakeStream:
         return self
@@ -184,6 +196,9 @@ class FakeStream:
         if not self.request:
             first = await anext(self.requests)
             self.request = {i.name(): deserialize_bytes_tensor(i._get_content())[0].decode() for i in first["inputs"]}
+            self.version = first.get("model_version", "")
+            if (first["model_name"], self.version) in self.broken:
+                self.error = "the runtime raised"
         if self.error is not None:
             error, self.error = self.error, None
             return None, InferenceServerException(msg=error)
@@ -663,3 +678,109 @@ def test_generate_records_its_timings_and_tokens_in_the_request_record() -> None
     assert generation.model == "generator" and generation.first_token_s is not None and generation.first_token_s > 0
     assert len(generation.inter_token_s) == 2  # three deltas
     assert (generation.prompt_tokens, generation.completion_tokens) == (7, 3)
+
+
+def test_unrouted_calls_pin_the_newest_ready_version() -> None:
+    fleet = Fleet(FakeTriton("a:1", models={"embedder": "1,2", "reranker": "3", "generator": "2"}))
+
+    async def scenario() -> str:
+        async with pool_of(fleet) as pool:
+            await pool.embed(["abc"])
+            return (await pool.model_version("embedder")).version
+
+    assert run(scenario()) == "2"
+    assert [c.version for c in fleet["a:1"].calls] == ["2"]
+
+
+def test_a_pinned_version_goes_only_to_endpoints_that_serve_it() -> None:
+    fleet = Fleet(
+        FakeTriton("a:1", models={"embedder": "2", "reranker": "3", "generator": "2"}),
+        FakeTriton("b:1", models={"embedder": "1,2", "reranker": "3", "generator": "2"}),
+    )
+
+    async def scenario() -> None:
+        async with pool_of(fleet) as pool:
+            for _ in range(6):
+                await pool.embed(["abc"], version="1")
+            with pytest.raises(UnavailableError, match="version 7"):
+                await pool.embed(["abc"], version="7")
+
+    run(scenario())
+    assert fleet["a:1"].calls == []
+    assert [c.version for c in fleet["b:1"].calls] == ["1"] * 6
+
+
+def test_routes_split_unpinned_traffic_by_share_and_count_each_version() -> None:
+    fleet = Fleet(FakeTriton("a:1", models={"embedder": "1", "reranker": "3,4", "generator": "2"}))
+
+    async def scenario() -> dict[str, int]:
+        async with pool_of(fleet) as pool:
+            pool.routes.set("reranker", Route("3", "4", 0.25))
+            for _ in range(400):
+                await pool.rerank("q", ["passage"])
+            assert (await pool.model_version("reranker")).version == "3"  # the stable version
+            return {v: pool.version_stats.total("reranker", v).requests for v in ("3", "4")}
+
+    counts = run(scenario())
+    assert counts["3"] + counts["4"] == 400
+    assert 60 <= counts["4"] <= 140  # a quarter, drawn at random (seeded)
+    assert Counter(c.version for c in fleet["a:1"].calls) == counts
+
+
+def test_a_failing_canary_version_is_answered_by_the_stable_one_and_spares_the_breaker() -> None:
+    fleet = Fleet(FakeTriton("a:1", models={"embedder": "1", "reranker": "3,4", "generator": "2"}))
+    fleet["a:1"].broken.add(("reranker", "4"))
+
+    async def scenario() -> tuple[int, int, BreakerState]:
+        async with pool_of(fleet) as pool:
+            pool.routes.set("reranker", Route("3", "4", 0.5))
+            for _ in range(40):
+                scores = await pool.rerank("q", ["passage"])
+                assert scores.tolist() == [6.0]
+            canary, stable = pool.version_stats.total("reranker", "4"), pool.version_stats.total("reranker", "3")
+            assert "the runtime raised" in canary.last_error
+            return canary.errors, stable.requests, pool.status()[0].breaker
+
+    canary_errors, stable_requests, breaker = run(scenario())
+    assert canary_errors > 5  # about half the calls drew the canary first
+    assert stable_requests == 40  # every call was answered by version 3
+    assert breaker is BreakerState.closed
+
+
+def test_a_version_unloaded_since_the_probe_is_routed_around() -> None:
+    fleet = Fleet(
+        FakeTriton("a:1", models={"embedder": "1,2", "reranker": "3", "generator": "2"}),
+        FakeTriton("b:1", models={"embedder": "1,2", "reranker": "3", "generator": "2"}),
+    )
+
+    async def scenario() -> tuple[tuple[str, ...], set[BreakerState]]:
+        async with pool_of(fleet) as pool:
+            fleet["a:1"].models["embedder"] = "2"  # version 1 unloaded on a:1 after the probe
+            for _ in range(4):
+                await pool.embed(["abc"], version="1")
+            return pool.ready_versions("embedder")["a:1"], {s.breaker for s in pool.status()}
+
+    versions_on_a, breakers = run(scenario())
+    assert versions_on_a == ("2",)  # forgotten until the next probe
+    assert breakers == {BreakerState.closed}
+    assert len([c for c in fleet["a:1"].calls if c.version == "1"]) <= 1
+    assert [c.version for c in fleet["b:1"].calls].count("1") >= 3
+
+
+def test_generation_goes_to_the_routed_version_and_a_failing_canary_falls_back() -> None:
+    fleet = Fleet(FakeTriton("a:1", models={"embedder": "1", "reranker": "3", "generator": "2,5"}))
+
+    fleet["a:1"].broken.add(("generator", "5"))
+
+    async def scenario() -> tuple[list[str], int, int]:
+        async with pool_of(fleet) as pool:
+            pool.routes.set("generator", Route("2", "5", 0.5))
+            texts = ["".join([d.text async for d in pool.generate(SamplingParams(), prompt="x")]) for _ in range(20)]
+            stats = pool.version_stats
+            return texts, stats.total("generator", "5").errors, stats.total("generator", "2").requests
+
+    texts, canary_errors, stable_answers = run(scenario())
+    assert texts == ["Par" + "is" + "."] * 20
+    assert stable_answers == 20
+    tried = [s.version for s in fleet["a:1"].streams]
+    assert canary_errors == tried.count("5") > 0

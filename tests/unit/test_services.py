@@ -116,9 +116,12 @@ class StandInPool:
         request_id: str | None = None,
         *,
         bulk: bool = False,
+        version: str | None = None,
     ) -> npt.NDArray[np.float32]:
         if not self.embedder_up:
             raise UnavailableError("embedder is down")
+        if version not in (None, self.versions.get("embedder", "1")):
+            raise UnavailableError(f"embedder version {version} is not served")
         self.embedded.append(list(texts))
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
