@@ -18,6 +18,13 @@ gone, the job stops and its remaining documents count as failed. Any other failu
 to the documents that cause it, which are recorded as failed while the others are upserted. A job
 ends ``succeeded`` when at least one of its documents was upserted (its failures are listed), else
 ``failed``.
+
+A re-index job (``submit_reindex``) moves a collection to another embedder version: its payload names the
+target, and the runner calls ``reindex(collection, target)`` step after step (each retried as a batch is)
+until a step says it finished, recording each step's progress in chunks (``done`` of ``total``). The steps
+keep their own state in the collection's store, so a restarted runner just calls them again. A re-index that
+cannot go on (the collection deleted, retrying does not help) ends ``failed``, its chunks not re-embedded
+counted as failed.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from tritonrag.clients.wire.schema import DocumentError, DocumentIn, JobInfo, JobStatus
+from tritonrag.clients.wire.schema import DocumentError, DocumentIn, JobInfo, JobStatus, ModelVersion
 from tritonrag.server.config import IngestSettings
 from tritonrag.server.errors import (
     DeadlineExceededError,
@@ -53,6 +61,20 @@ Upsert = Callable[[str, Sequence[DocumentIn]], Awaitable[int]]
 """``upsert(collection, documents) -> chunks written``; returns once the documents are stored."""
 Ready = Callable[[], Awaitable[bool]]
 """Whether what the upserts need (the embedder) can serve now."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReindexStep:
+    """What one step of a re-index did: chunks re-embedded (``done``) of ``total``, and whether it finished."""
+
+    done: int
+    total: int
+    finished: bool
+
+
+Reindex = Callable[[str, ModelVersion], Awaitable[ReindexStep]]
+"""``reindex(collection, target)``: one step of re-indexing ``collection`` to the embedder version ``target``."""
+_T = TypeVar("_T")
 
 FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed})
 _TRANSIENT = (UnavailableError, DeadlineExceededError)
@@ -76,8 +98,17 @@ class _JobState:
         return {"file": self.file, "offset": self.offset}
 
 
+def reindex_target(record: JobRecord) -> ModelVersion | None:
+    """The embedder version a re-index job moves its collection to; None for an upsert job."""
+    payload = record.payload
+    if isinstance(payload, dict) and payload.get("kind") == "reindex":
+        return ModelVersion.model_validate(payload["embedder"])
+    return None
+
+
 class JobRunner:
-    """Runs upsert jobs in the background, ``concurrent_jobs`` at a time, recording them in the catalog."""
+    """Runs upsert and re-index jobs in the background, ``concurrent_jobs`` at a time, recording them in the
+    catalog."""
 
     def __init__(
         self,
@@ -86,9 +117,12 @@ class JobRunner:
         jobs_dir: Path,
         settings: IngestSettings | None = None,
         ready: Ready | None = None,
+        *,
+        reindex: Reindex | None = None,
     ) -> None:
         self._catalog = catalog
         self._upsert = upsert
+        self._reindex = reindex
         self._jobs_dir = jobs_dir
         self.settings = settings or IngestSettings()
         self._ready = ready
@@ -132,7 +166,8 @@ class JobRunner:
         """
         if not documents:
             raise InvalidArgumentError("a job needs at least one document", field="documents")
-        pending = sum(i.total - i.done - i.failed for i in (r.info for r in await asyncio.to_thread(self._unfinished)))
+        upserts = [r.info for r in await asyncio.to_thread(self._unfinished) if reindex_target(r) is None]
+        pending = sum(info.total - info.done - info.failed for info in upserts)
         limit = self.settings.max_pending_documents
         if pending + len(documents) > limit:
             raise ResourceExhaustedError(
@@ -148,6 +183,25 @@ class JobRunner:
         )
         self._enqueue(record.info.id)
         return record.info.id
+
+    async def submit_reindex(self, collection: str, embedder: ModelVersion) -> JobInfo:
+        """A new queued job that re-indexes ``collection`` to ``embedder``, or the unfinished one that already
+        does."""
+        for info, target in await self.reindexes(collection):
+            if target == embedder:
+                return info
+        payload = {"kind": "reindex", "embedder": embedder.model_dump()}
+        record = await asyncio.to_thread(self._catalog.create_job, collection, 0, payload)
+        self._enqueue(record.info.id)
+        return record.info
+
+    async def reindexes(self, collection: str | None = None) -> list[tuple[JobInfo, ModelVersion]]:
+        """The unfinished re-index jobs (of ``collection`` when given), oldest first, with their targets."""
+        records = await asyncio.to_thread(self._unfinished)
+        targets = [(record.info, reindex_target(record)) for record in records]
+        return [
+            (info, target) for info, target in targets if target is not None and collection in (None, info.collection)
+        ]
 
     async def get(self, job_id: str) -> JobInfo:
         """The job's state; ``NotFoundError`` when there is none."""
@@ -191,6 +245,10 @@ class JobRunner:
         info = record.info
         if info.status in FINISHED:
             return
+        target = reindex_target(record)
+        if target is not None:
+            await self._run_reindex(info, target)
+            return
         payload = record.payload if isinstance(record.payload, dict) else {}
         state = _JobState(
             str(payload.get("file")), int(payload.get("offset", 0)), info.done, info.failed, list(info.errors)
@@ -212,6 +270,32 @@ class JobRunner:
             await asyncio.to_thread(self._save, job_id, state, status)
         path.unlink(missing_ok=True)
         log.info("job %s finished: %d done, %d failed", job_id, state.done, state.failed)
+
+    async def _run_reindex(self, info: JobInfo, target: ModelVersion) -> None:
+        """Call the re-index's steps until one finishes, recording each one's progress."""
+        job_id, done, total = info.id, info.done, info.total
+        await asyncio.to_thread(self._catalog.update_job, job_id, status=JobStatus.running)
+        try:
+            if self._reindex is None:
+                raise _JobStoppedError("this runner does not run re-index jobs")
+            step = partial(self._reindex, info.collection, target)
+            while True:
+                progress = await self._retrying(info.collection, step)
+                done, total = progress.done, progress.total
+                finished = progress.finished
+                status = JobStatus.succeeded if finished else None
+                await asyncio.to_thread(self._catalog.update_job, job_id, status=status, total=total, done=done)
+                if finished:
+                    break
+        except Exception as exc:  # whatever stops it, the job ends failed, saying why
+            reason = str(exc) if isinstance(exc, _JobStoppedError) else _message(exc)
+            log.warning("re-index job %s stopped: %s", job_id, reason)
+            error = DocumentError(doc_id="", error=reason)
+            await asyncio.to_thread(
+                self._catalog.update_job, job_id, status=JobStatus.failed, failed=total - done, errors=[error]
+            )
+            return
+        log.info("re-index job %s finished: %r is pinned to version %s", job_id, info.collection, target.version)
 
     async def _run_batches(self, job_id: str, collection: str, path: Path, state: _JobState) -> None:
         """Settle the job's batches from ``state.offset`` on, up to ``pipeline_batches`` at once, recording
@@ -263,7 +347,7 @@ class JobRunner:
         Returns how many documents were upserted and the errors of the others.
         """
         try:
-            await self._upsert_retrying(collection, batch)
+            await self._retrying(collection, partial(self._upsert, collection, batch))
             return len(batch), []
         except _JobStoppedError:
             raise
@@ -277,14 +361,14 @@ class JobRunner:
         second_done, second_errors = await self._settle(collection, batch[middle:])
         return first_done + second_done, first_errors + second_errors
 
-    async def _upsert_retrying(self, collection: str, batch: Sequence[DocumentIn]) -> None:
-        """One batch, retried with backoff while the failure is transient (pausing while the embedder is not
-        ready at all); raises ``_JobStoppedError`` when retrying does not help or the collection is gone."""
+    async def _retrying(self, collection: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()`` (one batch or step of work on ``collection``), retried with backoff while the failure is
+        transient (pausing while the embedder is not ready at all); raises ``_JobStoppedError`` when retrying
+        does not help or the collection is gone."""
         attempt = 0
         while True:
             try:
-                await self._upsert(collection, batch)
-                return
+                return await call()
             except NotFoundError as exc:
                 raise _JobStoppedError(exc.message) from exc
             except _TRANSIENT as exc:
@@ -294,7 +378,7 @@ class JobRunner:
                 if attempt == self.settings.max_attempts:
                     raise _JobStoppedError(f"{exc.message} (after {attempt} attempts)") from exc
                 delay = backoff_delay(attempt - 1, self.settings.backoff_base_s, self.settings.backoff_max_s)
-                log.info("upsert into %r failed (%s); retrying in %.1fs", collection, exc.message, delay)
+                log.info("work on %r failed (%s); retrying in %.1fs", collection, exc.message, delay)
                 await asyncio.sleep(delay)
 
     async def _paused_until_ready(self, collection: str, reason: str) -> bool:

@@ -13,6 +13,14 @@ started empty if unreadable), and each is reconciled with the store by id: chunk
 (so neither are document keys), so the ids the store has and an index lacks are added, and the ids an
 index has and the store lacks are removed. A restart therefore serves exactly what was committed
 before it.
+
+A collection is pinned to the embedder version that made its vectors (`embedder`). A blue/green
+re-index to another version fills the store's next vectors (`begin_reindex`, `add_next`) while
+searches and writes go on with the pinned version; `switch_embedder` builds the next FAISS index
+beside the live one, then commits the store's switch (vectors, width and pinned version in one
+transaction) and swaps the dense index and the pinned version under the write lock, so a search
+sees one version throughout. A FAISS snapshot older than the last switch holds the former
+version's vectors and is rebuilt from the store on `open`.
 """
 
 from __future__ import annotations
@@ -23,15 +31,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from tritonrag.clients.wire.schema import CollectionCreate, Document, Filter
+from tritonrag.clients.wire.schema import CollectionCreate, Document, Filter, ModelVersion
 from tritonrag.server.config import DenseParams
-from tritonrag.server.retrieval.dense import DenseIndex
+from tritonrag.server.retrieval.dense import DenseIndex, VectorSource
 from tritonrag.server.retrieval.filters import compile_filter
 from tritonrag.server.retrieval.lexical import LexicalIndex
 from tritonrag.server.retrieval.locks import ReadWriteLock
@@ -40,6 +49,7 @@ from tritonrag.server.store.documents import (
     Change,
     ChunkSpan,
     DocumentStore,
+    EmbedderChangedError,
     IdArray,
     PreparedDocument,
     StoredChunk,
@@ -47,7 +57,16 @@ from tritonrag.server.store.documents import (
 )
 
 # The types of this interface that live in the store are part of it too.
-__all__ = ["ChunkSpan", "Collection", "CollectionStats", "PreparedDocument", "ScoredChunk", "StoredChunk"]
+__all__ = [
+    "ChunkSpan",
+    "Collection",
+    "CollectionStats",
+    "EmbedderChangedError",
+    "PreparedDocument",
+    "ReindexProgress",
+    "ScoredChunk",
+    "StoredChunk",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +94,16 @@ class CollectionStats:
     size_bytes: int
     revision: int
     active_index: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReindexProgress:
+    """Where a re-index stands: the first chunks without a next vector (``pending``), how many have none, and
+    how many chunks there are."""
+
+    pending: IdArray
+    missing: int
+    total: int
 
 
 class Collection:
@@ -106,6 +135,10 @@ class Collection:
         self._snapshot_lock = threading.Lock()
         self._saved_revision = -1
         self._last_snapshot = time.monotonic()
+        self._embedder = store.embedder
+        self._next: tuple[ModelVersion, DenseIndex] | None = None  # the re-index's FAISS index, once built
+        self._next_lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def open(
@@ -128,6 +161,8 @@ class Collection:
             lambda: DenseIndex.load(dense_path, dimension, spec.index_type, dense_params),
             lambda: DenseIndex(dimension, spec.index_type, dense_params),
         )
+        if dense_revision < store.vectors_revision:  # from before a re-index's switch: the former version's vectors
+            dense, dense_revision = DenseIndex(dimension, spec.index_type, dense_params), -1
         lexical = LexicalIndex.open_or_empty(directory / LEXICAL_DIR, spec.language)
         documents = LexicalIndex.open_or_empty(directory / DOCUMENTS_DIR, spec.language)
         collection = cls(directory, spec, store, dense, lexical, documents, snapshot_interval_s)
@@ -148,6 +183,21 @@ class Collection:
         return self.spec.name
 
     @property
+    def embedder(self) -> ModelVersion | None:
+        """The embedder version that made the vectors searches use; None until the collection is pinned."""
+        return self._embedder
+
+    @property
+    def closed(self) -> bool:
+        """Whether the collection was closed (deleted, or the registry closed)."""
+        return self._closed
+
+    def pin(self, embedder: ModelVersion) -> ModelVersion:
+        """Pin an unpinned collection to ``embedder``; returns the version it is pinned to (an earlier pin stays)."""
+        self._embedder = self._store.pin(embedder)
+        return self._embedder
+
+    @property
     def revision(self) -> int:
         """The number of writes that searches see; changes with every write (for cache keys: a write is
         counted once its chunks are searchable, so no key is newer than the results it names)."""
@@ -155,9 +205,11 @@ class Collection:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def upsert(self, documents: Sequence[PreparedDocument]) -> None:
-        """Insert or replace ``documents``: each replaces all chunks of its id, atomically."""
-        self._store.upsert(documents, self._publishing)
+    def upsert(self, documents: Sequence[PreparedDocument], embedder: ModelVersion | None = None) -> None:
+        """Insert or replace ``documents``: each replaces all chunks of its id, atomically. ``embedder`` made their
+        vectors: it pins an unpinned collection, and `EmbedderChangedError` says the collection is pinned to
+        another version (a re-index switched it): embed again."""
+        self._store.upsert(documents, self._publishing, embedder)
         self._snapshot_if_due()
 
     def delete(self, doc_ids: Sequence[str]) -> int:
@@ -192,19 +244,76 @@ class Collection:
                 self._dense.rebuild(self._store)
             self._lexical.refresh()
             self._documents.refresh()
-            self._revision = change.revision
+            self._revision, self._embedder = change.revision, self._store.embedder  # a first ingest pins
+
+    # --- re-index -----------------------------------------------------------------------------
+
+    def begin_reindex(self, embedder: ModelVersion, dimension: int, limit: int) -> ReindexProgress:
+        """Make ``embedder`` (``dimension`` wide) the target of the next vectors (keeping those already made for
+        it); returns the progress, with up to ``limit`` chunks that have no next vector yet."""
+        self._store.begin_next(embedder, dimension)
+        pending, missing = self._store.missing_next(limit)
+        return ReindexProgress(pending, missing, self._store.chunk_count())
+
+    def texts(self, chunk_ids: IdArray) -> tuple[IdArray, list[str]]:
+        """The stored ones of ``chunk_ids`` (ascending) and their texts as embedded (after their document's
+        header, as at ingestion)."""
+        batches = list(self._store.iter_texts(chunk_ids))
+        ids = np.concatenate([ids for ids, _ in batches]) if batches else np.empty(0, np.int64)
+        return ids, [text for _, texts in batches for text in texts]
+
+    def add_next(self, embedder: ModelVersion, chunk_ids: IdArray, vectors: npt.ArrayLike) -> int:
+        """Store the next vectors ``embedder`` made of ``chunk_ids``; returns how many were stored (a deleted
+        chunk's are not). `EmbedderChangedError` when the re-index targets another version."""
+        return len(self._store.put_next(embedder, chunk_ids, vectors))
+
+    def switch_embedder(self, embedder: ModelVersion, dimension: int) -> bool:
+        """Swap the vectors for the next ones made by ``embedder``: build their FAISS index beside the live one
+        (kept for the next try), then commit the store's switch and publish the index and the pinned version
+        under the write lock, and snapshot. False, changing nothing, while a chunk has no next vector (written
+        since: catch up and try again)."""
+        with self._next_lock:
+            if self._next is None or self._next[0] != embedder:
+                dense = DenseIndex(dimension, self.spec.index_type, self._dense.params)
+                dense.rebuild(self._store.next_vectors())
+                self._next = (embedder, dense)
+            dense = self._next[1]
+            with self._snapshot_lock:
+                if self._store.switch(embedder, partial(self._switching, dense, embedder)) is None:
+                    return False
+                self._next = None
+                with self._lock.read():
+                    self._save()
+        logger.info("collection %s switched to %s %s", self.name, embedder.name, embedder.version)
+        return True
+
+    @contextmanager
+    def _switching(self, dense: DenseIndex, embedder: ModelVersion, change: Change) -> Iterator[None]:
+        """Around the store's switch: bring ``dense`` to the store's chunks (writes wait on the store's lock,
+        searches go on), then commit and publish it with ``embedder`` under the write lock."""
+        self._sync_dense(dense, self._store.next_vectors())
+        with self._lock.write():
+            yield
+            self._dense, self._embedder, self._revision = dense, embedder, change.revision
+
+    # --- reconciliation -----------------------------------------------------------------------
+
+    def _sync_dense(self, dense: DenseIndex, source: VectorSource) -> tuple[IdArray, IdArray, bool]:
+        """Bring ``dense`` to the store's chunk ids with the vectors of ``source``; returns the ids added and
+        removed, and whether it was rebuilt."""
+        missing, extra = _difference(self._store.chunk_ids(), dense.ids())
+        dense.remove(extra)
+        for ids, vectors in source.iter_vectors(missing):
+            dense.add(ids, vectors)
+        rebuild = dense.needs_rebuild()
+        if rebuild:
+            dense.rebuild(source)
+        return missing, extra, rebuild
 
     def _reconcile(self) -> bool:
         """Bring both indexes to the store's chunk ids; returns whether anything changed."""
         with self._lock.write():
-            stored = self._store.chunk_ids()
-            missing, extra = _difference(stored, self._dense.ids())
-            self._dense.remove(extra)
-            for ids, vectors in self._store.iter_vectors(missing):
-                self._dense.add(ids, vectors)
-            rebuild = self._dense.needs_rebuild()
-            if rebuild:
-                self._dense.rebuild(self._store)
+            missing, extra, rebuild = self._sync_dense(self._dense, self._store)
             lexical = self._reconcile_lexical()
             self._revision = self._store.revision
         counts = [len(missing), len(extra), *(len(ids) for ids in lexical)]
@@ -299,6 +408,7 @@ class Collection:
         write in flight (an ingestion job's, when its collection is deleted)."""
         with self._snapshot_lock, self._lock.write():
             self._save()
+            self._closed = True
         self._store.close()
 
 

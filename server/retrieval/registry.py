@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tritonrag.clients.wire.schema import CollectionCreate
+from tritonrag.clients.wire.schema import CollectionCreate, ModelVersion
 
 from ..config import IndexSettings
 from ..security.principal import DEFAULT_TENANT
@@ -22,6 +22,10 @@ class CollectionRegistry:
 
     ``dimension`` is asked only for a collection that has no vectors yet: an existing collection opens
     with the width it stored, so it opens (and BM25 search works) while the embedder is down.
+
+    The embedder version a collection is pinned to lives in its store (with its vectors, so that a re-index's
+    switch changes both at once) and in the catalog (for listings without opening a collection); when a
+    collection opens, a store without a pin takes the catalog's, and the catalog follows the store's.
     """
 
     def __init__(
@@ -53,6 +57,10 @@ class CollectionRegistry:
 
     async def get(self, name: str) -> Collection:
         """The open collection ``name``; ``NotFoundError`` when the catalog has none of that name."""
+        return await self._get(name)
+
+    async def _get(self, name: str, dimension: int | None = None) -> Collection:
+        """The open collection ``name``, opened with ``dimension`` (default: ``dimension()``) if it has no store."""
         collection = self._open.get(name)
         if collection is not None:
             return collection
@@ -60,10 +68,28 @@ class CollectionRegistry:
             if name not in self._open:
                 spec = await asyncio.to_thread(self.catalog.get_collection, name)
                 stored = await asyncio.to_thread(Collection.stored_dimension, self._directory(name))
-                dimension = stored if stored is not None else await self._dimension()
+                width = stored or dimension or await self._dimension()
                 self._created_at[name] = await asyncio.to_thread(self.catalog.collection_created_at, name)
-                self._open[name] = await asyncio.to_thread(self._open_collection, name, spec, dimension)
+                collection = await asyncio.to_thread(self._open_collection, name, spec, width)
+                await asyncio.to_thread(self._sync_pin, name, collection)
+                self._open[name] = collection
             return self._open[name]
+
+    def _sync_pin(self, name: str, collection: Collection) -> None:
+        """The store's pin wins (it is committed with the vectors); a store without one takes the catalog's."""
+        recorded = self.catalog.collection_embedder(name)
+        if collection.embedder is None and recorded is not None:
+            collection.pin(recorded)
+        elif collection.embedder is not None and collection.embedder != recorded:
+            self.catalog.pin_collection(name, collection.embedder)
+
+    async def pin(self, name: str, embedder: ModelVersion) -> ModelVersion:
+        """Pin the collection ``name`` to ``embedder`` unless it is pinned already, and record its pin in the
+        catalog; returns the version it is pinned to."""
+        collection = await self.get(name)
+        pinned = await asyncio.to_thread(collection.pin, embedder)
+        await asyncio.to_thread(self.catalog.pin_collection, name, pinned)
+        return pinned
 
     async def revision(self, name: str) -> tuple[float, int]:
         """When ``name`` was created, and its write revision: together they name what it holds (a collection created
@@ -85,10 +111,13 @@ class CollectionRegistry:
         """The collections opened so far (each is opened at its first use); callable from any thread."""
         return list(self._open.values())
 
-    async def create(self, spec: CollectionCreate) -> Collection:
-        """Record a new collection in the catalog and open it; ``AlreadyExistsError`` when the name is taken."""
-        await asyncio.to_thread(self.catalog.create_collection, spec)
-        return await self.get(spec.name)
+    async def create(
+        self, spec: CollectionCreate, embedder: ModelVersion | None = None, dimension: int | None = None
+    ) -> Collection:
+        """Record a new collection in the catalog, pinned to ``embedder`` (whose vectors are ``dimension`` wide)
+        when given, and open it; ``AlreadyExistsError`` when the name is taken."""
+        await asyncio.to_thread(self.catalog.create_collection, spec, embedder)
+        return await self._get(spec.name, dimension)
 
     async def names(self) -> list[str]:
         """Every collection's name, in the catalog's order."""

@@ -1,4 +1,4 @@
-"""`Catalog`: ``catalog.sqlite`` (WAL): the collections (spec, creation time) and the job table.
+"""`Catalog`: ``catalog.sqlite`` (WAL): the collections (spec, creation time, pinned embedder) and the job table.
 
 CRUD only: what a job does is the job runner's (``server/ingest/jobs.py``); a job row keeps its
 progress, per-document errors and a JSON ``payload`` (what the runner needs to resume it, e.g.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tritonrag.clients.wire.schema import NO_HEADER, CollectionCreate, DocumentError, JobInfo, JobStatus
+from tritonrag.clients.wire.schema import NO_HEADER, CollectionCreate, DocumentError, JobInfo, JobStatus, ModelVersion
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
 from tritonrag.server.store.sqlite import connect, transaction
 
@@ -25,7 +25,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    embedder TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -71,6 +72,8 @@ class Catalog:
         self._conn = connect(path)
         self._lock = threading.Lock()
         self._conn.executescript(_SCHEMA)
+        if "embedder" not in {row[1] for row in self._conn.execute("PRAGMA table_info(collections)")}:
+            self._conn.execute("ALTER TABLE collections ADD COLUMN embedder TEXT")  # before pinning (0.5)
 
     def close(self) -> None:
         """Close the database."""
@@ -88,13 +91,14 @@ class Catalog:
 
     # --- collections --------------------------------------------------------------------------
 
-    def create_collection(self, spec: CollectionCreate) -> None:
-        """Record a new collection; `AlreadyExistsError` if the name is taken."""
+    def create_collection(self, spec: CollectionCreate, embedder: ModelVersion | None = None) -> None:
+        """Record a new collection, pinned to ``embedder`` when given; `AlreadyExistsError` if the name is taken."""
+        pinned = None if embedder is None else embedder.model_dump_json()
         try:
             with self._lock, transaction(self._conn) as conn:
                 conn.execute(
-                    "INSERT INTO collections(name, spec, created_at) VALUES (?, ?, ?)",
-                    (spec.name, spec.model_dump_json(), time.time()),
+                    "INSERT INTO collections(name, spec, created_at, embedder) VALUES (?, ?, ?, ?)",
+                    (spec.name, spec.model_dump_json(), time.time(), pinned),
                 )
         except sqlite3.IntegrityError:
             raise AlreadyExistsError(f"collection {spec.name!r} already exists", field="name") from None
@@ -112,7 +116,24 @@ class Catalog:
         """When the collection ``name`` was created (Unix time); `NotFoundError` if there is none."""
         return float(self._collection_column(name, "created_at"))
 
-    def _collection_column(self, name: str, column: Literal["spec", "created_at"]) -> Any:
+    def collection_embedder(self, name: str) -> ModelVersion | None:
+        """The embedder version the collection ``name`` is pinned to; None while it is not pinned (created while
+        the embedder was down, or before pinning); `NotFoundError` if there is none."""
+        pinned = self._collection_column(name, "embedder")
+        return None if pinned is None else ModelVersion.model_validate_json(pinned)
+
+    def pin_collection(self, name: str, embedder: ModelVersion) -> None:
+        """Record that the collection ``name`` is pinned to ``embedder`` (its vectors are that version's)."""
+        with self._lock:
+            self._conn.execute("UPDATE collections SET embedder = ? WHERE name = ?", (embedder.model_dump_json(), name))
+
+    def pinned_embedders(self) -> dict[str, ModelVersion | None]:
+        """Each collection's pinned embedder version (None: not pinned), by name."""
+        with self._lock:
+            rows = self._conn.execute("SELECT name, embedder FROM collections ORDER BY name").fetchall()
+        return {name: None if pinned is None else ModelVersion.model_validate_json(pinned) for name, pinned in rows}
+
+    def _collection_column(self, name: str, column: Literal["spec", "created_at", "embedder"]) -> Any:
         with self._lock:
             row = self._conn.execute(f"SELECT {column} FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
@@ -165,6 +186,7 @@ class Catalog:
         job_id: str,
         *,
         status: JobStatus | None = None,
+        total: int | None = None,
         done: int | None = None,
         failed: int | None = None,
         errors: Sequence[DocumentError] | None = None,
@@ -173,6 +195,7 @@ class Catalog:
         """Set the given fields (None leaves a field as it is) and ``updated_at``; returns the job."""
         changes: dict[str, Any] = {
             "status": None if status is None else status.value,
+            "total": total,
             "done": done,
             "failed": failed,
             "errors": None if errors is None else json.dumps([error.model_dump() for error in errors]),

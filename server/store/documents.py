@@ -4,6 +4,13 @@ Documents, their metadata, their chunks (text, offsets, float32 vector) and a re
 counter that every committed write bumps. The FAISS and lexical indexes are derived from it.
 A write is one SQLite transaction; its commit is the acknowledgement point, and the caller may
 wrap it (``publish``) to move its derived indexes with it.
+
+The store is pinned to the embedder version that made its vectors (``meta.embedder``). A re-index
+to another version fills ``next_vectors`` side by side with the live vectors (``begin_next``,
+``put_next``), while writes go on with the pinned version; `switch` then replaces the vectors, their
+width and the pinned version in one transaction, once every chunk has its next vector. Until that
+commit the live vectors are untouched, so a crash at any point leaves the store serving the old
+version, or (after it) the new one.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from tritonrag.clients.wire.schema import Document, DocumentIn, Metadata
+from tritonrag.clients.wire.schema import Document, DocumentIn, Metadata, ModelVersion
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
 from tritonrag.server.store.sqlite import connect, transaction
 
@@ -62,16 +69,24 @@ CREATE TABLE IF NOT EXISTS doc_metadata (
 );
 CREATE INDEX IF NOT EXISTS doc_metadata_lookup ON doc_metadata(key, kind, value, doc_id);
 CREATE INDEX IF NOT EXISTS doc_metadata_by_doc ON doc_metadata(doc_id);
+CREATE TABLE IF NOT EXISTS next_vectors (
+    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(chunk_id) ON DELETE CASCADE,
+    vector BLOB NOT NULL
+);
 UPDATE meta SET key = 'revision' WHERE key = 'generation';  -- the counter's name before 0.2
 INSERT OR IGNORE INTO meta(key, value) VALUES ('revision', 0);
 """
 _CONTENT_QUERIES = {
     "vector": "SELECT cc.chunk_id, cc.vector FROM chunk_content cc",
+    "next": "SELECT cc.chunk_id, cc.vector FROM next_vectors cc",
     "text": "SELECT cc.chunk_id, cc.text, d.header FROM chunk_content cc JOIN chunks c USING (chunk_id) "
     "JOIN documents d USING (doc_id)",
 }
 _INT64_MAX = 2**63 - 1
 _READ_BATCH = 8192
+_MISSING_NEXT = "SELECT chunk_id FROM chunks WHERE chunk_id NOT IN (SELECT chunk_id FROM next_vectors)"
+Side = Literal["vector", "next"]  # the live vectors, or a re-index's next vectors
+Content = Literal["vector", "next", "text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +152,11 @@ class Change:
 Publish = Callable[[Change], AbstractContextManager[object]]
 
 
+class EmbedderChangedError(Exception):
+    """The store is (now) pinned to another embedder version than the one a write's vectors came from, or a
+    re-index targets another version than the next vectors offered: the caller embeds again."""
+
+
 def unpublished(change: Change) -> AbstractContextManager[object]:
     """Commit with nothing around it."""
     return contextlib.nullcontext()
@@ -180,7 +200,7 @@ def _metadata_rows(doc_id: str, metadata: Metadata) -> Iterator[tuple[str, str, 
             yield (doc_id, key, *encode_scalar(element))
 
 
-def _content(column: Literal["vector", "text"], row: Sequence[Any]) -> Any:
+def _content(column: Content, row: Sequence[Any]) -> Any:
     """A ``_CONTENT_QUERIES`` row's vector blob, or its text as indexed."""
     return with_header(row[2], row[1]) if column == "text" else row[1]
 
@@ -225,6 +245,8 @@ class DocumentStore:
             conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('dimension', ?)", (dimension,))
             stored = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()[0]
             self._revision: int = conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0]
+            self._embedder = _version(conn, "embedder")
+            self._vectors_revision = int(_meta(conn, "vectors_revision") or 0)
         if stored != dimension:
             self.close()
             raise InvalidArgumentError(f"{path} holds {stored}-d vectors, not {dimension}-d", field="dimension")
@@ -234,18 +256,56 @@ class DocumentStore:
         """The number of committed writes so far."""
         return self._revision
 
+    @property
+    def vectors_revision(self) -> int:
+        """The revision of the last `switch` (0 if none): a chunk id names one vector since then only."""
+        return self._vectors_revision
+
+    @property
+    def embedder(self) -> ModelVersion | None:
+        """The embedder version that made the vectors; None until the store is pinned."""
+        return self._embedder
+
+    def pin(self, embedder: ModelVersion) -> ModelVersion:
+        """Pin an unpinned store to ``embedder``; returns the version it is pinned to (an earlier pin stays)."""
+        with self._write_lock, transaction(self._writer) as conn:
+            pinned = _version(conn, "embedder") or embedder
+            _set_meta(conn, "embedder", pinned.model_dump_json())
+        self._embedder = pinned
+        return pinned
+
+    @staticmethod
+    def _pinned(conn: sqlite3.Connection, embedder: ModelVersion | None) -> ModelVersion | None:
+        """In a write transaction: the pinned version, pinning an unpinned store to ``embedder`` when given;
+        `EmbedderChangedError` when it is pinned to another."""
+        stored = _version(conn, "embedder")
+        if embedder is None:
+            return stored
+        if stored is None:
+            _set_meta(conn, "embedder", embedder.model_dump_json())
+        elif stored != embedder:
+            raise EmbedderChangedError(f"the store is pinned to {stored.name} {stored.version}, not {embedder.version}")
+        return embedder
+
     # --- writes -------------------------------------------------------------------------------
 
-    def upsert(self, documents: Sequence[PreparedDocument], publish: Publish = unpublished) -> Change:
+    def upsert(
+        self,
+        documents: Sequence[PreparedDocument],
+        publish: Publish = unpublished,
+        embedder: ModelVersion | None = None,
+    ) -> Change:
         """Insert or replace ``documents`` (each replaces all chunks of its id) in one transaction, which
-        commits within ``publish(change)``."""
+        commits within ``publish(change)``. ``embedder``, the version that made the vectors, pins an unpinned
+        store; `EmbedderChangedError` when the store is pinned to another (a re-index switched it)."""
         doc_ids = [prepared.document.id for prepared in documents]
         if len(set(doc_ids)) != len(doc_ids):
             raise InvalidArgumentError("a document id appears twice in one upsert", field="documents")
-        vectors = [self._checked_vectors(prepared) for prepared in documents]
         texts = [with_header(prepared.header, chunk.text) for prepared in documents for chunk in prepared.chunks]
         now = time.time()
         with self._write_lock, transaction(self._writer) as conn:
+            pinned = self._pinned(conn, embedder)
+            vectors = [self._checked_vectors(prepared) for prepared in documents]  # the width a switch may change
             removed = self._remove_documents(conn, doc_ids)
             conn.executemany(
                 "INSERT INTO documents(doc_id, text, metadata, updated_at, header) VALUES (?, ?, ?, ?, ?)",
@@ -274,7 +334,7 @@ class DocumentStore:
             keys = added[np.cumsum(counts)[counts > 0] - counts[counts > 0]] if len(added) else _ids([])
             document_texts = [with_header(p.header, p.document.text) for p in documents if p.chunks]
             change = Change(self._bump(conn), len(documents), removed, added, matrix, texts, keys, document_texts)
-            self._commit(conn, change, publish)
+            self._commit(conn, change, publish, embedder=pinned)
         return change
 
     def delete(self, doc_ids: Sequence[str], publish: Publish = unpublished) -> Change:
@@ -300,10 +360,88 @@ class DocumentStore:
         self._commit(conn, change, publish)
         return change
 
-    def _commit(self, conn: sqlite3.Connection, change: Change, publish: Publish) -> None:
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        change: Change,
+        publish: Publish,
+        dimension: int | None = None,
+        embedder: ModelVersion | None = None,
+    ) -> None:
+        """Commit within ``publish(change)``, which sees the new revision, width and pinned version."""
         with publish(change):
             conn.execute("COMMIT")
             self._revision = change.revision
+            self.dimension = dimension or self.dimension
+            self._embedder = embedder or self._embedder
+
+    # --- re-index: next vectors side by side ----------------------------------------------------
+
+    def begin_next(self, embedder: ModelVersion, dimension: int) -> None:
+        """Make ``embedder`` (``dimension`` wide) the target of the next vectors, keeping those already made for
+        it (a resumed re-index) and dropping any made for another target."""
+        target = embedder.model_dump_json()
+        with self._write_lock, transaction(self._writer) as conn:
+            if _version(conn, "next_embedder") != embedder or _meta(conn, "next_dimension") != dimension:
+                conn.execute("DELETE FROM next_vectors")
+                _set_meta(conn, "next_embedder", target)
+                _set_meta(conn, "next_dimension", dimension)
+
+    def next_embedder(self) -> ModelVersion | None:
+        """The target of the next vectors; None when no re-index has begun."""
+        with self._reader() as conn:
+            return _version(conn, "next_embedder")
+
+    def missing_next(self, limit: int) -> tuple[IdArray, int]:
+        """Up to ``limit`` ids of chunks that have no next vector yet (ascending), and how many have none."""
+        with self._reader() as conn:
+            ids = [row[0] for row in conn.execute(f"{_MISSING_NEXT} ORDER BY chunk_id LIMIT ?", (limit,))]
+            missing = conn.execute(f"SELECT count(*) FROM ({_MISSING_NEXT})").fetchone()[0]
+        return _ids(ids), int(missing)
+
+    def put_next(self, embedder: ModelVersion, ids: IdArray, vectors: npt.ArrayLike) -> IdArray:
+        """Store the next vectors of the chunks ``ids``, made by ``embedder``; returns the ids stored (those of
+        chunks deleted meanwhile are left out). `EmbedderChangedError` when the re-index targets another version."""
+        with self._write_lock, transaction(self._writer) as conn:
+            if _version(conn, "next_embedder") != embedder:
+                raise EmbedderChangedError(f"the next vectors are not for {embedder.name} {embedder.version}")
+            matrix = unit_vectors(vectors, int(_meta(conn, "next_dimension")), "vectors")
+            rows = conn.execute(
+                "SELECT chunk_id FROM chunks WHERE chunk_id IN (SELECT value FROM json_each(?))", (_json_list(ids),)
+            ).fetchall()
+            kept = {row[0] for row in rows}
+            conn.executemany(
+                "INSERT OR REPLACE INTO next_vectors(chunk_id, vector) VALUES (?, ?)",
+                [(i, row.tobytes()) for i, row in zip(_ids(ids).tolist(), matrix, strict=True) if i in kept],
+            )
+        return np.sort(_ids(list(kept)))
+
+    def switch(self, embedder: ModelVersion, publish: Publish = unpublished) -> Change | None:
+        """Replace every vector by its next vector, the vector width and the pinned version by the re-index's, in
+        one transaction that commits within ``publish(change)``; None, changing nothing, while a chunk has no next
+        vector (written since: catch up and try again). `EmbedderChangedError` when the re-index targets another
+        version."""
+        with self._write_lock, transaction(self._writer) as conn:
+            if _version(conn, "next_embedder") != embedder:
+                raise EmbedderChangedError(f"the next vectors are not for {embedder.name} {embedder.version}")
+            if conn.execute(f"SELECT EXISTS ({_MISSING_NEXT})").fetchone()[0]:
+                return None
+            dimension = int(_meta(conn, "next_dimension"))
+            conn.execute(
+                "UPDATE chunk_content SET vector = "
+                "(SELECT vector FROM next_vectors n WHERE n.chunk_id = chunk_content.chunk_id)"
+            )
+            conn.execute("DELETE FROM next_vectors")
+            conn.execute("DELETE FROM meta WHERE key IN ('next_embedder', 'next_dimension')")
+            _set_meta(conn, "embedder", embedder.model_dump_json())
+            _set_meta(conn, "dimension", dimension)
+            revision = self._bump(conn)
+            _set_meta(conn, "vectors_revision", revision)
+            empty = _ids([])
+            change = Change(revision, 0, empty, empty, np.empty((0, dimension), np.float32), [], empty, [])
+            self._commit(conn, change, publish, dimension, embedder)
+            self._vectors_revision = revision
+        return change
 
     def _checked_vectors(self, prepared: PreparedDocument) -> FloatMatrix:
         field = f"documents[{prepared.document.id}].vectors"
@@ -431,26 +569,45 @@ class DocumentStore:
         """The number of chunks (the number of vectors)."""
         return self.counts()[1]
 
-    def sample_vectors(self, n: int, seed: int = 0) -> FloatMatrix:
-        """Up to ``n`` vectors chosen uniformly at random (fixed ``seed``), e.g. to train an IVF index."""
-        ids = self.chunk_ids()
+    def sample_vectors(self, n: int, seed: int = 0, *, side: Side = "vector") -> FloatMatrix:
+        """Up to ``n`` vectors chosen uniformly at random (fixed ``seed``), e.g. to train an IVF index; the next
+        vectors of a re-index when ``side`` is ``next``."""
+        ids = self.chunk_ids() if side == "vector" else self.next_ids()
         if len(ids) > n:
             ids = np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
-        return np.concatenate([vectors for _, vectors in self.iter_vectors(ids)] or [self._no_vectors()])
+        batches = [vectors for _, vectors in self.iter_vectors(ids, side=side)]
+        return np.concatenate(batches) if batches else np.empty((0, self._width(side)), np.float32)
 
-    def iter_vectors(self, ids: IdArray | None = None) -> Iterator[tuple[IdArray, FloatMatrix]]:
-        """``(ids, vectors)`` batches of the chunks ``ids`` (all chunks when None), ascending by id."""
-        for ids_, blobs in self._iter_content("vector", ids):
-            yield ids_, np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dimension)
+    def iter_vectors(
+        self, ids: IdArray | None = None, *, side: Side = "vector"
+    ) -> Iterator[tuple[IdArray, FloatMatrix]]:
+        """``(ids, vectors)`` batches of the chunks ``ids`` (all chunks when None), ascending by id; their next
+        vectors (those a re-index made so far) when ``side`` is ``next``."""
+        width = self._width(side)
+        for ids_, blobs in self._iter_content(side, ids):
+            yield ids_, np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), width)
+
+    def _width(self, side: Side) -> int:
+        if side == "vector":
+            return self.dimension
+        with self._reader() as conn:
+            return int(_meta(conn, "next_dimension"))
+
+    def next_ids(self) -> IdArray:
+        """The ids of the chunks that have a next vector."""
+        with self._reader() as conn:
+            return np.fromiter((row[0] for row in conn.execute("SELECT chunk_id FROM next_vectors")), dtype=np.int64)
+
+    def next_vectors(self) -> NextVectors:
+        """The next vectors as a `DenseIndex`'s source, to build the re-index's index from."""
+        return NextVectors(self)
 
     def iter_texts(self, ids: IdArray | None = None) -> Iterator[tuple[IdArray, list[str]]]:
         """``(ids, texts)`` batches of the chunks ``ids`` (all chunks when None), ascending by id, each text as it
         is indexed (`with_header`)."""
         yield from self._iter_content("text", ids)
 
-    def _iter_content(
-        self, column: Literal["vector", "text"], ids: IdArray | None
-    ) -> Iterator[tuple[IdArray, list[Any]]]:
+    def _iter_content(self, column: Content, ids: IdArray | None) -> Iterator[tuple[IdArray, list[Any]]]:
         select = _CONTENT_QUERIES[column]
         if ids is None:
             with self._reader() as conn:
@@ -477,3 +634,37 @@ class DocumentStore:
             for conn in [*self._all_readers, self._writer]:
                 conn.close()
             self._all_readers.clear()
+
+
+class NextVectors:
+    """A re-index's next vectors, as the source a `DenseIndex` rebuilds from."""
+
+    def __init__(self, store: DocumentStore) -> None:
+        self._store = store
+
+    def chunk_count(self) -> int:
+        """The number of next vectors."""
+        return len(self._store.next_ids())
+
+    def sample_vectors(self, n: int, seed: int = 0) -> FloatMatrix:
+        """Up to ``n`` next vectors chosen at random."""
+        return self._store.sample_vectors(n, seed, side="next")
+
+    def iter_vectors(self, ids: IdArray | None = None) -> Iterator[tuple[IdArray, FloatMatrix]]:
+        """``(ids, next vectors)`` batches, ascending by id."""
+        return self._store.iter_vectors(ids, side="next")
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> Any:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: SqlValue) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+
+def _version(conn: sqlite3.Connection, key: str) -> ModelVersion | None:
+    """The model version stored as JSON under ``key`` in ``meta``."""
+    value = _meta(conn, key)
+    return None if value is None else ModelVersion.model_validate_json(value)
