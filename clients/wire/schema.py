@@ -169,6 +169,13 @@ class ModelVersion(BaseModel):
     version: str
 
 
+class Reindex(BaseModel):
+    """A collection's running blue/green re-index: the embedder version it moves to, and its job."""
+
+    embedder: ModelVersion
+    job_id: str
+
+
 class CollectionInfo(BaseModel):
     name: str
     chunking: Chunking
@@ -179,8 +186,9 @@ class CollectionInfo(BaseModel):
     chunks: int
     size_bytes: int
     revision: int  # bumped by every write to the collection
-    embedder: ModelVersion | None
+    embedder: ModelVersion | None  # the version the collection is pinned to (that made its vectors); None until pinned
     created_at: float
+    reindex: Reindex | None = None  # while a re-index to another embedder version runs
 
 
 def _flat_value(value: Any) -> Any:

@@ -1,8 +1,10 @@
-"""``CollectionService``: collections, their documents, and the jobs that upsert large batches."""
+"""``CollectionService``: collections, their documents, the jobs that upsert large batches, and the blue/green
+re-index of collections to another embedder version."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,28 +15,42 @@ from tritonrag.clients.wire.schema import (
     Document,
     DocumentIn,
     JobInfo,
+    ModelVersion,
+    Reindex,
     UpsertRequest,
     UpsertResult,
 )
 
 from ..config import IngestSettings
-from ..errors import NotFoundError, PayloadTooLargeError, UnavailableError
+from ..errors import InvalidArgumentError, NotFoundError, PayloadTooLargeError, UnavailableError
 from ..ingest.chunking import DocumentChunks
-from ..ingest.jobs import JobRunner
-from ..retrieval.collection import Collection, PreparedDocument
+from ..ingest.jobs import JobRunner, ReindexStep
+from ..retrieval.collection import Collection, EmbedderChangedError, PreparedDocument
 from ..retrieval.registry import CollectionRegistry
 from ..retrieval.stages import Embedding
 from ..store.documents import with_header
 from .models import ModelService
 
+log = logging.getLogger(__name__)
+
+# Chunks a re-index step embeds at once (bulk work, in requests sized by the pool).
+REINDEX_BATCH_CHUNKS = 256
+Chunked = tuple[ModelVersion, list[DocumentChunks]]  # documents chunked with that embedder version's tokenizer
+
 
 class CollectionService:
-    """Collection and document use cases. Documents are chunked with the served embedder's tokenizer and
-    embedded by it, as bulk work that yields to searches.
+    """Collection and document use cases. Documents are chunked and embedded as bulk work that yields to searches.
 
     An upsert runs inline while it is small enough to finish within a request's deadline: at most
     ``ingest.inline_max_documents`` documents that chunk into at most ``ingest.inline_max_chunks``
     chunks; a larger one runs as a job. A document over ``ingest.max_document_bytes`` is refused (413).
+
+    Collections are pinned (DESIGN §5): each to the embedder version that made its vectors, whose tokenizer
+    chunks its documents and which embeds them (and, in ``SearchService``, its queries). A new collection is
+    pinned at creation to the version new work goes to (``ModelService.version``), or at its first ingest when
+    the embedder was down at creation. A collection from before pinning is pinned at `start` to the version
+    served then (when the embedder is down at start, at its first ingest). Another version only comes by a
+    blue/green re-index (`reindex`, `reindex_all`).
     """
 
     def __init__(
@@ -49,7 +65,9 @@ class CollectionService:
         self._models = models
         self._embedding = embedding
         self._ingest = ingest
-        self.jobs = JobRunner(registry.catalog, self._upsert_now, jobs_dir, ingest, self._embedder_ready)
+        self.jobs = JobRunner(
+            registry.catalog, self._upsert_now, jobs_dir, ingest, self._embedder_ready, reindex=self._reindex_step
+        )
 
     async def _embedder_ready(self) -> bool:
         try:
@@ -59,7 +77,20 @@ class CollectionService:
         return True
 
     async def start(self) -> None:
-        """Resume unfinished ingestion jobs."""
+        """Pin the collections from before pinning to the embedder version served now (when none is, each is
+        pinned at its first ingest), and resume unfinished jobs."""
+        pins = await asyncio.to_thread(self._registry.catalog.pinned_embedders)
+        unpinned = [name for name, pinned in pins.items() if pinned is None]
+        if unpinned:
+            try:
+                served = await self._models.version(self._models.names.embedder)
+            except UnavailableError:
+                log.warning(
+                    "%d collections stay unpinned until their first ingest: no embedder is served", len(unpinned)
+                )
+            else:
+                for name in unpinned:
+                    await self._registry.pin(name, served)
         await self.jobs.start()
 
     async def close(self) -> None:
@@ -71,10 +102,9 @@ class CollectionService:
     async def _info(self, collection: Collection) -> CollectionInfo:
         stats = await asyncio.to_thread(collection.info)
         created_at = await asyncio.to_thread(self._registry.catalog.collection_created_at, collection.name)
-        try:
-            embedder = await self._models.version(self._models.names.embedder)
-        except UnavailableError:
-            embedder = None
+        running = [
+            Reindex(embedder=target, job_id=info.id) for info, target in await self.jobs.reindexes(collection.name)
+        ]
         return CollectionInfo(
             name=collection.name,
             chunking=collection.spec.chunking,
@@ -85,13 +115,20 @@ class CollectionService:
             chunks=stats.chunks,
             size_bytes=stats.size_bytes,
             revision=stats.revision,
-            embedder=embedder,
+            embedder=collection.embedder,
             created_at=created_at,
+            reindex=running[-1] if running else None,
         )
 
     async def create_collection(self, request: CollectionCreate) -> CollectionInfo:
-        """Create an empty collection; AlreadyExistsError when the name is taken."""
-        return await self._info(await self._registry.create(request))
+        """Create an empty collection pinned to the embedder version new work goes to (unpinned while the embedder
+        is down); AlreadyExistsError when the name is taken."""
+        try:
+            embedder = await self._models.version(self._models.names.embedder)
+            dimension = await self._models.embedding_dimension(embedder.version)
+        except UnavailableError:
+            return await self._info(await self._registry.create(request))
+        return await self._info(await self._registry.create(request, embedder, dimension))
 
     async def list_collections(self, prefix: str = "") -> list[CollectionInfo]:
         """The collections whose names start with ``prefix``."""
@@ -102,37 +139,113 @@ class CollectionService:
         return await self._info(await self._registry.get(name))
 
     async def delete_collection(self, name: str) -> None:
-        """Delete a collection and its files; NotFoundError when it does not exist."""
+        """Delete a collection and its files (a re-index of it ends failed); NotFoundError when it does not exist."""
         await self._registry.delete(name)
+
+    # Re-index
+
+    async def reindex(self, collection: str, version: str) -> JobInfo:
+        """Re-index ``collection`` blue/green to embedder ``version``, as a job (progress in chunks).
+
+        The job re-embeds every chunk's stored text (after its document's header) with ``version`` into vectors
+        side by side with the live ones; searches keep the pinned version until they are complete, writes go on
+        (embedded with the pinned version, caught up at the end), then one store transaction switches the vectors
+        and the pinned version and the dense index is swapped. A crash leaves the collection on the old version
+        (or, after the switch, the new one) and the job resumes at the next start. Returns the running job when
+        one already goes to ``version``; InvalidArgumentError when the collection is pinned to it already.
+        """
+        target = ModelVersion(name=self._models.names.embedder, version=version)
+        if (await self._registry.get(collection)).embedder == target:
+            raise InvalidArgumentError(
+                f"collection {collection!r} is pinned to version {version} already", field="version"
+            )
+        return await self.jobs.submit_reindex(collection, target)
+
+    async def reindex_all(self, version: str) -> list[JobInfo]:
+        """`reindex` every collection not pinned to embedder ``version`` (the running job where there is one), e.g.
+        once the rollout controller publishes a new embedder version."""
+        target = ModelVersion(name=self._models.names.embedder, version=version)
+        pins = await asyncio.to_thread(self._registry.catalog.pinned_embedders)
+        return [await self.jobs.submit_reindex(name, target) for name, pinned in pins.items() if pinned != target]
+
+    async def embedder_versions_in_use(self) -> set[str]:
+        """The embedder versions collections need served: those they are pinned to, and the targets of running
+        re-indexes (the rollout controller keeps each loaded)."""
+        pins = await asyncio.to_thread(self._registry.catalog.pinned_embedders)
+        targets = [target for _, target in await self.jobs.reindexes()]
+        return {pinned.version for pinned in [*pins.values(), *targets] if pinned is not None}
+
+    async def _reindex_step(self, name: str, target: ModelVersion) -> ReindexStep:
+        """One step of re-indexing ``name`` to ``target``: re-embed the next batch of chunks that have no next
+        vector, or, when none is left, switch; NotFoundError once the collection is deleted."""
+        collection = await self._registry.get(name)
+        try:
+            return await self._reindex_batch(collection, target)
+        except Exception as exc:
+            if collection.closed:
+                raise NotFoundError(f"collection {name!r} was deleted during its re-index") from exc
+            raise
+
+    async def _reindex_batch(self, collection: Collection, target: ModelVersion) -> ReindexStep:
+        if collection.embedder != target:
+            dimension = await self._models.embedding_dimension(target.version)
+            progress = await asyncio.to_thread(collection.begin_reindex, target, dimension, REINDEX_BATCH_CHUNKS)
+            if progress.missing:
+                ids, texts = await asyncio.to_thread(collection.texts, progress.pending)
+                vectors = await self._embedding.run(texts, bulk=True, version=target.version)
+                added = await asyncio.to_thread(collection.add_next, target, ids, vectors)
+                return ReindexStep(progress.total - progress.missing + added, progress.total, finished=False)
+            if not await asyncio.to_thread(collection.switch_embedder, target, dimension):
+                return ReindexStep(progress.total, progress.total, finished=False)  # written since: catch up
+        await self._registry.pin(collection.name, target)
+        total = (await asyncio.to_thread(collection.info)).chunks
+        return ReindexStep(total, total, finished=True)
 
     # Documents
 
-    async def _chunk(self, collection: Collection, documents: Sequence[DocumentIn]) -> list[DocumentChunks]:
-        """Each document's header and chunks, cut in a worker thread (a long document takes a while)."""
-        chunking = collection.spec.chunking
-        chunker = await self._models.chunker(chunking)
-        return await asyncio.to_thread(lambda: [chunker.chunk_document(doc, chunking.header) for doc in documents])
+    async def _embedder(self, collection: Collection) -> ModelVersion:
+        """The version ``collection`` is pinned to; an unpinned one is pinned now to the version new work goes to
+        (UnavailableError when no embedder is served)."""
+        if collection.embedder is not None:
+            return collection.embedder
+        return await self._registry.pin(collection.name, await self._models.version(self._models.names.embedder))
 
-    async def _prepare(
-        self, collection: Collection, documents: Sequence[DocumentIn], chunked: list[DocumentChunks] | None = None
-    ) -> list[PreparedDocument]:
-        chunked = chunked if chunked is not None else await self._chunk(collection, documents)
-        texts = [with_header(header, span.text) for header, spans in chunked for span in spans]
-        vectors = await self._embedding.run(texts, bulk=True)
+    async def _chunk(self, collection: Collection, documents: Sequence[DocumentIn]) -> Chunked:
+        """Each document's header and chunks, cut in a worker thread (a long document takes a while) with the
+        tokenizer of the version the collection is pinned to."""
+        embedder = await self._embedder(collection)
+        chunking = collection.spec.chunking
+        chunker = await self._models.chunker(chunking, embedder.version)
+        chunks = await asyncio.to_thread(lambda: [chunker.chunk_document(doc, chunking.header) for doc in documents])
+        return embedder, chunks
+
+    async def _prepare(self, documents: Sequence[DocumentIn], chunked: Chunked) -> list[PreparedDocument]:
+        embedder, chunks = chunked
+        texts = [with_header(header, span.text) for header, spans in chunks for span in spans]
+        vectors = await self._embedding.run(texts, bulk=True, version=embedder.version)
         prepared, start = [], 0
-        for doc, (header, spans) in zip(documents, chunked, strict=True):
+        for doc, (header, spans) in zip(documents, chunks, strict=True):
             prepared.append(PreparedDocument(doc, spans, vectors[start : start + len(spans)], header))
             start += len(spans)
         return prepared
 
     async def _upsert_now(
-        self, collection_name: str, documents: Sequence[DocumentIn], chunked: list[DocumentChunks] | None = None
+        self, collection_name: str, documents: Sequence[DocumentIn], chunked: Chunked | None = None
     ) -> int:
-        """Chunk (unless ``chunked`` is given), embed and store ``documents``; returns the chunks written."""
+        """Chunk (unless ``chunked`` is given), embed and store ``documents`` with the collection's pinned version;
+        returns the chunks written. A re-index that switches the collection meanwhile makes it start again."""
         collection = await self._registry.get(collection_name)
-        prepared = await self._prepare(collection, documents, chunked)
-        await asyncio.to_thread(collection.upsert, prepared)
-        return sum(len(p.chunks) for p in prepared)
+        while True:
+            if chunked is None or chunked[0] != collection.embedder:
+                chunked = await self._chunk(collection, documents)
+            prepared = await self._prepare(documents, chunked)
+            try:
+                await asyncio.to_thread(collection.upsert, prepared, chunked[0])
+            except EmbedderChangedError:
+                log.info("collection %r switched embedder versions during an upsert; upserting again", collection_name)
+                chunked = None
+                continue
+            return sum(len(p.chunks) for p in prepared)
 
     async def upsert_documents(self, collection: str, request: UpsertRequest) -> UpsertResult:
         """Upsert inline, or as a job when the batch is too large to finish within a request."""
@@ -141,7 +254,7 @@ class CollectionService:
         documents = request.documents
         if len(documents) <= self._ingest.inline_max_documents:
             chunked = await self._chunk(target, documents)
-            if sum(len(spans) for _, spans in chunked) <= self._ingest.inline_max_chunks:
+            if sum(len(spans) for _, spans in chunked[1]) <= self._ingest.inline_max_chunks:
                 chunks = await self._upsert_now(collection, documents, chunked)
                 return UpsertResult(collection=collection, documents=len(documents), chunks=chunks)
         job_id = await self.jobs.submit(collection, documents)

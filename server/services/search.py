@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
-from tritonrag.clients.wire.schema import GroupBy, SearchMode, SearchRequest, SearchResponse
+from tritonrag.clients.wire.schema import GroupBy, ModelVersion, SearchMode, SearchRequest, SearchResponse
 
-from ..errors import DeadlineExceededError, UnavailableError
+from ..errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
 from ..retrieval.collection import Collection, ScoredChunk
 from ..retrieval.fusion import fuse_reranked
 from ..retrieval.registry import CollectionRegistry
@@ -30,6 +30,11 @@ class SearchService:
 
     An embedder that cannot answer turns a dense or hybrid search into a BM25 one, and a reranker
     that cannot answer leaves the retrieval order; the response lists the stage in ``degraded``.
+
+    The query is embedded by the version the collection is pinned to (DESIGN §5), never another: while that
+    version is not served, the search is a BM25 one as above. A re-index that switches the collection to
+    another version during a search makes it retrieve again with the new version, so that the query and the
+    vectors it is compared with always come from one version.
     """
 
     def __init__(self, registry: CollectionRegistry, stages: SearchStages) -> None:
@@ -73,14 +78,37 @@ class SearchService:
     async def _retrieve(
         self, collection: Collection, request: SearchRequest, depth: int, timer: Timer, request_id: str | None
     ) -> Candidates:
-        """The top ``depth`` of the rankings the mode and fusion weights ask for (dense; BM25 of chunks; BM25 of
-        whole documents, given to the chunks the others found), fused when there are several; the lexical
-        ones alone when the embedder is down."""
+        """`_rank` with the version the collection is pinned to, again when a re-index switched it meanwhile (a
+        switch to vectors of another width fails the dense search of the former version's query vector)."""
+        while True:
+            embedder = collection.embedder
+            try:
+                found = await self._rank(collection, embedder, request, depth, timer, request_id)
+            except InvalidArgumentError:
+                if collection.embedder == embedder:
+                    raise
+                continue
+            if found.query_vector is None or collection.embedder == embedder:
+                return found
+
+    async def _rank(
+        self,
+        collection: Collection,
+        embedder: ModelVersion | None,
+        request: SearchRequest,
+        depth: int,
+        timer: Timer,
+        request_id: str | None,
+    ) -> Candidates:
+        """The top ``depth`` of the rankings the mode and fusion weights ask for (dense, the query embedded by
+        ``embedder``, the collection's; BM25 of chunks; BM25 of whole documents, given to the chunks the others
+        found), fused when there are several; the lexical ones alone when the embedder is down."""
         stages, found, mode, weights = self._stages, Candidates(), request.mode, request.fusion
         if mode != SearchMode.sparse:
             started = time.perf_counter()
+            version = None if embedder is None else embedder.version  # unpinned (no vectors yet): the default route
             try:
-                found.query_vector = (await stages.embedding.run([request.query], request_id))[0]
+                found.query_vector = (await stages.embedding.run([request.query], request_id, version=version))[0]
             except _DOWN:
                 found.degraded.append("embed")
                 mode = SearchMode.sparse
