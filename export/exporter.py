@@ -21,7 +21,7 @@ from .graphs import AUTO_CLASSES, OUTPUT_NAMES, DecoderGraph, Head, Task, build_
 from .native import write_native
 from .parity import ParityCheck, ParityThresholds
 from .prompt import render_prompt
-from .repository import ensure_config, publish, staging_dir, write_json, write_model_py
+from .repository import RUNTIME_PACKAGE, ensure_config, publish, staging_dir, write_json, write_runtime
 from .runtime.contract import METADATA_FILE, ONNX_FILE, TOKENIZER_FILE
 from .runtime.decoding import CacheShape
 from .runtime.encoding import ModelTokenizer
@@ -60,12 +60,16 @@ def export_model(
     max_sequence_length: int | None = None,
     native_repository: Path | None = None,
     thresholds: ParityThresholds = DEFAULT_THRESHOLDS,
+    *,
+    runtime_dir: Path = RUNTIME_PACKAGE,
 ) -> ExportResult:
     """Export ``source`` as ``task`` into ``<repository>/<model_name or task>/<N>/``.
 
-    The version holds ``model.onnx`` (head inside), ``tokenizer.json``, ``tritonrag.json`` and ``model.py``.
-    It appears only once the ONNX graph matched PyTorch (``thresholds``); on any error nothing is left.
-    ``target="native"`` also writes tokenizer, ONNX and ensemble models into ``native_repository``.
+    The version holds ``model.onnx`` (head inside), ``tokenizer.json``, ``tritonrag.json``, ``runtime/`` (a
+    copy of ``runtime_dir``'s Python files, by default the installed ``tritonrag.export.runtime``) and a
+    ``model.py`` that serves the version with that copy. It appears only once the ONNX graph matched PyTorch
+    (``thresholds``); on any error nothing is left. ``target="native"`` also writes tokenizer, ONNX and
+    ensemble models into ``native_repository``.
     """
     name = model_name or task
     _check_choices(task, name, quantize, target, native_repository)
@@ -82,6 +86,7 @@ def export_model(
 
     with staging_dir(model_dir) as staging:
         tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
+        metadata["runtime"] = write_runtime(staging, task, runtime_dir)
         write_json(staging / METADATA_FILE, metadata)
         onnx_file = staging / ONNX_FILE
         parity: _Parity
@@ -95,7 +100,6 @@ def export_model(
             reports["int8"] = _quantize(onnx_file, parity.check_int8, _ffn_down_shape(config))
             metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
         write_json(staging / METADATA_FILE, metadata)
-        write_model_py(staging, task)
         native_dirs: list[Path] = []
         if native_repository is not None:
             output_dims = metadata.get("dimension", 1)

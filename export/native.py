@@ -17,11 +17,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from .convert import onnx_files
 from .graphs import Task
-from .repository import publish, staging_dir, write_model_py, write_text
+from .repository import publish, staging_dir, write_runtime, write_text
 from .runtime.contract import (
     CONFIG_FILE,
     METADATA_FILE,
     ONNX_FILE,
+    RUNTIME_DIR,
     TOKENIZER_FILE,
     EmbedderTensors,
     Parameters,
@@ -35,7 +36,7 @@ TEXT_INPUTS: dict[Task, tuple[str, ...]] = {
     "reranker": (RerankerTensors.QUERY, RerankerTensors.PASSAGE),
 }
 RESULT_OUTPUTS: dict[Task, str] = {"embedder": EmbedderTensors.EMBEDDING, "reranker": RerankerTensors.SCORE}
-# The Python-backend model that turns text into the ONNX graph's inputs: tritonrag.export.runtime.native_tokenizer.
+# The Python-backend model that turns text into the ONNX graph's inputs: the version's runtime/native_tokenizer.py.
 TOKENIZER_RUNTIME = "native_tokenizer"
 
 
@@ -82,12 +83,13 @@ def _write_config(model_dir: Path, config: mc.ModelConfig) -> None:
     write_text(model_dir / CONFIG_FILE, text_format.MessageToString(config))
 
 
-def _publish_files(model_dir: Path, files: Sequence[Path], runtime_module: str | None = None) -> Path:
+def _publish_files(model_dir: Path, files: Sequence[Path], runtime: Path | None = None) -> Path:
+    """A new version of ``model_dir`` with ``files``, and with ``runtime``'s copy serving the tokenizer if given."""
     with staging_dir(model_dir) as staging:
         for file in files:
             shutil.copy2(file, staging / file.name)
-        if runtime_module:
-            write_model_py(staging, runtime_module)
+        if runtime is not None:
+            write_runtime(staging, TOKENIZER_RUNTIME, runtime)
         return publish(staging, model_dir)[1]
 
 
@@ -105,7 +107,7 @@ def write_native(
     tokenizer_version = _publish_files(
         repository / f"{name}_tokenizer",
         [version_dir / TOKENIZER_FILE, version_dir / METADATA_FILE],
-        TOKENIZER_RUNTIME,
+        version_dir / RUNTIME_DIR,
     )
     ensemble_version = repository / name / "1"  # an ensemble has no files, but Triton wants a version directory
     ensemble_version.mkdir(parents=True, exist_ok=True)

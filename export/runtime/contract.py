@@ -15,6 +15,7 @@ METADATA_FILE: Final = "tritonrag.json"  # what the exporter says about the vers
 TOKENIZER_FILE: Final = "tokenizer.json"  # the fast tokenizer the model and the orchestrator both use
 ONNX_FILE: Final = "model.onnx"
 MODEL_FILE: Final = "model.py"  # the Python-backend model Triton loads
+RUNTIME_DIR: Final = "runtime"  # the version's copy of this folder, which model.py imports relatively
 CONFIG_FILE: Final = "config.pbtxt"  # beside the version directories
 
 

@@ -22,7 +22,7 @@ from tritonrag.export.errors import ExportError, SourceError
 from tritonrag.export.exporter import ExportResult, export_model
 from tritonrag.export.graphs import build_graph, select_head
 from tritonrag.export.parity import ParityThresholds
-from tritonrag.export.repository import publish, staging_dir
+from tritonrag.export.repository import RUNTIME_PACKAGE, check_version_dir, publish, runtime_digest, staging_dir
 from tritonrag.export.runtime.encoding import ModelMetadata, ModelTokenizer
 from tritonrag.export.sources import resolve_source
 
@@ -95,9 +95,14 @@ def test_versions_are_numbered_and_complete(embedder_versions: list[ExportResult
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt"]
     for result in embedder_versions:
         files = sorted(p.name for p in result.version_dir.iterdir())
-        assert files == ["model.onnx", "model.py", "tokenizer.json", "tritonrag.json"]
+        assert files == ["model.onnx", "model.py", "runtime", "tokenizer.json", "tritonrag.json"]
+        assert check_version_dir(result.version_dir, "embedder")["runtime"] == runtime_digest(RUNTIME_PACKAGE)
+        copied = sorted(
+            p.relative_to(result.version_dir / "runtime") for p in (result.version_dir / "runtime").rglob("*")
+        )
+        assert copied == sorted(p.relative_to(RUNTIME_PACKAGE) for p in RUNTIME_PACKAGE.glob("*.py"))
     line = (first.version_dir / "model.py").read_text()
-    assert line == "from tritonrag.export.runtime.embedder import TritonPythonModel  # noqa: F401\n"
+    assert line == "from .runtime.embedder import TritonPythonModel  # noqa: F401\n"
     assert "EMBEDDING" in (model_dir / "config.pbtxt").read_text()
 
 
@@ -180,10 +185,14 @@ def test_native_configs_wire_text_to_score(cross_encoder_native: ExportResult) -
     assert [o.name for o in tokenizer.output] == inputs
     assert sorted(p.name for p in (native / "ce_tokenizer" / "1").iterdir()) == [
         "model.py",
+        "runtime",
         "tokenizer.json",
         "tritonrag.json",
     ]
-    assert "runtime.native_tokenizer import" in (native / "ce_tokenizer" / "1" / "model.py").read_text()
+    model_py = (native / "ce_tokenizer" / "1" / "model.py").read_text()
+    assert model_py == "from .runtime.native_tokenizer import TritonPythonModel  # noqa: F401\n"
+    recorded = metadata(cross_encoder_native)["runtime"]
+    assert runtime_digest(native / "ce_tokenizer" / "1" / "runtime") == recorded == runtime_digest(RUNTIME_PACKAGE)
 
     ensemble = read_config(native / "ce")
     assert ensemble.platform == "ensemble" and (native / "ce" / "1").is_dir()
@@ -207,6 +216,7 @@ def test_generative_reranker_prompt_and_parity(generative: ExportResult) -> None
     assert template.startswith("<|im_start|>system\n") and template.endswith("<|im_start|>assistant\n{query}")
     assert template.count("{query}") == template.count("{passage}") == 1
     assert generative.parity["fp32"]["value"] <= 1e-3 and generative.parity["fp32"]["same_order"]
+    assert check_version_dir(generative.version_dir, "reranker") == data
 
 
 def test_generative_score_is_the_mean_log_probability_of_the_query(
@@ -260,6 +270,7 @@ def test_reranker_int8_is_reported_not_judged(cross_encoder_dir: Path, tmp_path:
     assert report["metric"] == "max_abs_diff" and report["threshold"] is None
     assert {"value", "same_order", "spearman", "rows", "alone_vs_batched"} <= report.keys()
     assert metadata(result)["quantization"]["parity"] == report
+    assert check_version_dir(result.version_dir, "reranker") == metadata(result)  # a report-only int8 passes
 
 
 def test_query_likelihood_reranker_int8_is_reported(generative_dir: Path, tmp_path: Path) -> None:
@@ -368,6 +379,7 @@ def test_generator_metadata_and_int8_report(generative_dir: Path, tmp_path: Path
     report = result.parity["int8"]
     assert report["metric"] == "greedy_identical" and report["threshold"] is None
     assert data["quantization"] == {"method": "dynamic", "weights": "int8", "parity": report}
+    assert check_version_dir(result.version_dir, "generator") == data
     graph = onnx.load(str(result.version_dir / "model.onnx"))
     assert "DynamicQuantizeLinear" in {node.op_type for node in graph.graph.node}
     inputs = [i.name for i in graph.graph.input]
