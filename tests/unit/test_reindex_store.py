@@ -5,15 +5,21 @@ column and its migration; re-index jobs in the job runner."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.unit.test_retrieval_collection import open_collection
+from tests.unit.test_retrieval_collection import REPO, open_collection
 from tests.unit.test_store_documents import DIM, prepared
 from tritonrag.clients.wire.schema import CollectionCreate, JobStatus, ModelVersion
 from tritonrag.server.config import IngestSettings
@@ -286,3 +292,63 @@ def test_a_running_reindex_job_resumes_at_the_next_start(tmp_path: Path) -> None
         catalog.close()
 
     asyncio.run(scenario())
+
+
+# --- a kill at any point -------------------------------------------------------------------------
+
+KILLED_CHILD = """
+import sys
+from pathlib import Path
+from tests.unit.test_reindex_store import reindexing_child
+reindexing_child(Path(sys.argv[1]))
+"""
+KILLED_CHUNKS = 40
+
+
+def version_vector(version: str, chunk_id: int) -> npt.NDArray[np.float32]:
+    """Embedder ``version``'s vector of chunk ``chunk_id`` (DIM wide, as every version here is)."""
+    vector = np.random.default_rng(int(version) * 100_000 + chunk_id).standard_normal(DIM).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def reindexing_child(directory: Path) -> None:
+    """Ingest with version 1, then re-index to versions 2, 3, … in turn, printing each version once switched."""
+    collection = open_collection(directory, snapshot_interval_s=0.01)
+    if collection.embedder is None:
+        documents = [prepared(f"d{n}", [f"doc {n} a", f"doc {n} b"]) for n in range(KILLED_CHUNKS // 2)]
+        vectors = [np.stack([version_vector("1", 2 * n + 1), version_vector("1", 2 * n + 2)]) for n in range(20)]
+        collection.upsert([replace(d, vectors=v) for d, v in zip(documents, vectors, strict=True)], V1)
+    version = int(collection.embedder.version if collection.embedder else 1)
+    while True:
+        version += 1
+        target = ModelVersion(name="embedder", version=str(version))
+        while (progress := collection.begin_reindex(target, DIM, limit=7)).missing:
+            ids = progress.pending
+            collection.add_next(target, ids, np.stack([version_vector(target.version, i) for i in ids.tolist()]))
+        assert collection.switch_embedder(target, DIM)
+        print(target.version, flush=True)
+
+
+def test_a_kill_at_any_point_of_reindexes_leaves_one_version_served_consistently(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    switched: list[str] = []
+    for delay in np.random.default_rng(3).uniform(0.0, 0.05, size=4):  # four kills, each at a random moment
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILLED_CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+        )
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line, "the child died"
+        switched.append(line.strip())
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        collection = open_collection(tmp_path)
+        try:
+            pinned = collection.embedder
+            assert pinned is not None and int(pinned.version) >= int(switched[-1])
+            for chunk in collection.chunks(list(range(1, KILLED_CHUNKS + 1))):
+                assert np.allclose(chunk.vector, version_vector(pinned.version, chunk.chunk_id), atol=1e-6)
+                assert top(collection, chunk.vector) == (chunk.chunk_id, 1.0)
+        finally:
+            collection.close()
