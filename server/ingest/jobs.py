@@ -20,7 +20,8 @@ ends ``succeeded`` when at least one of its documents was upserted (its failures
 ``failed``.
 
 A re-index job (``submit_reindex``) moves a collection to another embedder version: its payload names the
-target, and the runner calls ``reindex(collection, target)`` step after step (each retried as a batch is)
+target, and a worker of its own (re-index jobs run one at a time, in order, beside the upsert jobs, which they
+never hold up) calls ``reindex(collection, target)`` step after step (each retried as a batch is)
 until a step says it finished, recording each step's progress in chunks (``done`` of ``total``). The steps
 keep their own state in the collection's store, so a restarted runner just calls them again. A re-index that
 cannot go on (the collection deleted, retrying does not help) ends ``failed``, its chunks not re-embedded
@@ -107,8 +108,8 @@ def reindex_target(record: JobRecord) -> ModelVersion | None:
 
 
 class JobRunner:
-    """Runs upsert and re-index jobs in the background, ``concurrent_jobs`` at a time, recording them in the
-    catalog."""
+    """Runs upsert jobs in the background, ``concurrent_jobs`` at a time, and re-index jobs one at a time beside
+    them, recording them in the catalog."""
 
     def __init__(
         self,
@@ -126,7 +127,8 @@ class JobRunner:
         self._jobs_dir = jobs_dir
         self.settings = settings or IngestSettings()
         self._ready = ready
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queue: asyncio.Queue[str] = asyncio.Queue()  # upsert jobs
+        self._reindex_queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()  # queued or running here
         self._workers: list[asyncio.Task[None]] = []
 
@@ -142,11 +144,14 @@ class JobRunner:
                 path.unlink(missing_ok=True)
         for record in unfinished:
             info = record.info
-            log.info("resuming job %s (%d of %d documents settled)", info.id, info.done + info.failed, info.total)
-            self._enqueue(info.id)
+            log.info("resuming job %s (%d of %d settled)", info.id, info.done + info.failed, info.total)
+            self._enqueue(info.id, self._reindex_queue if reindex_target(record) else self._queue)
         self._workers = [
-            asyncio.create_task(self._work(), name=f"ingest-job-worker-{n}")
-            for n in range(self.settings.concurrent_jobs)
+            *(
+                asyncio.create_task(self._work(self._queue), name=f"ingest-job-worker-{n}")
+                for n in range(self.settings.concurrent_jobs)
+            ),
+            asyncio.create_task(self._work(self._reindex_queue), name="reindex-job-worker"),
         ]
 
     async def close(self) -> None:
@@ -181,7 +186,7 @@ class JobRunner:
         record = await asyncio.to_thread(
             self._catalog.create_job, collection, len(documents), {"file": name, "offset": 0}
         )
-        self._enqueue(record.info.id)
+        self._enqueue(record.info.id, self._queue)
         return record.info.id
 
     async def submit_reindex(self, collection: str, embedder: ModelVersion) -> JobInfo:
@@ -192,7 +197,7 @@ class JobRunner:
                 return info
         payload = {"kind": "reindex", "embedder": embedder.model_dump()}
         record = await asyncio.to_thread(self._catalog.create_job, collection, 0, payload)
-        self._enqueue(record.info.id)
+        self._enqueue(record.info.id, self._reindex_queue)
         return record.info
 
     async def reindexes(self, collection: str | None = None) -> list[tuple[JobInfo, ModelVersion]]:
@@ -220,25 +225,25 @@ class JobRunner:
                 return info
             await asyncio.sleep(poll_s)
 
-    def _enqueue(self, job_id: str) -> None:
+    def _enqueue(self, job_id: str, queue: asyncio.Queue[str]) -> None:
         if job_id not in self._queued:
             self._queued.add(job_id)
-            self._queue.put_nowait(job_id)
+            queue.put_nowait(job_id)
 
     def _unfinished(self) -> list[JobRecord]:
         records = self._catalog.list_jobs(JobStatus.running) + self._catalog.list_jobs(JobStatus.queued)
         return sorted(records, key=lambda r: (r.info.created_at, r.info.id))
 
-    async def _work(self) -> None:
+    async def _work(self, queue: asyncio.Queue[str]) -> None:
         while True:
-            job_id = await self._queue.get()
+            job_id = await queue.get()
             try:
                 await self._run(job_id)
             except Exception:  # a broken job must not take the worker down
                 log.exception("job %s failed unexpectedly", job_id)
             finally:
                 self._queued.discard(job_id)
-                self._queue.task_done()
+                queue.task_done()
 
     async def _run(self, job_id: str) -> None:
         record = await asyncio.to_thread(self._catalog.get_job, job_id)

@@ -387,11 +387,6 @@ class DocumentStore:
                 _set_meta(conn, "next_embedder", target)
                 _set_meta(conn, "next_dimension", dimension)
 
-    def next_embedder(self) -> ModelVersion | None:
-        """The target of the next vectors; None when no re-index has begun."""
-        with self._reader() as conn:
-            return _version(conn, "next_embedder")
-
     def missing_next(self, limit: int) -> tuple[IdArray, int]:
         """Up to ``limit`` ids of chunks that have no next vector yet (ascending), and how many have none."""
         with self._reader() as conn:
@@ -403,8 +398,7 @@ class DocumentStore:
         """Store the next vectors of the chunks ``ids``, made by ``embedder``; returns the ids stored (those of
         chunks deleted meanwhile are left out). `EmbedderChangedError` when the re-index targets another version."""
         with self._write_lock, transaction(self._writer) as conn:
-            if _version(conn, "next_embedder") != embedder:
-                raise EmbedderChangedError(f"the next vectors are not for {embedder.name} {embedder.version}")
+            _check_target(conn, embedder)
             matrix = unit_vectors(vectors, int(_meta(conn, "next_dimension")), "vectors")
             rows = conn.execute(
                 "SELECT chunk_id FROM chunks WHERE chunk_id IN (SELECT value FROM json_each(?))", (_json_list(ids),)
@@ -422,8 +416,7 @@ class DocumentStore:
         vector (written since: catch up and try again). `EmbedderChangedError` when the re-index targets another
         version."""
         with self._write_lock, transaction(self._writer) as conn:
-            if _version(conn, "next_embedder") != embedder:
-                raise EmbedderChangedError(f"the next vectors are not for {embedder.name} {embedder.version}")
+            _check_target(conn, embedder)
             if conn.execute(f"SELECT EXISTS ({_MISSING_NEXT})").fetchone()[0]:
                 return None
             dimension = int(_meta(conn, "next_dimension"))
@@ -662,6 +655,12 @@ def _meta(conn: sqlite3.Connection, key: str) -> Any:
 
 def _set_meta(conn: sqlite3.Connection, key: str, value: SqlValue) -> None:
     conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+
+def _check_target(conn: sqlite3.Connection, embedder: ModelVersion) -> None:
+    """`EmbedderChangedError` unless the re-index's next vectors are for ``embedder``."""
+    if _version(conn, "next_embedder") != embedder:
+        raise EmbedderChangedError(f"the next vectors are not for {embedder.name} {embedder.version}")
 
 
 def _version(conn: sqlite3.Connection, key: str) -> ModelVersion | None:
