@@ -1,6 +1,7 @@
 """Blue/green re-index at the store and collection level: next vectors side by side with the live ones, the
 atomic switch of vectors, width and pinned version, writes during a re-index, crash safety; the catalog's pin
-column and its migration; re-index jobs in the job runner."""
+column and its migration; re-index jobs in the job runner; the services over a stand-in Triton: a collection from
+before pinning pinned at start, and searched by its pinned version alone."""
 
 from __future__ import annotations
 
@@ -14,18 +15,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from tests.unit.test_retrieval_collection import REPO, open_collection
+from tests.unit.test_services import DIMENSION as STAND_IN_DIMENSION
+from tests.unit.test_services import StandInPool
+from tests.unit.test_services import vector as stand_in_vector
 from tests.unit.test_store_documents import DIM, prepared
-from tritonrag.clients.wire.schema import CollectionCreate, JobStatus, ModelVersion
-from tritonrag.server.config import IngestSettings
+from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn, JobStatus, ModelVersion, SearchRequest
+from tritonrag.server.config import IndexSettings, IngestSettings, ModelSettings
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
 from tritonrag.server.ingest.jobs import JobRunner, ReindexStep
-from tritonrag.server.retrieval.collection import Collection, EmbedderChangedError
+from tritonrag.server.retrieval.collection import ChunkSpan, Collection, EmbedderChangedError, PreparedDocument
+from tritonrag.server.retrieval.registry import CollectionRegistry
+from tritonrag.server.retrieval.stages import Embedding, SearchStages
+from tritonrag.server.routing.triton_pool import TritonPool
+from tritonrag.server.services.collections import CollectionService
+from tritonrag.server.services.models import ModelService
+from tritonrag.server.services.search import SearchService
 from tritonrag.server.store.catalog import Catalog
 from tritonrag.server.store.documents import DocumentStore
 
@@ -352,3 +363,50 @@ def test_a_kill_at_any_point_of_reindexes_leaves_one_version_served_consistently
                 assert top(collection, chunk.vector) == (chunk.chunk_id, 1.0)
         finally:
             collection.close()
+
+
+# --- services over a stand-in Triton -------------------------------------------------------------
+
+
+async def stand_in_width() -> int:
+    return STAND_IN_DIMENSION
+
+
+def test_a_collection_from_before_pinning_is_pinned_at_start_and_searched_by_that_version_alone(
+    tmp_path: Path,
+) -> None:
+    texts = {"cats": "cats purr and sleep all day", "tea": "green tea is brewed below boiling"}
+
+    async def scenario() -> None:
+        catalog = Catalog(tmp_path / "catalog.sqlite")
+        registry = CollectionRegistry(tmp_path, catalog, IndexSettings(), stand_in_width)
+        collection = await registry.create(CollectionCreate(name="old"))
+        collection.upsert(  # no version: written before pinning
+            [
+                PreparedDocument(DocumentIn(id=i, text=t), [ChunkSpan(t, 0, len(t))], stand_in_vector(t)[None, :])
+                for i, t in texts.items()
+            ]
+        )
+        assert collection.embedder is None and catalog.collection_embedder("old") is None
+        pool = StandInPool()
+        triton = cast(TritonPool, pool)
+        models = ModelService(triton, tmp_path, ModelSettings())
+        service = CollectionService(registry, models, Embedding(triton), IngestSettings(), tmp_path / "jobs")
+        await service.start()
+        assert collection.embedder == V1 and catalog.collection_embedder("old") == V1
+        assert (await service.get_collection("old")).embedder == V1
+        assert await service.embedder_versions_in_use() == {"1"}
+        search = SearchService(registry, SearchStages.over(triton))
+        request = SearchRequest(collection="old", query=texts["cats"])
+        found = await search.search(request)
+        assert found.degraded == [] and found.hits[0].doc_id == "cats" and "dense" in found.hits[0].scores
+        pool.versions["embedder"] = "2"  # version 1 is no longer served: BM25 alone, never version 2's vectors
+        embedded = len(pool.embedded)
+        found = await search.search(request)
+        assert found.degraded == ["embed"] and found.hits[0].doc_id == "cats" and "dense" not in found.hits[0].scores
+        assert len(pool.embedded) == embedded
+        await service.close()
+        await registry.close()
+        catalog.close()
+
+    asyncio.run(scenario())
