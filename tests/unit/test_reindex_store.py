@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
@@ -26,13 +26,27 @@ from tests.unit.test_services import DIMENSION as STAND_IN_DIMENSION
 from tests.unit.test_services import StandInPool
 from tests.unit.test_services import vector as stand_in_vector
 from tests.unit.test_store_documents import DIM, prepared
-from tritonrag.clients.wire.schema import CollectionCreate, DocumentIn, JobStatus, ModelVersion, SearchRequest
+from tritonrag.clients.wire.schema import (
+    CollectionCreate,
+    DocumentIn,
+    Filter,
+    JobStatus,
+    ModelVersion,
+    SearchMode,
+    SearchRequest,
+)
 from tritonrag.server.config import IndexSettings, IngestSettings, ModelSettings
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
 from tritonrag.server.ingest.jobs import JobRunner, ReindexStep
-from tritonrag.server.retrieval.collection import ChunkSpan, Collection, EmbedderChangedError, PreparedDocument
+from tritonrag.server.retrieval.collection import (
+    ChunkSpan,
+    Collection,
+    EmbedderChangedError,
+    PreparedDocument,
+    ScoredChunk,
+)
 from tritonrag.server.retrieval.registry import CollectionRegistry
-from tritonrag.server.retrieval.stages import Embedding, SearchStages
+from tritonrag.server.retrieval.stages import DenseRetrieval, Embedding, SearchStages
 from tritonrag.server.routing.triton_pool import TritonPool
 from tritonrag.server.services.collections import CollectionService
 from tritonrag.server.services.models import ModelService
@@ -406,6 +420,64 @@ def test_a_collection_from_before_pinning_is_pinned_at_start_and_searched_by_tha
         assert found.degraded == ["embed"] and found.hits[0].doc_id == "cats" and "dense" not in found.hits[0].scores
         assert len(pool.embedded) == embedded
         await service.close()
+        await registry.close()
+        catalog.close()
+
+    asyncio.run(scenario())
+
+
+class TwoVersions(StandInPool):
+    """Serves embedder versions 1 (16 wide) and 2 (8 wide, another space), noting the version of each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions_used: list[str | None] = []
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        deadline_s: float | None = None,
+        request_id: str | None = None,
+        *,
+        bulk: bool = False,
+        version: str | None = None,
+    ) -> npt.NDArray[np.float32]:
+        self.versions_used.append(version)
+        return np.stack([stand_in_vector(text, STAND_IN_DIMENSION if version == "1" else 8) for text in texts])
+
+
+class SwitchingDense(DenseRetrieval):
+    """Dense retrieval that first switches a collection pinned to version 1 to version 2, as a re-index's switch
+    that lands between a search's embedding and its dense search."""
+
+    async def run(
+        self, collection: Collection, vector: npt.NDArray[np.float32], depth: int, filters: Filter | None
+    ) -> list[ScoredChunk]:
+        if collection.embedder == V1:
+            assert await asyncio.to_thread(collection.switch_embedder, V2, 8)
+        return await super().run(collection, vector, depth, filters)
+
+
+def test_a_switch_during_a_search_makes_it_embed_the_query_again_with_the_new_version(tmp_path: Path) -> None:
+    texts = {"cats": "cats purr and sleep all day", "tea": "green tea is brewed below boiling"}
+
+    async def scenario() -> None:
+        catalog = Catalog(tmp_path / "catalog.sqlite")
+        registry = CollectionRegistry(tmp_path, catalog, IndexSettings(), stand_in_width)
+        collection = await registry.create(CollectionCreate(name="docs"), V1, STAND_IN_DIMENSION)
+        spans = {i: [ChunkSpan(t, 0, len(t))] for i, t in texts.items()}
+        vectors = {i: stand_in_vector(t)[None, :] for i, t in texts.items()}
+        collection.upsert([PreparedDocument(DocumentIn(id=i, text=t), spans[i], vectors[i]) for i, t in texts.items()])
+        progress = collection.begin_reindex(V2, 8, limit=10)
+        ids, chunk_texts = collection.texts(progress.pending)
+        collection.add_next(V2, ids, np.stack([stand_in_vector(text, 8) for text in chunk_texts]))
+        pool = TwoVersions()
+        stages = replace(SearchStages.over(cast(TritonPool, pool)), dense=SwitchingDense())
+        found = await SearchService(registry, stages).search(
+            SearchRequest(collection="docs", query=texts["tea"], mode=SearchMode.dense)
+        )
+        assert pool.versions_used == ["1", "2"] and collection.embedder == V2
+        assert found.degraded == [] and found.hits[0].doc_id == "tea" and round(found.hits[0].score, 4) == 1.0
         await registry.close()
         catalog.close()
 
