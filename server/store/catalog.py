@@ -73,7 +73,7 @@ class Catalog:
         self._lock = threading.Lock()
         self._conn.executescript(_SCHEMA)
         if "embedder" not in {row[1] for row in self._conn.execute("PRAGMA table_info(collections)")}:
-            self._conn.execute("ALTER TABLE collections ADD COLUMN embedder TEXT")  # before pinning (0.5)
+            self._conn.execute("ALTER TABLE collections ADD COLUMN embedder TEXT")  # a catalog from before pinning
 
     def close(self) -> None:
         """Close the database."""
