@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx2
 
+from tritonrag.clients.wire.models import ModelStatus, RetireRequest, RollbackRequest, RolloutPolicy, RolloutRequest
 from tritonrag.clients.wire.schema import (
     CollectionCreate,
     CollectionInfo,
@@ -122,6 +123,26 @@ class TritonRagClient:
                     raise _api_error(response.status_code, sse.data)
                 if sse.event in _EVENTS:  # other event names are for later versions
                     yield _EVENTS[sse.event].model_validate_json(sse.data)
+
+    def model_statuses(self) -> list[ModelStatus]:
+        """Every configured model's versions, states, traffic shares and recent events (admin)."""
+        return [ModelStatus.model_validate(m) for m in self._call("GET", "/v1/admin/models")["models"]]
+
+    def model_status(self, model: str) -> ModelStatus:
+        return ModelStatus.model_validate(self._call("GET", f"/v1/admin/models/{model}"))
+
+    def publish_model(self, model: str, version: str, policy: RolloutPolicy | None = None) -> ModelStatus:
+        """Roll out a version directory already in the repository (admin); ``ApiError`` 409 when it is refused."""
+        body = RolloutRequest(version=version, policy=policy).model_dump(mode="json", exclude_none=True)
+        return ModelStatus.model_validate(self._call("POST", f"/v1/admin/models/{model}/rollouts", body))
+
+    def rollback_model(self, model: str, reason: str) -> ModelStatus:
+        body = RollbackRequest(reason=reason).model_dump(mode="json")
+        return ModelStatus.model_validate(self._call("POST", f"/v1/admin/models/{model}/rollback", body))
+
+    def retire_models(self, model: str, keep: int | None = None) -> ModelStatus:
+        body = RetireRequest(keep=keep).model_dump(mode="json", exclude_none=True)
+        return ModelStatus.model_validate(self._call("POST", f"/v1/admin/models/{model}/retire", body))
 
     def get_job(self, job_id: str) -> JobInfo:
         return JobInfo.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))

@@ -16,10 +16,12 @@ import typer
 from tritonrag.clients.wire.auth import ApiKeyCreate, Scope
 from tritonrag.clients.wire.schema import SearchMode, SearchRequest
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
+from tritonrag.deploy.models_cli import models_app
 from tritonrag.export.repository import versions
 from tritonrag.export.runtime.contract import ONNX_FILE
 from tritonrag.server.config import Settings
 from tritonrag.server.errors import NotFoundError
+from tritonrag.server.lifecycle.state import loaded_versions
 from tritonrag.server.security.keys import KEYS_FILE, KeyStore
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -108,6 +110,14 @@ def _serve_until_signalled(server: TritonServer) -> int:
     return 0
 
 
+def _rollout_versions(settings: Settings) -> dict[str, list[str]]:
+    """The versions the roll-out state had loaded, per model (none before the first start, or with roll-outs off)."""
+    if not settings.rollout.enabled:
+        return {}
+    loaded = {model: loaded_versions(settings.data_dir, model) for model in settings.triton.models}
+    return {model: versions for model, versions in loaded.items() if versions}
+
+
 def _start_triton(settings: Settings) -> TritonServer:
     t = settings.triton
     server = TritonServer(
@@ -116,6 +126,7 @@ def _start_triton(settings: Settings) -> TritonServer:
         t.models,
         settings.work_dir,
         log_verbose=t.log_verbose,
+        versions=_rollout_versions(settings),
     )
     try:
         server.start(timeout_s=t.startup_timeout_s)
@@ -247,6 +258,7 @@ def ingest_command(
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys in the local key store (<data_dir>/keys.sqlite).")
 app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
 
 
 def _key_store(config: Path | None) -> KeyStore:

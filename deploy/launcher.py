@@ -2,7 +2,8 @@
 
 The launcher puts the Python-backend stub built for the running interpreter in place,
 starts Triton in explicit model-control mode, loads the requested models (choosing
-``KIND_GPU`` instances when a GPU is visible), forwards Triton's log, and stops it
+``KIND_GPU`` instances when a GPU is visible; the versions the roll-out state names,
+else those of the model's version policy), forwards Triton's log, and stops it
 cleanly. Failures name the cause: a port already taken, or the model that failed to
 load with Triton's own reason.
 """
@@ -21,7 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -163,8 +164,12 @@ class TritonServer:
         work_dir: Path,
         log_verbose: int = 0,
         log_stream: IO[str] | None = None,
+        versions: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        """``versions``: for a model listed there, exactly those versions are loaded (the roll-out state's), not
+        the versions its ``config.pbtxt`` policy picks."""
         self.repository = repository.resolve()
+        self.versions = dict(versions or {})
         self.endpoints = endpoints
         self.models = list(models)
         self.work_dir = work_dir
@@ -222,7 +227,10 @@ class TritonServer:
             self._wait_for("/v2/health/live", deadline)
             gpu = gpu_visible()
             for name, config in configs.items():
-                self._load(name, config_for_device(config, gpu), deadline)
+                device_config = config_for_device(config, gpu)
+                if self.versions.get(name):
+                    device_config["version_policy"] = {"specific": {"versions": [int(v) for v in self.versions[name]]}}
+                self._load(name, device_config, deadline)
             self._wait_for("/v2/health/ready", deadline)
         except BaseException:
             self.stop()

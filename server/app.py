@@ -22,6 +22,8 @@ from .cache.keys import Keys
 from .cache.levels import TwoLevelCache
 from .cache.results import CachedAnswers, CachedSearch
 from .config import Settings
+from .lifecycle.controller import RolloutController
+from .lifecycle.state import RolloutState
 from .retrieval.registry import CollectionRegistry
 from .retrieval.stages import SearchStages
 from .routing.triton_pool import TritonPool
@@ -52,6 +54,7 @@ class Services:
     registry: CollectionRegistry
     cache: TwoLevelCache
     key_store: KeyStore
+    rollouts: RolloutController | None  # None: roll-outs off (rollout.enabled), Triton's own version policy
 
     @classmethod
     def build(cls, settings: Settings, pool: TritonPool, catalog: Catalog, key_store: KeyStore) -> Services:
@@ -63,8 +66,14 @@ class Services:
         stages = replace(SearchStages.over(pool), embedding=CachedEmbedding(pool, cache, keys, models))
         search = SearchService(registry, stages)
         jobs_dir = settings.data_dir / "jobs"
+        collections = CollectionService(registry, models, stages.embedding, settings.ingest, jobs_dir)
+        rollouts = None
+        if settings.rollout.enabled:
+            state = RolloutState(settings.data_dir)
+            repository = settings.triton.repository
+            rollouts = RolloutController(pool, state, repository, settings.models, settings.rollout, collections)
         return cls(
-            collections=CollectionService(registry, models, stages.embedding, settings.ingest, jobs_dir),
+            collections=collections,
             search=CachedSearch(search, cache, keys),
             answers=CachedAnswers(AnswerService(search, models, pool, settings.query), cache, keys),
             models=models,
@@ -72,6 +81,7 @@ class Services:
             registry=registry,
             cache=cache,
             key_store=key_store,
+            rollouts=rollouts,
         )
 
     def http_app(self, settings: Settings, admission: Admission, guard: Guard) -> FastAPI:
@@ -91,6 +101,7 @@ class Services:
             guard,
             self.cache,
             self.key_store,
+            self.rollouts,
         )
 
     def grpc_server(self, settings: Settings, admission: Admission, guard: Guard) -> grpc.aio.Server:
@@ -106,11 +117,16 @@ class Services:
         )
 
     async def start(self) -> None:
-        """Resume unfinished ingestion jobs."""
+        """Resume unfinished ingestion jobs; restore the models' loaded versions and routes."""
         await self.collections.start()
+        if self.rollouts is not None:
+            await self.rollouts.start()
 
     async def close(self) -> None:
-        """Stop the jobs, close every open collection (writing index snapshots) and the cache's connections."""
+        """Stop the roll-outs and the jobs, close every open collection (writing index snapshots) and the cache's
+        connections."""
+        if self.rollouts is not None:
+            await self.rollouts.close()
         await self.collections.close()
         await self.registry.close()
         await self.cache.close()

@@ -76,6 +76,29 @@ class RoutingSettings(BaseModel):
 MIN_TRAIN_PER_LIST = 39
 
 
+class RolloutSettings(BaseModel):
+    """How new model versions are rolled out (docs/OPERATIONS.md, "Model roll-outs")."""
+
+    enabled: bool = True  # the orchestrator decides which versions Triton loads and where traffic goes
+    default_policy: Literal["immediate", "canary"] = "canary"
+    canary_steps: list[float] = [0.05, 0.25, 0.5]  # the canary's share at each step, before it is promoted
+    step_dwell_s: float = Field(60.0, gt=0)  # the least time a step lasts
+    min_requests: int = Field(20, ge=1)  # the canary's requests a step needs before it is judged
+    max_canary_errors: int = Field(5, ge=1)  # canary errors in one step that end the canary at once
+    max_error_ratio_increase: float = Field(0.01, ge=0)  # canary error ratio above the stable version's
+    max_latency_ratio: float = Field(1.5, gt=1)  # canary median latency over the stable version's, per step
+    watch_interval_s: float = Field(10.0, ge=0)  # how often the repository is scanned for new versions; 0: never
+    keep_versions: int = Field(3, ge=1)  # version directories `retire` keeps on disk per model
+    load_timeout_s: float = Field(300.0, gt=0)  # a version's load on every endpoint
+
+    @model_validator(mode="after")
+    def _steps_ascend(self) -> RolloutSettings:
+        steps = self.canary_steps
+        if not steps or any(not 0 < s < 1 for s in steps) or steps != sorted(set(steps)):
+            raise ValueError("rollout.canary_steps must be ascending shares strictly between 0 and 1")
+        return self
+
+
 class DenseParams(BaseModel):
     """FAISS index parameters, tuned with bench/search.py (docs/BENCHMARKS.md, "Vector search")."""
 
@@ -308,6 +331,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     limits: LimitsSettings = LimitsSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
+    rollout: RolloutSettings = RolloutSettings()
     auth: AuthSettings = AuthSettings()
     work_dir: Path = REPO_ROOT / ".tritonrag"
     data_dir: Path = REPO_ROOT / ".tritonrag" / "data"  # collections, catalog and job payloads

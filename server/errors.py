@@ -57,6 +57,14 @@ class PayloadTooLargeError(TritonRagError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class FailedPreconditionError(TritonRagError):
+    """The system is not in a state where the operation can run (e.g. a model version that fails validation,
+    a rollback with no version to return to); the message says what is wrong."""
+
+    http_status = 409
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class UnavailableError(TritonRagError):
     """A dependency (Triton, a store) cannot serve right now; retrying later may succeed."""
 

@@ -30,10 +30,11 @@ from .cache import cache_router
 from .errors import native_error_response
 from .keys import keys_router
 from .metrics import metrics_router
+from .models import models_router
 from .native import health_router, native_router
 from .openai import openai_router
 from .request_id import RequestIds
-from .services import Answers, CacheAdmin, Chats, Collections, Models, Readiness, Search
+from .services import Answers, CacheAdmin, Chats, Collections, Models, Readiness, Rollouts, Search
 
 
 def create_http_app(
@@ -50,12 +51,13 @@ def create_http_app(
     guard: Guard,
     cache: CacheAdmin | None = None,
     keys: KeyStore | None = None,
+    rollouts: Rollouts | None = None,
 ) -> FastAPI:
     """The HTTP API: the native routes over ``collections``, ``search``, ``answers`` and ``readiness``; the
     OpenAI-compatible ones over ``chats`` and ``models``, for the models ``names`` names; every route but
     health admitted by ``guard``; requests limited by ``admission``; metrics and access lines as ``telemetry``
-    says, with ``/metrics`` unless it has a port of its own; the cache's stats and flush over ``cache`` and key
-    management over ``keys`` when given."""
+    says, with ``/metrics`` unless it has a port of its own; the cache's stats and flush over ``cache``, key
+    management over ``keys`` and model roll-outs over ``rollouts`` when given."""
     app = _App(
         RequestTelemetry(telemetry),
         title="tritonrag",
@@ -71,6 +73,8 @@ def create_http_app(
         app.include_router(cache_router(cache, guard))
     if keys is not None:
         app.include_router(keys_router(keys, guard))
+    if rollouts is not None:
+        app.include_router(models_router(rollouts, guard))
     if telemetry.metrics and telemetry.metrics_port is None:
         app.include_router(metrics_router(telemetry, guard))
     app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
+from tritonrag.clients.wire.models import ModelStatus, RolloutPolicy
 from tritonrag.clients.wire.schema import (
     CacheFlushed,
     CacheStats,
@@ -83,6 +84,16 @@ class Models(Protocol):
 
     async def served_models(self) -> list[ModelVersion]: ...
     async def embed(self, texts: Sequence[str], request_id: str | None = None) -> Embeddings: ...
+
+
+class Rollouts(Protocol):
+    """Model versions: their status, roll-outs, rollbacks and retirement."""
+
+    async def statuses(self) -> list[ModelStatus]: ...
+    async def status(self, model: str) -> ModelStatus: ...
+    async def publish(self, model: str, version: str, policy: RolloutPolicy | None = None) -> ModelStatus: ...
+    async def rollback(self, model: str, reason: str) -> ModelStatus: ...
+    async def retire(self, model: str, keep: int | None = None) -> ModelStatus: ...
 
 
 class CacheAdmin(Protocol):

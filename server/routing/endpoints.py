@@ -1,7 +1,7 @@
 """``EndpointSet``: the Triton endpoints the pool routes to, what each serves, and which can take a request.
 
-Every endpoint is probed at start and then every ``probe_interval_s``: server readiness, then each
-configured model's readiness, ready versions and batch size. An endpoint is routable for a model
+Every endpoint is probed at start and then every ``probe_interval_s``: server liveness, then the
+ready versions of each configured model (its repository index) and its batch size. An endpoint is routable for a model
 (version) when it and the model (version) were ready at the last probe and its circuit breaker lets
 requests through; the pool sends each request to the routable endpoint with the fewest requests
 outstanding. Which version an unpinned request goes to is ``routes``' choice (versions.py).
@@ -35,11 +35,7 @@ log = logging.getLogger(__name__)
 class TritonClient(Protocol):
     """What the pool uses of ``tritonclient.grpc.aio.InferenceServerClient``."""
 
-    async def is_server_ready(self, *, client_timeout: float | None = None) -> bool: ...
-
-    async def is_model_ready(self, model_name: str, *, client_timeout: float | None = None) -> bool: ...
-
-    async def get_model_metadata(self, model_name: str, *, client_timeout: float | None = None) -> Any: ...
+    async def is_server_live(self, *, client_timeout: float | None = None) -> bool: ...
 
     async def get_model_config(
         self, model_name: str, model_version: str, *, client_timeout: float | None = None
@@ -251,10 +247,11 @@ class EndpointSet:
         timeout = self.settings.probe_timeout_s
         models: dict[str, ServedModel] = {}
         try:
-            ready = bool(await endpoint.client.is_server_ready(client_timeout=timeout))
-            for name in self.models.names() if ready else []:
-                if await endpoint.client.is_model_ready(name, client_timeout=timeout):
-                    models[name] = await self._served_model(endpoint, name, timeout)
+            # Liveness, not readiness: Triton reports itself not ready while any model (re)loads, and a roll-out
+            # loads a version beside those that keep serving; which versions serve comes from the index.
+            ready = bool(await endpoint.client.is_server_live(client_timeout=timeout))
+            for name, versions in (await self._ready_versions(endpoint, timeout) if ready else {}).items():
+                models[name] = await self._served_model(endpoint, name, versions, timeout)
         except Exception as exc:  # a probe must survive anything the endpoint does
             if endpoint.ready:
                 log.warning("Triton endpoint %s failed its health probe: %s", endpoint.url, exc)
@@ -268,9 +265,20 @@ class EndpointSet:
             log.info("Triton endpoint %s is ready (models: %s)", endpoint.url, ", ".join(models) or "none")
         endpoint.ready, endpoint.models = ready, models
 
-    async def _served_model(self, endpoint: Endpoint, name: str, timeout: float) -> ServedModel:
-        metadata = await endpoint.client.get_model_metadata(name, client_timeout=timeout)
-        versions = tuple(sorted({str(v) for v in metadata.versions}, key=int))
+    async def _ready_versions(self, endpoint: Endpoint, timeout: float) -> dict[str, tuple[str, ...]]:
+        """The READY versions of each configured model, from the endpoint's repository index: per version, so that
+        a version loading or unloading beside the others (a roll-out) takes none of them out of the rotation."""
+        index = await endpoint.client.get_model_repository_index(client_timeout=timeout)
+        wanted = set(self.models.names())
+        ready: dict[str, set[str]] = {}
+        for entry in index.models:
+            if entry.name in wanted and entry.state == "READY" and entry.version:
+                ready.setdefault(entry.name, set()).add(str(entry.version))
+        return {name: tuple(sorted(versions, key=int)) for name, versions in ready.items()}
+
+    async def _served_model(
+        self, endpoint: Endpoint, name: str, versions: tuple[str, ...], timeout: float
+    ) -> ServedModel:
         known = endpoint.models.get(name)
         if known is not None and known.versions == versions:
             return known

@@ -47,10 +47,11 @@ class GenerationStreams(EndpointSet):
         deadline_s: float | None = None,
         request_id: str | None = None,
         model: str | None = None,
+        version: str | None = None,
     ) -> AsyncGenerator[GenerationDelta]:
         """Stream a generation from ``model`` (default: the generator) for ``prompt`` (raw text) or ``messages``,
-        on the version the routes choose (a canary version that fails before its first delta is replaced by
-        the stable version).
+        on ``version``, or the one the routes choose (a canary version that fails before its first delta is
+        replaced by the stable version).
 
         Deltas arrive as the model produces them; the last has the finish reason and token counts (their
         timings and counts go to the request's telemetry record).
@@ -74,19 +75,19 @@ class GenerationStreams(EndpointSet):
         ]
         attempts = Attempts()
         timing = generation(model)
-        for version in self.resolve_versions(model, None):
+        for chosen in self.resolve_versions(model, version):
             version_attempts = Attempts()
-            async with contextlib.aclosing(self.attempt_endpoints(model, deadline, version_attempts, version)) as tries:
+            async with contextlib.aclosing(self.attempt_endpoints(model, deadline, version_attempts, chosen)) as tries:
                 async for endpoint, _ in tries:
                     started = self._clock()
-                    stream = self._stream(endpoint, model, version, inputs, deadline, request_id)
+                    stream = self._stream(endpoint, model, chosen, inputs, deadline, request_id)
                     async with contextlib.aclosing(stream):
                         try:
                             first = await anext(stream)
                         except RetryableError as exc:
                             version_attempts.last = f"{endpoint.url}: {exc}"
                             continue
-                        self.version_stats.record(model, version, self._clock() - started)
+                        self.version_stats.record(model, chosen, self._clock() - started)
                         yield timing.delta(first)
                         async for delta in stream:
                             yield timing.delta(delta)

@@ -83,9 +83,15 @@ class TritonPool(GenerationStreams):
         return await self._infer_rows(model, version, tokens, inputs, output, deadline_s, request_id, bulk)
 
     async def rerank(
-        self, query: str, passages: Sequence[str], deadline_s: float | None = None, request_id: str | None = None
+        self,
+        query: str,
+        passages: Sequence[str],
+        deadline_s: float | None = None,
+        request_id: str | None = None,
+        version: str | None = None,
     ) -> Floats:
-        """Relevance of each passage to ``query``, float32 ``[len(passages)]``; higher is better."""
+        """Relevance of each passage to ``query``, float32 ``[len(passages)]``; higher is better. From reranker
+        ``version``, or the route's choice."""
         if not passages:
             return np.zeros((0,), dtype=np.float32)
         model = self.models.reranker
@@ -99,7 +105,7 @@ class TritonPool(GenerationStreams):
 
         tokens = [_estimated_tokens(query) + _estimated_tokens(passage) for passage in passages]
         score = RerankerTensors.SCORE
-        scores = await self._infer_rows(model, None, tokens, inputs, score, deadline_s, request_id, False)
+        scores = await self._infer_rows(model, version, tokens, inputs, score, deadline_s, request_id, False)
         return scores.reshape(-1)
 
     async def _infer_rows(

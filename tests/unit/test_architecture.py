@@ -19,7 +19,14 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "tritonrag.clients": ("tritonrag.clients",),
     # The API's types and generated gRPC code, shared by the server and the SDK.
     "tritonrag.clients.wire": ("tritonrag.clients.wire",),
-    "tritonrag.server": ("tritonrag.server", "tritonrag.clients.wire", "tritonrag.export.runtime"),
+    # The roll-out controller checks version directories with the exporter's own rules (a module without torch).
+    "tritonrag.server": (
+        "tritonrag.server",
+        "tritonrag.clients.wire",
+        "tritonrag.export.runtime",
+        "tritonrag.export.repository",
+        "tritonrag.export.errors",
+    ),
 }
 # Higher to lower: a package imports only from those below it (export and clients: neither from the other).
 LAYERS = ("deploy", "server", grimp.Layer("export", "clients", independent=True))

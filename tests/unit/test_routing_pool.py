@@ -94,7 +94,7 @@ class FakeTriton:
     words: list[str] = field(default_factory=lambda: ["Par", "is", "."])
     streams: list[FakeStream] = field(default_factory=list)
 
-    async def is_server_ready(self, *, client_timeout: float | None = None) -> bool:
+    async def is_server_live(self, *, client_timeout: float | None = None) -> bool:
         if client_timeout is not None and self.probe_latency_s > client_timeout:
             await asyncio.sleep(client_timeout)
             raise rpc_error("DEADLINE_EXCEEDED", "Deadline Exceeded")
@@ -102,11 +102,18 @@ class FakeTriton:
             raise rpc_error("UNAVAILABLE", "connection refused")
         return True
 
-    async def is_model_ready(self, model_name: str, *, client_timeout: float | None = None) -> bool:
-        return model_name in self.models
+    async def load_model(
+        self, model_name: str, *, config: str | None = None, client_timeout: float | None = None
+    ) -> None:
+        raise AssertionError("the pool never loads models")
 
-    async def get_model_metadata(self, model_name: str, *, client_timeout: float | None = None) -> Any:
-        return SimpleNamespace(versions=self.models[model_name].split(","))
+    async def get_model_repository_index(self, *, client_timeout: float | None = None) -> Any:
+        entries = [
+            SimpleNamespace(name=name, version=version, state="READY")
+            for name, versions in self.models.items()
+            for version in versions.split(",")
+        ]
+        return SimpleNamespace(models=[*entries, SimpleNamespace(name="embedder", version="9", state="LOADING")])
 
     async def get_model_config(
         self, model_name: str, model_version: str, *, client_timeout: float | None = None
