@@ -238,6 +238,7 @@ def services_and_pool_with(
         models={"fallback_generator": fallback_generator},
         ingest=ingest or {},
         cache=cache or {},
+        rollout={"enabled": False},  # roll-outs load versions in Triton: tests/integration/test_rollouts.py
     )
     data = tmp_path / "data"
     services = Services.build(
