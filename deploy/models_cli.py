@@ -100,6 +100,9 @@ def publish_command(
     ] = None,
     version: Annotated[str | None, typer.Option(help="A version directory already in the repository.")] = None,
     task: Annotated[str | None, typer.Option(help="The task, for --source (default: the model's name).")] = None,
+    repository: Annotated[
+        Path | None, typer.Option(help="The model repository --source exports into (default: the configured one).")
+    ] = None,
     policy: Annotated[RolloutPolicy | None, typer.Option(help="immediate or canary (default: configured).")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the canary is promoted or rolled back.")] = False,
     url: UrlOption = None,
@@ -115,7 +118,8 @@ def publish_command(
         from tritonrag.export.exporter import export_model
 
         try:  # the exporter refuses an unknown task with the list of tasks
-            result = export_model(source, cast("Task", task or model), settings.triton.repository, model_name=model)
+            target = repository or settings.triton.repository
+            result = export_model(source, cast("Task", task or model), target, model_name=model)
         except ExportError as exc:
             typer.echo(f"export failed: {exc}", err=True)
             raise typer.Exit(1) from exc

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from tritonrag.clients.wire.schema import DocumentIn
+
 # Odd characters for each repertoire: what Latin-1 holds, what windows-1252 adds, and beyond.
 LATIN_1 = "Ça coûte 12 £ ? Non : « naïve façade », Straße, Ñandú, ¿qué?, 25 °C, © Æsir Øresund"
 WINDOWS_1252 = f"{LATIN_1} — “quoted” \u2018single\u2019 … 30 € œuvre Š™"
@@ -79,3 +81,28 @@ def mixed_corpus(folder: Path, modules: list[str]) -> list[Path]:
     (folder / "blank.md").write_text(" \n\n")
     (folder / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     return files
+
+
+# Modules whose pydoc pages make a few hundred documents of real text.
+PYDOC_MODULES = [
+    *SMALL_MODULES,
+    *("json", "csv", "textwrap", "difflib", "functools", "base64", "zlib", "fractions", "statistics", "random"),
+    *("collections", "pathlib", "argparse", "logging", "datetime", "decimal", "shutil", "tempfile", "itertools"),
+    *("tarfile", "zipfile", "sqlite3", "calendar", "configparser", "enum", "inspect", "locale", "operator"),
+]
+
+
+def pydoc_documents(per_module: int = 12, size: int = 1500) -> list[DocumentIn]:
+    """Pieces of up to ``size`` characters of the standard library's pydoc pages, cut at lines: real text of a
+    realistic size, the first ``per_module`` pieces of each module of ``PYDOC_MODULES``."""
+    documents = []
+    for name in PYDOC_MODULES:
+        pieces, piece = [], ""
+        for line in text_of(importlib.import_module(name), "").splitlines():
+            if len(piece) + len(line) >= size and piece.strip():
+                pieces.append(piece)
+                piece = ""
+            piece += line[:size] + "\n"
+        pieces.append(piece)
+        documents += [DocumentIn(id=f"{name}-{n}", text=text) for n, text in enumerate(pieces[:per_module])]
+    return documents

@@ -8,6 +8,7 @@ weights are random (fixed seeds).
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -104,3 +105,17 @@ def export_tiny_repository(repository: Path, tasks: Sequence[Task]) -> Path:
             folder = builders[task](Path(sources) / task)
             export_model(f"path:{folder}", task, repository)
     return repository
+
+
+WIDER_EMBEDDER = 48  # the width of ``wider_embedder``'s vectors (``tiny_embedder``'s: 32)
+
+
+def wider_embedder(first: Path, folder: Path) -> Path:
+    """Another version of the embedder in ``first``: its tokenizer and pooling, in another BERT, ``WIDER_EMBEDDER``
+    wide, with other weights."""
+    shutil.copytree(first, folder)
+    config = BertConfig.from_pretrained(first)
+    config.hidden_size, config.intermediate_size = WIDER_EMBEDDER, 2 * WIDER_EMBEDDER
+    torch.manual_seed(SEED + 1)
+    BertModel(config).save_pretrained(folder)  # type: ignore[no-untyped-call]
+    return folder

@@ -241,7 +241,9 @@ class RolloutController:
                 raise NotFoundError(f"'{model}' has no version directory {version_dir}")
             await self._validate(model, version, task, version_dir)
             stable = self._stable(model)
-            if task == "embedder" or policy is RolloutPolicy.immediate or stable is None:
+            if task == "embedder":
+                await self._promote(model, version, "published", "blue/green: each collection switches when re-indexed")
+            elif policy is RolloutPolicy.immediate or stable is None:
                 await self._promote(model, version, "published", f"policy {policy.value}")
             else:
                 first = self.settings.canary_steps[0]
@@ -300,9 +302,8 @@ class RolloutController:
         self._apply_route(model)
         if self.task(model) == "embedder":
             jobs = await self._users.reindex_all(version)
-            self._state.record(
-                model, version, VersionState.stable, "re-index started", f"{len(jobs)} collections", share=1.0
-            )
+            detail = f"{len(jobs)} collection(s) re-indexing to version {version}"
+            self._state.record(model, version, VersionState.stable, "re-index started", detail, share=1.0)
         await self._load_needed(model)
 
     # Canary

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
-from transformers import BertConfig, BertModel
 
 from tests import tiny_models
-from tests.documents import SMALL_MODULES, text_of
+from tests.documents import pydoc_documents
 from tests.serving import running_triton
+from tests.tiny_models import WIDER_EMBEDDER, wider_embedder
 from tritonrag.clients.wire.schema import (
     Chunking,
     CollectionCreate,
@@ -44,41 +41,9 @@ from tritonrag.server.config import Settings
 from tritonrag.server.errors import UnavailableError
 
 CHUNKING = Chunking(chunk_tokens=24, overlap_tokens=4)  # the tiny embedders read 32 tokens
-MODULES = [
-    *SMALL_MODULES,
-    *("json", "csv", "textwrap", "difflib", "functools", "base64", "zlib", "fractions", "statistics", "random"),
-    *("collections", "pathlib", "argparse", "logging", "datetime", "decimal", "shutil", "tempfile", "itertools"),
-    *("tarfile", "zipfile", "sqlite3", "calendar", "configparser", "enum", "inspect", "locale", "operator"),
-]
 V1 = ModelVersion(name="embedder", version="1")
 V2 = ModelVersion(name="embedder", version="2")
-V2_WIDTH = 48
-
-
-def pydoc_documents(per_module: int = 12, size: int = 1500) -> list[DocumentIn]:
-    """Pieces of up to ``size`` characters of the standard library's pydoc pages (tests/documents.py), cut at
-    lines: real text of a realistic size, the first ``per_module`` pieces of each module of ``MODULES``."""
-    documents = []
-    for name in MODULES:
-        pieces, piece = [], ""
-        for line in text_of(importlib.import_module(name), "").splitlines():
-            if len(piece) + len(line) >= size and piece.strip():
-                pieces.append(piece)
-                piece = ""
-            piece += line[:size] + "\n"
-        pieces.append(piece)
-        documents += [DocumentIn(id=f"{name}-{n}", text=text) for n, text in enumerate(pieces[:per_module])]
-    return documents
-
-
-def wider_embedder(first: Path, folder: Path) -> Path:
-    """Version 2: the first embedder's tokenizer and pooling, in another BERT, ``V2_WIDTH`` wide, other weights."""
-    shutil.copytree(first, folder)
-    config = BertConfig.from_pretrained(first)
-    config.hidden_size, config.intermediate_size = V2_WIDTH, 2 * V2_WIDTH
-    torch.manual_seed(4321)
-    BertModel(config).save_pretrained(folder)  # type: ignore[no-untyped-call]
-    return folder
+V2_WIDTH = WIDER_EMBEDDER
 
 
 async def probe(services: Services, text: str) -> tuple[int, float]:

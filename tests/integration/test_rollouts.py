@@ -12,12 +12,13 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
 
 from tests.serving import running_triton
 from tests.tiny_models import tiny_cross_encoder
 from tritonrag.clients.wire.models import ModelStatus, RolloutPolicy, VersionState
 from tritonrag.clients.wire.schema import JobInfo
-from tritonrag.deploy.launcher import TritonServer
+from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, free_port
 from tritonrag.export.exporter import export_model
 from tritonrag.export.repository import RUNTIME_PACKAGE
 from tritonrag.server.config import ModelSettings, RolloutSettings, RoutingSettings
@@ -203,6 +204,13 @@ def test_canary_promotion_automatic_and_operator_rollbacks_and_repository_update
             shutil.copytree(repository / "reranker" / good, repository / "reranker" / copied)
             await until(controller, lambda s: s.stable == copied, "the copied version's roll-out")
 
+            # Retire: nothing needed is touched; of the rest only the newest directories stay.
+            status = await controller.retire("reranker", keep=2)
+            on_disk = sorted(int(p.name) for p in (repository / "reranker").iterdir() if p.name.isdigit())
+            assert on_disk == [int(corrupt), int(copied)]
+            retired = {v.version for v in status.versions if v.state is VersionState.retired}
+            assert retired == {first, good, flaky, broken}
+
             await load.stop()
             assert load.failures == []
             assert load.answered > 100
@@ -240,3 +248,19 @@ def test_two_endpoints_switch_only_when_both_have_the_version(reranker_source: P
 
     with triton(shared, tmp_path / "work-a") as a, triton(lagging, tmp_path / "work-b") as b:
         asyncio.run(scenario([a.endpoints.grpc_url, b.endpoints.grpc_url]))
+
+
+def test_the_launcher_loads_only_the_versions_the_state_names(reranker_source: Path, tmp_path: Path) -> None:
+    """A corrupt version dropped into the repository while the stack was down would be the newest: started with the
+    roll-out state's versions, Triton never loads it (started on the config's policy alone, it fails to start)."""
+    repository = tmp_path / "repository"
+    first = export_reranker(reranker_source, repository)
+    shutil.copytree(repository / "reranker" / first, repository / "reranker" / "2")
+    (repository / "reranker" / "2" / "model.onnx").write_bytes(b"not an ONNX model")
+    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    server = TritonServer(repository, endpoints, ["reranker"], tmp_path / "work", versions={"reranker": [first]})
+    with server:
+        index = grpcclient.InferenceServerClient(endpoints.grpc_url).get_model_repository_index()
+        assert [(m.version, m.state) for m in index.models] == [(first, "READY")]
+    with pytest.raises(TritonLaunchError, match="version 2"):
+        TritonServer(repository, endpoints, ["reranker"], tmp_path / "work").start()
