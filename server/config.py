@@ -147,6 +147,7 @@ class IngestSettings(BaseModel):
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     max_reported_errors: int = Field(100, ge=0)  # per-document errors listed in a job's info
+    reindex_batch_chunks: int = Field(256, ge=1)  # chunks a re-index step embeds at once (bulk work)
 
 
 class InjectionMode(StrEnum):

@@ -33,8 +33,6 @@ from .models import ModelService
 
 log = logging.getLogger(__name__)
 
-# Chunks a re-index step embeds at once (bulk work, in requests sized by the pool).
-REINDEX_BATCH_CHUNKS = 256
 Chunked = tuple[ModelVersion, list[DocumentChunks]]  # documents chunked with that embedder version's tokenizer
 
 
@@ -189,7 +187,9 @@ class CollectionService:
     async def _reindex_batch(self, collection: Collection, target: ModelVersion) -> ReindexStep:
         if collection.embedder != target:
             dimension = await self._models.embedding_dimension(target.version)
-            progress = await asyncio.to_thread(collection.begin_reindex, target, dimension, REINDEX_BATCH_CHUNKS)
+            progress = await asyncio.to_thread(
+                collection.begin_reindex, target, dimension, self._ingest.reindex_batch_chunks
+            )
             if progress.missing:
                 ids, texts = await asyncio.to_thread(collection.texts, progress.pending)
                 vectors = await self._embedding.run(texts, bulk=True, version=target.version)
