@@ -131,12 +131,14 @@ class RolloutController:
         """``_reconcile``; a failure (Triton unreachable, a load refused) is logged and retried at the next pass."""
         async with self._lock(model):
             try:
-                await self._reconcile(model)
+                restored = await self._reconcile(model)
             except TritonRagError as exc:
                 log.warning("could not restore the versions of '%s' yet: %s", model, exc)
-                self._unreconciled.add(model)
-            else:
+                restored = False
+            if restored:
                 self._unreconciled.discard(model)
+            else:
+                self._unreconciled.add(model)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -146,13 +148,16 @@ class RolloutController:
             self._task = None
         self._state.close()
 
-    async def _reconcile(self, model: str) -> None:
+    async def _reconcile(self, model: str) -> bool:
+        """Restore ``model``'s route and loaded versions; False while no endpoint serves a model seen for the
+        first time (nothing to adopt yet)."""
         records = self._state.versions(model)
         if not any(r.state is VersionState.stable for r in records):
             served = sorted({v for ready in self._pool.ready_versions(model).values() for v in ready}, key=int)
             if not served:
-                log.info("model '%s' is not served by any endpoint; its roll-outs start when it is", model)
-                return
+                if model not in self._unreconciled:
+                    log.info("model '%s' is not served by any endpoint; its roll-outs start when it is", model)
+                return False
             self._adopt(model, served[-1])
         for record in self._state.in_state(model, VersionState.validating):  # interrupted by a restart
             self._state.record(
@@ -160,6 +165,7 @@ class RolloutController:
             )
         self._apply_route(model)
         await self._load_needed(model)
+        return True
 
     def _adopt(self, model: str, version: str) -> None:
         """Make ``version`` the stable version of a model the controller has not seen; older version directories

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
@@ -328,9 +328,9 @@ class EndpointSet:
     def _served(self, name: str, version: str | None = None) -> list[ServedModel]:
         return [e.models[name] for e in self._endpoints if e.routable(name, version)]
 
-    def resolve_versions(self, model: str, pinned: str | None) -> list[str]:
-        """The versions to try for one call, in order: ``[pinned]``, or the route's candidates (a canary's
-        failure is answered by the stable version), or the newest version served ready."""
+    def _resolve_versions(self, model: str, pinned: str | None) -> list[str]:
+        """``[pinned]``, or the route's candidates (a canary's failure is answered by the stable version), or the
+        newest version served ready."""
         if pinned is not None:
             return [pinned]
         versions = [v for v in self.routes.candidates(model) if v is not None]
@@ -338,6 +338,17 @@ class EndpointSet:
             return versions
         served = self._served(model)
         return [max((m.version for m in served), key=int)] if served else []
+
+    def versions_to_try(self, model: str, pinned: str | None) -> Iterator[str]:
+        """The versions one call tries in turn, each after the one before failed: ``pinned``; or the route's
+        candidates and then, once, any version the route moved to meanwhile (a call that chose the version a
+        roll-out was switching away from goes to the new one)."""
+        tried: list[str] = []
+        for _ in range(1 if pinned is not None else 2):
+            for version in self._resolve_versions(model, pinned):
+                if version not in tried:
+                    tried.append(version)
+                    yield version
 
     # Inference
 

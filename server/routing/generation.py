@@ -75,7 +75,7 @@ class GenerationStreams(EndpointSet):
         ]
         attempts = Attempts()
         timing = generation(model)
-        for chosen in self.resolve_versions(model, version):
+        for chosen in self.versions_to_try(model, version):
             version_attempts = Attempts()
             async with contextlib.aclosing(self.attempt_endpoints(model, deadline, version_attempts, chosen)) as tries:
                 async for endpoint, _ in tries:

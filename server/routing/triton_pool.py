@@ -125,25 +125,18 @@ class TritonPool(GenerationStreams):
         A request holds at most the model's max batch rows and its ``max_request_tokens``, so each one is
         short on a healthy server. Without ``deadline_s`` the call's deadline is ``request_timeout_s``, and
         for bulk work it grows with the number of requests each bulk lane has to carry. Every row goes to one
-        version (``version``, or the route's choice; on its failure, the stable version).
+        version (``version``, or the route's choice; on its failure, the stable version: ``versions_to_try``).
         """
         request_id = request_id or uuid.uuid4().hex
-        versions = self.resolve_versions(model, version)
-        for index, chosen in enumerate(versions):
+        failure: UnavailableError | None = None
+        for chosen in self.versions_to_try(model, version):
+            if failure is not None:
+                log.warning("request %s to '%s' failed; trying version %s: %s", request_id, model, chosen, failure)
             try:
                 return await self._infer_version(model, chosen, tokens, inputs, output, deadline_s, request_id, bulk)
             except UnavailableError as exc:
-                if index == len(versions) - 1:
-                    raise
-                log.warning(
-                    "request %s to '%s' version %s failed; trying version %s: %s",
-                    request_id,
-                    model,
-                    chosen,
-                    versions[index + 1],
-                    exc,
-                )
-        raise UnavailableError(f"no Triton endpoint can serve '{model}' now")
+                failure = exc
+        raise failure or UnavailableError(f"no Triton endpoint can serve '{model}' now")
 
     async def _infer_version(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -171,9 +172,7 @@ def test_a_bad_request_fails_alone_within_a_batch(tiny_triton: TritonServer) -> 
 def test_a_model_that_fails_to_load_is_named_with_tritons_reason(tiny_repository: Path, tmp_path: Path) -> None:
     repository = tmp_path / "repository"
     broken = repository / "embedder" / "1"
-    broken.mkdir(parents=True)
-    for name in ("model.py", "tokenizer.json", "tritonrag.json"):
-        (broken / name).write_bytes((tiny_repository / "embedder" / "1" / name).read_bytes())
+    shutil.copytree(tiny_repository / "embedder" / "1", broken)  # model.py, its runtime, tokenizer, metadata
     (broken / "model.onnx").write_bytes(b"this is not an onnx graph")
     (repository / "embedder" / "config.pbtxt").write_bytes((tiny_repository / "embedder" / "config.pbtxt").read_bytes())
     with (

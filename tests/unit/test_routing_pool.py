@@ -78,6 +78,7 @@ class FakeTriton:
     # model -> its ready versions, comma-separated
     models: dict[str, str] = field(default_factory=lambda: {"embedder": "1", "reranker": "3", "generator": "2"})
     broken: set[tuple[str, str]] = field(default_factory=set)  # (model, version) whose runtime raises
+    on_unknown_version: Callable[[], None] | None = None  # called when a request names a version not loaded
     max_batch_size: int = 4
     max_request_tokens: int | None = None  # the config parameter, when set
     instances: int = 1
@@ -142,6 +143,8 @@ class FakeTriton:
         columns = [[b.decode() for b in deserialize_bytes_tensor(i._get_content())] for i in inputs]
         self.calls.append(Call(model_name, columns[-1], request_id, headers, client_timeout, priority, model_version))
         if model_version and model_version not in self.models.get(model_name, "").split(","):
+            if self.on_unknown_version is not None:
+                self.on_unknown_version()
             raise rpc_error("UNAVAILABLE", f"Request for unknown model: '{model_name}' version {model_version}")
         if (model_name, model_version) in self.broken:
             raise rpc_error("INTERNAL", "the runtime raised")
@@ -791,3 +794,17 @@ def test_generation_goes_to_the_routed_version_and_a_failing_canary_falls_back()
     assert stable_answers == 20
     tried = [s.version for s in fleet["a:1"].streams]
     assert canary_errors == tried.count("5") > 0
+
+
+def test_a_call_on_the_version_a_roll_out_just_left_goes_to_the_version_it_moved_to() -> None:
+    fleet = Fleet(FakeTriton("a:1", models={"embedder": "1", "reranker": "3,4", "generator": "2"}))
+
+    async def scenario() -> list[float]:
+        async with pool_of(fleet) as pool:
+            pool.routes.set("reranker", Route("3"))
+            fleet["a:1"].models["reranker"] = "4"  # version 3 unloaded: the switch to 4 lands during the call
+            fleet["a:1"].on_unknown_version = lambda: pool.routes.set("reranker", Route("4"))
+            return [float(score) for score in await pool.rerank("q", ["passage"])]
+
+    assert run(scenario()) == [6.0]
+    assert [c.version for c in fleet["a:1"].calls] == ["3", "4"]
