@@ -62,18 +62,24 @@ class Parameters:
     MAX_KV_TOKENS: Final = "max_kv_tokens"  # generator: KV-cache slots the running sequences may hold
     MAX_QUEUE: Final = "max_queue"  # generator: requests waiting for a slot before it refuses
     TRUNCATE_PROMPT: Final = "truncate_prompt"  # generator: drop an over-long prompt's first tokens, or reject it
+    PREFIX_CACHE_MB: Final = "prefix_cache_mb"  # generator: MB of recent prompts' KV cache kept for reuse; 0: none
     # text models: the (estimated) tokens the orchestrator puts in one request, so that no request outlives
     # its timeout however long the work it is part of
     MAX_REQUEST_TOKENS: Final = "max_request_tokens"
 
 
 class GeneratorMetrics:
-    """The generator's gauges on Triton's own metrics endpoint (port 8002), labelled ``model`` and ``version``;
-    set after every engine step."""
+    """The generator's gauges and counters on Triton's own metrics endpoint (port 8002), labelled ``model`` and
+    ``version``; set after every engine step."""
 
     QUEUE_DEPTH: Final = "tritonrag_generator_queue_depth"  # requests waiting for a sequence slot
     QUEUE_CAPACITY: Final = "tritonrag_generator_queue_capacity"  # the most that may wait (max_queue); then refused
     RUNNING: Final = "tritonrag_generator_running_sequences"  # sequences in the running batch
+    # counters: prompts whose beginning was found in the prefix cache, those whose was not, and the prompt
+    # tokens that hits spared the prefill
+    PREFIX_HITS: Final = "tritonrag_generator_prefix_cache_hits"
+    PREFIX_MISSES: Final = "tritonrag_generator_prefix_cache_misses"
+    PREFIX_SAVED_TOKENS: Final = "tritonrag_generator_prefix_cache_saved_tokens"
 
 
 class Priority:

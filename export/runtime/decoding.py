@@ -110,14 +110,21 @@ class Decoder:
         if missing:
             raise ValueError(f"the decoder graph lacks the inputs {sorted(missing)}")
 
-    def prefill(self, prompt_ids: Sequence[int]) -> tuple[Floats, KVBatch]:
-        """The next-token logits ``[vocab]`` after ``prompt_ids``, and a one-row cache holding them."""
+    def prefill(
+        self, prompt_ids: Sequence[int], prefix: tuple[int, list[Floats]] | None = None
+    ) -> tuple[Floats, KVBatch]:
+        """The next-token logits ``[vocab]`` after ``prompt_ids``, and a one-row cache holding them.
+
+        ``prefix`` (``PrefixCache.lookup``): the keys and values of the prompt's first tokens, computed before;
+        only the rest of the prompt is fed.
+        """
         count = len(prompt_ids)
+        start, past = prefix if prefix is not None else (0, self.shape.empty(1))
         mask = np.ones((1, count), dtype=np.int64)
-        logits, past = self._run(
-            np.asarray([prompt_ids], dtype=np.int64), mask, np.arange(count, dtype=np.int64)[None], self.shape.empty(1)
+        logits, present = self._run(
+            np.asarray([prompt_ids[start:]], dtype=np.int64), mask, np.arange(start, count, dtype=np.int64)[None], past
         )
-        return logits[0], KVBatch(past, mask, np.asarray([count], dtype=np.int64))
+        return logits[0], KVBatch(present, mask, np.asarray([count], dtype=np.int64))
 
     def step(self, batch: KVBatch, tokens: Sequence[int]) -> tuple[Floats, KVBatch]:
         """Feed one token per row; the logits ``[rows, vocab]`` and the grown cache."""

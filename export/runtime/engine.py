@@ -1,8 +1,9 @@
 """Continuous batching: one loop steps every running sequence together, one token each per step.
 
 A submitted sequence waits in a bounded queue until a slot and enough KV-cache room are free;
-then its prompt is prefilled (one new sequence per step, so running streams keep flowing) and it
-joins the batch at the next step. Sequences that finish (a stop token or string, ``max_tokens``)
+then its prompt is prefilled (one new sequence per step, so running streams keep flowing; from the
+end of the longest prefix a recent prompt shares with it, whose keys and values ``PrefixCache`` kept)
+and it joins the batch at the next step. Sequences that finish (a stop token or string, ``max_tokens``)
 or are cancelled leave the batch at once, and their cache rows are freed.
 
 The engine is plain Python over a ``Decoder``: the Triton model runs ``serve_forever`` in a
@@ -27,6 +28,7 @@ from .contract import ONNX_FILE, TOKENIZER_FILE
 from .decoding import CacheShape, Decoder, Floats, KVBatch
 from .encoding import InputError, ModelMetadata
 from .inference import execution_providers
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 from .text_stream import TextStream
 
@@ -50,6 +52,7 @@ class EngineLimits:
     max_kv_tokens: int = 16384
     max_queue: int = 64
     truncate_prompt: bool = True  # cut an over-long prompt from the start, or reject it
+    prefix_cache_bytes: int = 256 * 2**20  # KV caches of recent prompts kept for reuse; 0: none
 
 
 @dataclass(eq=False)
@@ -91,6 +94,7 @@ class GenerationEngine:
         self._waiting: deque[GenerationRequest] = deque()
         self._running: list[GenerationRequest] = []
         self._batch: KVBatch | None = None
+        self.prefix_cache = PrefixCache(limits.prefix_cache_bytes) if limits.prefix_cache_bytes else None
         self._wake = threading.Condition()
         self.steps = 0  # decode steps run, for tests and metrics
         self.max_batch_rows = 0  # the most sequences ever stepped together
@@ -236,8 +240,12 @@ class GenerationEngine:
             return self._waiting.popleft()
 
     def _prefill(self, request: GenerationRequest) -> None:
+        """The request's prompt, from the end of its longest cached prefix; its cache is kept for later prompts."""
         request.text = self._new_text(request.params.stop)
-        logits, cache = self.decoder.prefill(request.prompt_ids)
+        prefix = self.prefix_cache.lookup(request.prompt_ids) if self.prefix_cache is not None else None
+        logits, cache = self.decoder.prefill(request.prompt_ids, prefix)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(request.prompt_ids, cache.past)
         if self._advance(request, logits):
             return
         self._running.append(request)

@@ -23,6 +23,7 @@ from .chat import ChatTemplate
 from .contract import BUSY_ERROR, INPUT_ERROR, TOKENIZER_FILE, GeneratorMetrics, GeneratorTensors, Parameters
 from .encoding import InputError, ModelMetadata
 from .engine import BusyError, FinishReason, GenerationEngine, GenerationRequest
+from .prefix_cache import PrefixStats
 from .sampling import SamplingParams
 from .text_model import decode_strings, model_parameter
 
@@ -103,6 +104,33 @@ class _LoadGauges:
                 gauge.set(value)
 
 
+class _PrefixCounters:
+    """The prefix cache's hits, misses and saved prompt tokens as Triton custom counters."""
+
+    def __init__(self, model: str, version: str) -> None:
+        families = {
+            GeneratorMetrics.PREFIX_HITS: "Prompts whose beginning was found in the prefix cache",
+            GeneratorMetrics.PREFIX_MISSES: "Prompts whose beginning was not in the prefix cache",
+            GeneratorMetrics.PREFIX_SAVED_TOKENS: "Prompt tokens not prefilled thanks to the prefix cache",
+        }
+        self._families = [  # kept for the model's life, as _LoadGauges' are
+            pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
+            for name, text in families.items()
+        ]
+        labels = {"model": model, "version": version}
+        self._counters = [family.Metric(labels=labels) for family in self._families]
+        self._last = PrefixStats()
+
+    def update(self, stats: PrefixStats) -> None:
+        """Add what ``stats`` counted since the last update."""
+        now = (stats.hits, stats.misses, stats.saved_tokens)
+        before = (self._last.hits, self._last.misses, self._last.saved_tokens)
+        for counter, value, last in zip(self._counters, now, before, strict=True):
+            if value > last:
+                counter.increment(value - last)
+        self._last = PrefixStats(*now)
+
+
 class TritonPythonModel:
     """A decoupled generator: requests join the running batch at the next step and stream their text."""
 
@@ -122,6 +150,7 @@ class TritonPythonModel:
             max_kv_tokens=int(model_parameter(config, Parameters.MAX_KV_TOKENS, "32768")),
             max_queue=int(model_parameter(config, Parameters.MAX_QUEUE, "64")),
             truncate_prompt=model_parameter(config, Parameters.TRUNCATE_PROMPT, "true").lower() == "true",
+            prefix_cache_bytes=int(model_parameter(config, Parameters.PREFIX_CACHE_MB, "256")) * 2**20,
         )
         self.tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
         template = metadata.extra.get("chat_template")
@@ -129,10 +158,16 @@ class TritonPythonModel:
         self.chat = ChatTemplate(template, extra.get("bos_token", ""), extra.get("eos_token", "")) if template else None
         self._stop = threading.Event()
         self._load = _LoadGauges(args["model_name"], args["model_version"], self.engine.limits.max_queue)
+        self._prefix = _PrefixCounters(args["model_name"], args["model_version"])
         self._loop = threading.Thread(
-            target=self.engine.serve_forever, args=(self._stop, self._load.set), name="generator-loop"
+            target=self.engine.serve_forever, args=(self._stop, self._on_step), name="generator-loop"
         )
         self._loop.start()
+
+    def _on_step(self, waiting: int, running: int) -> None:
+        self._load.set(waiting, running)
+        if self.engine.prefix_cache is not None:
+            self._prefix.update(self.engine.prefix_cache.stats)
 
     def _prompt_ids(self, request: Any) -> list[int]:
         prompt, messages = (

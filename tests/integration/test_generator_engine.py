@@ -160,3 +160,60 @@ def test_a_failed_step_fails_its_sequences_and_the_loop_goes_on(
     loop.submit(after)
     loop.run_until_idle()
     assert after_out.reason == "length" and after_out.counts[1] == 3
+
+
+INSTRUCTIONS = (
+    "You are a careful assistant. Answer the question with the numbered passages below only, cite each passage "
+    "you use as [n], and say that you do not know when the passages do not answer it. Passages:\n"
+)
+PASSAGES = [
+    "[1] Triton serves models over HTTP and gRPC.",
+    "[1] A canary moves a share of the traffic to a new version.",
+    "[1] FAISS searches dense vectors; BM25 ranks by words.",
+    "[1] The prefix cache keeps the keys and values of recent prompts.",
+]
+
+
+def generate_each(loop: GenerationEngine, tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Greedy continuations of ``prompts``, one after the other on ``loop``."""
+    outputs = []
+    for prompt in prompts:
+        item, _ = request(tokenizer, prompt, max_tokens=12)
+        loop.submit(item)
+        loop.run_until_idle()
+        outputs.append(item.generated)
+    return outputs
+
+
+def test_prompts_sharing_a_prefix_reuse_its_cache_and_generate_the_same_tokens(
+    version_dir: Path, tokenizer: Tokenizer
+) -> None:
+    prompts = [f"{INSTRUCTIONS}{passage}\nQuestion: what does it do?\nAnswer:" for passage in PASSAGES]
+    shared = len(tokenizer.encode(INSTRUCTIONS, add_special_tokens=False).ids)
+    without = engine(version_dir, prefix_cache_bytes=0)
+    cached = engine(version_dir)
+    assert without.prefix_cache is None and cached.prefix_cache is not None
+
+    assert generate_each(cached, tokenizer, prompts) == generate_each(without, tokenizer, prompts)
+    stats = cached.prefix_cache.stats
+    assert (stats.hits, stats.misses) == (3, 1)
+    block = cached.prefix_cache.block_tokens
+    assert stats.saved_tokens >= 3 * (shared // block) * block  # at least the instructions' whole blocks
+
+    # A chat's next turn resends the first turn and its answer: all of it but the last block is reused.
+    first = prompts[0]
+    [answer] = generate_each(cached, tokenizer, [first])
+    follow_up = first + tokenizer.decode(answer) + "\nQuestion: and then?\nAnswer:"
+    before = stats.saved_tokens
+    assert generate_each(cached, tokenizer, [follow_up]) == generate_each(without, tokenizer, [follow_up])
+    first_tokens = len(tokenizer.encode(first, add_special_tokens=False).ids)
+    assert stats.saved_tokens - before >= (first_tokens // block) * block
+
+
+def test_the_prefix_cache_stays_within_its_bytes(version_dir: Path, tokenizer: Tokenizer) -> None:
+    loop = engine(version_dir, prefix_cache_bytes=200_000)
+    prompts = [f"Prompt number {n}: " + "tokens of a prompt " * 20 for n in range(12)]
+    generate_each(loop, tokenizer, prompts)
+    assert loop.prefix_cache is not None
+    assert 0 < loop.prefix_cache.nbytes <= 200_000
+    assert 0 < len(loop.prefix_cache) < len(prompts)  # the oldest were evicted

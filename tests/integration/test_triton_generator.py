@@ -444,3 +444,30 @@ def test_the_generator_reports_its_queue_on_tritons_metrics(tiny_triton: TritonS
     # The names as exposed (the parser above would add _total to a counter's): those the dashboard reads exist.
     exposed = {line.split("{")[0].split(" ")[0] for line in triton_metrics(tiny_triton).splitlines()}
     assert exposed >= TRITON_SERIES, "a series of Triton's that the dashboard reads is gone"
+
+
+def generator_counters(triton: TritonServer) -> dict[str, float]:
+    """The prefix cache's counters of the tiny ``generator`` version 1, read from the exposition as it is."""
+    names = (GeneratorMetrics.PREFIX_HITS, GeneratorMetrics.PREFIX_MISSES, GeneratorMetrics.PREFIX_SAVED_TOKENS)
+    values = {}
+    for line in triton_metrics(triton).splitlines():
+        name, _, rest = line.partition("{")
+        if name in names and 'model="generator"' in rest and 'version="1"' in rest:
+            values[name] = float(rest.rsplit(" ", 1)[1])
+    return values
+
+
+def test_the_generator_counts_its_prefix_cache_hits_on_tritons_metrics(tiny_triton: TritonServer) -> None:
+    prompt = "A prompt long enough to fill a few blocks of the prefix cache, and sent twice. " * 3
+    served(tiny_triton, SamplingParams(max_tokens=2), prompt=prompt)
+    wait_until(lambda: len(generator_counters(tiny_triton)) == 3, "the prefix cache's counters")
+    before = generator_counters(tiny_triton)
+    served(tiny_triton, SamplingParams(max_tokens=2), prompt=prompt)
+
+    def counted() -> bool:
+        after = generator_counters(tiny_triton)
+        hits = after[GeneratorMetrics.PREFIX_HITS] - before[GeneratorMetrics.PREFIX_HITS]
+        saved = after[GeneratorMetrics.PREFIX_SAVED_TOKENS] - before[GeneratorMetrics.PREFIX_SAVED_TOKENS]
+        return hits == 1 and saved >= 32  # the prompt's whole blocks of 16 tokens but the last
+
+    wait_until(counted, "a hit of the second identical prompt")
