@@ -111,11 +111,19 @@ def _serve_until_signalled(server: TritonServer) -> int:
 
 
 def _rollout_versions(settings: Settings) -> dict[str, list[str]]:
-    """The versions the roll-out state had loaded, per model (none before the first start, or with roll-outs off)."""
+    """The versions Triton loads at start, per model, named as the roll-out controller will want them: those its
+    state last had loaded, else (a first start) the newest version directory. Named explicitly, so that the
+    controller's own load at start changes nothing (a changed version policy makes Triton load every version
+    again). None with roll-outs off: the config's version policy decides."""
     if not settings.rollout.enabled:
         return {}
-    loaded = {model: loaded_versions(settings.data_dir, model) for model in settings.triton.models}
-    return {model: versions for model, versions in loaded.items() if versions}
+    chosen = {}
+    for model in settings.triton.models:
+        on_disk = versions(settings.triton.repository / model)
+        loaded = loaded_versions(settings.data_dir, model)
+        if loaded or on_disk:
+            chosen[model] = loaded or [str(on_disk[-1])]
+    return chosen
 
 
 def _start_triton(settings: Settings) -> TritonServer:

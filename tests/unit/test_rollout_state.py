@@ -8,8 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from tritonrag.clients.wire.models import ModelEvent, ModelStatus, VersionInfo, VersionState, VersionTraffic
+from tritonrag.deploy.cli import _rollout_versions
 from tritonrag.deploy.models_cli import render
-from tritonrag.server.config import RolloutSettings
+from tritonrag.server.config import RolloutSettings, Settings
 from tritonrag.server.lifecycle.state import RolloutState, loaded_versions
 from tritonrag.server.routing.versions import Route, VersionRoutes, VersionStats
 
@@ -123,3 +124,19 @@ def test_the_cli_renders_a_status_as_a_table_with_the_latest_events() -> None:
     assert lines[2].split() == ["1", "stable", "75%", "1200", "0", "9.8", "2"]
     assert lines[3].split() == ["2", "canary", "25%", "40", "1", "-", "2", "share", "25%"]
     assert lines[4].endswith("v2  stepped: share 25%")
+
+
+def test_up_names_the_versions_triton_loads_so_the_controllers_first_load_changes_nothing(tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    for version in ("1", "3"):
+        (repository / "embedder" / version).mkdir(parents=True)
+    settings = Settings(
+        data_dir=tmp_path / "data", triton={"repository": repository, "models": ["embedder", "generator"]}
+    )
+    assert _rollout_versions(settings) == {"embedder": ["3"]}  # a first start: the newest; no generator at all
+    state = RolloutState(tmp_path / "data")
+    state.record("embedder", "1", VersionState.stable, "rolled back")
+    state.set_loaded("embedder", {"1"})
+    state.close()
+    assert _rollout_versions(settings) == {"embedder": ["1"]}  # what the state last had loaded
+    assert _rollout_versions(settings.model_copy(update={"rollout": RolloutSettings(enabled=False)})) == {}
