@@ -17,6 +17,7 @@ from tritonrag.clients.wire.auth import ApiKeyCreate, Scope
 from tritonrag.clients.wire.schema import SearchMode, SearchRequest
 from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, check_port_free
 from tritonrag.deploy.models_cli import models_app
+from tritonrag.deploy.options import ConfigOption, load_settings
 from tritonrag.export.repository import versions
 from tritonrag.export.runtime.contract import ONNX_FILE
 from tritonrag.server.config import Settings
@@ -25,8 +26,6 @@ from tritonrag.server.lifecycle.state import loaded_versions
 from tritonrag.server.security.keys import KEYS_FILE, KeyStore
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-
-ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML settings file (env TRITONRAG_* wins).")]
 
 
 class Task(StrEnum):
@@ -42,13 +41,6 @@ class Target(StrEnum):
 
 class Quantization(StrEnum):
     int8 = "int8"
-
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return Settings.load(config)
-    except (OSError, ValueError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--config") from exc
 
 
 @app.command()
@@ -71,7 +63,7 @@ def export(
     from tritonrag.export.errors import ExportError
     from tritonrag.export.exporter import export_model
 
-    settings = _settings(config)
+    settings = load_settings(config)
     try:
         result = export_model(
             source,
@@ -150,7 +142,7 @@ def _start_triton(settings: Settings) -> TritonServer:
 @app.command()
 def triton(config: ConfigOption = None) -> None:
     """Run Triton on the model repository until interrupted."""
-    server = _start_triton(_settings(config))
+    server = _start_triton(load_settings(config))
     raise typer.Exit(_serve_until_signalled(server))
 
 
@@ -195,7 +187,7 @@ def eval_command(
     from tritonrag.clients.evaluation import QuerySetError, evaluate, read_queries, report
     from tritonrag.clients.http_client import ApiError, TritonRagClient
 
-    settings = _settings(config)
+    settings = load_settings(config)
     try:
         labelled = read_queries(queries)
     except (OSError, QuerySetError) as exc:
@@ -236,7 +228,7 @@ def ingest_command(
     from tritonrag.clients.ingest import Ingestion, IngestState, ServerUnavailableError
 
     started = time.monotonic()
-    settings = _settings(config)
+    settings = load_settings(config)
     extraction = extract_paths(paths)
     base_url = url or f"http://{settings.api.host}:{settings.api.http_port}"
     state = IngestState(settings.work_dir / "ingest" / f"{collection}.json")
@@ -270,7 +262,7 @@ app.add_typer(models_app, name="models")
 
 
 def _key_store(config: Path | None) -> KeyStore:
-    return KeyStore(_settings(config).data_dir / KEYS_FILE)
+    return KeyStore(load_settings(config).data_dir / KEYS_FILE)
 
 
 @keys_app.command("create")
@@ -322,13 +314,13 @@ def _when(timestamp: float | None) -> str:
 @app.command("serve")
 def serve_command(config: ConfigOption = None) -> None:
     """Run the orchestrator (HTTP + gRPC) against already running Triton servers."""
-    _run_orchestrator(_settings(config))
+    _run_orchestrator(load_settings(config))
 
 
 @app.command()
 def up(config: ConfigOption = None) -> None:
     """Bring the stack up on embedded defaults: export missing default models, start Triton and the orchestrator."""
-    settings = _settings(config)
+    settings = load_settings(config)
     for name in settings.triton.models:
         if has_version(settings.triton.repository / name):
             continue

@@ -16,6 +16,7 @@ import typer
 
 from tritonrag.clients.http_client import ApiError, TritonRagClient
 from tritonrag.clients.wire.models import ModelStatus, RolloutPolicy, VersionState
+from tritonrag.deploy.options import ConfigOption, load_settings
 from tritonrag.server.config import Settings
 
 if TYPE_CHECKING:
@@ -25,15 +26,7 @@ T = TypeVar("T")
 
 models_app = typer.Typer(no_args_is_help=True, help="Model versions: status, publish, canary, rollback, retire.")
 
-ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML settings file (env TRITONRAG_* wins).")]
 UrlOption = Annotated[str | None, typer.Option(help="Orchestrator HTTP URL (default: the configured one).")]
-
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return Settings.load(config)
-    except (OSError, ValueError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--config") from exc
 
 
 def _ask(settings: Settings, url: str | None, call: Callable[[TritonRagClient], T]) -> T:
@@ -79,14 +72,14 @@ def status_command(
     config: ConfigOption = None,
 ) -> None:
     """Versions, states, traffic shares, per-version requests and p95 latency, and recent events."""
-    statuses = _ask(_settings(config), url, lambda c: [c.model_status(model)] if model else c.model_statuses())
+    statuses = _ask(load_settings(config), url, lambda c: [c.model_status(model)] if model else c.model_statuses())
     typer.echo("\n\n".join(render(s) for s in statuses))
 
 
 @models_app.command("list")
 def list_command(url: UrlOption = None, config: ConfigOption = None) -> None:
     """One line per model version: model, version, state, share."""
-    statuses = _ask(_settings(config), url, lambda c: c.model_statuses())
+    statuses = _ask(load_settings(config), url, lambda c: c.model_statuses())
     for status in statuses:
         for v in status.versions:
             typer.echo(f"{status.name}\t{v.version}\t{v.state.value}\t{v.share:.0%}")
@@ -110,7 +103,7 @@ def publish_command(
 ) -> None:
     """Export (with --source) and roll out a model version: validated, loaded beside the stable version, smoke-tested,
     then given traffic by the policy. Exit status 1 when it is refused or rolled back."""
-    settings = _settings(config)
+    settings = load_settings(config)
     if (source is None) == (version is None):
         raise typer.BadParameter("give --source or --version, one of them")
     if source is not None:
@@ -150,7 +143,7 @@ def rollback_command(
     config: ConfigOption = None,
 ) -> None:
     """End the model's canary, or return to its previous version."""
-    typer.echo(render(_ask(_settings(config), url, lambda c: c.rollback_model(model, reason))))
+    typer.echo(render(_ask(load_settings(config), url, lambda c: c.rollback_model(model, reason))))
 
 
 @models_app.command("retire")
@@ -161,4 +154,4 @@ def retire_command(
     config: ConfigOption = None,
 ) -> None:
     """Unload the versions nothing needs and delete all but the newest --keep of them from disk."""
-    typer.echo(render(_ask(_settings(config), url, lambda c: c.retire_models(model, keep))))
+    typer.echo(render(_ask(load_settings(config), url, lambda c: c.retire_models(model, keep))))
