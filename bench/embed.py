@@ -39,7 +39,7 @@ import tritonclient.grpc.aio as grpcclient
 from corpus import DEFAULT_SHARES, build_corpus
 from tokenizers import Tokenizer
 
-from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
+from tritonrag.deploy.launcher import TritonEndpoints, TritonServer
 from tritonrag.export.runtime.contract import TOKENIZER_FILE
 from tritonrag.export.runtime.encoding import ModelTokenizer
 
@@ -331,7 +331,7 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     served = {level: Samples.empty(f"served c={level}") for level in args.concurrency}
     batched = {name: Samples.empty(label) for name, (label, _) in baselines.items()}
     load = [os.getloadavg()[0]]
-    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    endpoints = TritonEndpoints.on_free_ports()
     with (
         (work_dir / "triton.log").open("w") as log,
         TritonServer(args.repository, endpoints, [MODEL], work_dir, log_stream=log) as server,

@@ -58,7 +58,7 @@ from stack import (
 
 from tests.serving import ADMIN_HEADERS
 from tritonrag.clients.wire.schema import ChatMessage, SamplingParams
-from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
+from tritonrag.deploy.launcher import TritonEndpoints, TritonServer
 from tritonrag.server.config import RoutingSettings
 from tritonrag.server.generation.packing import ContextWindow
 from tritonrag.server.generation.prompts import grounded_messages
@@ -544,7 +544,7 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     extra = window_extra(generator)
     load, started = os.getloadavg()[0], time.monotonic()
     model, generate = torch_generator(window, extra[0], extra[1])
-    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    endpoints = TritonEndpoints.on_free_ports()
     with (
         (work_dir / "triton.log").open("w") as log,
         TritonServer(repository, endpoints, ["generator"], work_dir, log_stream=log) as server,

@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, cast
 import httpx2
 
 from tritonrag.deploy.cli import has_version
-from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
+from tritonrag.deploy.launcher import TritonEndpoints, TritonServer
 
 if TYPE_CHECKING:
     from tests.serving import Orchestrator
@@ -92,7 +92,7 @@ def running_stack(
     """
     from tests.serving import orchestrator_env, start_orchestrator, stop_orchestrator
 
-    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    endpoints = TritonEndpoints.on_free_ports()
     log_path = work_dir / "orchestrator.log"
     with (
         (work_dir / "triton.log").open("w") as triton_log,

@@ -11,6 +11,7 @@ load with Triton's own reason.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -50,6 +51,12 @@ class TritonEndpoints:
     grpc_port: int
     metrics_port: int
 
+    @classmethod
+    def on_free_ports(cls, address: str = "127.0.0.1") -> TritonEndpoints:
+        """Endpoints on three distinct ports that are free on ``address`` right now."""
+        http_port, grpc_port, metrics_port = free_ports(3, address)
+        return cls(address, http_port, grpc_port, metrics_port)
+
     @property
     def http_url(self) -> str:
         return f"{self.address}:{self.http_port}"
@@ -77,11 +84,24 @@ def gpu_visible() -> bool:
     return out.returncode == 0 and "GPU " in out.stdout
 
 
+def free_ports(count: int, address: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that are free on ``address`` right now.
+
+    Every socket stays bound until all are picked: the kernel may hand out a port it just
+    released again, so ports picked one at a time can collide.
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((address, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def free_port(address: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``address`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, address)[0]
 
 
 def check_port_free(address: str, port: int, what: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
 
-from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
+from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port, free_ports
 
 
 def text_input(name: str, texts: Sequence[str]) -> grpcclient.InferInput:
@@ -52,7 +52,7 @@ def rerank(
 @contextmanager
 def running_triton(repository: Path, models: Sequence[str], work_dir: Path) -> Iterator[TritonServer]:
     """A real tritonserver on free loopback ports, stopped on exit."""
-    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    endpoints = TritonEndpoints.on_free_ports()
     server = TritonServer(repository, endpoints, models, work_dir)
     server.start(timeout_s=300)
     try:
@@ -130,13 +130,14 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 def orchestrator_env(triton: TritonServer, repository: Path, data_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for ``tritonrag serve`` against ``triton`` on free loopback ports, accepting ``ADMIN_KEY``."""
     env = dict(os.environ)
+    http_port, grpc_port = free_ports(2)
     env.update(
         {
             "TRITONRAG_TRITON__REPOSITORY": str(repository),
             "TRITONRAG_TRITON__GRPC_PORT": str(triton.endpoints.grpc_port),
             "TRITONRAG_DATA_DIR": str(data_dir),
-            "TRITONRAG_API__HTTP_PORT": str(free_port()),
-            "TRITONRAG_API__GRPC_PORT": str(free_port()),
+            "TRITONRAG_API__HTTP_PORT": str(http_port),
+            "TRITONRAG_API__GRPC_PORT": str(grpc_port),
             "TRITONRAG_AUTH__ADMIN_KEY": ADMIN_KEY,
             **extra,
         }

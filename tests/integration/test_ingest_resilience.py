@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tritonrag.clients.wire.schema import Chunking, CollectionCreate, DocumentIn, JobStatus, UpsertRequest
-from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
+from tritonrag.deploy.launcher import TritonEndpoints, TritonServer
 from tritonrag.server.app import running_services
 from tritonrag.server.config import Settings
 from tritonrag.server.ingest.chunking import Chunker
@@ -46,7 +46,7 @@ def test_a_triton_restart_mid_ingest_pauses_the_job_and_it_completes_exactly(
         tiny_repository / "embedder" / "1", CHUNKING.chunk_tokens, CHUNKING.overlap_tokens
     )
     expected_chunks = sum(len(chunker.chunk_document(doc, CHUNKING.header).spans) for doc in docs)
-    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    endpoints = TritonEndpoints.on_free_ports()
     triton = TritonServer(tiny_repository, endpoints, ["embedder"], tmp_path / "work")
     settings = Settings(
         data_dir=tmp_path / "data",

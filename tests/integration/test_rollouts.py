@@ -18,7 +18,7 @@ from tests.serving import running_triton
 from tests.tiny_models import tiny_cross_encoder
 from tritonrag.clients.wire.models import ModelStatus, RolloutPolicy, VersionState
 from tritonrag.clients.wire.schema import JobInfo
-from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer, free_port
+from tritonrag.deploy.launcher import TritonEndpoints, TritonLaunchError, TritonServer
 from tritonrag.export.exporter import export_model
 from tritonrag.export.repository import RUNTIME_PACKAGE
 from tritonrag.server.config import ModelSettings, RolloutSettings, RoutingSettings
@@ -257,7 +257,7 @@ def test_the_launcher_loads_only_the_versions_the_state_names(reranker_source: P
     first = export_reranker(reranker_source, repository)
     shutil.copytree(repository / "reranker" / first, repository / "reranker" / "2")
     (repository / "reranker" / "2" / "model.onnx").write_bytes(b"not an ONNX model")
-    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    endpoints = TritonEndpoints.on_free_ports()
     server = TritonServer(repository, endpoints, ["reranker"], tmp_path / "work", versions={"reranker": [first]})
     with server:
         index = grpcclient.InferenceServerClient(endpoints.grpc_url).get_model_repository_index()

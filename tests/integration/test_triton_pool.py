@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port
+from tritonrag.deploy.launcher import TritonEndpoints, TritonServer
 from tritonrag.server.config import RoutingSettings
 from tritonrag.server.errors import InvalidArgumentError
 from tritonrag.server.routing.endpoints import EndpointStatus
@@ -47,7 +47,7 @@ def embedder_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def new_server(repository: Path, work_dir: Path) -> TritonServer:
-    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    endpoints = TritonEndpoints.on_free_ports()
     return TritonServer(repository, endpoints, ["embedder"], work_dir, log_stream=io.StringIO())
 
 

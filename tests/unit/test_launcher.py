@@ -12,7 +12,7 @@ from tritonrag.deploy.launcher import (
     TritonLaunchError,
     TritonServer,
     config_for_device,
-    free_port,
+    free_ports,
     load_model_config,
     prepare_backends,
 )
@@ -63,7 +63,8 @@ def test_a_taken_port_is_named_before_triton_starts(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        endpoints = TritonEndpoints("127.0.0.1", free_port(), taken, free_port())
+        http_port, metrics_port = free_ports(2)
+        endpoints = TritonEndpoints("127.0.0.1", http_port, taken, metrics_port)
         server = TritonServer(REPOSITORY, endpoints, ["embedder"], tmp_path)
         with pytest.raises(TritonLaunchError, match=f"gRPC port {taken} on 127.0.0.1 is already in use"):
             server.start(timeout_s=10)
@@ -71,6 +72,13 @@ def test_a_taken_port_is_named_before_triton_starts(tmp_path: Path) -> None:
 
 
 def test_missing_repository_is_named(tmp_path: Path) -> None:
-    endpoints = TritonEndpoints("127.0.0.1", free_port(), free_port(), free_port())
+    endpoints = TritonEndpoints.on_free_ports()
     with pytest.raises(TritonLaunchError, match="does not exist"):
         TritonServer(tmp_path / "absent", endpoints, ["embedder"], tmp_path).start(timeout_s=10)
+
+
+def test_ports_picked_together_are_distinct() -> None:
+    # Picked one at a time, the kernel may hand back the port it just released.
+    assert len(set(free_ports(64))) == 64
+    endpoints = TritonEndpoints.on_free_ports()
+    assert len({endpoints.http_port, endpoints.grpc_port, endpoints.metrics_port}) == 3
