@@ -63,6 +63,7 @@ class Parameters:
     MAX_QUEUE: Final = "max_queue"  # generator: requests waiting for a slot before it refuses
     TRUNCATE_PROMPT: Final = "truncate_prompt"  # generator: drop an over-long prompt's first tokens, or reject it
     PREFIX_CACHE_MB: Final = "prefix_cache_mb"  # generator: MB of recent prompts' KV cache kept for reuse; 0: none
+    PREFILL_CHUNK_TOKENS: Final = "prefill_chunk_tokens"  # generator: prompt tokens per step between decodes; 0: all
     # text models: the (estimated) tokens the orchestrator puts in one request, so that no request outlives
     # its timeout however long the work it is part of
     MAX_REQUEST_TOKENS: Final = "max_request_tokens"

@@ -115,8 +115,8 @@ class Decoder:
     ) -> tuple[Floats, KVBatch]:
         """The next-token logits ``[vocab]`` after ``prompt_ids``, and a one-row cache holding them.
 
-        ``prefix`` (``PrefixCache.lookup``): the keys and values of the prompt's first tokens, computed before;
-        only the rest of the prompt is fed.
+        ``prefix``: the keys and values of the prompt's first tokens, computed before (``PrefixCache.lookup``,
+        or an earlier chunk of the same prompt); only the rest of the prompt is fed.
         """
         count = len(prompt_ids)
         start, past = prefix if prefix is not None else (0, self.shape.empty(1))

@@ -1,9 +1,10 @@
 """Continuous batching: one loop steps every running sequence together, one token each per step.
 
 A submitted sequence waits in a bounded queue until a slot and enough KV-cache room are free;
-then its prompt is prefilled (one new sequence per step, so running streams keep flowing; from the
-end of the longest prefix a recent prompt shares with it, whose keys and values ``PrefixCache`` kept)
-and it joins the batch at the next step. Sequences that finish (a stop token or string, ``max_tokens``)
+then its prompt is prefilled, from the end of the longest prefix a recent prompt shares with it (whose
+keys and values ``PrefixCache`` kept), in chunks of ``prefill_chunk_tokens``: one chunk per step, each
+followed by a decode step of the running sequences, so a long prompt never stalls the streams already
+running. Once its whole prompt is in, it joins the batch. Sequences that finish (a stop token or string, ``max_tokens``)
 or are cancelled leave the batch at once, and their cache rows are freed.
 
 The engine is plain Python over a ``Decoder``: the Triton model runs ``serve_forever`` in a
@@ -53,6 +54,7 @@ class EngineLimits:
     max_queue: int = 64
     truncate_prompt: bool = True  # cut an over-long prompt from the start, or reject it
     prefix_cache_bytes: int = 256 * 2**20  # KV caches of recent prompts kept for reuse; 0: none
+    prefill_chunk_tokens: int = 256  # prompt tokens prefilled per step, between decode steps; 0: a whole prompt
 
 
 @dataclass(eq=False)
@@ -69,6 +71,7 @@ class GenerationRequest:
     generated: list[int] = field(default_factory=list)
     sampler: Sampler | None = None
     text: TextStream | None = None
+    prefilled: tuple[int, list[Floats]] | None = None  # while its prompt is prefilled: tokens in, their KV
     submitted_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -93,6 +96,7 @@ class GenerationEngine:
         self._stop_ids = frozenset(stop_token_ids)
         self._waiting: deque[GenerationRequest] = deque()
         self._running: list[GenerationRequest] = []
+        self._prefilling: GenerationRequest | None = None  # admitted, its prompt partly prefilled
         self._batch: KVBatch | None = None
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes) if limits.prefix_cache_bytes else None
         self._wake = threading.Condition()
@@ -165,7 +169,7 @@ class GenerationEngine:
     @property
     def idle(self) -> bool:
         with self._wake:
-            return not self._waiting and not self._running
+            return not self._waiting and not self._running and self._prefilling is None
 
     def run_until_idle(self) -> None:
         """Step until every submitted sequence has finished."""
@@ -177,7 +181,7 @@ class GenerationEngine:
         ``on_step(waiting, running)`` hears how many sequences wait and run (the model's metrics)."""
         while not stop.is_set():
             with self._wake:
-                if not self._waiting and not self._running:
+                if not self._waiting and not self._running and self._prefilling is None:
                     self._wake.wait(timeout=0.5)
                     continue
             self.step()
@@ -185,7 +189,8 @@ class GenerationEngine:
                 with self._wake:
                     waiting = len(self._waiting)
                 on_step(waiting, len(self._running))
-        for request in [*self._running, *self._waiting]:
+        prefilling = [self._prefilling] if self._prefilling is not None else []
+        for request in [*self._running, *prefilling, *self._waiting]:
             self._finish(request, "cancelled")
 
     def wake(self) -> None:
@@ -194,16 +199,21 @@ class GenerationEngine:
             self._wake.notify_all()
 
     def step(self) -> None:
-        """One iteration: drop cancelled sequences, admit and prefill one waiting sequence, decode one token each.
+        """One iteration: drop cancelled sequences, prefill one chunk of one admitted prompt, decode one token each.
 
         A failure (e.g. ONNX Runtime out of memory) ends the sequences it hit with an error, not the loop.
         """
         self._drop_cancelled()
-        request = self._admit()
-        if request is not None:
+        if self._prefilling is None:
+            self._prefilling = self._admit()
+            if self._prefilling is not None:
+                self._start_prefill(self._prefilling)
+        if self._prefilling is not None:
+            request = self._prefilling
             try:
-                self._prefill(request)
+                self._prefill_chunk(request)
             except Exception as exc:
+                self._prefilling = None
                 self._fail([request], exc)
         if self._running and self._batch is not None:
             try:
@@ -223,6 +233,9 @@ class GenerationEngine:
             for request in [r for r in self._waiting if r.is_cancelled()]:
                 self._waiting.remove(request)
                 self._finish(request, "cancelled")
+        if self._prefilling is not None and self._prefilling.is_cancelled():
+            self._finish(self._prefilling, "cancelled")
+            self._prefilling = None
         cancelled = [i for i, r in enumerate(self._running) if r.is_cancelled()]
         for index in cancelled:
             self._finish(self._running[index], "cancelled")
@@ -239,13 +252,27 @@ class GenerationEngine:
                 return None
             return self._waiting.popleft()
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        """The request's prompt, from the end of its longest cached prefix; its cache is kept for later prompts."""
+    def _start_prefill(self, request: GenerationRequest) -> None:
+        """Begin an admitted request's prompt after its longest cached prefix."""
         request.text = self._new_text(request.params.stop)
-        prefix = self.prefix_cache.lookup(request.prompt_ids) if self.prefix_cache is not None else None
-        logits, cache = self.decoder.prefill(request.prompt_ids, prefix)
+        request.prefilled = self.prefix_cache.lookup(request.prompt_ids) if self.prefix_cache is not None else None
+
+    def _prefill_chunk(self, request: GenerationRequest) -> None:
+        """Feed the prompt's next chunk; after the last, keep its cache for later prompts and join the batch."""
+        prompt = request.prompt_ids
+        start = request.prefilled[0] if request.prefilled is not None else 0
+        end = (
+            min(len(prompt), start + self.limits.prefill_chunk_tokens)
+            if self.limits.prefill_chunk_tokens
+            else len(prompt)
+        )
+        logits, cache = self.decoder.prefill(prompt[:end], request.prefilled)
+        if end < len(prompt):
+            request.prefilled = (end, cache.past)
+            return
+        self._prefilling, request.prefilled = None, None
         if self.prefix_cache is not None:
-            self.prefix_cache.store(request.prompt_ids, cache.past)
+            self.prefix_cache.store(prompt, cache.past)
         if self._advance(request, logits):
             return
         self._running.append(request)

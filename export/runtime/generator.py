@@ -151,6 +151,7 @@ class TritonPythonModel:
             max_queue=int(model_parameter(config, Parameters.MAX_QUEUE, "64")),
             truncate_prompt=model_parameter(config, Parameters.TRUNCATE_PROMPT, "true").lower() == "true",
             prefix_cache_bytes=int(model_parameter(config, Parameters.PREFIX_CACHE_MB, "256")) * 2**20,
+            prefill_chunk_tokens=int(model_parameter(config, Parameters.PREFILL_CHUNK_TOKENS, "256")),
         )
         self.tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
         template = metadata.extra.get("chat_template")

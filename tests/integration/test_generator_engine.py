@@ -217,3 +217,27 @@ def test_the_prefix_cache_stays_within_its_bytes(version_dir: Path, tokenizer: T
     assert loop.prefix_cache is not None
     assert 0 < loop.prefix_cache.nbytes <= 200_000
     assert 0 < len(loop.prefix_cache) < len(prompts)  # the oldest were evicted
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(version_dir: Path, tokenizer: Tokenizer) -> None:
+    long_prompt = INSTRUCTIONS + " ".join(PASSAGES) * 3 + "\nQuestion: what does the prefix cache keep?\nAnswer:"
+    chunked = engine(version_dir, prefill_chunk_tokens=16, prefix_cache_bytes=0)
+    running, running_out = request(tokenizer, "Tell me a long story", max_tokens=60)
+    chunked.submit(running)
+    chunked.step()
+    arriving, arriving_out = request(tokenizer, long_prompt, max_tokens=12)
+    chunks = -(-len(arriving.prompt_ids) // 16)
+    assert chunks >= 8
+    chunked.submit(arriving)
+    before = len(running.generated)
+    for _ in range(chunks - 1):
+        chunked.step()
+    # Every step fed one chunk of the long prompt and still moved the running stream by one token.
+    assert len(running.generated) - before == chunks - 1 and not arriving.generated
+    chunked.step()  # the last chunk gives the newcomer its first token; it joins the batch and decodes its second
+    assert len(arriving.generated) == 2 and len(running.generated) - before == chunks
+    chunked.run_until_idle()
+
+    whole = engine(version_dir, prefill_chunk_tokens=0, prefix_cache_bytes=0)
+    assert generate_each(whole, tokenizer, [long_prompt]) == [arriving.generated]
+    assert arriving_out.reason == running_out.reason == "length"
