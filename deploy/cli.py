@@ -41,6 +41,7 @@ class Target(StrEnum):
 
 class Quantization(StrEnum):
     int8 = "int8"
+    int4 = "int4"  # the generator only
 
 
 @app.command()
@@ -49,7 +50,9 @@ def export(
     task: Annotated[Task, typer.Option(help="What the model serves as.")],
     repository: Annotated[Path | None, typer.Option(help="Model repository (default: the configured one).")] = None,
     name: Annotated[str | None, typer.Option(help="Model name in the repository (default: the task).")] = None,
-    quantize: Annotated[Quantization | None, typer.Option(help="Also quantise the weights.")] = None,
+    quantize: Annotated[
+        Quantization | None, typer.Option(help="Also quantise the weights (int4: the generator only).")
+    ] = None,
     target: Annotated[Target, typer.Option(help="native also writes configs for the full Triton container.")] = (
         Target.python
     ),

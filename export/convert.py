@@ -1,4 +1,4 @@
-"""Torch module → ONNX file, and dynamic int8 quantisation of that file.
+"""Torch module → ONNX file, and quantisation of that file: dynamic int8, or weight-only int8/int4 blocks.
 
 The graph is captured with the dynamo exporter (``torch.export``): the legacy TorchScript exporter
 produces numerically wrong BERT graphs with this torch. Models over protobuf's 2 GiB limit keep their
@@ -11,9 +11,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 from torch import nn
 
 from .errors import ExportError
@@ -105,3 +108,43 @@ def quantize_int8(source: Path, target: Path, float_weight_shape: tuple[int, int
         nodes_to_exclude=excluded,
         use_external_data_format=external_data_file(source).exists(),
     )
+
+
+def _fold_transposed_weights(model: onnx.ModelProto) -> int:
+    """Replace each ``Transpose`` of a weight by the transposed weight; how many were folded.
+
+    A tied output projection reaches its MatMul as ``Transpose(embedding table)``, and the weight-only
+    quantiser quantises only MatMuls whose weight is an initializer: folded, the projection (the largest
+    MatMul of a small LM) is quantised too, and the embedding table stays as it is for the ``Gather``.
+    """
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in weights:
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        array = numpy_helper.to_array(weights[node.input[0]])
+        transposed = np.ascontiguousarray(array.transpose(perm) if perm else array.T)
+        graph.initializer.append(numpy_helper.from_array(transposed, node.output[0]))
+        graph.node.remove(node)
+        folded += 1
+    return folded
+
+
+def quantize_weights(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int) -> None:
+    """Weight-only quantisation of every MatMul with a constant weight (ONNX Runtime's ``MatMulNBits``).
+
+    Weights become ``bits``-bit integers in blocks of ``block_size`` along the input axis, each block with its
+    own scale and zero point (asymmetric, as GGUF's Q4_1 is); activations stay float, and ``accuracy_level`` 4
+    lets the CPU kernel multiply in int8 (the fast path on AVX2 / AVX-512 VNNI). The embedding table stays
+    float32: a ``Gather`` reads one row per token, so quantising it saves memory but no time.
+    """
+    model = onnx.load(str(source))
+    _fold_transposed_weights(model)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level, bits=bits
+    )
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=external_data_file(source).exists())

@@ -1,4 +1,4 @@
-"""``export_model``: a model source → ONNX (optionally int8) → a new, parity-checked version directory."""
+"""``export_model``: a model source → ONNX (optionally quantised) → a new, parity-checked version directory."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
-from .convert import export_onnx, onnx_files, quantize_int8, text_dynamic_shapes
+from .convert import export_onnx, onnx_files, quantize_int8, quantize_weights, text_dynamic_shapes
 from .errors import ExportError
 from .generation_parity import GenerationParity
 from .graphs import AUTO_CLASSES, OUTPUT_NAMES, DecoderGraph, Head, Task, build_graph, select_head
@@ -29,12 +30,16 @@ from .sources import ModelSource, resolve_source
 
 __all__ = ["ExportError", "ExportResult", "ParityThresholds", "export_model"]
 
-Quantization = Literal["int8"]
+Quantization = Literal["int8", "int4"]
 Target = Literal["python", "native"]
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 DEFAULT_CONTEXT_WINDOW = 2048  # generator: prompt plus completion
 DEFAULT_THRESHOLDS = ParityThresholds()
+# The generator's weight-only quantisation: blocks of 32 weights along the input axis, multiplied in int8
+# (accuracy level 4). Chosen by bench/generator_quantization.py (docs/BENCHMARKS.md, "Quantised generator").
+GENERATOR_BLOCK_SIZE = 32
+GENERATOR_ACCURACY_LEVEL = 4
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +101,10 @@ def export_model(
             parity = _export_text_model(source, task, graph, onnx_file, metadata, thresholds)
         reports = {"fp32": parity.check(onnx_file)}
         metadata["parity"] = reports["fp32"]
-        if quantize == "int8":
-            reports["int8"] = _quantize(onnx_file, parity.check_int8, _ffn_down_shape(config))
-            metadata["quantization"] = {"method": "dynamic", "weights": "int8", "parity": reports["int8"]}
+        if quantize is not None:
+            write_quantized, method = _quantizer(task, quantize, config)
+            reports[quantize] = _quantize(onnx_file, parity.check_quantized, write_quantized)
+            metadata["quantization"] = {**method, "weights": quantize, "parity": reports[quantize]}
         write_json(staging / METADATA_FILE, metadata)
         native_dirs: list[Path] = []
         if native_repository is not None:
@@ -113,10 +119,10 @@ def export_model(
 
 
 class _Parity(Protocol):
-    """An export's parity check: float32 (raises when off) and int8 (reported)."""
+    """An export's parity check: float32 (raises when off) and quantised (reported, or raises below a floor)."""
 
     def check(self, onnx_file: Path) -> dict[str, Any]: ...
-    def check_int8(self, onnx_file: Path) -> dict[str, Any]: ...
+    def check_quantized(self, onnx_file: Path) -> dict[str, Any]: ...
 
 
 def _export_text_model(
@@ -168,6 +174,8 @@ def _check_choices(task: str, name: str, quantize: str | None, target: str, nati
         raise ExportError(f"bad model name {name!r}: use letters, digits, '_', '-' and '.', not first")
     if quantize is not None and quantize not in get_args(Quantization):
         raise ExportError(f"unknown quantization {quantize!r}: expected one of {get_args(Quantization)}")
+    if quantize == "int4" and task != "generator":
+        raise ExportError("int4 quantisation is for the generator; an embedder or reranker takes int8")
     if target not in get_args(Target):
         raise ExportError(f"unknown target {target!r}: expected one of {get_args(Target)}")
     if (target == "native") != (native_repository is not None):
@@ -182,20 +190,42 @@ def _ffn_down_shape(config: PretrainedConfig) -> tuple[int, int] | None:
     return (int(intermediate), int(hidden)) if intermediate and hidden else None
 
 
+def _quantizer(
+    task: Task, quantize: Quantization, config: PretrainedConfig
+) -> tuple[Callable[[Path, Path], None], dict[str, Any]]:
+    """How ``task`` is quantised: the function that writes the quantised file, and its ``tritonrag.json`` entry.
+
+    The generator's weights go to int8 or int4 blocks (``MatMulNBits``): decoding one token reads every weight,
+    so fewer bytes per weight are the speed-up. Encoders take dynamic int8, quantising activations too.
+    """
+    if task == "generator":
+        bits = {"int8": 8, "int4": 4}[quantize]
+        write = partial(
+            quantize_weights, bits=bits, block_size=GENERATOR_BLOCK_SIZE, accuracy_level=GENERATOR_ACCURACY_LEVEL
+        )
+        return write, {
+            "method": "weight_only",
+            "block_size": GENERATOR_BLOCK_SIZE,
+            "accuracy_level": GENERATOR_ACCURACY_LEVEL,
+        }
+    return partial(quantize_int8, float_weight_shape=_ffn_down_shape(config)), {"method": "dynamic"}
+
+
 def _quantize(
-    onnx_file: Path, check: Callable[[Path], dict[str, Any]], float_weight_shape: tuple[int, int] | None
+    onnx_file: Path, check: Callable[[Path], dict[str, Any]], write_quantized: Callable[[Path, Path], None]
 ) -> dict[str, Any]:
-    """Replace ``onnx_file`` by its int8 version, once ``check`` has reported on it."""
-    int8_dir = onnx_file.parent / "int8"
-    int8_dir.mkdir()
-    int8_file = int8_dir / onnx_file.name
-    quantize_int8(onnx_file, int8_file, float_weight_shape)
-    report = check(int8_file)
+    """Replace ``onnx_file`` by its quantised version (``write_quantized(source, target)``), once ``check`` has
+    reported on it."""
+    quantized_dir = onnx_file.parent / "quantized"
+    quantized_dir.mkdir()
+    quantized_file = quantized_dir / onnx_file.name
+    write_quantized(onnx_file, quantized_file)
+    report = check(quantized_file)
     for path in onnx_files(onnx_file):
         path.unlink()
-    for path in onnx_files(int8_file):
+    for path in onnx_files(quantized_file):
         path.rename(onnx_file.parent / path.name)
-    int8_dir.rmdir()
+    quantized_dir.rmdir()
     return report
 
 

@@ -123,8 +123,8 @@ class GenerationParity:
             raise ExportError(f"{onnx_file.name}: greedy output differs from PyTorch's: {report}")
         return report
 
-    def check_int8(self, onnx_file: Path) -> dict[str, Any]:
-        """Int8 parity, reported only: quantisation may change greedy choices."""
+    def check_quantized(self, onnx_file: Path) -> dict[str, Any]:
+        """Quantised parity, reported only: quantisation may change greedy choices."""
         report = self._report(onnx_file)
         report["threshold"] = None
         return report

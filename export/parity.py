@@ -125,7 +125,7 @@ class ParityCheck:
             raise ExportError(f"{onnx_file.name} disagrees with the PyTorch reference or depends on padding: {report}")
         return report
 
-    def check_int8(self, onnx_file: Path) -> dict[str, Any]:
+    def check_quantized(self, onnx_file: Path) -> dict[str, Any]:
         """Int8 parity; raises for an embedder under ``int8_cosine_min``, only reports for a reranker."""
         report = self._report(onnx_file)
         report["threshold"] = self.thresholds.int8_cosine_min if self.task == "embedder" else None

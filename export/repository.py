@@ -155,7 +155,12 @@ def check_version_dir(version_dir: Path, task: str) -> dict[str, Any]:
     quantization = metadata.get("quantization")
     reports = [("float32", metadata.get("parity"), True)]
     if quantization is not None:
-        reports.append(("int8", quantization.get("parity") if isinstance(quantization, dict) else None, False))
+        label, report = (
+            (str(quantization.get("weights", "quantised")), quantization.get("parity"))
+            if isinstance(quantization, dict)
+            else ("quantised", None)
+        )
+        reports.append((label, report, False))
     for label, report, float32 in reports:
         failure = parity_failure(report, float32)
         if failure:

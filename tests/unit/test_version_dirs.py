@@ -161,12 +161,14 @@ FAULTS: list[tuple[str, Callable[[Path], object], str]] = [
     ("no parity report", lambda d: write_metadata(d, parity=None), r"the float32 parity check has no report: None"),
     (
         "int8 parity failed",
-        lambda d: write_metadata(d, quantization={"method": "dynamic", "parity": {**PARITY, "value": 0.5}}),
+        lambda d: write_metadata(
+            d, quantization={"method": "dynamic", "weights": "int8", "parity": {**PARITY, "value": 0.5}}
+        ),
         r"the int8 parity check failed: cosine_min \[0\.5\]",
     ),
     (
         "int8 without a report",
-        lambda d: write_metadata(d, quantization={"method": "dynamic"}),
+        lambda d: write_metadata(d, quantization={"method": "dynamic", "weights": "int8"}),
         r"the int8 parity check has no report: None",
     ),
 ]
