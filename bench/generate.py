@@ -66,7 +66,7 @@ from stack import (
 from tests.serving import ADMIN_HEADERS
 from tritonrag.clients.wire.schema import ChatMessage, SamplingParams
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer
-from tritonrag.server.config import RoutingSettings
+from tritonrag.server.config import ModelSettings, RoutingSettings
 from tritonrag.server.generation.packing import ContextWindow
 from tritonrag.server.generation.prompts import grounded_messages
 from tritonrag.server.routing.triton_pool import TritonPool
@@ -384,7 +384,7 @@ async def measure_served(
     """The prompts through the served ``model`` at each number of streams, with the memory of Triton's processes."""
     assert server.pid is not None
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    pool = TritonPool([server.endpoints.grpc_url], RoutingSettings())
+    pool = TritonPool([server.endpoints.grpc_url], RoutingSettings(), ModelSettings(generator=model))
     await pool.start()
     rows = []
     try:
