@@ -68,6 +68,8 @@ class VersionLoader:
 
     async def _load_on(self, endpoint: Endpoint, model: str, versions: set[str], deadline: float) -> None:
         config = await self._config(endpoint, model)
+        if _policy_versions(config) == versions and await self._ready(endpoint, model) == versions:
+            return  # already so: a load with a config would make Triton load the model again
         config["version_policy"] = {"specific": {"versions": sorted(int(v) for v in versions)}}
         try:
             await endpoint.client.load_model(
@@ -78,13 +80,21 @@ class VersionLoader:
                 f"{endpoint.url} could not load '{model}' versions {sorted(versions, key=int)}: {exc.message()}"
             ) from exc
         # Triton answers a load that skipped a version (e.g. a directory this server's repository lacks) with OK.
-        index = await endpoint.client.get_model_repository_index(client_timeout=10.0)
-        states = {str(e.version): (e.state, e.reason) for e in index.models if e.name == model}
+        states = await self._states(endpoint, model)
         for version in sorted(versions, key=int):
             state, reason = states.get(version, ("", ""))
             if state != "READY":
                 found = f"is {state}: {reason}" if state else "is not in its repository"
                 raise LoadError(f"{endpoint.url} could not load '{model}' version {version}: it {found}")
+
+    @staticmethod
+    async def _states(endpoint: Endpoint, model: str) -> dict[str, tuple[str, str]]:
+        """Each version of ``model`` in the endpoint's repository index: its state and reason."""
+        index = await endpoint.client.get_model_repository_index(client_timeout=10.0)
+        return {str(e.version): (e.state, e.reason) for e in index.models if e.name == model}
+
+    async def _ready(self, endpoint: Endpoint, model: str) -> set[str]:
+        return {version for version, (state, _) in (await self._states(endpoint, model)).items() if state == "READY"}
 
     async def _config(self, endpoint: Endpoint, model: str) -> dict[str, Any]:
         """The model's config as the endpoint serves it (device kinds included), else its ``config.pbtxt``."""
@@ -101,3 +111,10 @@ class VersionLoader:
             return config
         served: dict[str, Any] = json_format.MessageToDict(response.config, preserving_proto_field_name=True)
         return served
+
+
+def _policy_versions(config: dict[str, Any]) -> set[str] | None:
+    """The versions a config's ``version_policy: specific`` names (JSON from protobuf writes int64 as strings);
+    None for another policy."""
+    specific = config.get("version_policy", {}).get("specific")
+    return {str(v) for v in specific.get("versions", [])} if isinstance(specific, dict) else None
