@@ -496,7 +496,7 @@ def agreement(served: Row, reference: Row) -> str:
     return line + (f"; differ: {', '.join(differing[:6])}" if differing else "")
 
 
-def served_targets(args: argparse.Namespace, served: dict[str, list[Row]], llama: Row) -> list[list[str]]:
+def served_targets(served: dict[str, list[Row]], llama: Row) -> list[list[str]]:
     """The issue's targets for each served model: vs llama.cpp, streams vs one stream, TTFT under load."""
     rows = []
     for model, (one, *rest) in served.items():
@@ -551,7 +551,7 @@ def report(
     served_rows = [row for rows in served.values() for row in rows]
     streamed = [*torch_rows, llama, *served_rows]
     table = [row_cells(row, True) for row in streamed] + [row_cells(row, False) for row in queries]
-    targets = served_targets(args, served, llama)
+    targets = served_targets(served, llama)
     full = [row for row in torch_rows if len(row.generations) == len(prompts)]
     reference = max(full, key=lambda row: row.tokens_per_s) if full else llama  # PyTorch's faster attention
     if full:

@@ -110,8 +110,8 @@ def quantize_int8(source: Path, target: Path, float_weight_shape: tuple[int, int
     )
 
 
-def _fold_transposed_weights(model: onnx.ModelProto) -> int:
-    """Replace each ``Transpose`` of a weight by the transposed weight; how many were folded.
+def _fold_transposed_weights(model: onnx.ModelProto) -> None:
+    """Replace each ``Transpose`` of a weight by the transposed weight.
 
     A tied output projection reaches its MatMul as ``Transpose(embedding table)``, and the weight-only
     quantiser quantises only MatMuls whose weight is an initializer: folded, the projection (the largest
@@ -119,7 +119,6 @@ def _fold_transposed_weights(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    folded = 0
     for node in list(graph.node):
         if node.op_type != "Transpose" or node.input[0] not in weights:
             continue
@@ -128,8 +127,6 @@ def _fold_transposed_weights(model: onnx.ModelProto) -> int:
         transposed = np.ascontiguousarray(array.transpose(perm) if perm else array.T)
         graph.initializer.append(numpy_helper.from_array(transposed, node.output[0]))
         graph.node.remove(node)
-        folded += 1
-    return folded
 
 
 def quantize_weights(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int) -> None:
