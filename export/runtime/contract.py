@@ -67,6 +67,9 @@ class Parameters:
     # text models: the (estimated) tokens the orchestrator puts in one request, so that no request outlives
     # its timeout however long the work it is part of
     MAX_REQUEST_TOKENS: Final = "max_request_tokens"
+    # text models: the nice value (1-19) of the thread that runs batches made only of bulk requests, so that the
+    # operating system gives a search's embedding the cores first; 0: bulk work runs like any other
+    BULK_NICE: Final = "bulk_nice"
 
 
 class GeneratorMetrics:
@@ -89,6 +92,10 @@ class Priority:
 
     INTERACTIVE: Final = 1
     BULK: Final = 2
+
+
+# The request parameter (a bool) that marks a request of the text models as bulk (ingestion) work.
+BULK_REQUEST_PARAMETER: Final = "tritonrag_bulk"
 
 
 # Triton's gRPC stream carries a model's error as a message without its status code, so the

@@ -10,15 +10,19 @@ own; the others in the batch are answered normally.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
-from .contract import ONNX_FILE, EmbedderTensors, Parameters, RerankerTensors
+from .contract import BULK_REQUEST_PARAMETER, ONNX_FILE, EmbedderTensors, Parameters, RerankerTensors
 from .encoding import Encoding, InputError, ModelTokenizer
 from .inference import CancelledError, SortedBatchRunner, execution_providers
 
@@ -73,6 +77,17 @@ REQUEST_ENCODERS: dict[str, Callable[[ModelTokenizer, Any, bool], list[Encoding]
 OUTPUT_NAMES = {"embedder": EmbedderTensors.EMBEDDING, "reranker": RerankerTensors.SCORE}
 
 
+def is_bulk(request: Any) -> bool:
+    """Whether the orchestrator marked ``request`` as bulk work (``BULK_REQUEST_PARAMETER``)."""
+    return bool(json.loads(request.parameters() or "{}").get(BULK_REQUEST_PARAMETER))
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Give the calling thread (on Linux, a task of its own) the nice value ``nice``; raising it needs no
+    privilege, and the operating system then runs the other instances' normal-priority threads first."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 def error_response(error: InputError) -> Any:
     """An INVALID_ARG response for one bad request."""
     return pb_utils.InferenceResponse(
@@ -121,24 +136,28 @@ class TextModel(TokenizingModel):
             max_rows=int(self.config.get("max_batch_size") or 1),
             max_tokens=int(model_parameter(self.config, Parameters.MAX_BATCH_TOKENS, "16384")),
         )
+        # Batches of bulk work run on a thread of lower priority. Triton runs one batch per instance at a time,
+        # so while the other instances ingest, the instance that takes a search's embedding gets a core at once
+        # instead of a third of two; the operating system decides, and no privilege is needed.
+        nice = int(model_parameter(self.config, Parameters.BULK_NICE, "0"))
+        self.bulk_thread = (
+            ThreadPoolExecutor(1, "bulk", initializer=lower_thread_priority, initargs=(nice,)) if nice > 0 else None
+        )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request, in order; bad requests get an INVALID_ARG error response.
 
-        Between sub-batches the model asks whether every request's client has gone; then it stops, and
-        each request gets a CANCELLED error response.
+        A batch made only of bulk requests is computed on the bulk thread. Between sub-batches the model asks
+        whether every request's client has gone; then it stops, and each request gets a CANCELLED error
+        response.
         """
-        encoded = self.encode_all(requests)
-        rows = [e for item in encoded if not isinstance(item, InputError) for e in item]
-        try:
-            values = (
-                self.runner.run(rows, lambda: all(r.is_cancelled() for r in requests))
-                if rows
-                else np.zeros((0,), dtype=np.float32)
-            )
-        except CancelledError as exc:
+        if self.bulk_thread is not None and all(is_bulk(r) for r in requests):
+            encoded, values = self.bulk_thread.submit(self.compute, requests).result()
+        else:
+            encoded, values = self.compute(requests)
+        if isinstance(values, CancelledError):
             error = pb_utils.TritonError(
-                str(exc), getattr(pb_utils.TritonError, "CANCELLED", pb_utils.TritonError.UNAVAILABLE)
+                str(values), getattr(pb_utils.TritonError, "CANCELLED", pb_utils.TritonError.UNAVAILABLE)
             )
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         responses = []
@@ -152,6 +171,22 @@ class TextModel(TokenizingModel):
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, chunk)]))
         return responses
 
+    def compute(
+        self, requests: list[Any]
+    ) -> tuple[list[list[Encoding] | InputError], npt.NDArray[np.float32] | CancelledError]:
+        """Each request's token rows (or its input error), and the outputs of the valid rows in that order (or
+        the `CancelledError` that stopped them)."""
+        encoded = self.encode_all(requests)
+        rows = [e for item in encoded if not isinstance(item, InputError) for e in item]
+        if not rows:
+            return encoded, np.zeros((0,), dtype=np.float32)
+        try:
+            return encoded, self.runner.run(rows, lambda: all(r.is_cancelled() for r in requests))
+        except CancelledError as exc:
+            return encoded, exc
+
     def finalize(self) -> None:
-        """Release the ONNX Runtime session."""
+        """Stop the bulk thread and release the ONNX Runtime session."""
+        if self.bulk_thread is not None:
+            self.bulk_thread.shutdown()
         del self.runner

@@ -51,6 +51,7 @@ class TritonClient(Protocol):
         headers: dict[str, str],
         client_timeout: float | None,
         priority: int = 0,
+        parameters: dict[str, Any] | None = None,
     ) -> Any: ...
 
     def stream_infer(

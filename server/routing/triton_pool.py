@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from tritonrag.clients.wire.schema import REQUEST_ID_HEADER
 from tritonrag.export.runtime.contract import (
+    BULK_REQUEST_PARAMETER,
     EmbedderTensors,
     Priority,
     RerankerTensors,
@@ -244,6 +245,7 @@ class TritonPool(GenerationStreams):
                 headers={REQUEST_ID_HEADER: request_id},
                 client_timeout=timeout,
                 priority=Priority.BULK if bulk else Priority.INTERACTIVE,
+                parameters={BULK_REQUEST_PARAMETER: True} if bulk else None,
             )
         except InferenceServerException as exc:  # every RPC failure, a refused connection included
             raise self._failed(endpoint, model, version, exc) from exc

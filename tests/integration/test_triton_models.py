@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import urllib.request
@@ -202,3 +203,36 @@ def test_native_tokenizer_model_serves_the_graph_inputs(tiny_sources: dict[str, 
     for name, array in arrays.items():
         assert (reply.as_numpy(name) == array).all(), name
     assert "text is empty" in empty.message()
+
+
+def _thread_nice_values(server: TritonServer, model: str) -> list[int]:
+    """The nice value of every thread of ``model``'s Python-backend stub processes (children of Triton)."""
+    assert server.pid is not None
+    values = []
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone
+        if parent != server.pid or f"/{model}/" not in command:
+            continue
+        for task in (proc / "task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended
+                values.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+def test_bulk_requests_run_on_a_lower_priority_thread_with_the_same_results(
+    tiny_triton: TritonServer, tiny_client: grpcclient.InferenceServerClient
+) -> None:
+    assert _thread_nice_values(tiny_triton, "embedder") and 10 not in _thread_nice_values(tiny_triton, "embedder")
+    interactive = embed(tiny_client, SENTENCES)
+    bulk = [
+        tiny_client.infer("embedder", [text_input("TEXT", SENTENCES)], parameters={"tritonrag_bulk": True})
+        for _ in range(3)
+    ]
+    for result in bulk:
+        np.testing.assert_array_equal(result.as_numpy("EMBEDDING"), interactive)
+    # The config's bulk_nice (10) on the threads that ran them; every other thread as it was.
+    assert set(_thread_nice_values(tiny_triton, "embedder")) == {0, 10}

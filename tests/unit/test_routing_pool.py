@@ -67,6 +67,7 @@ class Call:
     timeout: float | None
     priority: int = 0
     version: str = ""
+    parameters: dict[str, Any] | None = None
 
 
 @dataclass
@@ -139,9 +140,11 @@ class FakeTriton:
         headers: dict[str, str],
         client_timeout: float | None,
         priority: int = 0,
+        parameters: dict[str, Any] | None = None,
     ) -> Any:
         columns = [[b.decode() for b in deserialize_bytes_tensor(i._get_content())] for i in inputs]
-        self.calls.append(Call(model_name, columns[-1], request_id, headers, client_timeout, priority, model_version))
+        call = Call(model_name, columns[-1], request_id, headers, client_timeout, priority, model_version, parameters)
+        self.calls.append(call)
         if model_version and model_version not in self.models.get(model_name, "").split(","):
             if self.on_unknown_version is not None:
                 self.on_unknown_version()
@@ -579,6 +582,9 @@ def test_bulk_work_waits_for_the_lanes_and_yields_to_interactive_work() -> None:
     assert fleet["a:1"].most_in_flight == 2 + 1  # the bulk lanes (one per instance but one) and the query
     assert {c.priority for c in calls if c.rows == ["what is new?"]} == {1}
     assert {c.priority for c in calls if c.rows != ["what is new?"]} == {2}
+    # Bulk requests are marked for the model, which runs them on its lower-priority thread.
+    assert [c.parameters for c in calls if c.rows == ["what is new?"]] == [None]
+    assert all(c.parameters == {"tritonrag_bulk": True} for c in calls if c.rows != ["what is new?"])
     # The query did not wait for the bulk work: it was answered before the last bulk rows were sent.
     assert calls.index(next(c for c in calls if c.rows == ["what is new?"])) < len(calls) - 1
 
