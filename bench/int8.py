@@ -4,11 +4,12 @@ Variants (each a model version directory that Triton can serve, with the float32
 ``tokenizer.json``, ``tritonrag.json`` and ``model.py``, and its ``config.pbtxt`` beside it):
 
 * ``fp32``: the embedder of the benchmark repository (``stack.model_repository``, or ``--repository``);
-* ``int8-dynamic``: that same float32 graph through today's ``--quantize int8`` step
-  (``export.convert.quantize_int8``, as ``export_model`` calls it: ONNX Runtime's ``quantize_dynamic``,
-  int8 weights per output channel, activations quantised at run time with one scale per tensor, the
-  FFN down-projections left in float32), without the export's parity gate; or ``--int8-repository``'s
-  embedder; ``int8-dynamic-all`` is the same step with the FFN down-projections quantised too;
+* ``int8-dynamic``: that same float32 graph through ``export.convert.quantize_int8`` with the FFN
+  down-projections left in float32 (ONNX Runtime's ``quantize_dynamic``: int8 weights per output channel,
+  activations quantised at run time with one scale per tensor), as ``--quantize int8`` falls back to where
+  quantising every MatMul misses the export's parity gate; without that gate;
+* ``int8-dynamic-all``: the same step with every MatMul quantised, ``--quantize int8``'s first choice; or
+  ``--int8-repository``'s embedder;
 * ``int8-static``: static QDQ quantisation of the float32 graph with ONNX Runtime's
   ``quantize_static`` (after its ``quant_pre_process``): weights int8 symmetric per output channel,
   activations uint8 per tensor with ranges calibrated offline (one variant per ``--calibration-method``) on
@@ -109,9 +110,9 @@ def derived_version(
 
 
 def dynamic_variant(fp32_dir: Path, rebuild: bool = False, keep_ffn_down: bool = True) -> Path:
-    """The float32 version through today's ``--quantize int8`` step (``export.convert.quantize_int8``, as
-    ``export_model`` calls it: the FFN down-projections stay float32), without the export's parity gate;
-    ``keep_ffn_down=False`` quantises those too."""
+    """The float32 version through ``export.convert.quantize_int8`` with the FFN down-projections in float32
+    (the export's fallback), without the export's parity gate; ``keep_ffn_down=False`` quantises those too
+    (the export's first choice)."""
     from tritonrag.export.convert import quantize_int8
 
     fp32_dir = fp32_dir.resolve()  # the quantiser runs in a scratch working directory
@@ -125,9 +126,10 @@ def dynamic_variant(fp32_dir: Path, rebuild: bool = False, keep_ffn_down: bool =
 
 
 def int8_version(fp32_dir: Path, int8_repository: Path | None = None) -> Path:
-    """The int8 embedder of the benchmarks: ``int8_repository``'s if given, else ``dynamic_variant``."""
+    """The int8 embedder of the benchmarks: ``int8_repository``'s if given, else ``dynamic_variant`` with every
+    MatMul quantised (``--quantize int8``'s first choice)."""
     if int8_repository is None:
-        return dynamic_variant(fp32_dir)
+        return dynamic_variant(fp32_dir, keep_ffn_down=False)
     found: Path = version_dir(int8_repository, "embedder")
     if not ModelMetadata.read(found).extra.get("quantization"):
         raise RuntimeError(f"the embedder of {int8_repository} ({found}) is not quantised")
@@ -309,10 +311,14 @@ def variant_dirs(args: argparse.Namespace, calibration: Sequence[str]) -> dict[s
     dirs = {"fp32": fp32_dir}
     for variant in args.variants:
         if variant == "int8-dynamic":
-            dirs[variant] = int8_version(fp32_dir, args.int8_repository)
+            dirs[variant] = dynamic_variant(fp32_dir, args.rebuild)
             continue
         if variant == "int8-dynamic-all":
-            dirs[variant] = dynamic_variant(fp32_dir, args.rebuild, keep_ffn_down=False)
+            dirs[variant] = (
+                int8_version(fp32_dir, args.int8_repository)
+                if args.int8_repository
+                else dynamic_variant(fp32_dir, args.rebuild, keep_ffn_down=False)
+            )
             continue
         for method in args.calibration_method:
             label = f"{variant} ({method})" if len(args.calibration_method) > 1 else variant
@@ -356,7 +362,7 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, help="float32 model repository (default: see stack.py)")
-    parser.add_argument("--int8-repository", type=Path, help="int8-dynamic: this repository's embedder instead")
+    parser.add_argument("--int8-repository", type=Path, help="int8-dynamic-all: this repository's embedder instead")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:]), help="besides fp32")
     parser.add_argument("--chunks", type=int, default=2000, help="corpus chunks measured")
     parser.add_argument("--calibration", type=int, default=256, help="corpus chunks that calibrate static variants")

@@ -8,10 +8,12 @@ torch, and a size limit on what travels):
 * ``pack DIR`` (here): the float32 embedder version with its weights stored as float16 (half the bytes),
   its tokenizer and metadata, and ``--chunks`` chunk texts of the pydoc corpus cut by the server's chunker;
 * ``run DIR`` (there, ``PYTHONPATH`` holding ``bench`` and a ``tritonrag`` package folder): the float32 graph
-  rebuilt from those weights, the int8 graph made from it by ``export.convert.quantize_int8`` (the export's
-  own step), both run over the chunks at each ``--threads``; a markdown table of chunks/s (median of
-  ``--rounds``), the int8/float32 ratio, the cosine of the int8 vectors to the float32 ones, and the CPU's
-  int8 instructions. Both graphs carry the float16-rounded weights, so the ratio is that of the real models.
+  rebuilt from those weights, the int8 graph made from it by ``export.convert.quantize_int8`` with the FFN
+  down-projections left float32 (the export's fallback where quantising every MatMul misses the parity
+  gate; bench/int8.py's ``int8-dynamic``), both run over the chunks at each ``--threads``; a markdown
+  table of chunks/s (median of ``--rounds``), the int8/float32 ratio, the cosine of the int8 vectors to the
+  float32 ones, and the CPU's int8 instructions. Both graphs carry the float16-rounded weights, so the ratio
+  is that of the real models.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -102,8 +102,9 @@ def export_model(
         reports = {"fp32": parity.check(onnx_file)}
         metadata["parity"] = reports["fp32"]
         if quantize is not None:
-            write_quantized, method = _quantizer(task, quantize, config)
-            reports[quantize] = _quantize(onnx_file, parity.check_quantized, write_quantized)
+            method, reports[quantize] = _quantize(
+                onnx_file, parity.check_quantized, _quantizers(task, quantize, config)
+            )
             metadata["quantization"] = {**method, "weights": quantize, "parity": reports[quantize]}
         write_json(staging / METADATA_FILE, metadata)
         native_dirs: list[Path] = []
@@ -190,43 +191,65 @@ def _ffn_down_shape(config: PretrainedConfig) -> tuple[int, int] | None:
     return (int(intermediate), int(hidden)) if intermediate and hidden else None
 
 
-def _quantizer(
-    task: Task, quantize: Quantization, config: PretrainedConfig
-) -> tuple[Callable[[Path, Path], None], dict[str, Any]]:
-    """How ``task`` is quantised: the function that writes the quantised file, and its ``tritonrag.json`` entry.
+Quantizer = tuple[Callable[[Path, Path], None], dict[str, Any]]  # writes (source, target); its metadata entry
+
+
+def _quantizers(task: Task, quantize: Quantization, config: PretrainedConfig) -> list[Quantizer]:
+    """How ``task`` may be quantised, the first choice first: each the function that writes the quantised file,
+    and its ``tritonrag.json`` entry.
 
     The generator's weights go to int8 or int4 blocks (``MatMulNBits``): decoding one token reads every weight,
-    so fewer bytes per weight are the speed-up. Encoders take dynamic int8, quantising activations too.
+    so fewer bytes per weight are the speed-up. Encoders take dynamic int8, quantising activations too. An
+    embedder first has every MatMul quantised (about 2x float32's speed on a CPU with VNNI, 1.6x with the FFN
+    down-projections left float32: docs/BENCHMARKS.md); where that misses the parity gate (on a CPU without
+    VNNI, whose int8 products saturate on the large activations that feed those projections), they stay
+    float32. A reranker keeps them float32: its scores are reported, not gated.
     """
     if task == "generator":
         bits = {"int8": 8, "int4": 4}[quantize]
         write = partial(
             quantize_weights, bits=bits, block_size=GENERATOR_BLOCK_SIZE, accuracy_level=GENERATOR_ACCURACY_LEVEL
         )
-        return write, {
+        method = {
             "method": "weight_only",
             "block_size": GENERATOR_BLOCK_SIZE,
             "accuracy_level": GENERATOR_ACCURACY_LEVEL,
         }
-    return partial(quantize_int8, float_weight_shape=_ffn_down_shape(config)), {"method": "dynamic"}
+        return [(write, method)]
+    ffn_down = _ffn_down_shape(config)
+    keep_ffn_down: Quantizer = (
+        partial(quantize_int8, float_weight_shape=ffn_down),
+        {"method": "dynamic", "float32_layers": ["ffn_down"] if ffn_down else []},
+    )
+    every_matmul: Quantizer = (quantize_int8, {"method": "dynamic", "float32_layers": []})
+    return [every_matmul, keep_ffn_down] if task == "embedder" and ffn_down else [keep_ffn_down]
 
 
 def _quantize(
-    onnx_file: Path, check: Callable[[Path], dict[str, Any]], write_quantized: Callable[[Path, Path], None]
-) -> dict[str, Any]:
-    """Replace ``onnx_file`` by its quantised version (``write_quantized(source, target)``), once ``check`` has
-    reported on it."""
+    onnx_file: Path, check: Callable[[Path], dict[str, Any]], quantizers: Sequence[Quantizer]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Replace ``onnx_file`` by its quantised version by the first of ``quantizers`` whose output passes
+    ``check``; returns that quantizer's metadata entry and the check's report. The last one's failure raises."""
     quantized_dir = onnx_file.parent / "quantized"
     quantized_dir.mkdir()
     quantized_file = quantized_dir / onnx_file.name
-    write_quantized(onnx_file, quantized_file)
-    report = check(quantized_file)
+    for attempt, (write_quantized, method) in enumerate(quantizers, start=1):
+        write_quantized(onnx_file, quantized_file)
+        try:
+            report = check(quantized_file)
+            break
+        except ExportError as exc:
+            if attempt == len(quantizers):
+                raise
+            log.info("%s: quantised %s, it missed the parity gate (%s); trying the next way", onnx_file, method, exc)
+            for path in onnx_files(quantized_file):
+                path.unlink()
     for path in onnx_files(onnx_file):
         path.unlink()
     for path in onnx_files(quantized_file):
         path.rename(onnx_file.parent / path.name)
     quantized_dir.rmdir()
-    return report
+    return method, report
 
 
 def _metadata(

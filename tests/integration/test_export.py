@@ -14,12 +14,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from google.protobuf import text_format
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tests import tiny_models
 from tritonrag.export.errors import ExportError, SourceError
-from tritonrag.export.exporter import ExportResult, Quantization, export_model
+from tritonrag.export.exporter import ExportResult, Quantization, _quantize, _quantizers, export_model
 from tritonrag.export.graphs import build_graph, select_head
 from tritonrag.export.parity import ParityThresholds
 from tritonrag.export.repository import RUNTIME_PACKAGE, check_version_dir, publish, runtime_digest, staging_dir
@@ -140,14 +140,57 @@ def test_embedder_matches_a_plain_transformers_computation(
     np.testing.assert_allclose(served, expected, atol=1e-5)
 
 
-def test_int8_version_is_quantised_and_reported(embedder_versions: list[ExportResult]) -> None:
+def float_weight_shapes(onnx_file: Path) -> set[tuple[int, ...]]:
+    """The weight shapes of the MatMuls that kept a float32 constant weight."""
+    graph = onnx.load(str(onnx_file)).graph
+    weights = {init.name: tuple(init.dims) for init in graph.initializer}
+    return {weights[node.input[1]] for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights}
+
+
+def test_int8_version_is_quantised_and_reported(embedder_versions: list[ExportResult], embedder_dir: Path) -> None:
     fp32, int8 = embedder_versions
     report = int8.parity["int8"]
     assert report["metric"] == "cosine_min" and report["value"] >= report["threshold"] == 0.98
-    assert metadata(int8)["quantization"] == {"method": "dynamic", "weights": "int8", "parity": report}
+    quantization = metadata(int8)["quantization"]
+    layers = quantization["float32_layers"]
+    assert quantization == {"method": "dynamic", "float32_layers": layers, "weights": "int8", "parity": report}
     ops = {node.op_type for node in onnx.load(str(int8.version_dir / "model.onnx")).graph.node}
     assert "DynamicQuantizeLinear" in ops
+    # What the metadata says stayed float32 is what did: nothing, or the FFN down-projections.
+    config = json.loads((embedder_dir / "config.json").read_text())
+    ffn_down = (config["intermediate_size"], config["hidden_size"])
+    assert float_weight_shapes(int8.version_dir / "model.onnx") == ({ffn_down} if layers == ["ffn_down"] else set())
     assert "int8" not in fp32.parity
+
+
+def test_int8_embedder_keeps_the_ffn_down_projections_float_when_every_matmul_misses_the_gate(
+    embedder_versions: list[ExportResult], embedder_dir: Path, tmp_path: Path
+) -> None:
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes((embedder_versions[0].version_dir / "model.onnx").read_bytes())
+    tried: list[set[tuple[int, ...]]] = []
+
+    def gate(quantized: Path) -> dict[str, Any]:  # stands in for the parity gate: refuses the all-int8 graph
+        tried.append(float_weight_shapes(quantized))
+        if not tried[-1]:
+            raise ExportError("int8 model.onnx is too far from the PyTorch reference")
+        return {"value": 0.99}
+
+    config = AutoConfig.from_pretrained(embedder_dir)
+    method, report = _quantize(onnx_file, gate, _quantizers("embedder", "int8", config))
+    ffn_down = (config.intermediate_size, config.hidden_size)
+    assert tried == [set(), {ffn_down}]
+    assert method == {"method": "dynamic", "float32_layers": ["ffn_down"]} and report == {"value": 0.99}
+    assert float_weight_shapes(onnx_file) == {ffn_down} and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+    def refuse(quantized: Path) -> dict[str, Any]:
+        tried.append(float_weight_shapes(quantized))
+        raise ExportError("int8 model.onnx is too far from the PyTorch reference")
+
+    tried.clear()
+    with pytest.raises(ExportError, match="too far"):  # refused both ways: the last refusal is the error
+        _quantize(onnx_file, refuse, _quantizers("embedder", "int8", config))
+    assert tried == [set(), {ffn_down}]
 
 
 def test_cross_encoder_scores_are_the_logit(cross_encoder_native: ExportResult, cross_encoder_dir: Path) -> None:
