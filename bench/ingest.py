@@ -3,8 +3,9 @@
 ``--corpus pydoc`` (default). ``--documents`` long documents of ``bench/corpus.py``'s pydoc corpus
 (``all``: the whole corpus, the full run; default: a smoke-sized sample), drawn with ``--seed``.
 For each embedder of ``--embedders`` (``fp32``: the benchmark repository's, see ``stack.py``;
-``int8``: that float32 graph through today's ``--quantize int8`` step, built by ``bench/int8.py``'s
-``dynamic_variant`` into ``.cache/``, or the embedder of ``--int8-repository``), side by side in one run:
+``int8``: that float32 graph with every MatMul quantised, ``--quantize int8``'s first choice, built by
+``bench/int8.py``'s ``int8_version`` into ``.cache/``, or the embedder of ``--int8-repository``), side by
+side in one run:
 
 * the in-process baseline (``bench/ortloop.py``): the same chunk texts (cut here by the server's own
   chunker, default chunking) embedded with the same version directory's ``model.onnx`` and
@@ -82,8 +83,9 @@ from stack import (
 
 from tests.serving import ADMIN_HEADERS
 from tritonrag.clients.evaluation import ndcg_at, recall_at, reciprocal_rank_at
-from tritonrag.clients.wire.schema import Chunking
+from tritonrag.clients.wire.schema import Chunking, DocumentIn
 from tritonrag.server.ingest.chunking import Chunker
+from tritonrag.server.store.documents import with_header
 
 PASSAGE_SHARES = {"sentence": 0.73, "paragraph": 0.23, "section": 0.04}
 PASSAGES_TARGET = 0.7
@@ -505,9 +507,10 @@ async def pydoc_benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     for embedder in args.embedders:
         version = versions[embedder]
         chunker = Chunker.from_version_dir(version, chunking.chunk_tokens, chunking.overlap_tokens)
-        spans = [chunker.chunk(document.text) for document in documents]
-        counts = [len(cut) for cut in spans]
-        texts = [span.text for cut in spans for span in cut]
+        # What the server embeds: each chunk after its document's header (default chunking: the first line).
+        cuts = [chunker.chunk_document(DocumentIn(id=d.id, text=d.text), chunking.header) for d in documents]
+        counts = [len(cut.spans) for cut in cuts]
+        texts = [with_header(cut.header, span.text) for cut in cuts for span in cut.spans]
         progress(f"{embedder}: {len(documents)} documents, {len(texts)} chunks; {version}")
         loop = OrtLoop(version, spinning=args.loop_spinning == "on")
         windows += measure_loop(embedder, loop, texts, args.rounds, args.loop_max_tokens)
