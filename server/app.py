@@ -37,6 +37,7 @@ from .services.health import HealthService
 from .services.models import ModelService
 from .services.search import SearchService
 from .store.catalog import Catalog
+from .store.database import StoreLocation
 from .telemetry.collectors import CollectionCollector, EndpointCollector, JobCollector, registered
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ class Services:
 @contextlib.asynccontextmanager
 async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """The services with their Triton pool, catalog and job runner started; all closed on exit."""
-    catalog = Catalog(settings.data_dir / "catalog.sqlite")
+    location = StoreLocation(settings.store.url)
+    catalog = Catalog(settings.data_dir / "catalog.sqlite", location)
     key_store = KeyStore(settings.data_dir / KEYS_FILE)
     prepare_keys(key_store, settings.auth)
     pool = TritonPool.from_settings(settings)
@@ -148,6 +150,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         await services.close()
         await pool.close()
         catalog.close()
+        location.close()
         key_store.close()
 
 

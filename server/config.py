@@ -130,6 +130,21 @@ class IndexSettings(BaseModel):
     snapshot_interval_s: float = Field(60.0, gt=0)  # index snapshots after writes, at most this often
 
 
+class StoreSettings(BaseModel):
+    """The source of truth (documents, chunks, vectors, the catalog and jobs): SQLite files under ``data_dir`` (the
+    default, embedded), or the PostgreSQL database at ``url`` (``postgresql://user:password@host:5432/db``), which
+    orchestrator replicas share. Each replica keeps its derived indexes (FAISS, lexical) under ``data_dir``."""
+
+    url: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql(cls, url: str) -> str:
+        if url and not url.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise ValueError("store.url must be empty (SQLite files) or a postgresql:// URL")
+        return url
+
+
 class IngestSettings(BaseModel):
     """Upserts: what runs inline and what as a background job, and the limits on both."""
 
@@ -326,6 +341,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     routing: RoutingSettings = RoutingSettings()
     index: IndexSettings = IndexSettings()
+    store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     query: QuerySettings = QuerySettings()
     cache: CacheSettings = CacheSettings()

@@ -1,4 +1,4 @@
-"""Shared fixtures (paths of the bundled offline models, Triton servers) and the test tiers.
+"""Shared fixtures (paths of the bundled offline models, Triton servers, PostgreSQL) and the test tiers.
 
 Nothing here imports torch or transformers at module level: the unit tier runs without them.
 """
@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.serving import ADMIN_KEY
+from tests.serving import ADMIN_KEY, PostgresServer
 from tritonrag.clients.http_client import API_KEY_ENV
 from tritonrag.deploy.launcher import TritonServer
 from tritonrag.server.config import REPO_ROOT
+from tritonrag.server.store.database import StoreLocation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -32,11 +34,14 @@ TIERS = ("unit", "integration", "e2e")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Marks every test with its tier, so that ``pytest -m unit`` selects the unit tier."""
+    """Marks every test with its tier, so that ``pytest -m unit`` selects the unit tier. A unit test run on the
+    PostgreSQL backend (``backend`` parameter) needs a PostgreSQL server: it is an integration test."""
     for item in items:
         for tier in TIERS:
             if TESTS / tier in item.path.parents:
-                item.add_marker(tier)
+                callspec = getattr(item, "callspec", None)
+                on_postgresql = callspec is not None and callspec.params.get("backend") == "postgresql"
+                item.add_marker("integration" if tier == "unit" and on_postgresql else tier)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -132,6 +137,35 @@ def tiny_client(tiny_triton: TritonServer) -> Iterator[grpcclient.InferenceServe
     client = grpcclient.InferenceServerClient(tiny_triton.endpoints.grpc_url)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL server, one for the whole session (``postgres_url`` gives each test a database of it)."""
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each store backend in turn: a test that takes it runs on SQLite files and on a real PostgreSQL."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_location(backend: str, request: pytest.FixtureRequest) -> Iterator[StoreLocation]:
+    """Where a test's stores live: SQLite files (the test's paths), or a fresh PostgreSQL database."""
+    location = StoreLocation(request.getfixturevalue("postgres_url") if backend == "postgresql" else "")
+    yield location
+    location.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The SQLAlchemy URL of a new, empty database of ``postgres_server``, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex}"
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)
 
 
 def _export_fingerprint() -> str:

@@ -1,16 +1,19 @@
-"""Client helpers for tests that talk to a real Triton server, an orchestrator or a real Redis."""
+"""Client helpers for tests that talk to a real Triton server, an orchestrator, a real Redis or PostgreSQL."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import IO, Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+import psycopg
 import tritonclient.grpc as grpcclient
 
 from tritonrag.deploy.launcher import TritonEndpoints, TritonServer, free_port, free_ports
@@ -187,6 +191,25 @@ def stop_orchestrator(orchestrator: Orchestrator) -> None:
             orchestrator.process.wait()
 
 
+def wait_until(ready: Callable[[], bool], what: str, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """Poll ``ready`` until it holds; AssertionError when ``process`` (what serves ``what``) exits first or time
+    runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert process.poll() is None, f"{what} exited with {process.returncode}"
+        assert time.monotonic() < deadline, f"{what} did not start in {timeout_s:g} s"
+        time.sleep(0.02)
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on loopback ``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 class RedisServer:
     """A ``redis-server`` without persistence on a loopback port, in a directory of its own; restartable."""
 
@@ -201,14 +224,7 @@ class RedisServer:
         assert executable, "redis-server is missing: deploy/install-system-deps.sh installs it (make install)"
         command = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self._process = subprocess.Popen([*command, "--dir", str(self._directory)], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
+        wait_until(lambda: accepts(self.port), "redis-server", self._process)
 
     def stop(self) -> None:
         """Terminate it; ``start`` brings it back on the same port, empty."""
@@ -223,3 +239,134 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+POSTGRES_USER = "tritonrag"  # initdb's superuser of every PostgresServer, with trust authentication
+
+
+def postgres_bindir() -> Path:
+    """The folder of PostgreSQL's ``initdb`` and ``postgres``: Debian's newest, else ``pg_config --bindir``."""
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3].split(".")[0]))
+    if debian:
+        return debian[-1].parent
+    if pg_config := shutil.which("pg_config"):
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
+        if (Path(bindir) / "initdb").is_file():
+            return Path(bindir)
+    initdb = shutil.which("initdb")
+    assert initdb, "PostgreSQL (initdb, postgres) is missing: deploy/install-system-deps.sh installs it (make install)"
+    return Path(initdb).parent
+
+
+class PostgresServer:
+    """A PostgreSQL server of its own on a loopback port, with trust authentication for ``POSTGRES_USER``, the
+    database ``tritonrag`` and fsync on; restartable on the same data, also after ``kill`` (a crash).
+
+    Its data and Unix socket live in a folder of its own under /tmp (short enough for a socket's path), which
+    ``close`` (and ``with``) removes; its log is ``directory/postgres.log``. initdb and postgres refuse to run as
+    root: as root they run as the ``postgres`` system user (``nobody`` where there is none), which owns that folder.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.url = self.url_of("tritonrag")
+        self.log = directory / "postgres.log"
+        self._bindir = postgres_bindir()
+        self._home = Path(tempfile.mkdtemp(prefix="tritonrag-postgres-", dir="/tmp"))
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = _unprivileged_user()
+            os.chmod(self._home, 0o700)
+            os.chown(self._home, user.pw_uid, user.pw_gid)
+            self._as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
+        self._data = self._home / "data"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def url_of(self, database: str) -> str:
+        """The SQLAlchemy URL (psycopg 3) of ``database`` on this server."""
+        return f"postgresql+psycopg://{POSTGRES_USER}@127.0.0.1:{self.port}/{database}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start it (after initdb and with an empty ``tritonrag`` database the first time) and wait until it takes
+        connections; after a ``kill`` that includes its crash recovery."""
+        assert self._process is None, "the PostgreSQL server is running already"
+        fresh = not self._data.exists()
+        if fresh:
+            options = ["--auth=trust", f"--username={POSTGRES_USER}", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]
+            initdb = [*self._as_user, str(self._bindir / "initdb"), "-D", str(self._data), *options]
+            done = subprocess.run(initdb, cwd=self._home, capture_output=True, text=True, check=False)
+            assert done.returncode == 0, f"initdb failed:\n{done.stdout}{done.stderr}"
+        address = ["-k", str(self._home), "-h", "127.0.0.1", "-p", str(self.port)]
+        settings = ["fsync=on", "synchronous_commit=on", "max_connections=100"]
+        command = [str(self._bindir / "postgres"), "-D", str(self._data), *address]
+        command += [argument for setting in settings for argument in ("-c", setting)]
+        with self.log.open("ab") as log:
+            # A session of its own: ``kill`` takes its backends down with it, as a crash of the machine would.
+            process = subprocess.Popen(
+                [*self._as_user, *command], cwd=self._home, stdout=log, stderr=log, start_new_session=True
+            )
+        self._process = process
+        wait_until(self._takes_connections, f"postgres (its log: {self.log})", process, timeout_s)
+        if fresh:
+            self.execute("CREATE DATABASE tritonrag")
+
+    def execute(self, sql: str) -> None:
+        """Run ``sql`` in the ``postgres`` database, outside a transaction (CREATE and DROP DATABASE)."""
+        with psycopg.connect(**self._connection("postgres"), autocommit=True) as connection:
+            connection.execute(sql.encode())
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database ``name``: its SQLAlchemy URL."""
+        self.execute(f'CREATE DATABASE "{name}"')
+        return self.url_of(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop ``name``, closing the connections still open to it."""
+        self.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        """Shut it down (fast: open connections are closed); ``start`` brings it back with its data."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGINT)
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL it and its backends, as a crash; ``start`` recovers what was committed."""
+        if self._process is not None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+            self._process = None
+
+    def close(self) -> None:
+        """Stop it and remove its data."""
+        self.stop()
+        shutil.rmtree(self._home, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _connection(self, database: str) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.port, "user": POSTGRES_USER, "dbname": database}
+
+    def _takes_connections(self) -> bool:
+        try:
+            psycopg.connect(**self._connection("postgres"), connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+
+def _unprivileged_user() -> pwd.struct_passwd:
+    """Who runs PostgreSQL for root: the ``postgres`` system user (Debian's package makes it), else ``nobody``."""
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        return pwd.getpwnam("nobody")

@@ -45,12 +45,14 @@ from tritonrag.server.retrieval.filters import compile_filter
 from tritonrag.server.retrieval.lexical import LexicalIndex
 from tritonrag.server.retrieval.locks import ReadWriteLock
 from tritonrag.server.retrieval.snapshot import TMP_SUFFIX, SnapshotError
+from tritonrag.server.store.database import Database, StoreLocation
 from tritonrag.server.store.documents import (
     Change,
     ChunkSpan,
     DocumentStore,
     EmbedderChangedError,
     IdArray,
+    LoggedRevision,
     PreparedDocument,
     StoredChunk,
     stored_dimension,
@@ -71,6 +73,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STORE_FILE = "store.sqlite"
+_FOLLOW_BATCH = 256  # revision log entries read at a time
 DENSE_FILE = "dense.faiss"
 LEXICAL_DIR = "lexical"
 DOCUMENTS_DIR = "lexical-documents"  # BM25 over whole documents, keyed by their first chunk's id
@@ -138,6 +141,7 @@ class Collection:
         self._embedder = store.embedder
         self._next: tuple[ModelVersion, DenseIndex] | None = None  # the re-index's FAISS index, once built
         self._next_lock = threading.Lock()
+        self._follow_lock = threading.Lock()  # the indexes move one revision at a time, by writes or by `follow`
         self._closed = False
 
     @classmethod
@@ -149,12 +153,14 @@ class Collection:
         *,
         dense_params: DenseParams | None = None,
         snapshot_interval_s: float = 60.0,
+        location: StoreLocation | None = None,
     ) -> Collection:
-        """Open (or create) the collection stored in ``directory`` for ``dimension``-wide vectors."""
+        """Open (or create) the collection whose derived indexes are in ``directory`` for ``dimension``-wide vectors;
+        its store is in ``directory`` too, or in the shared database of ``location``."""
         directory.mkdir(parents=True, exist_ok=True)
         for leftover in directory.glob(f"*{TMP_SUFFIX}"):
             leftover.unlink()
-        store = DocumentStore(directory / STORE_FILE, dimension)
+        store = DocumentStore(_database(location, directory, spec.name), dimension)
         dense_path = directory / DENSE_FILE
         (directory / FORMER_SPARSE_FILE).unlink(missing_ok=True)
         dense, dense_revision = _load_or_empty(
@@ -173,9 +179,14 @@ class Collection:
         return collection
 
     @staticmethod
-    def stored_dimension(directory: Path) -> int | None:
-        """The vector width of the collection stored in ``directory``; None when it has no store yet."""
-        return stored_dimension(directory / STORE_FILE)
+    def stored_dimension(directory: Path, name: str, location: StoreLocation | None = None) -> int | None:
+        """The vector width of the collection ``name`` (stored in ``directory``, or in ``location``'s shared
+        database); None when it has no store yet."""
+        database = _database(location, directory, name)
+        try:
+            return stored_dimension(database)
+        finally:
+            database.close()
 
     @property
     def name(self) -> str:
@@ -227,24 +238,27 @@ class Collection:
     @contextmanager
     def _publishing(self, change: Change) -> Iterator[None]:
         """Around the store's commit of ``change`` (writes come one at a time, the store's own lock):
-        first the lexical indexes' commits, while searches go on (tens of ms of file syncs); then, under
-        the write lock, the store's commit, FAISS, and what searches see (the lexical commits, the
-        revision). A failed store commit brings the lexical indexes back to the store."""
-        self._lexical.write(change.removed, change.added, change.texts)
-        self._documents.write(change.removed, change.document_keys, change.document_texts)
-        with self._lock.write():
-            try:
-                yield
-            except BaseException:
-                self._reconcile_lexical()
-                raise
-            self._dense.remove(change.removed)
-            self._dense.add(change.added, change.vectors)
-            if self._dense.needs_rebuild():
-                self._dense.rebuild(self._store)
-            self._lexical.refresh()
-            self._documents.refresh()
-            self._revision, self._embedder = change.revision, self._store.embedder  # a first ingest pins
+        first the writes other processes committed before it (`follow`), then the lexical indexes' commits,
+        while searches go on (tens of ms of file syncs); then, under the write lock, the store's commit,
+        FAISS, and what searches see (the lexical commits, the revision). A failed store commit brings the
+        lexical indexes back to the store."""
+        with self._follow_lock:
+            self._catch_up(change.revision - 1)
+            self._lexical.write(change.removed, change.added, change.texts)
+            self._documents.write(change.removed, change.document_keys, change.document_texts)
+            with self._lock.write():
+                try:
+                    yield
+                except BaseException:
+                    self._reconcile_lexical()
+                    raise
+                self._dense.remove(change.removed)
+                self._dense.add(change.added, change.vectors)
+                if self._dense.needs_rebuild():
+                    self._dense.rebuild(self._store)
+                self._lexical.refresh()
+                self._documents.refresh()
+                self._revision, self._embedder = change.revision, self._store.embedder  # a first ingest pins
 
     # --- re-index -----------------------------------------------------------------------------
 
@@ -292,9 +306,64 @@ class Collection:
         """Around the store's switch: bring ``dense`` to the store's chunks (writes wait on the store's lock,
         searches go on), then commit and publish it with ``embedder`` under the write lock."""
         self._sync_dense(dense, self._store.next_vectors())
+        with self._follow_lock:
+            self._catch_up(change.revision - 1)
+            with self._lock.write():
+                yield
+                self._dense, self._embedder, self._revision = dense, embedder, change.revision
+
+    # --- following the store ------------------------------------------------------------------
+
+    def follow(self, until: int | None = None) -> int:
+        """Apply what other processes (orchestrator replicas, workers) committed to a shared store since the
+        revision searches see, in the revision log's order, up to ``until`` (all when None); returns the revision
+        searches see now."""
+        with self._follow_lock:
+            self._catch_up(until)
+        return self._revision
+
+    def _catch_up(self, until: int | None) -> None:
+        """With ``_follow_lock``: apply the log's entries after the revision searches see, up to ``until``."""
+        while until is None or self._revision < until:
+            entries = [
+                entry
+                for entry in self._store.changes_since(self._revision, _FOLLOW_BATCH)
+                if until is None or entry.revision <= until
+            ]
+            if not entries:
+                return
+            self._store.refresh()
+            for entry in entries:
+                self._apply(entry)
+
+    def _apply(self, entry: LoggedRevision) -> None:
+        """Bring the indexes from ``entry.revision - 1`` to ``entry.revision``. Idempotent: an index skips the ids
+        it has, and reads what the entry added as the store holds it now (chunks removed since are gone, and a
+        later entry removes them)."""
+        if entry.kind == "switch":  # every vector replaced: a new dense index, from the store
+            dense = DenseIndex(self._store.dimension, self.spec.index_type, self._dense.params)
+            dense.rebuild(self._store)
+            with self._lock.write():
+                self._dense, self._embedder, self._revision = dense, self._store.embedder, entry.revision
+            return
+        chunk_ids, texts = self.texts(entry.added)
+        key_batches = list(self._store.iter_document_texts(entry.added))
+        keys = np.concatenate([np.empty(0, np.int64), *(batch for batch, _ in key_batches)])
+        self._lexical.write(np.union1d(entry.removed, chunk_ids), chunk_ids, texts)
+        self._documents.write(np.union1d(entry.removed, keys), keys, [t for _, batch in key_batches for t in batch])
+        vector_batches = list(self._store.iter_vectors(entry.added))
         with self._lock.write():
-            yield
-            self._dense, self._embedder, self._revision = dense, embedder, change.revision
+            present = self._dense.ids()
+            self._dense.remove(np.intersect1d(entry.removed, present, assume_unique=True))
+            for ids, vectors in vector_batches:
+                new = ~np.isin(ids, present)
+                if vectors.shape[1] == self._dense.dimension:  # else a switch follows, and rebuilds
+                    self._dense.add(ids[new], vectors[new])
+            if self._dense.needs_rebuild():
+                self._dense.rebuild(self._store)
+            self._lexical.refresh()
+            self._documents.refresh()
+            self._revision, self._embedder = entry.revision, self._store.embedder
 
     # --- reconciliation -----------------------------------------------------------------------
 
@@ -410,6 +479,14 @@ class Collection:
             self._save()
             self._closed = True
         self._store.close()
+
+    def drop_store(self) -> None:
+        """After `close`: drop the store's tables where its directory does not hold them (a shared database)."""
+        self._store.drop()
+
+
+def _database(location: StoreLocation | None, directory: Path, name: str) -> Database:
+    return (location or StoreLocation()).database(directory / STORE_FILE, name)
 
 
 def _sync(

@@ -1,9 +1,9 @@
-"""Metadata filters → SQL over the store's ``doc_metadata`` table.
+"""Metadata filters → a query over the store's ``doc_metadata`` table.
 
-A filter compiles to one ``SELECT doc_id …``: a condition is an indexed lookup in
-``doc_metadata``, ``and`` is ``INTERSECT`` and ``or`` is ``UNION``, so the cost follows the
-number of matching rows, not the size of the collection. The store turns the document set
-into the allowed chunk ids, which both indexes apply before their top-k cut.
+A filter compiles to one SQLAlchemy ``SELECT doc_id …``, the same statement for SQLite and PostgreSQL: a
+condition is an indexed lookup in ``doc_metadata``, ``and`` is ``INTERSECT`` and ``or`` is ``UNION``, so
+the cost follows the number of matching rows, not the size of the collection. The store turns the
+document set into the allowed chunk ids, which both indexes apply before their top-k cut.
 
 Semantics: metadata is per document and every chunk inherits it. ``eq`` matches a field equal
 to the value, or a list-valued field with an element equal to it; ``in`` matches when the field
@@ -14,48 +14,50 @@ equal one another. A field that a document lacks matches nothing.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, false, intersect, or_, select, union
+
 from tritonrag.clients.wire.schema import And, Condition, Filter
 from tritonrag.server.errors import InvalidArgumentError
-from tritonrag.server.store.documents import DocQuery, SqlValue, encode_scalar
+from tritonrag.server.store.documents import DOC_METADATA, DocQuery, SqlValue, encode_scalar
 
-_RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-_LOOKUP = "SELECT DISTINCT doc_id FROM doc_metadata WHERE key = ? AND "
+_RANGE_OPS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
+    "gt": operator.gt,
+    "gte": operator.ge,
+    "lt": operator.lt,
+    "lte": operator.le,
+}
+_COLUMNS = DOC_METADATA.c
 
 
 def compile_filter(filter_: Filter) -> DocQuery:
     """The query that selects the ids of the documents ``filter_`` matches."""
-    sql, params = _compile(filter_)
-    return DocQuery(sql, tuple(params))
-
-
-def _compile(filter_: Filter) -> tuple[str, list[SqlValue]]:
     if isinstance(filter_, Condition):
-        return _condition(filter_)
-    parts, operator = (filter_.and_, "INTERSECT") if isinstance(filter_, And) else (filter_.or_, "UNION")
-    compiled = [_compile(part) for part in parts]
-    sql = f" {operator} ".join(f"SELECT doc_id FROM ({part_sql})" for part_sql, _ in compiled)
-    return sql, [param for _, part_params in compiled for param in part_params]
+        return select(_COLUMNS.doc_id).distinct().where(_COLUMNS.key == filter_.field, _condition(filter_))
+    parts = [compile_filter(part).subquery() for part in (filter_.and_ if isinstance(filter_, And) else filter_.or_)]
+    combine = intersect if isinstance(filter_, And) else union
+    return select(combine(*(select(part.c.doc_id) for part in parts)).subquery().c.doc_id)
 
 
-def _condition(condition: Condition) -> tuple[str, list[SqlValue]]:
+def _condition(condition: Condition) -> ColumnElement[bool]:
     value = condition.value
     if condition.op in _RANGE_OPS:
         assert isinstance(value, int | float)  # the schema allows numbers only
-        _, number = encode_scalar(value)  # an int beyond SQLite's 64 bits as a float, as it is stored
-        return f"{_LOOKUP}kind = 'n' AND value {_RANGE_OPS[condition.op]} ?", [condition.field, number]
+        _, number = encode_scalar(value)  # an int beyond 64 bits as a float, as it is stored
+        return and_(_COLUMNS.kind == "n", _RANGE_OPS[condition.op](_COLUMNS.value, number))
     if condition.op == "eq":
         if isinstance(value, list):
             raise InvalidArgumentError("'eq' takes one value; use 'in' to match any of several", field="filters")
-        return f"{_LOOKUP}kind = ? AND value = ?", [condition.field, *encode_scalar(value)]
+        kind, encoded = encode_scalar(value)
+        return and_(_COLUMNS.kind == kind, _COLUMNS.value == encoded)
     assert isinstance(value, list)  # the schema gives 'in' a list
     by_kind: dict[str, list[SqlValue]] = {}
     for element in value:
         kind, encoded = encode_scalar(element)
         by_kind.setdefault(kind, []).append(encoded)
     if not by_kind:
-        return "SELECT doc_id FROM doc_metadata WHERE 0", []
-    tests = [f"(kind = ? AND value IN ({', '.join('?' * len(values))}))" for values in by_kind.values()]
-    params: list[SqlValue] = [condition.field]
-    for kind, values in by_kind.items():
-        params += [kind, *values]
-    return f"{_LOOKUP}({' OR '.join(tests)})", params
+        return false()
+    return or_(*(and_(_COLUMNS.kind == kind, _COLUMNS.value.in_(values)) for kind, values in by_kind.items()))

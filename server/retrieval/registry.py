@@ -32,6 +32,7 @@ class CollectionRegistry:
         self, data_dir: Path, catalog: Catalog, index: IndexSettings, dimension: Callable[[], Awaitable[int]]
     ) -> None:
         self.catalog = catalog
+        self.location = catalog.location  # where the stores are: files under data_dir, or the shared database
         self._root = data_dir / "collections"
         self._index = index
         self._dimension = dimension
@@ -67,7 +68,9 @@ class CollectionRegistry:
         async with self._lock:
             if name not in self._open:
                 spec = await asyncio.to_thread(self.catalog.get_collection, name)
-                stored = await asyncio.to_thread(Collection.stored_dimension, self._directory(name))
+                stored = await asyncio.to_thread(
+                    Collection.stored_dimension, self._directory(name), name, self.location
+                )
                 width = stored or dimension or await self._dimension()
                 self._created_at[name] = await asyncio.to_thread(self.catalog.collection_created_at, name)
                 collection = await asyncio.to_thread(self._open_collection, name, spec, width)
@@ -105,6 +108,7 @@ class CollectionRegistry:
             dimension,
             dense_params=index.dense,
             snapshot_interval_s=index.snapshot_interval_s,
+            location=self.location,
         )
 
     def opened(self) -> list[Collection]:
@@ -130,6 +134,7 @@ class CollectionRegistry:
             self._open.pop(name, None)
             self._created_at.pop(name, None)
             await asyncio.to_thread(collection.close)
+            await asyncio.to_thread(collection.drop_store)
             await asyncio.to_thread(self.catalog.delete_collection, name)
             await asyncio.to_thread(shutil.rmtree, self._directory(name), True)
 

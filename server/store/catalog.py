@@ -1,4 +1,5 @@
-"""`Catalog`: ``catalog.sqlite`` (WAL): the collections (spec, creation time, pinned embedder) and the job table.
+"""`Catalog`: the collections (spec, creation time, pinned embedder) and the job table, in ``catalog.sqlite``
+(WAL) or in the shared PostgreSQL database (``store.url``), where every orchestrator replica sees the same.
 
 CRUD only: what a job does is the job runner's (``server/ingest/jobs.py``); a job row keeps its
 progress, per-document errors and a JSON ``payload`` (what the runner needs to resume it, e.g.
@@ -8,7 +9,6 @@ the pending documents or source paths).
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 import uuid
@@ -17,32 +17,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy import Column, Float, Index, Integer, MetaData, Row, Table, Text, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
 from tritonrag.clients.wire.schema import NO_HEADER, CollectionCreate, DocumentError, JobInfo, JobStatus, ModelVersion
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
-from tritonrag.server.store.sqlite import connect, transaction
+from tritonrag.server.store.database import StoreLocation
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS collections (
-    name TEXT PRIMARY KEY,
-    spec TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    embedder TEXT
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    collection TEXT NOT NULL,
-    status TEXT NOT NULL,
-    total INTEGER NOT NULL,
-    done INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    errors TEXT NOT NULL DEFAULT '[]',
-    payload TEXT NOT NULL DEFAULT 'null',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, created_at);
-"""
-_JOB_COLUMNS = "id, collection, status, total, done, failed, errors, payload, created_at, updated_at"
+CATALOG = "catalog"  # the catalog's store name (its schema, in a shared database)
+_TABLES = MetaData()
+_collections = Table(
+    "collections",
+    _TABLES,
+    Column("name", Text, primary_key=True),
+    Column("spec", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("embedder", Text),
+)
+_jobs = Table(
+    "jobs",
+    _TABLES,
+    Column("id", Text, primary_key=True),
+    Column("collection", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("done", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("errors", Text, nullable=False, server_default="[]"),
+    Column("payload", Text, nullable=False, server_default="null"),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("jobs_by_status", "status", "created_at"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,28 +70,38 @@ class JobRecord:
 
 
 class Catalog:
-    """The catalog database; thread-safe (one connection behind a lock)."""
+    """The catalog: an SQLite file, or a schema of the shared database; thread-safe."""
 
-    def __init__(self, path: Path) -> None:
-        """Open or create the catalog at ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = connect(path)
-        self._lock = threading.Lock()
-        self._conn.executescript(_SCHEMA)
-        if "embedder" not in {row[1] for row in self._conn.execute("PRAGMA table_info(collections)")}:
-            self._conn.execute("ALTER TABLE collections ADD COLUMN embedder TEXT")  # a catalog from before pinning
+    def __init__(self, path: Path, location: StoreLocation | None = None) -> None:
+        """Open or create the catalog at ``path``, or in ``location``'s shared database (which the collections'
+        stores then share too)."""
+        self.location = location or StoreLocation()
+        if not self.location.shared:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._database = self.location.database(path, CATALOG)
+        self._lock = threading.Lock()  # one writer of this process at a time (SQLite's file lock queues others)
+        self._closed = False
+        with self._database.write() as conn:
+            if self._database.dialect == "sqlite" and self._database.exists("collections"):
+                columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(collections)")}
+                if "embedder" not in columns:  # a catalog from before pinning
+                    conn.exec_driver_sql("ALTER TABLE collections ADD COLUMN embedder TEXT")
+            self._database.create_tables(conn, _TABLES)
 
     def close(self) -> None:
         """Close the database."""
         with self._lock:
-            self._conn.close()
+            self._closed = True
+            self._database.close()
 
     def healthy(self) -> bool:
-        """Whether the catalog answers a query."""
+        """Whether the catalog is open and answers a query."""
+        if self._closed:
+            return False
         try:
-            with self._lock:
-                self._conn.execute("SELECT count(*) FROM collections").fetchone()
-        except sqlite3.Error:
+            with self._database.read() as conn:
+                conn.execute(select(func.count()).select_from(_collections)).scalar_one()
+        except SQLAlchemyError:
             return False
         return True
 
@@ -94,13 +110,11 @@ class Catalog:
     def create_collection(self, spec: CollectionCreate, embedder: ModelVersion | None = None) -> None:
         """Record a new collection, pinned to ``embedder`` when given; `AlreadyExistsError` if the name is taken."""
         pinned = None if embedder is None else embedder.model_dump_json()
+        row = {"name": spec.name, "spec": spec.model_dump_json(), "created_at": time.time(), "embedder": pinned}
         try:
-            with self._lock, transaction(self._conn) as conn:
-                conn.execute(
-                    "INSERT INTO collections(name, spec, created_at, embedder) VALUES (?, ?, ?, ?)",
-                    (spec.name, spec.model_dump_json(), time.time(), pinned),
-                )
-        except sqlite3.IntegrityError:
+            with self._lock, self._database.write() as conn:
+                conn.execute(insert(_collections).values(row))
+        except IntegrityError:
             raise AlreadyExistsError(f"collection {spec.name!r} already exists", field="name") from None
 
     def get_collection(self, name: str) -> CollectionCreate:
@@ -124,38 +138,40 @@ class Catalog:
 
     def pin_collection(self, name: str, embedder: ModelVersion) -> None:
         """Record that the collection ``name`` is pinned to ``embedder`` (its vectors are that version's)."""
-        with self._lock:
-            self._conn.execute("UPDATE collections SET embedder = ? WHERE name = ?", (embedder.model_dump_json(), name))
+        with self._lock, self._database.write() as conn:
+            conn.execute(
+                update(_collections).where(_collections.c.name == name).values(embedder=embedder.model_dump_json())
+            )
 
     def pinned_embedders(self) -> dict[str, ModelVersion | None]:
         """Each collection's pinned embedder version (None: not pinned), by name."""
-        with self._lock:
-            rows = self._conn.execute("SELECT name, embedder FROM collections ORDER BY name").fetchall()
+        query = select(_collections.c.name, _collections.c.embedder).order_by(_collections.c.name)
+        with self._database.read() as conn:
+            rows = conn.execute(query).all()
         return {name: None if pinned is None else ModelVersion.model_validate_json(pinned) for name, pinned in rows}
 
     def _collection_column(self, name: str, column: Literal["spec", "created_at", "embedder"]) -> Any:
-        with self._lock:
-            row = self._conn.execute(f"SELECT {column} FROM collections WHERE name = ?", (name,)).fetchone()
+        with self._database.read() as conn:
+            row = conn.execute(select(_collections.c[column]).where(_collections.c.name == name)).first()
         if row is None:
             raise NotFoundError(f"collection {name!r} does not exist", field="collection")
         return row[0]
 
     def list_collections(self) -> list[str]:
         """The names of every collection, sorted."""
-        with self._lock:
-            rows = self._conn.execute("SELECT name FROM collections ORDER BY name").fetchall()
-        return [row[0] for row in rows]
+        with self._database.read() as conn:
+            return list(conn.execute(select(_collections.c.name).order_by(_collections.c.name)).scalars())
 
     def rename_collection(self, name: str, new_name: str) -> None:
         """Give the collection ``name`` and its jobs the name ``new_name``, in one transaction."""
-        with self._lock, transaction(self._conn) as conn:
-            conn.execute("UPDATE collections SET name = ? WHERE name = ?", (new_name, name))
-            conn.execute("UPDATE jobs SET collection = ? WHERE collection = ?", (new_name, name))
+        with self._lock, self._database.write() as conn:
+            conn.execute(update(_collections).where(_collections.c.name == name).values(name=new_name))
+            conn.execute(update(_jobs).where(_jobs.c.collection == name).values(collection=new_name))
 
     def delete_collection(self, name: str) -> None:
         """Forget the collection ``name`` (its jobs stay, as history); `NotFoundError` if there is none."""
-        with self._lock:
-            deleted = self._conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount
+        with self._lock, self._database.write() as conn:
+            deleted = conn.execute(delete(_collections).where(_collections.c.name == name)).rowcount
         if not deleted:
             raise NotFoundError(f"collection {name!r} does not exist", field="collection")
 
@@ -165,18 +181,23 @@ class Catalog:
         """Record a new ``queued`` job over ``total`` documents with its resumable ``payload`` (JSON)."""
         job_id = uuid.uuid4().hex
         now = time.time()
-        with self._lock, transaction(self._conn) as conn:
-            conn.execute(
-                "INSERT INTO jobs(id, collection, status, total, payload, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, collection, JobStatus.queued.value, total, json.dumps(payload), now, now),
-            )
+        row = {
+            "id": job_id,
+            "collection": collection,
+            "status": JobStatus.queued.value,
+            "total": total,
+            "payload": json.dumps(payload),
+            "created_at": now,
+            "updated_at": now,
+        }
+        with self._lock, self._database.write() as conn:
+            conn.execute(insert(_jobs).values(row))
         return self.get_job(job_id)
 
     def get_job(self, job_id: str) -> JobRecord:
         """The job ``job_id``; `NotFoundError` if there is none."""
-        with self._lock:
-            row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._database.read() as conn:
+            row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).first()
         if row is None:
             raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
         return _job(row)
@@ -201,54 +222,50 @@ class Catalog:
             "errors": None if errors is None else json.dumps([error.model_dump() for error in errors]),
             "payload": None if payload is None else json.dumps(payload),
         }
-        columns = [column for column, value in changes.items() if value is not None]
-        assignments = "".join(f"{column} = ?, " for column in columns)
-        with self._lock:
-            updated = self._conn.execute(
-                f"UPDATE jobs SET {assignments}updated_at = ? WHERE id = ?",
-                (*(changes[column] for column in columns), time.time(), job_id),
-            ).rowcount
+        values = {column: value for column, value in changes.items() if value is not None}
+        with self._lock, self._database.write() as conn:
+            statement = update(_jobs).where(_jobs.c.id == job_id).values(**values, updated_at=time.time())
+            updated = conn.execute(statement).rowcount
         if not updated:
             raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
         return self.get_job(job_id)
 
     def list_jobs(self, status: JobStatus | None = None, collection: str | None = None) -> list[JobRecord]:
         """Jobs, oldest first, optionally only those with ``status`` and/or of ``collection``."""
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs "
-                "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR collection = ?2) ORDER BY created_at, id",
-                (None if status is None else status.value, collection),
-            ).fetchall()
-        return [_job(row) for row in rows]
+        query = select(_jobs).order_by(_jobs.c.created_at, _jobs.c.id)
+        if status is not None:
+            query = query.where(_jobs.c.status == status.value)
+        if collection is not None:
+            query = query.where(_jobs.c.collection == collection)
+        with self._database.read() as conn:
+            return [_job(row) for row in conn.execute(query)]
 
     def job_totals(self) -> dict[JobStatus, JobTotals]:
         """The totals of the jobs of each status that has any."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT status, count(*), sum(total), sum(done), sum(failed) FROM jobs GROUP BY status"
-            ).fetchall()
-        return {JobStatus(status): JobTotals(*totals) for status, *totals in rows}
+        c = _jobs.c
+        query = select(c.status, func.count(), func.sum(c.total), func.sum(c.done), func.sum(c.failed))
+        with self._database.read() as conn:
+            rows = conn.execute(query.group_by(c.status)).all()
+        return {JobStatus(status): JobTotals(*(int(total) for total in totals)) for status, *totals in rows}
 
     def delete_job(self, job_id: str) -> None:
         """Forget the job ``job_id``; `NotFoundError` if there is none."""
-        with self._lock:
-            deleted = self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount
+        with self._lock, self._database.write() as conn:
+            deleted = conn.execute(delete(_jobs).where(_jobs.c.id == job_id)).rowcount
         if not deleted:
             raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
 
 
-def _job(row: tuple[Any, ...]) -> JobRecord:
-    job_id, collection, status, total, done, failed, errors, payload, created_at, updated_at = row
+def _job(row: Row[Any]) -> JobRecord:
     info = JobInfo(
-        id=job_id,
-        collection=collection,
-        status=JobStatus(status),
-        total=total,
-        done=done,
-        failed=failed,
-        errors=[DocumentError.model_validate(error) for error in json.loads(errors)],
-        created_at=created_at,
-        updated_at=updated_at,
+        id=row.id,
+        collection=row.collection,
+        status=JobStatus(row.status),
+        total=row.total,
+        done=row.done,
+        failed=row.failed,
+        errors=[DocumentError.model_validate(error) for error in json.loads(row.errors)],
+        created_at=row.created_at,
+        updated_at=row.updated_at,
     )
-    return JobRecord(info, json.loads(payload))
+    return JobRecord(info, json.loads(row.payload))

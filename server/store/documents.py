@@ -1,9 +1,11 @@
-"""`DocumentStore`: one collection's ``store.sqlite``, the source of truth.
+"""`DocumentStore`: one collection's store, the source of truth.
 
-Documents, their metadata, their chunks (text, offsets, float32 vector) and a revision
-counter that every committed write bumps. The FAISS and lexical indexes are derived from it.
-A write is one SQLite transaction; its commit is the acknowledgement point, and the caller may
-wrap it (``publish``) to move its derived indexes with it.
+Documents, their metadata, their chunks (text, offsets, float32 vector), a revision counter that every
+committed write bumps, and the revision log: what each revision added and removed, in commit order, for
+derived indexes to follow. The FAISS and lexical indexes are derived from it. A write is one transaction;
+its commit is the acknowledgement point, and the caller may wrap it (``publish``) to move its derived
+indexes with it. The tables live in an SQLite file or in a PostgreSQL schema (`Database`); both run the
+same statements.
 
 The store is pinned to the embedder version that made its vectors (``meta.embedder``). A re-index
 to another version fills ``next_vectors`` side by side with the live vectors (``begin_next``,
@@ -16,77 +18,110 @@ version, or (after it) the new one.
 from __future__ import annotations
 
 import contextlib
-import json
-import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Select,
+    Table,
+    Text,
+    delete,
+    exists,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
 
 from tritonrag.clients.wire.schema import Document, DocumentIn, Metadata, ModelVersion
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
-from tritonrag.server.store.sqlite import connect, transaction
+from tritonrag.server.store.database import Database, Scalar, json_column
 
 FloatMatrix = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
 SqlValue = str | int | float
+DocQuery = Select[tuple[str]]  # selects document ids (a compiled filter)
 
-# Chunk ids are never reused (AUTOINCREMENT), so a chunk id names one immutable text and vector
-# forever: a derived index is brought up to date by the difference of its id set and the store's.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL);
-CREATE TABLE IF NOT EXISTS documents (
-    doc_id TEXT PRIMARY KEY,
-    text TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    header TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    chunk_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    doc_id TEXT NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_id, chunk_id);
-CREATE TABLE IF NOT EXISTS chunk_content (
-    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(chunk_id) ON DELETE CASCADE,
-    start_char INTEGER NOT NULL,
-    end_char INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    vector BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS doc_metadata (
-    doc_id TEXT NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE,
-    key TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    value NOT NULL
-);
-CREATE INDEX IF NOT EXISTS doc_metadata_lookup ON doc_metadata(key, kind, value, doc_id);
-CREATE INDEX IF NOT EXISTS doc_metadata_by_doc ON doc_metadata(doc_id);
-CREATE TABLE IF NOT EXISTS next_vectors (
-    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(chunk_id) ON DELETE CASCADE,
-    vector BLOB NOT NULL
-);
-UPDATE meta SET key = 'revision' WHERE key = 'generation';  -- the counter's name before 0.2
-INSERT OR IGNORE INTO meta(key, value) VALUES ('revision', 0);
-"""
-_CONTENT_QUERIES = {
-    "vector": "SELECT cc.chunk_id, cc.vector FROM chunk_content cc",
-    "next": "SELECT cc.chunk_id, cc.vector FROM next_vectors cc",
-    "text": "SELECT cc.chunk_id, cc.text, d.header FROM chunk_content cc JOIN chunks c USING (chunk_id) "
-    "JOIN documents d USING (doc_id)",
-}
+# Chunk ids are never reused (AUTOINCREMENT; an identity sequence on PostgreSQL), so a chunk id names one
+# immutable text and vector forever: a derived index is brought up to date by the difference of its id
+# set and the store's, or by the revision log.
+_TABLES = MetaData()
+_ChunkId = BigInteger().with_variant(Integer, "sqlite")  # SQLite's AUTOINCREMENT needs INTEGER
+_meta = Table("meta", _TABLES, Column("key", Text, primary_key=True), Column("value", Text, nullable=False))
+_documents = Table(
+    "documents",
+    _TABLES,
+    Column("doc_id", Text, primary_key=True),
+    Column("text", Text, nullable=False),
+    Column("metadata", json_column(), nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("header", Text, nullable=False, server_default=""),
+)
+_chunks = Table(
+    "chunks",
+    _TABLES,
+    Column("chunk_id", _ChunkId, primary_key=True, autoincrement=True),
+    Column("doc_id", Text, ForeignKey("documents.doc_id", ondelete="CASCADE"), nullable=False),
+    Index("chunks_by_doc", "doc_id", "chunk_id"),
+    sqlite_autoincrement=True,
+)
+_chunk_content = Table(
+    "chunk_content",
+    _TABLES,
+    Column("chunk_id", _ChunkId, ForeignKey("chunks.chunk_id", ondelete="CASCADE"), primary_key=True),
+    Column("start_char", Integer, nullable=False),
+    Column("end_char", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+)
+_doc_metadata = Table(
+    "doc_metadata",
+    _TABLES,
+    Column("doc_id", Text, ForeignKey("documents.doc_id", ondelete="CASCADE"), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("value", Scalar, nullable=False),
+    Index("doc_metadata_lookup", "key", "kind", "value", "doc_id"),
+    Index("doc_metadata_by_doc", "doc_id"),
+)
+_next_vectors = Table(
+    "next_vectors",
+    _TABLES,
+    Column("chunk_id", _ChunkId, ForeignKey("chunks.chunk_id", ondelete="CASCADE"), primary_key=True),
+    Column("vector", LargeBinary, nullable=False),
+)
+_revisions = Table(
+    "revisions",
+    _TABLES,
+    Column("revision", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", Text, nullable=False),
+    Column("committed_at", Float, nullable=False),
+    Column("documents", Integer, nullable=False),
+    Column("added", json_column(), nullable=False),
+    Column("removed", json_column(), nullable=False),
+)
+DOC_METADATA = _doc_metadata  # what filters select from (server/retrieval/filters.py)
 _INT64_MAX = 2**63 - 1
 _READ_BATCH = 8192
-_MISSING_NEXT = "SELECT chunk_id FROM chunks WHERE chunk_id NOT IN (SELECT chunk_id FROM next_vectors)"
 Side = Literal["vector", "next"]  # the live vectors, or a re-index's next vectors
 Content = Literal["vector", "next", "text"]
+ChangeKind = Literal["upsert", "delete", "switch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +198,16 @@ def unpublished(change: Change) -> AbstractContextManager[object]:
 
 
 @dataclass(frozen=True, slots=True)
-class DocQuery:
-    """An SQL ``SELECT doc_id …`` over the store's tables, with its parameters."""
+class LoggedRevision:
+    """One entry of the revision log: what the write that made ``revision`` did. A ``switch`` replaced every
+    vector (a follower rebuilds its dense index)."""
 
-    sql: str
-    params: tuple[SqlValue, ...]
+    revision: int
+    kind: ChangeKind
+    committed_at: float
+    documents: int
+    added: IdArray
+    removed: IdArray
 
 
 def unit_vectors(vectors: npt.ArrayLike, dimension: int, field: str) -> FloatMatrix:
@@ -193,15 +233,16 @@ def encode_scalar(value: str | int | float | bool) -> tuple[str, SqlValue]:
     return "n", value
 
 
-def _metadata_rows(doc_id: str, metadata: Metadata) -> Iterator[tuple[str, str, str, SqlValue]]:
+def _metadata_rows(doc_id: str, metadata: Metadata) -> Iterator[dict[str, Any]]:
     """One row per scalar; a list-valued field gives one row per element."""
     for key, value in metadata.items():
         for element in value if isinstance(value, list) else [value]:
-            yield (doc_id, key, *encode_scalar(element))
+            kind, encoded = encode_scalar(element)
+            yield {"doc_id": doc_id, "key": key, "kind": kind, "value": encoded}
 
 
 def _content(column: Content, row: Sequence[Any]) -> Any:
-    """A ``_CONTENT_QUERIES`` row's vector blob, or its text as indexed."""
+    """A content query's vector blob, or its text as indexed."""
     return with_header(row[2], row[1]) if column == "text" else row[1]
 
 
@@ -209,51 +250,78 @@ def _ids(values: Sequence[int] | IdArray) -> IdArray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
-def _json_list(values: Sequence[str] | IdArray) -> str:
-    return json.dumps(values.tolist() if isinstance(values, np.ndarray) else list(values))
+def _batches(values: Sequence[Any] | IdArray) -> Iterator[list[Any]]:
+    """``values`` in lists of at most `_READ_BATCH`: an ``IN`` list stays within every backend's parameter limit."""
+    items = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    for start in range(0, len(items), _READ_BATCH):
+        yield items[start : start + _READ_BATCH]
 
 
-def stored_dimension(path: Path) -> int | None:
-    """The vector width a store at ``path`` was created for; None when there is no store yet."""
-    if not path.is_file():
+def stored_dimension(database: Database) -> int | None:
+    """The vector width the store in ``database`` was created for; None when there is no store yet (nothing is
+    created)."""
+    if not database.exists("meta"):
         return None
-    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()
-    return int(row[0]) if row else None
+    with database.read() as conn:
+        value = _get_meta(conn, "dimension")
+    return None if value is None else int(value)
+
+
+def _content_query(column: Content) -> Select[Any]:
+    """``(chunk_id, vector)`` of the live or next vectors, or ``(chunk_id, text, header)``."""
+    if column == "vector":
+        return select(_chunk_content.c.chunk_id, _chunk_content.c.vector)
+    if column == "next":
+        return select(_next_vectors.c.chunk_id, _next_vectors.c.vector)
+    return select(_chunk_content.c.chunk_id, _chunk_content.c.text, _documents.c.header).select_from(
+        _chunk_content.join(_chunks).join(_documents)
+    )
+
+
+def _content_id(column: Content) -> Any:
+    return _next_vectors.c.chunk_id if column == "next" else _chunk_content.c.chunk_id
+
+
+_MISSING_NEXT = select(_chunks.c.chunk_id).where(~exists().where(_next_vectors.c.chunk_id == _chunks.c.chunk_id))
 
 
 class DocumentStore:
-    """One collection's documents, chunks, metadata and vectors in SQLite (WAL).
+    """One collection's documents, chunks, metadata and vectors, in SQLite or PostgreSQL (`Database`).
 
-    Thread-safe: writes are serialised on one connection, reads use a pool of connections.
-    Consistency across several calls is the caller's (see `Collection`).
+    Thread-safe: this process's writes are serialised on a lock, reads use the engine's pool of connections.
+    Several processes may write the same PostgreSQL store: each write transaction first locks the revision row,
+    so writes commit one at a time, in the order of their revisions. Consistency across several calls is the
+    caller's (see `Collection`).
     """
 
-    def __init__(self, path: Path, dimension: int) -> None:
-        """Open or create the store at ``path`` for vectors ``dimension`` wide."""
-        self.path = path
+    def __init__(self, database: Database, dimension: int) -> None:
+        """Open or create the store in ``database`` for vectors ``dimension`` wide."""
+        self.database = database
         self.dimension = dimension
-        self._writer = connect(path)
         self._write_lock = threading.Lock()
-        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._all_readers: list[sqlite3.Connection] = []
-        self._pool_lock = threading.Lock()
-        self._writer.executescript(_SCHEMA)
-        if "header" not in {row[1] for row in self._writer.execute("PRAGMA table_info(documents)")}:
-            self._writer.execute("ALTER TABLE documents ADD COLUMN header TEXT NOT NULL DEFAULT ''")  # before 0.3
-        with transaction(self._writer) as conn:
-            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('dimension', ?)", (dimension,))
-            stored = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()[0]
-            self._revision: int = conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0]
+        with database.write() as conn:
+            if database.dialect == "sqlite":
+                _upgrade_sqlite(conn)
+            database.create_tables(conn, _TABLES)
+            for key, value in (("revision", 0), ("dimension", dimension)):
+                if _get_meta(conn, key) is None:
+                    _set_meta(conn, key, value)
+            stored = int(_get_meta(conn, "dimension"))
+            self._revision = int(_get_meta(conn, "revision"))
             self._embedder = _version(conn, "embedder")
-            self._vectors_revision = int(_meta(conn, "vectors_revision") or 0)
+            self._vectors_revision = int(_get_meta(conn, "vectors_revision") or 0)
         if stored != dimension:
             self.close()
-            raise InvalidArgumentError(f"{path} holds {stored}-d vectors, not {dimension}-d", field="dimension")
+            raise InvalidArgumentError(f"{self.where} holds {stored}-d vectors, not {dimension}-d", field="dimension")
+
+    @property
+    def where(self) -> str:
+        """The SQLite file or PostgreSQL schema, for messages."""
+        return str(self.database.path or f"schema {self.database.schema}")
 
     @property
     def revision(self) -> int:
-        """The number of committed writes so far."""
+        """The number of committed writes so far (as of this process's last write or `refresh`)."""
         return self._revision
 
     @property
@@ -266,16 +334,27 @@ class DocumentStore:
         """The embedder version that made the vectors; None until the store is pinned."""
         return self._embedder
 
+    def refresh(self) -> int:
+        """Read the revision, the pinned version and the width as committed (by any process); returns the
+        revision."""
+        with self.database.read() as conn:
+            self._revision = int(_get_meta(conn, "revision"))
+            self._embedder = _version(conn, "embedder")
+            self.dimension = int(_get_meta(conn, "dimension"))
+            self._vectors_revision = int(_get_meta(conn, "vectors_revision") or 0)
+        return self._revision
+
     def pin(self, embedder: ModelVersion) -> ModelVersion:
         """Pin an unpinned store to ``embedder``; returns the version it is pinned to (an earlier pin stays)."""
-        with self._write_lock, transaction(self._writer) as conn:
+        with self._write_lock, self.database.write() as conn:
+            _lock_revision(conn)
             pinned = _version(conn, "embedder") or embedder
             _set_meta(conn, "embedder", pinned.model_dump_json())
         self._embedder = pinned
         return pinned
 
     @staticmethod
-    def _pinned(conn: sqlite3.Connection, embedder: ModelVersion | None) -> ModelVersion | None:
+    def _pinned(conn: Connection, embedder: ModelVersion | None) -> ModelVersion | None:
         """In a write transaction: the pinned version, pinning an unpinned store to ``embedder`` when given;
         `EmbedderChangedError` when it is pinned to another."""
         stored = _version(conn, "embedder")
@@ -303,66 +382,90 @@ class DocumentStore:
             raise InvalidArgumentError("a document id appears twice in one upsert", field="documents")
         texts = [with_header(prepared.header, chunk.text) for prepared in documents for chunk in prepared.chunks]
         now = time.time()
-        with self._write_lock, transaction(self._writer) as conn:
+        with self._write_lock, self.database.write() as conn:
+            revision = _lock_revision(conn) + 1
+            self.dimension = int(_get_meta(conn, "dimension"))  # the width a switch (here or elsewhere) may change
             pinned = self._pinned(conn, embedder)
-            vectors = [self._checked_vectors(prepared) for prepared in documents]  # the width a switch may change
+            vectors = [self._checked_vectors(prepared) for prepared in documents]
             removed = self._remove_documents(conn, doc_ids)
-            conn.executemany(
-                "INSERT INTO documents(doc_id, text, metadata, updated_at, header) VALUES (?, ?, ?, ?, ?)",
-                [(p.document.id, p.document.text, json.dumps(p.document.metadata), now, p.header) for p in documents],
-            )
-            conn.executemany(
-                "INSERT INTO doc_metadata(doc_id, key, kind, value) VALUES (?, ?, ?, ?)",
-                [row for p in documents for row in _metadata_rows(p.document.id, p.document.metadata)],
-            )
-            first = self._next_chunk_id(conn)
-            added = np.arange(first, first + len(texts), dtype=np.int64)
-            owners = [p.document.id for p in documents for _ in p.chunks]
+            if documents:
+                conn.execute(
+                    insert(_documents),
+                    [
+                        {
+                            "doc_id": p.document.id,
+                            "text": p.document.text,
+                            "metadata": p.document.metadata,
+                            "updated_at": now,
+                            "header": p.header,
+                        }
+                        for p in documents
+                    ],
+                )
+            metadata_rows = [row for p in documents for row in _metadata_rows(p.document.id, p.document.metadata)]
+            if metadata_rows:
+                conn.execute(insert(_doc_metadata), metadata_rows)
+            owners = [{"doc_id": p.document.id} for p in documents for _ in p.chunks]
+            added = _ids([])
+            if owners:
+                inserted = conn.execute(
+                    insert(_chunks).returning(_chunks.c.chunk_id, sort_by_parameter_order=True), owners
+                )
+                added = _ids(inserted.scalars().all())
             spans = [chunk for p in documents for chunk in p.chunks]
             matrix = np.concatenate(vectors) if vectors else self._no_vectors()
-            conn.executemany(
-                "INSERT INTO chunks(chunk_id, doc_id) VALUES (?, ?)", zip(added.tolist(), owners, strict=True)
-            )
-            conn.executemany(
-                "INSERT INTO chunk_content(chunk_id, start_char, end_char, text, vector) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (chunk_id, span.start, span.end, span.text, row.tobytes())
-                    for chunk_id, span, row in zip(added.tolist(), spans, matrix, strict=True)
-                ],
-            )
+            if spans:
+                conn.execute(
+                    insert(_chunk_content),
+                    [
+                        {"chunk_id": i, "start_char": span.start, "end_char": span.end, "text": span.text}
+                        | {"vector": row.tobytes()}
+                        for i, span, row in zip(added.tolist(), spans, matrix, strict=True)
+                    ],
+                )
             counts = np.asarray([len(p.chunks) for p in documents], np.int64)
             keys = added[np.cumsum(counts)[counts > 0] - counts[counts > 0]] if len(added) else _ids([])
             document_texts = [with_header(p.header, p.document.text) for p in documents if p.chunks]
-            change = Change(self._bump(conn), len(documents), removed, added, matrix, texts, keys, document_texts)
+            change = Change(revision, len(documents), removed, added, matrix, texts, keys, document_texts)
+            _log(conn, change, "upsert")
             self._commit(conn, change, publish, embedder=pinned)
         return change
 
     def delete(self, doc_ids: Sequence[str], publish: Publish = unpublished) -> Change:
         """Delete the documents ``doc_ids`` (absent ids are ignored) in one transaction, which commits within
         ``publish(change)``."""
-        with self._write_lock, transaction(self._writer) as conn:
-            found = conn.execute(
-                "SELECT doc_id FROM documents WHERE doc_id IN (SELECT value FROM json_each(?))", (_json_list(doc_ids),)
-            ).fetchall()
-            return self._delete_found(conn, [row[0] for row in found], publish)
+        with self._write_lock, self.database.write() as conn:
+            revision = _lock_revision(conn)
+            found = [
+                doc_id
+                for batch in _batches(list(dict.fromkeys(doc_ids)))
+                for doc_id in conn.execute(select(_documents.c.doc_id).where(_documents.c.doc_id.in_(batch))).scalars()
+            ]
+            return self._delete_found(conn, revision, found, publish)
 
     def delete_where(self, query: DocQuery, publish: Publish = unpublished) -> Change:
         """Delete the documents that ``query`` selects, in one transaction, which commits within
         ``publish(change)``."""
-        with self._write_lock, transaction(self._writer) as conn:
-            found = conn.execute(query.sql, query.params).fetchall()
-            return self._delete_found(conn, [row[0] for row in found], publish)
+        with self._write_lock, self.database.write() as conn:
+            revision = _lock_revision(conn)
+            found = list(conn.execute(query).scalars().all())
+            return self._delete_found(conn, revision, found, publish)
 
-    def _delete_found(self, conn: sqlite3.Connection, doc_ids: list[str], publish: Publish) -> Change:
+    def _delete_found(self, conn: Connection, revision: int, doc_ids: list[str], publish: Publish) -> Change:
+        """Delete ``doc_ids`` (found in this transaction) as revision ``revision + 1``; when there are none, change
+        nothing and publish nothing."""
+        empty = _ids([])
+        if not doc_ids:
+            return Change(revision, 0, empty, empty, self._no_vectors(), [], empty, [])
         removed = self._remove_documents(conn, doc_ids)
-        revision = self._bump(conn) if doc_ids else self._revision
-        change = Change(revision, len(doc_ids), removed, _ids([]), self._no_vectors(), [], _ids([]), [])
+        change = Change(revision + 1, len(doc_ids), removed, empty, self._no_vectors(), [], empty, [])
+        _log(conn, change, "delete")
         self._commit(conn, change, publish)
         return change
 
     def _commit(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         change: Change,
         publish: Publish,
         dimension: int | None = None,
@@ -370,7 +473,7 @@ class DocumentStore:
     ) -> None:
         """Commit within ``publish(change)``, which sees the new revision, width and pinned version."""
         with publish(change):
-            conn.execute("COMMIT")
+            conn.commit()
             self._revision = change.revision
             self.dimension = dimension or self.dimension
             self._embedder = embedder or self._embedder
@@ -380,34 +483,41 @@ class DocumentStore:
     def begin_next(self, embedder: ModelVersion, dimension: int) -> None:
         """Make ``embedder`` (``dimension`` wide) the target of the next vectors, keeping those already made for
         it (a resumed re-index) and dropping any made for another target."""
-        target = embedder.model_dump_json()
-        with self._write_lock, transaction(self._writer) as conn:
-            if _version(conn, "next_embedder") != embedder or _meta(conn, "next_dimension") != dimension:
-                conn.execute("DELETE FROM next_vectors")
-                _set_meta(conn, "next_embedder", target)
+        with self._write_lock, self.database.write() as conn:
+            _lock_revision(conn)
+            next_dimension = _get_meta(conn, "next_dimension")
+            if (
+                _version(conn, "next_embedder") != embedder
+                or next_dimension is None
+                or int(next_dimension) != dimension
+            ):
+                conn.execute(delete(_next_vectors))
+                _set_meta(conn, "next_embedder", embedder.model_dump_json())
                 _set_meta(conn, "next_dimension", dimension)
 
     def missing_next(self, limit: int) -> tuple[IdArray, int]:
         """Up to ``limit`` ids of chunks that have no next vector yet (ascending), and how many have none."""
-        with self._reader() as conn:
-            ids = [row[0] for row in conn.execute(f"{_MISSING_NEXT} ORDER BY chunk_id LIMIT ?", (limit,))]
-            missing = conn.execute(f"SELECT count(*) FROM ({_MISSING_NEXT})").fetchone()[0]
+        with self.database.read() as conn:
+            ids = conn.execute(_MISSING_NEXT.order_by(_chunks.c.chunk_id).limit(limit)).scalars().all()
+            missing = conn.execute(select(func.count()).select_from(_MISSING_NEXT.subquery())).scalar_one()
         return _ids(ids), int(missing)
 
     def put_next(self, embedder: ModelVersion, ids: IdArray, vectors: npt.ArrayLike) -> IdArray:
         """Store the next vectors of the chunks ``ids``, made by ``embedder``; returns the ids stored (those of
         chunks deleted meanwhile are left out). `EmbedderChangedError` when the re-index targets another version."""
-        with self._write_lock, transaction(self._writer) as conn:
+        with self._write_lock, self.database.write() as conn:
+            _lock_revision(conn)
             _check_target(conn, embedder)
-            matrix = unit_vectors(vectors, int(_meta(conn, "next_dimension")), "vectors")
-            rows = conn.execute(
-                "SELECT chunk_id FROM chunks WHERE chunk_id IN (SELECT value FROM json_each(?))", (_json_list(ids),)
-            ).fetchall()
-            kept = {row[0] for row in rows}
-            conn.executemany(
-                "INSERT OR REPLACE INTO next_vectors(chunk_id, vector) VALUES (?, ?)",
-                [(i, row.tobytes()) for i, row in zip(_ids(ids).tolist(), matrix, strict=True) if i in kept],
-            )
+            matrix = unit_vectors(vectors, int(_get_meta(conn, "next_dimension")), "vectors")
+            kept = {
+                chunk_id
+                for batch in _batches(_ids(ids))
+                for chunk_id in conn.execute(select(_chunks.c.chunk_id).where(_chunks.c.chunk_id.in_(batch))).scalars()
+            }
+            rows = [(i, row.tobytes()) for i, row in zip(_ids(ids).tolist(), matrix, strict=True) if i in kept]
+            if rows:
+                conn.execute(delete(_next_vectors).where(_next_vectors.c.chunk_id.in_([i for i, _ in rows])))
+                conn.execute(insert(_next_vectors), [{"chunk_id": i, "vector": blob} for i, blob in rows])
         return np.sort(_ids(list(kept)))
 
     def switch(self, embedder: ModelVersion, publish: Publish = unpublished) -> Change | None:
@@ -415,23 +525,22 @@ class DocumentStore:
         one transaction that commits within ``publish(change)``; None, changing nothing, while a chunk has no next
         vector (written since: catch up and try again). `EmbedderChangedError` when the re-index targets another
         version."""
-        with self._write_lock, transaction(self._writer) as conn:
+        with self._write_lock, self.database.write() as conn:
+            revision = _lock_revision(conn) + 1
             _check_target(conn, embedder)
-            if conn.execute(f"SELECT EXISTS ({_MISSING_NEXT})").fetchone()[0]:
+            if conn.execute(select(exists(_MISSING_NEXT))).scalar_one():
                 return None
-            dimension = int(_meta(conn, "next_dimension"))
-            conn.execute(
-                "UPDATE chunk_content SET vector = "
-                "(SELECT vector FROM next_vectors n WHERE n.chunk_id = chunk_content.chunk_id)"
-            )
-            conn.execute("DELETE FROM next_vectors")
-            conn.execute("DELETE FROM meta WHERE key IN ('next_embedder', 'next_dimension')")
+            dimension = int(_get_meta(conn, "next_dimension"))
+            next_vector = select(_next_vectors.c.vector).where(_next_vectors.c.chunk_id == _chunk_content.c.chunk_id)
+            conn.execute(update(_chunk_content).values(vector=next_vector.scalar_subquery()))
+            conn.execute(delete(_next_vectors))
+            conn.execute(delete(_meta).where(_meta.c.key.in_(["next_embedder", "next_dimension"])))
             _set_meta(conn, "embedder", embedder.model_dump_json())
             _set_meta(conn, "dimension", dimension)
-            revision = self._bump(conn)
             _set_meta(conn, "vectors_revision", revision)
             empty = _ids([])
             change = Change(revision, 0, empty, empty, np.empty((0, dimension), np.float32), [], empty, [])
+            _log(conn, change, "switch")
             self._commit(conn, change, publish, dimension, embedder)
             self._vectors_revision = revision
         return change
@@ -445,118 +554,106 @@ class DocumentStore:
             raise InvalidArgumentError(f"{len(prepared.chunks)} chunks but {matrix.shape[0]} vectors", field=field)
         return matrix
 
-    def _remove_documents(self, conn: sqlite3.Connection, doc_ids: Sequence[str]) -> IdArray:
+    @staticmethod
+    def _remove_documents(conn: Connection, doc_ids: Sequence[str]) -> IdArray:
         """Delete ``doc_ids`` with their chunks and metadata; return the removed chunk ids."""
-        ids = json.dumps(list(doc_ids))
-        removed = conn.execute(
-            "SELECT chunk_id FROM chunks WHERE doc_id IN (SELECT value FROM json_each(?))", (ids,)
-        ).fetchall()
-        conn.execute("DELETE FROM documents WHERE doc_id IN (SELECT value FROM json_each(?))", (ids,))
-        return _ids([row[0] for row in removed])
+        removed: list[int] = []
+        for batch in _batches(doc_ids):
+            removed += conn.execute(select(_chunks.c.chunk_id).where(_chunks.c.doc_id.in_(batch))).scalars().all()
+            conn.execute(delete(_documents).where(_documents.c.doc_id.in_(batch)))
+        return np.sort(_ids(removed))
 
-    @staticmethod
-    def _next_chunk_id(conn: sqlite3.Connection) -> int:
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
-        return 1 + (int(row[0]) if row else 0)
+    # --- the revision log ---------------------------------------------------------------------
 
-    @staticmethod
-    def _bump(conn: sqlite3.Connection) -> int:
-        revision: int = conn.execute(
-            "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value"
-        ).fetchone()[0]
-        return revision
+    def changes_since(self, revision: int, limit: int = 1000) -> list[LoggedRevision]:
+        """The log's entries after ``revision``, ascending, at most ``limit``. An entry's added chunks may have been
+        removed by a later one: apply them in order."""
+        query = select(_revisions).where(_revisions.c.revision > revision).order_by(_revisions.c.revision)
+        with self.database.read() as conn:
+            rows = conn.execute(query.limit(limit)).all()
+        return [
+            LoggedRevision(row.revision, row.kind, row.committed_at, row.documents, _ids(row.added), _ids(row.removed))
+            for row in rows
+        ]
 
     # --- reads --------------------------------------------------------------------------------
 
-    @contextmanager
-    def _reader(self) -> Iterator[sqlite3.Connection]:
-        try:
-            conn = self._readers.get_nowait()
-        except queue.Empty:
-            conn = connect(self.path)
-            with self._pool_lock:
-                self._all_readers.append(conn)
-        try:
-            yield conn
-        finally:
-            self._readers.put(conn)
-
     def get(self, doc_id: str) -> Document:
         """The document ``doc_id``; `NotFoundError` if there is none."""
-        with self._reader() as conn:
-            row = conn.execute(
-                "SELECT text, metadata, updated_at, (SELECT count(*) FROM chunks WHERE doc_id = ?) "
-                "FROM documents WHERE doc_id = ?",
-                (doc_id, doc_id),
-            ).fetchone()
+        chunk_count = select(func.count()).where(_chunks.c.doc_id == doc_id).scalar_subquery()
+        query = select(_documents.c.text, _documents.c.metadata, _documents.c.updated_at, chunk_count).where(
+            _documents.c.doc_id == doc_id
+        )
+        with self.database.read() as conn:
+            row = conn.execute(query).first()
         if row is None:
             raise NotFoundError(f"document {doc_id!r} does not exist", field="doc_id")
         text, metadata, updated_at, chunks = row
-        return Document(id=doc_id, text=text, metadata=json.loads(metadata), chunks=chunks, updated_at=updated_at)
+        return Document(id=doc_id, text=text, metadata=metadata, chunks=chunks, updated_at=updated_at)
 
     def chunks(self, chunk_ids: Sequence[int] | IdArray) -> list[StoredChunk]:
         """The chunks ``chunk_ids`` in that order; ids that are not stored are left out."""
-        with self._reader() as conn:
-            rows = conn.execute(
-                "SELECT c.chunk_id, c.doc_id, cc.text, cc.start_char, cc.end_char, d.metadata, cc.vector "
-                "FROM chunks c JOIN chunk_content cc USING (chunk_id) JOIN documents d USING (doc_id) "
-                "WHERE c.chunk_id IN (SELECT value FROM json_each(?))",
-                (_json_list(_ids(chunk_ids)),),
-            ).fetchall()
-        metadata: dict[str, Metadata] = {}
+        c, cc, d = _chunks.c, _chunk_content.c, _documents.c
+        query = select(c.chunk_id, c.doc_id, cc.text, cc.start_char, cc.end_char, d.metadata, cc.vector).select_from(
+            _chunks.join(_chunk_content).join(_documents)
+        )
         found = {}
-        for chunk_id, doc_id, text, start, end, meta_json, blob in rows:
-            meta = metadata.setdefault(doc_id, json.loads(meta_json))
-            vector = np.frombuffer(blob, dtype=np.float32)
-            found[chunk_id] = StoredChunk(chunk_id, doc_id, text, start, end, meta, vector)
+        with self.database.read() as conn:
+            for batch in _batches(_ids(chunk_ids)):
+                for chunk_id, doc_id, text, start, end, metadata, blob in conn.execute(
+                    query.where(c.chunk_id.in_(batch))
+                ):
+                    vector = np.frombuffer(blob, dtype=np.float32)
+                    found[chunk_id] = StoredChunk(chunk_id, doc_id, text, start, end, metadata, vector)
         return [found[chunk_id] for chunk_id in _ids(chunk_ids).tolist() if chunk_id in found]
 
     def chunk_ids(self, query: DocQuery | None = None) -> IdArray:
         """The ids of all chunks, or of the chunks of the documents ``query`` selects, ascending."""
-        sql, params = "SELECT chunk_id FROM chunks ORDER BY chunk_id", tuple[SqlValue, ...]()
+        statement = select(_chunks.c.chunk_id).order_by(_chunks.c.chunk_id)
         if query is not None:
-            sql = f"SELECT chunk_id FROM chunks WHERE doc_id IN ({query.sql}) ORDER BY chunk_id"
-            params = query.params
-        with self._reader() as conn:
-            return np.fromiter((row[0] for row in conn.execute(sql, params)), dtype=np.int64)
+            statement = statement.where(_chunks.c.doc_id.in_(query))
+        with self.database.read() as conn:
+            return _ids(conn.execute(statement).scalars().all())
 
     def document_keys(self) -> IdArray:
         """Each document's key (its first chunk's id), ascending; documents without chunks have none."""
-        with self._reader() as conn:
-            rows = conn.execute("SELECT min(chunk_id) AS key FROM chunks GROUP BY doc_id ORDER BY key")
-            return np.fromiter((row[0] for row in rows), dtype=np.int64)
+        key = func.min(_chunks.c.chunk_id)
+        with self.database.read() as conn:
+            return _ids(conn.execute(select(key).group_by(_chunks.c.doc_id).order_by(key)).scalars().all())
 
     def iter_document_texts(self, keys: IdArray) -> Iterator[tuple[IdArray, list[str]]]:
         """``(keys, texts)`` batches of the documents keyed ``keys`` (first chunk ids; other ids are left out),
         ascending, each text as it is indexed (`with_header`)."""
-        ordered = np.sort(_ids(keys))
-        for start in range(0, len(ordered), _READ_BATCH):
-            batch = ordered[start : start + _READ_BATCH]
-            with self._reader() as conn:
-                rows = conn.execute(
-                    "SELECT c.chunk_id, d.header, d.text FROM chunks c JOIN documents d USING (doc_id) "
-                    "WHERE c.chunk_id IN (SELECT value FROM json_each(?)) "
-                    "AND c.chunk_id = (SELECT min(chunk_id) FROM chunks WHERE doc_id = c.doc_id) ORDER BY c.chunk_id",
-                    (_json_list(batch),),
-                ).fetchall()
+        other = _chunks.alias("other")
+        first = select(func.min(other.c.chunk_id)).where(other.c.doc_id == _chunks.c.doc_id).scalar_subquery()
+        query = (
+            select(_chunks.c.chunk_id, _documents.c.header, _documents.c.text)
+            .select_from(_chunks.join(_documents))
+            .where(_chunks.c.chunk_id == first)
+            .order_by(_chunks.c.chunk_id)
+        )
+        for batch in _batches(np.sort(_ids(keys))):
+            with self.database.read() as conn:
+                rows = conn.execute(query.where(_chunks.c.chunk_id.in_(batch))).all()
             yield _ids([row[0] for row in rows]), [with_header(header, text) for _, header, text in rows]
 
     def document_of(self, chunk_ids: Sequence[int] | IdArray) -> dict[int, str]:
         """The document id of each stored chunk of ``chunk_ids``."""
-        with self._reader() as conn:
-            rows = conn.execute(
-                "SELECT chunk_id, doc_id FROM chunks WHERE chunk_id IN (SELECT value FROM json_each(?))",
-                (_json_list(_ids(chunk_ids)),),
-            ).fetchall()
-        return dict(rows)
+        query = select(_chunks.c.chunk_id, _chunks.c.doc_id)
+        with self.database.read() as conn:
+            return {
+                chunk_id: doc_id
+                for batch in _batches(_ids(chunk_ids))
+                for chunk_id, doc_id in conn.execute(query.where(_chunks.c.chunk_id.in_(batch)))
+            }
 
     def counts(self) -> tuple[int, int]:
         """``(documents, chunks)``."""
-        with self._reader() as conn:
-            documents, chunks = conn.execute(
-                "SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks)"
-            ).fetchone()
-        return documents, chunks
+        documents = select(func.count()).select_from(_documents).scalar_subquery()
+        chunks = select(func.count()).select_from(_chunks).scalar_subquery()
+        with self.database.read() as conn:
+            row = conn.execute(select(documents, chunks)).one()
+        return int(row[0]), int(row[1])
 
     def chunk_count(self) -> int:
         """The number of chunks (the number of vectors)."""
@@ -583,13 +680,13 @@ class DocumentStore:
     def _width(self, side: Side) -> int:
         if side == "vector":
             return self.dimension
-        with self._reader() as conn:
-            return int(_meta(conn, "next_dimension"))
+        with self.database.read() as conn:
+            return int(_get_meta(conn, "next_dimension"))
 
     def next_ids(self) -> IdArray:
         """The ids of the chunks that have a next vector."""
-        with self._reader() as conn:
-            return np.fromiter((row[0] for row in conn.execute("SELECT chunk_id FROM next_vectors")), dtype=np.int64)
+        with self.database.read() as conn:
+            return _ids(conn.execute(select(_next_vectors.c.chunk_id)).scalars().all())
 
     def next_vectors(self) -> NextVectors:
         """The next vectors as a `DenseIndex`'s source, to build the re-index's index from."""
@@ -601,32 +698,30 @@ class DocumentStore:
         yield from self._iter_content("text", ids)
 
     def _iter_content(self, column: Content, ids: IdArray | None) -> Iterator[tuple[IdArray, list[Any]]]:
-        select = _CONTENT_QUERIES[column]
-        if ids is None:
-            with self._reader() as conn:
-                cursor = conn.execute(f"{select} ORDER BY cc.chunk_id")
-                while rows := cursor.fetchmany(_READ_BATCH):
+        query = _content_query(column).order_by(_content_id(column))
+        if ids is None:  # streamed: a server-side cursor on PostgreSQL, never every row at once
+            with self.database.read() as conn:
+                result = conn.execute(query.execution_options(yield_per=_READ_BATCH))
+                for rows in result.partitions():
                     yield _ids([row[0] for row in rows]), [_content(column, row) for row in rows]
             return
-        ordered = np.sort(_ids(ids))
-        for start in range(0, len(ordered), _READ_BATCH):
-            batch = ordered[start : start + _READ_BATCH]
-            with self._reader() as conn:
-                rows = conn.execute(
-                    f"{select} WHERE cc.chunk_id IN (SELECT value FROM json_each(?)) ORDER BY cc.chunk_id",
-                    (_json_list(batch),),
-                ).fetchall()
+        for batch in _batches(np.sort(_ids(ids))):
+            with self.database.read() as conn:
+                rows = conn.execute(query.where(_content_id(column).in_(batch))).all()
             yield _ids([row[0] for row in rows]), [_content(column, row) for row in rows]
 
     def _no_vectors(self) -> FloatMatrix:
         return np.empty((0, self.dimension), np.float32)
 
+    def drop(self) -> None:
+        """Close the store and drop its tables (a PostgreSQL schema; an SQLite file is deleted by its owner)."""
+        self.close()
+        self.database.drop()
+
     def close(self) -> None:
         """Close every connection."""
         with self._write_lock:
-            for conn in [*self._all_readers, self._writer]:
-                conn.close()
-            self._all_readers.clear()
+            self.database.close()
 
 
 class NextVectors:
@@ -648,22 +743,55 @@ class NextVectors:
         return self._store.iter_vectors(ids, side="next")
 
 
-def _meta(conn: sqlite3.Connection, key: str) -> Any:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return None if row is None else row[0]
+def _lock_revision(conn: Connection) -> int:
+    """Begin a write: lock the revision row (on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` locked the file) and
+    return the revision. Every write takes this lock first, so writers never deadlock and commit in the order
+    of their revisions."""
+    query = select(_meta.c.value).where(_meta.c.key == "revision").with_for_update()
+    return int(conn.execute(query).scalar_one())
 
 
-def _set_meta(conn: sqlite3.Connection, key: str, value: SqlValue) -> None:
-    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+def _log(conn: Connection, change: Change, kind: ChangeKind) -> None:
+    """Bump the revision to ``change.revision`` and append what it did to the revision log."""
+    _set_meta(conn, "revision", change.revision)
+    conn.execute(
+        insert(_revisions).values(
+            revision=change.revision,
+            kind=kind,
+            committed_at=time.time(),
+            documents=change.documents,
+            added=change.added.tolist(),
+            removed=change.removed.tolist(),
+        )
+    )
 
 
-def _check_target(conn: sqlite3.Connection, embedder: ModelVersion) -> None:
+def _get_meta(conn: Connection, key: str) -> Any:
+    return conn.execute(select(_meta.c.value).where(_meta.c.key == key)).scalar_one_or_none()
+
+
+def _set_meta(conn: Connection, key: str, value: SqlValue) -> None:
+    if conn.execute(update(_meta).where(_meta.c.key == key).values(value=str(value))).rowcount == 0:
+        conn.execute(insert(_meta).values(key=key, value=str(value)))
+
+
+def _check_target(conn: Connection, embedder: ModelVersion) -> None:
     """`EmbedderChangedError` unless the re-index's next vectors are for ``embedder``."""
     if _version(conn, "next_embedder") != embedder:
         raise EmbedderChangedError(f"the next vectors are not for {embedder.name} {embedder.version}")
 
 
-def _version(conn: sqlite3.Connection, key: str) -> ModelVersion | None:
+def _version(conn: Connection, key: str) -> ModelVersion | None:
     """The model version stored as JSON under ``key`` in ``meta``."""
-    value = _meta(conn, key)
+    value = _get_meta(conn, key)
     return None if value is None else ModelVersion.model_validate_json(value)
+
+
+def _upgrade_sqlite(conn: Connection) -> None:
+    """Bring an SQLite store written by an earlier version to today's tables (new tables are created after)."""
+    inspector = inspect(conn)
+    if not inspector.has_table("meta"):
+        return
+    conn.execute(update(_meta).where(_meta.c.key == "generation").values(key="revision"))  # the name before 0.2
+    if "header" not in {column["name"] for column in inspector.get_columns("documents")}:  # before 0.3
+        conn.exec_driver_sql("ALTER TABLE documents ADD COLUMN header TEXT NOT NULL DEFAULT ''")

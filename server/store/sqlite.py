@@ -17,11 +17,15 @@ def connect(path: Path) -> sqlite3.Connection:
     It may be used from any thread, one thread at a time.
     """
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    configure(conn)
     return conn
+
+
+def configure(conn: sqlite3.Connection) -> None:
+    """WAL, ``synchronous=FULL``, foreign keys, the busy timeout; autocommit (``isolation_level=None``)."""
+    conn.isolation_level = None
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", f"busy_timeout={BUSY_TIMEOUT_MS}"):
+        conn.execute(f"PRAGMA {pragma}")
 
 
 @contextmanager

@@ -52,6 +52,7 @@ from tritonrag.server.services.collections import CollectionService
 from tritonrag.server.services.models import ModelService
 from tritonrag.server.services.search import SearchService
 from tritonrag.server.store.catalog import Catalog
+from tritonrag.server.store.database import sqlite_database
 from tritonrag.server.store.documents import DocumentStore
 
 V1 = ModelVersion(name="embedder", version="1")
@@ -113,7 +114,7 @@ def test_a_reopened_collection_serves_the_pinned_version_at_its_stored_width(
     assert pinned.switch_embedder(V2, NEXT_DIM)
     pinned.close()
     spec = CollectionCreate(name="test")
-    assert Collection.stored_dimension(tmp_path / "c") == NEXT_DIM
+    assert Collection.stored_dimension(tmp_path / "c", "test") == NEXT_DIM
     with pytest.raises(InvalidArgumentError):
         Collection.open(tmp_path / "c", spec, DIM)
     reopened = Collection.open(tmp_path / "c", spec, NEXT_DIM)
@@ -172,7 +173,7 @@ def test_a_crash_after_the_switch_commit_rebuilds_a_dense_snapshot_of_the_former
     collection = open_collection(tmp_path / "c")
     collection.upsert([prepared(f"d{n}", [f"doc {n}"], seed=n) for n in range(3)], V1)
     collection.close()  # the dense snapshot holds version 1's vectors
-    store = DocumentStore(tmp_path / "c" / "store.sqlite", DIM)
+    store = DocumentStore(sqlite_database(tmp_path / "c" / "store.sqlite"), DIM)
     store.begin_next(V2, DIM)
     store.put_next(V2, store.chunk_ids(), np.stack([next_vector(i, DIM) for i in (1, 2, 3)]))
     assert store.switch(V2) is not None  # committed; the process dies before the collection saw it
@@ -204,7 +205,7 @@ def test_pinning_keeps_the_first_pin(tmp_path: Path) -> None:
             collection.upsert([prepared("a", ["by version 2"])], V2)
     finally:
         collection.close()
-    store = DocumentStore(tmp_path / "c" / "store.sqlite", DIM)
+    store = DocumentStore(sqlite_database(tmp_path / "c" / "store.sqlite"), DIM)
     assert store.embedder == V1
     store.close()
 

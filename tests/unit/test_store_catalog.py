@@ -1,8 +1,9 @@
-"""Catalog: collections and jobs in catalog.sqlite."""
+"""Catalog: collections and jobs, in catalog.sqlite and in a shared PostgreSQL database."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -10,12 +11,13 @@ import pytest
 
 from tritonrag.clients.wire.schema import NO_HEADER, ChunkHeader, CollectionCreate, DocumentError, IndexType, JobStatus
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
-from tritonrag.server.store.catalog import Catalog
+from tritonrag.server.store.catalog import Catalog, JobTotals
+from tritonrag.server.store.database import StoreLocation
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    return Catalog(tmp_path / "catalog.sqlite")
+def catalog(tmp_path: Path, store_location: StoreLocation) -> Catalog:
+    return Catalog(tmp_path / "catalog.sqlite", store_location)
 
 
 def test_collections_crud(catalog: Catalog) -> None:
@@ -64,22 +66,25 @@ def test_jobs_crud_and_filters(catalog: Catalog) -> None:
             call()
 
 
-def test_catalog_survives_reopen(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path / "catalog.sqlite")
+def test_catalog_survives_reopen(tmp_path: Path, store_location: StoreLocation) -> None:
+    catalog = Catalog(tmp_path / "catalog.sqlite", store_location)
     catalog.create_collection(CollectionCreate(name="docs"))
     job = catalog.create_job("docs", total=5, payload={"paths": ["/data/a.txt"]})
+    assert catalog.job_totals()[JobStatus.queued] == JobTotals(jobs=1, documents=5, done=0, failed=0)
     catalog.close()
-    reopened = Catalog(tmp_path / "catalog.sqlite")
+    reopened = Catalog(tmp_path / "catalog.sqlite", store_location)
     assert reopened.get_collection("docs").name == "docs"
     assert reopened.get_job(job.info.id) == job
 
 
-def test_a_spec_from_before_chunk_headers_has_none(catalog: Catalog) -> None:
+def test_a_spec_from_before_chunk_headers_has_none(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "catalog.sqlite")
     catalog.create_collection(CollectionCreate(name="old"))
     spec = json.loads(catalog._collection_column("old", "spec"))
     del spec["chunking"]["header"]
-    with catalog._lock, catalog._conn:
-        catalog._conn.execute("UPDATE collections SET spec = ? WHERE name = 'old'", (json.dumps(spec),))
+    with sqlite3.connect(tmp_path / "catalog.sqlite") as conn:
+        conn.execute("UPDATE collections SET spec = ? WHERE name = 'old'", (json.dumps(spec),))
+    conn.close()
     assert catalog.get_collection("old").chunking.header == NO_HEADER
     catalog.create_collection(CollectionCreate(name="new"))
     assert catalog.get_collection("new").chunking.header == ChunkHeader()

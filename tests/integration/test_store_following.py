@@ -1,0 +1,130 @@
+"""Collections of several processes over one shared PostgreSQL store: each keeps its own derived indexes (FAISS,
+BM25 of chunks and of documents) and brings them to the store by following its revision log."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.unit.test_reindex_store import NEXT_DIM, V1, V2, next_vector, reindex_all
+from tests.unit.test_retrieval_collection import open_collection
+from tests.unit.test_store_documents import prepared
+from tritonrag.clients.wire.schema import IndexType
+from tritonrag.server.retrieval.collection import Collection
+from tritonrag.server.store.database import StoreLocation
+
+
+@pytest.fixture
+def location(postgres_url: str) -> Iterator[StoreLocation]:
+    shared = StoreLocation(postgres_url)
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, location: StoreLocation) -> Iterator[tuple[Collection, Collection]]:
+    """One collection opened by two replicas, each with its derived indexes in a directory of its own."""
+    first = open_collection(tmp_path / "a", location=location)
+    second = open_collection(tmp_path / "b", location=location)
+    yield first, second
+    first.close()
+    second.close()
+
+
+def sparse_docs(collection: Collection, query: str, k: int = 10) -> set[str]:
+    hits = collection.search_sparse(query, k)
+    return set(collection.documents_of([hit.chunk_id for hit in hits]).values())
+
+
+def indexed(collection: Collection) -> tuple[list[int], list[int], list[int]]:
+    """The ids each derived index holds: dense chunks, lexical chunks, document keys."""
+    return (
+        collection._dense.ids().tolist(),
+        collection._lexical.ids().tolist(),
+        collection._documents.ids().tolist(),
+    )
+
+
+def test_a_write_through_one_replica_is_searchable_through_the_other_after_it_follows(
+    replicas: tuple[Collection, Collection],
+) -> None:
+    first, second = replicas
+    first.upsert([prepared("owls", ["owls hunt at night", "owls see in the dark"], seed=1)], V1)
+    assert second.revision == 0 and sparse_docs(second, "owls") == set()
+    assert second.follow() == first.revision == 1
+    assert sparse_docs(second, "owls") == {"owls"}
+    [stored] = first.chunks([2])
+    assert second.search_dense(stored.vector, 1)[0].chunk_id == 2
+    assert second.search_documents("dark", 5) == pytest.approx(first.search_documents("dark", 5))
+    assert second.embedder == V1  # the first write pinned the store
+    assert indexed(second) == indexed(first) == ([1, 2], [1, 2], [1])
+
+
+def test_interleaved_writes_of_two_replicas_leave_both_at_the_same_revision_and_ids(
+    replicas: tuple[Collection, Collection],
+) -> None:
+    """A replica's own write first applies the other's earlier writes, so its indexes move one revision at a
+    time; replacements and deletes made elsewhere remove what they removed."""
+    first, second = replicas
+    first.upsert([prepared("a", ["alpha one", "alpha two"], seed=1), prepared("b", ["beta"], seed=2)], V1)
+    second.upsert([prepared("a", ["alpha replaced"], seed=3)], V1)  # replaces chunks 1 and 2 with 4
+    first.delete(["b"])
+    second.upsert([prepared("c", ["gamma"], seed=4)], V1)
+    assert second.revision == 4 and first.revision == 3
+    first.follow()
+    assert first.revision == second.revision == 4
+    assert indexed(first) == indexed(second) == ([4, 5], [4, 5], [4, 5])
+    assert sparse_docs(first, "alpha") == {"a"} and first.chunks([4])[0].text == "alpha replaced"
+    assert sparse_docs(second, "beta") == set()
+    assert first.follow() == 4  # nothing new: idempotent
+
+
+def test_a_new_replica_builds_its_indexes_from_the_store_then_follows(
+    replicas: tuple[Collection, Collection], tmp_path: Path, location: StoreLocation
+) -> None:
+    first, _ = replicas
+    first.upsert([prepared(f"d{n}", [f"document {n}"], seed=n) for n in range(5)], V1)
+    late = open_collection(tmp_path / "late", location=location)
+    try:
+        assert late.revision == 1 and indexed(late) == indexed(first)
+        first.delete(["d0", "d1"])
+        first.upsert([prepared("d9", ["document nine"], seed=9)], V1)
+        assert late.follow() == 3 and indexed(late) == indexed(first)
+    finally:
+        late.close()
+
+
+def test_a_switch_made_elsewhere_rebuilds_the_followers_dense_index_at_the_new_width(
+    replicas: tuple[Collection, Collection],
+) -> None:
+    first, second = replicas
+    first.upsert([prepared(f"d{n}", [f"doc {n} first", f"doc {n} second"], seed=n) for n in range(4)], V1)
+    second.follow()
+    reindex_all(first)
+    assert first.switch_embedder(V2, NEXT_DIM)
+    assert second.embedder == V1
+    second.follow()
+    assert second.embedder == V2 and second.revision == first.revision
+    assert second.search_dense(next_vector(3), 1)[0].chunk_id == 3
+    second.upsert([prepared("new", ["after the switch"], vectors=next_vector(99)[None, :])], V2)  # at the new width
+    first.follow()
+    assert first.search_dense(next_vector(99), 1)[0].chunk_id == 9
+
+
+def test_an_hnsw_follower_never_hides_a_chunk_it_applies_twice(tmp_path: Path, location: StoreLocation) -> None:
+    """HNSW removes by tombstone: applying an entry again must not tombstone ids it already holds."""
+    first = open_collection(tmp_path / "a", IndexType.hnsw, location=location)
+    second = open_collection(tmp_path / "b", IndexType.hnsw, location=location)
+    try:
+        first.upsert([prepared(f"d{n}", [f"doc {n}"], seed=n) for n in range(6)], V1)
+        second.follow()
+        second._apply(second._store.changes_since(0)[0])  # the same entry once more
+        [stored] = first.chunks([3])
+        assert second.search_dense(stored.vector, 1)[0].chunk_id == 3
+        assert len(second._dense) == 6 and np.array_equal(second._dense.ids(), np.arange(1, 7))
+    finally:
+        first.close()
+        second.close()
