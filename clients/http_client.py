@@ -88,6 +88,8 @@ class TritonRagClient:
         return CollectionInfo.model_validate(self._call("GET", f"/v1/collections/{name}"))
 
     def upsert(self, collection: str, documents: list[DocumentIn]) -> UpsertResult:
+        """Insert or replace ``documents``. An inline upsert's ``revision``, given as ``min_revision`` to `search` or
+        `query`, reads this write through any replica; a job's (``job_id``) is None."""
         body = UpsertRequest(documents=documents).model_dump(mode="json")
         return UpsertResult.model_validate(self._call("POST", f"/v1/collections/{collection}/documents", body))
 

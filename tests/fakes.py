@@ -22,6 +22,7 @@ from tritonrag.clients.wire.schema import (
     CollectionInfo,
     Condition,
     DeleteByFilterRequest,
+    DeleteByFilterResponse,
     DeltaEvent,
     Document,
     DoneEvent,
@@ -192,12 +193,12 @@ class FakeCollections:
         await self.get_document(collection, doc_id)
         del self.documents[collection][doc_id]
 
-    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> int:
+    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> DeleteByFilterResponse:
         documents = self.stored(collection)
         doomed = [doc_id for doc_id, doc in documents.items() if matches(request.filters, doc.metadata)]
         for doc_id in doomed:
             del documents[doc_id]
-        return len(doomed)
+        return DeleteByFilterResponse(deleted=len(doomed))
 
     async def get_job(self, job_id: str) -> JobInfo:
         if job_id not in self.jobs:

@@ -270,6 +270,9 @@ class UpsertResult(BaseModel):
     documents: int
     chunks: int
     job_id: str | None = None
+    # The collection's revision once an inline upsert is searchable (pass it as ``min_revision`` to read this
+    # write through any replica); None for a job, whose documents land later.
+    revision: int | None = None
 
 
 class Condition(Strict):
@@ -363,6 +366,11 @@ class DeleteByFilterRequest(Strict):
     filters: BoundedFilter
 
 
+class DeleteByFilterResponse(BaseModel):
+    deleted: int  # documents removed
+    revision: int | None = None  # the collection's revision once the deletion is searchable (as in UpsertResult)
+
+
 class GroupBy(StrEnum):
     """What a search returns k of: chunks, or documents (each its best chunk, its other matching chunks listed)."""
 
@@ -413,6 +421,9 @@ class SearchRequest(Strict):
     mmr: Mmr | None = None
     group_by: GroupBy = GroupBy.chunk
     use_cache: bool = True  # false: computed afresh, never served from the cache (the fresh result is stored)
+    # Search the collection at this revision or a later one (a write's ``revision``): read your own write
+    # through any replica. Ahead of the store's revision: 422 naming the field.
+    min_revision: int | None = Field(None, ge=0)
 
 
 class SearchHit(BaseModel):
@@ -534,6 +545,7 @@ class QueryRequest(Grounding):
     )
     stream: bool = False
     use_cache: bool = True  # false: answered afresh, never from the cache (the fresh answer is stored)
+    min_revision: int | None = Field(None, ge=0)  # as in SearchRequest
 
 
 class Source(BaseModel):

@@ -309,7 +309,8 @@ class _Servicer(pb_grpc.TritonRagServicer):
     @_rpc
     async def DeleteByFilter(self, request: pb.DeleteByFilterRequest, context: _Context) -> pb.DeleteByFilterResponse:
         filters = _model(DeleteByFilterRequest, request, without="collection")
-        return pb.DeleteByFilterResponse(deleted=await self._collections.delete_by_filter(request.collection, filters))
+        deleted = await self._collections.delete_by_filter(request.collection, filters)
+        return _message(deleted, pb.DeleteByFilterResponse())
 
     @_rpc
     @_limited(RouteClass.search)

@@ -18,6 +18,7 @@ from tritonrag.clients.wire.schema import (
     CollectionCreate,
     CollectionInfo,
     DeleteByFilterRequest,
+    DeleteByFilterResponse,
     Document,
     JobInfo,
     QueryEvent,
@@ -110,9 +111,9 @@ def native_router(
         await collections.delete_document(name, doc_id)
 
     @router.post("/collections/{name}/documents:delete", tags=["documents"], dependencies=[write])
-    async def delete_by_filter(name: str, request: DeleteByFilterRequest) -> dict[str, int]:
-        """Delete every document whose metadata matches the filter; answers ``{"deleted": n}``."""
-        return {"deleted": await collections.delete_by_filter(name, request)}
+    async def delete_by_filter(name: str, request: DeleteByFilterRequest) -> DeleteByFilterResponse:
+        """Delete every document whose metadata matches the filter; answers ``{"deleted": n, "revision": r}``."""
+        return await collections.delete_by_filter(name, request)
 
     @router.post(  # named: the handler's name would hide the service's
         "/search",

@@ -1,10 +1,11 @@
 """Cache keys: ``<prefix>:<tier>:<sha256 of a canonical JSON>`` of every part that changes a result.
 
 A search's, an answer's or a chat's parts: the request itself (every field, but the ones that change
-nothing: ``use_cache``, ``stream``), the versions of the models it involves, the collection's creation
-time and write revision, and the settings and release that change results. An embedding's: the model,
-its version and the sha256 of the text, exactly as given (normalising it is the tokenizer's business:
-any other normalisation could join two texts that the model embeds differently).
+nothing: ``use_cache``, ``stream``, and ``min_revision``, which the collection's revision supersedes), the
+versions of the models it involves, the collection's creation time and write revision, and the settings and
+release that change results. An embedding's: the model, its version and the sha256 of the text, exactly as
+given (normalising it is the tokenizer's business: any other normalisation could join two texts that the
+model embeds differently).
 """
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ class Keys:
 
     async def search(self, request: SearchRequest) -> str | None:
         models = self._retrieval_models(request.mode, request.rerank)
-        parts = request.model_dump(mode="json", exclude={"use_cache"})
+        parts = request.model_dump(mode="json", exclude={"use_cache", "min_revision"})
         return await self._key("search", request.collection, models, parts)
 
     async def answer(self, request: QueryRequest) -> str | None:
         models = [*self._retrieval_models(request.mode, request.rerank), self._names.generator]
-        parts = request.model_dump(mode="json", exclude={"use_cache", "stream"})
+        parts = request.model_dump(mode="json", exclude={"use_cache", "stream", "min_revision"})
         return await self._key("answer", request.collection, models, parts)
 
     async def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, grounding: Grounding) -> str | None:

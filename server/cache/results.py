@@ -97,6 +97,8 @@ class CachedSearch:
         self._keys = keys
 
     async def search(self, request: SearchRequest, request_id: str | None = None) -> SearchResponse:
+        """``SearchService.search`` of the collection at ``min_revision`` or later, from the cache on a hit."""
+        await self._search.catch_up(request.collection, request.min_revision)
         key = await self._keys.search(request) if self._cache.enabled("search") else None
 
         async def compute() -> AsyncGenerator[SearchResponse]:
@@ -140,7 +142,9 @@ class CachedAnswers:
         return await gather_answer(request.collection, self.query_stream(request, request_id))
 
     async def query_stream(self, request: QueryRequest, request_id: str | None = None) -> AsyncGenerator[QueryEvent]:
-        """``AnswerService.query_stream``, replayed from the cache on a hit: sources, the same deltas, done."""
+        """``AnswerService.query_stream`` of the collection at ``min_revision`` or later, replayed from the cache on
+        a hit: sources, the same deltas, done."""
+        await self._answers.catch_up(request.collection, request.min_revision)
         cacheable = self._cache.enabled("answer") and deterministic(request.sampling)
         key = await self._keys.answer(request) if cacheable else None
         events = await cached_run(

@@ -23,6 +23,7 @@ from tritonrag.clients.wire.schema import (
     CollectionCreate,
     CollectionInfo,
     DeleteByFilterRequest,
+    DeleteByFilterResponse,
     Document,
     GenerationDelta,
     Grounding,
@@ -128,7 +129,7 @@ class TenantCollections:
         with _public_errors():
             await self._inner.delete_document(_key(collection), doc_id)
 
-    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> int:
+    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> DeleteByFilterResponse:
         with _public_errors():
             return await self._inner.delete_by_filter(_key(collection), request)
 

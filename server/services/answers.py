@@ -57,6 +57,10 @@ class AnswerService:
         self._query = query
         self._guard = InjectionGuard(query.injection)
 
+    async def catch_up(self, collection: str, min_revision: int | None) -> None:
+        """`SearchService.catch_up`: the collection at ``min_revision`` or later before an answer retrieves."""
+        await self._search.catch_up(collection, min_revision)
+
     async def query(self, request: QueryRequest, request_id: str | None = None) -> QueryResponse:
         """The events of ``query_stream`` gathered into one answer (``gather_answer``)."""
         return await gather_answer(request.collection, self.query_stream(request, request_id))

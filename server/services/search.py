@@ -41,6 +41,22 @@ class SearchService:
         self._registry = registry
         self._stages = stages
 
+    async def catch_up(self, collection: str, min_revision: int | None) -> None:
+        """Bring ``collection``'s indexes to ``min_revision`` (the revision a write returned, through any replica)
+        when they are behind it, following the store's revision log (`Collection.follow`). The cache layer calls
+        it for every search and answer, before it looks up a result (its key holds the revision searches see).
+        ``InvalidArgumentError`` when the store itself has not got that revision."""
+        if min_revision is None:
+            return
+        target = await self._registry.get(collection)
+        if target.revision >= min_revision:
+            return
+        revision = await asyncio.to_thread(target.follow, min_revision)
+        if revision < min_revision:
+            raise InvalidArgumentError(
+                f"min_revision {min_revision} is ahead of the collection's revision {revision}", field="min_revision"
+            )
+
     async def search(self, request: SearchRequest, request_id: str | None = None) -> SearchResponse:
         """Retrieve (dense, sparse or hybrid), optionally rerank and diversify, and return the top k, each hit
         flagged with the prompt-injection rules its text matches."""

@@ -160,7 +160,13 @@ async def test_delete_by_filter_and_search(
 
     filters = {"or": [{"field": "lang", "op": "eq", "value": "fr"}, {"field": "lang", "op": "in", "value": ["de"]}]}
     request = pb.SearchRequest(
-        collection="news", query="text", top_k=1, mode="dense", filters=struct(filters), mmr=pb.Mmr(**{"lambda": 0.25})
+        collection="news",
+        query="text",
+        top_k=1,
+        mode="dense",
+        filters=struct(filters),
+        mmr=pb.Mmr(**{"lambda": 0.25}),
+        min_revision=2,
     )
     found = await stub.Search(request)
     assert [hit.doc_id for hit in found.hits] == ["b"]
@@ -172,6 +178,7 @@ async def test_delete_by_filter_and_search(
             "mode": "dense",
             "filters": filters,
             "mmr": {"lambda": 0.25},
+            "min_revision": 2,  # an int64, a string in the message's JSON form
         }
     )
     assert (search.searches[-1].mode, search.searches[-1].mmr) == (SearchMode.dense, Mmr(**{"lambda": 0.25}))
@@ -179,7 +186,7 @@ async def test_delete_by_filter_and_search(
     deleted = await stub.DeleteByFilter(
         pb.DeleteByFilterRequest(collection="news", filters=struct({"field": "lang", "op": "eq", "value": "en"}))
     )
-    assert deleted.deleted == 1
+    assert deleted.deleted == 1 and not deleted.HasField("revision")  # the stand-in service tells no revision
     assert list(collections.documents["news"]) == ["b"]
 
 
