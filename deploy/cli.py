@@ -24,6 +24,7 @@ from tritonrag.server.config import Settings
 from tritonrag.server.errors import NotFoundError
 from tritonrag.server.lifecycle.state import loaded_versions
 from tritonrag.server.security.keys import KEYS_FILE, KeyStore
+from tritonrag.server.store.database import StoreLocation
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -265,7 +266,8 @@ app.add_typer(models_app, name="models")
 
 
 def _key_store(config: Path | None) -> KeyStore:
-    return KeyStore(load_settings(config).data_dir / KEYS_FILE)
+    settings = load_settings(config)
+    return KeyStore(settings.data_dir / KEYS_FILE, StoreLocation(settings.store.url))
 
 
 @keys_app.command("create")
@@ -318,6 +320,20 @@ def _when(timestamp: float | None) -> str:
 def serve_command(config: ConfigOption = None) -> None:
     """Run the orchestrator (HTTP + gRPC) against already running Triton servers."""
     _run_orchestrator(load_settings(config))
+
+
+@app.command("worker")
+def worker_command(config: ConfigOption = None) -> None:
+    """Run a Celery worker of ingestion and re-index jobs (needs ingest.broker_url and store.url)."""
+    from tritonrag.server.ingest.celery_jobs import run_worker
+    from tritonrag.server.telemetry.logs import configure_logging
+
+    settings = load_settings(config)
+    log_writer = configure_logging(settings.telemetry)
+    try:
+        run_worker(settings)
+    finally:
+        log_writer.stop()
 
 
 @app.command()

@@ -22,6 +22,7 @@ from .cache.keys import Keys
 from .cache.levels import TwoLevelCache
 from .cache.results import CachedAnswers, CachedSearch
 from .config import Settings
+from .ingest.celery_jobs import celery_app, dispatcher
 from .lifecycle.controller import RolloutController
 from .lifecycle.state import RolloutState
 from .retrieval.registry import CollectionRegistry
@@ -58,16 +59,24 @@ class Services:
     rollouts: RolloutController | None  # None: roll-outs off (rollout.enabled), Triton's own version policy
 
     @classmethod
-    def build(cls, settings: Settings, pool: TritonPool, catalog: Catalog, key_store: KeyStore) -> Services:
-        """The services, each given its own settings section, and the cache in front of them; nothing is started."""
+    def build(
+        cls, settings: Settings, pool: TritonPool, catalog: Catalog, key_store: KeyStore, dispatch_jobs: bool = True
+    ) -> Services:
+        """The services, each given its own settings section, and the cache in front of them; nothing is started.
+        With ``ingest.broker_url`` jobs go to Celery workers, unless ``dispatch_jobs`` is False (a worker)."""
         models = ModelService(pool, settings.triton.repository, settings.models)
-        registry = CollectionRegistry(settings.data_dir, catalog, settings.index, models.embedding_dimension)
+        registry = CollectionRegistry(
+            settings.data_dir, catalog, settings.index, models.embedding_dimension, settings.store.follow_interval_s
+        )
         cache = TwoLevelCache(settings.cache)
         keys = Keys(settings.cache.key_prefix, registry, models, settings.index, settings.query)
         stages = replace(SearchStages.over(pool), embedding=CachedEmbedding(pool, cache, keys, models))
         search = SearchService(registry, stages)
-        jobs_dir = settings.data_dir / "jobs"
-        collections = CollectionService(registry, models, stages.embedding, settings.ingest, jobs_dir)
+        legacy_jobs_dir = settings.data_dir / "jobs"
+        dispatch = None
+        if settings.ingest.broker_url and dispatch_jobs:
+            dispatch = dispatcher(celery_app(settings))
+        collections = CollectionService(registry, models, stages.embedding, settings.ingest, legacy_jobs_dir, dispatch)
         rollouts = None
         if settings.rollout.enabled:
             state = RolloutState(settings.data_dir)
@@ -118,7 +127,9 @@ class Services:
         )
 
     async def start(self) -> None:
-        """Resume unfinished ingestion jobs; restore the models' loaded versions and routes."""
+        """Over a shared store, open the collections and follow the store; resume unfinished ingestion jobs; restore
+        the models' loaded versions and routes."""
+        await self.registry.start()
         await self.collections.start()
         if self.rollouts is not None:
             await self.rollouts.start()
@@ -134,15 +145,16 @@ class Services:
 
 
 @contextlib.asynccontextmanager
-async def running_services(settings: Settings) -> AsyncIterator[Services]:
-    """The services with their Triton pool, catalog and job runner started; all closed on exit."""
+async def running_services(settings: Settings, dispatch_jobs: bool = True) -> AsyncIterator[Services]:
+    """The services with their Triton pool, catalog and job runner started; all closed on exit. ``dispatch_jobs``:
+    see `Services.build`."""
     location = StoreLocation(settings.store.url)
     catalog = Catalog(settings.data_dir / "catalog.sqlite", location)
-    key_store = KeyStore(settings.data_dir / KEYS_FILE)
+    key_store = KeyStore(settings.data_dir / KEYS_FILE, location)
     prepare_keys(key_store, settings.auth)
     pool = TritonPool.from_settings(settings)
     await pool.start()
-    services = Services.build(settings, pool, catalog, key_store)
+    services = Services.build(settings, pool, catalog, key_store, dispatch_jobs)
     try:
         await services.start()
         yield services

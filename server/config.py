@@ -136,6 +136,9 @@ class StoreSettings(BaseModel):
     orchestrator replicas share. Each replica keeps its derived indexes (FAISS, lexical) under ``data_dir``."""
 
     url: str = ""
+    # How often a replica reads a shared store's revision log when no notification came (PostgreSQL's
+    # LISTEN/NOTIFY wakes it at once): the bound on how stale its searches can be.
+    follow_interval_s: float = Field(1.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -157,6 +160,12 @@ class IngestSettings(BaseModel):
     pipeline_batches: int = Field(3, ge=1)  # batches of one job in flight at once (chunk, embed, store overlap)
     max_pending_documents: int = Field(100_000, ge=1)  # documents not yet settled in jobs; beyond, 429
     concurrent_jobs: int = Field(1, ge=1)  # jobs run at once; the others wait in order
+    # Celery's broker (redis://host:6379/0): when set, jobs run on `tritonrag worker` processes, not in the
+    # orchestrator (every process then needs the shared store, store.url).
+    broker_url: str = ""
+    # A running job whose runner recorded no progress for this long is taken over by another runner (its
+    # runner died); a runner records progress at least every batch.
+    job_lease_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(8, ge=1)  # per batch, while the upsert fails with a transient error
     max_pause_s: float = Field(600.0, gt=0)  # a job waits this long for an embedder that is not ready
     backoff_base_s: float = Field(1.0, gt=0)
@@ -370,6 +379,12 @@ class Settings(BaseSettings):
         if wrong:
             raise ValueError(f"int4 quantisation is for the generator only, not {', '.join(wrong)}")
         return value
+
+    @model_validator(mode="after")
+    def _workers_share_the_store(self) -> Settings:
+        if self.ingest.broker_url and not self.store.url:
+            raise ValueError("ingest.broker_url needs store.url: Celery workers write through the shared store")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -191,14 +191,20 @@ def stop_orchestrator(orchestrator: Orchestrator) -> None:
             orchestrator.process.wait()
 
 
-def wait_until(ready: Callable[[], bool], what: str, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """Poll ``ready`` until it holds; AssertionError when ``process`` (what serves ``what``) exits first or time
-    runs out."""
+def wait_until(
+    ready: Callable[[], bool],
+    what: str,
+    process: subprocess.Popen[bytes] | None,
+    timeout_s: float = 10.0,
+    poll_s: float = 0.02,
+) -> None:
+    """Poll ``ready`` every ``poll_s`` until it holds; AssertionError when ``process`` (what brings ``what`` about,
+    if any) exits first or time runs out."""
     deadline = time.monotonic() + timeout_s
     while not ready():
-        assert process.poll() is None, f"{what} exited with {process.returncode}"
-        assert time.monotonic() < deadline, f"{what} did not start in {timeout_s:g} s"
-        time.sleep(0.02)
+        assert process is None or process.poll() is None, f"waiting for {what}: exited with {process.returncode}"
+        assert time.monotonic() < deadline, f"waiting for {what}: not within {timeout_s:g} s"
+        time.sleep(poll_s)
 
 
 def accepts(port: int) -> bool:

@@ -1,5 +1,5 @@
-# The orchestrator (`tritonrag serve`), and later the workers: the project's wheel alone, without the export
-# extras (no torch). Build from the repository root:
+# The orchestrator (`tritonrag serve`, the CMD) and the Celery workers (`tritonrag worker`): the project's wheel
+# alone, without the export extras (no torch). Build from the repository root:
 #   docker build -f deploy/docker/orchestrator.Dockerfile -t tritonrag/orchestrator .
 
 FROM python:3.11-slim-bookworm AS builder
@@ -36,7 +36,8 @@ USER 10001:10001
 WORKDIR /var/lib/tritonrag
 VOLUME ["/var/lib/tritonrag"]
 EXPOSE 8080 50051
-# Liveness on the HTTP port the settings name (plain HTTP: with api.tls_* set, probe from outside instead).
+# Liveness on the HTTP port the settings name (plain HTTP: with api.tls_* set, probe from outside instead); a
+# worker serves no HTTP: turn it off there.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; from tritonrag.server.config import Settings; urllib.request.urlopen(f'http://127.0.0.1:{Settings().api.http_port}/healthz', timeout=4)"]
 ENTRYPOINT ["tritonrag"]

@@ -1,11 +1,19 @@
-"""``JobRunner``: large upserts as background jobs that survive a restart.
+"""``JobRunner``: large upserts as background jobs that survive a restart, run here or on Celery workers.
 
-A job's documents are written to a payload file (``<jobs_dir>/<name>.jsonl``, one document per line)
-before its row is created in the catalog; the row's JSON payload names the file and the byte offset
-up to which every document is settled. After each batch of ``batch_documents`` the runner records,
-in one catalog update, the new offset with the progress counts and errors, so a restarted runner
-resumes at the first unsettled batch. A batch whose upsert was acknowledged just before a crash is
-upserted again on resume, which replaces the same documents: at least once, never lost.
+A job's documents are stored with its row, in the catalog, in the transaction that creates it (so they live
+where the catalog does: beside the collections, or in the shared database that replicas and workers share);
+the row's JSON payload holds the position up to which every document is settled. After each batch of
+``batch_documents`` the runner records, in one catalog update, the new position with the progress counts and
+errors, so a restarted runner resumes at the first unsettled batch. A batch whose upsert was acknowledged just
+before a crash is upserted again on resume, which replaces the same documents: at least once, never lost, never
+duplicated.
+
+A runner claims a job before running it (`Catalog.claim_job`): a job is run by one runner at a time, and a
+runner records progress (a heartbeat at least) more often than ``job_lease_s``, so that when its process dies
+another runner takes the job over once the lease has passed. Over local files one process owns the data: its
+runner takes every unfinished job at start. Without a broker, each orchestrator runs the jobs it accepts (and,
+over a shared store, takes over those whose runner died); with ``ingest.broker_url``, the orchestrator only
+dispatches jobs (``dispatch``: a Celery task) and `tritonrag worker` processes run them (``run_job``).
 
 Up to ``pipeline_batches`` consecutive batches are in flight at once (chunking, embedding and the
 store write of one overlap those of the next); progress is recorded in order, so the resume point
@@ -33,9 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
-import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,16 +93,15 @@ class _JobStoppedError(Exception):
 
 @dataclass
 class _JobState:
-    """A job's settled state, as stored in its catalog row."""
+    """A job's settled state, as stored in its catalog row: the position of its first unsettled document."""
 
-    file: str
-    offset: int
+    position: int
     done: int
     failed: int
     errors: list[DocumentError] = field(default_factory=list)
 
     def payload(self) -> dict[str, Any]:
-        return {"file": self.file, "offset": self.offset}
+        return {"position": self.position}
 
 
 def reindex_target(record: JobRecord) -> ModelVersion | None:
@@ -107,61 +112,83 @@ def reindex_target(record: JobRecord) -> ModelVersion | None:
     return None
 
 
+Dispatch = Callable[[str], Awaitable[None]]
+"""``dispatch(job_id)``: hand a job to the runners elsewhere (a Celery task)."""
+
+
 class JobRunner:
     """Runs upsert jobs in the background, ``concurrent_jobs`` at a time, and re-index jobs one at a time beside
-    them, recording them in the catalog."""
+    them, recording them in the catalog; or, given ``dispatch``, hands them to runners elsewhere (Celery workers,
+    which call `run_job`)."""
 
     def __init__(
         self,
         catalog: Catalog,
         upsert: Upsert,
-        jobs_dir: Path,
         settings: IngestSettings | None = None,
         ready: Ready | None = None,
         *,
         reindex: Reindex | None = None,
+        dispatch: Dispatch | None = None,
+        legacy_jobs_dir: Path | None = None,
     ) -> None:
+        """``legacy_jobs_dir``: where versions before 0.4 kept the documents of jobs (moved into the catalog at
+        `start`)."""
         self._catalog = catalog
         self._upsert = upsert
         self._reindex = reindex
-        self._jobs_dir = jobs_dir
+        self._dispatch = dispatch
+        self._legacy_jobs_dir = legacy_jobs_dir
         self.settings = settings or IngestSettings()
         self._ready = ready
+        self._owner = uuid.uuid4().hex  # this runner, in the jobs it claims
+        # Over local files this process owns every job; over a shared store a job's runner may live elsewhere.
+        self._lease_s = self.settings.job_lease_s if catalog.location.shared else 0.0
         self._queue: asyncio.Queue[str] = asyncio.Queue()  # upsert jobs
         self._reindex_queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()  # queued or running here
         self._workers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Requeue unfinished jobs (oldest first), drop orphaned payload files, and start the workers."""
+        """Take over the jobs of earlier versions' files; then hand the unfinished jobs on (``dispatch``), or start the
+        workers on them (oldest first) and, over a shared store, a sweep that takes over the jobs of runners that
+        died."""
         if self._workers:
             return
-        self._jobs_dir.mkdir(parents=True, exist_ok=True)
-        unfinished = await asyncio.to_thread(self._unfinished)
-        keep = {str(record.payload.get("file")) for record in unfinished if isinstance(record.payload, dict)}
-        for path in self._jobs_dir.glob("*.jsonl"):
-            if path.name not in keep:
-                path.unlink(missing_ok=True)
-        for record in unfinished:
-            info = record.info
-            log.info("resuming job %s (%d of %d settled)", info.id, info.done + info.failed, info.total)
-            self._enqueue(info.id, self._reindex_queue if reindex_target(record) else self._queue)
+        if self._legacy_jobs_dir is not None:
+            await asyncio.to_thread(self._adopt_legacy_files, self._legacy_jobs_dir)
+        if self._dispatch is not None:
+            for record in await asyncio.to_thread(self._unfinished):
+                await self._dispatch(record.info.id)
+            return
         self._workers = [
             *(
                 asyncio.create_task(self._work(self._queue), name=f"ingest-job-worker-{n}")
                 for n in range(self.settings.concurrent_jobs)
             ),
             asyncio.create_task(self._work(self._reindex_queue), name="reindex-job-worker"),
+            asyncio.create_task(self._sweep(), name="job-sweep"),
         ]
 
     async def close(self) -> None:
-        """Stop the workers; a job they were running stays ``running`` and resumes at the next start."""
+        """Stop the workers; a job they were running stays ``running`` and resumes at the next start (or, over a
+        shared store, on another runner once its lease has passed)."""
         for worker in self._workers:
             worker.cancel()
         for worker in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
         self._workers = []
+
+    async def _sweep(self) -> None:
+        """Queue every unfinished job that is not running here: at start all of them, then, over a shared store, again
+        every half lease (a claim decides which are free: queued ones, and those whose runner died)."""
+        while True:
+            for record in await asyncio.to_thread(self._unfinished):
+                self._enqueue(record.info.id, self._reindex_queue if reindex_target(record) else self._queue)
+            if self._lease_s <= 0:
+                return
+            await asyncio.sleep(self._lease_s / 2)
 
     async def submit(self, collection: str, documents: Sequence[DocumentIn]) -> str:
         """Persist ``documents`` as a new queued job and return its id.
@@ -180,13 +207,10 @@ class JobRunner:
                 f"limit of {limit} (ingest.max_pending_documents); retry when the running jobs have progressed",
                 field="documents",
             )
-        self._jobs_dir.mkdir(parents=True, exist_ok=True)
-        name = f"{uuid.uuid4().hex}.jsonl"
-        await asyncio.to_thread(_write_payload, self._jobs_dir / name, documents)
         record = await asyncio.to_thread(
-            self._catalog.create_job, collection, len(documents), {"file": name, "offset": 0}
+            self._catalog.create_job, collection, len(documents), {"position": 0}, documents
         )
-        self._enqueue(record.info.id, self._queue)
+        await self._hand_on(record.info.id, self._queue)
         return record.info.id
 
     async def submit_reindex(self, collection: str, embedder: ModelVersion) -> JobInfo:
@@ -197,7 +221,7 @@ class JobRunner:
                 return info
         payload = {"kind": "reindex", "embedder": embedder.model_dump()}
         record = await asyncio.to_thread(self._catalog.create_job, collection, 0, payload)
-        self._enqueue(record.info.id, self._reindex_queue)
+        await self._hand_on(record.info.id, self._reindex_queue)
         return record.info
 
     async def reindexes(self, collection: str | None = None) -> list[tuple[JobInfo, ModelVersion]]:
@@ -217,6 +241,13 @@ class JobRunner:
         records = await asyncio.to_thread(self._catalog.list_jobs, None, collection)
         return [record.info for record in records]
 
+    async def finished(self, job_id: str) -> bool:
+        """Whether the job has ended (or is gone)."""
+        try:
+            return (await self.get(job_id)).status in FINISHED
+        except NotFoundError:
+            return True
+
     async def wait(self, job_id: str, poll_s: float = 0.05) -> JobInfo:
         """The job's state once it has finished."""
         while True:
@@ -224,6 +255,13 @@ class JobRunner:
             if info.status in FINISHED:
                 return info
             await asyncio.sleep(poll_s)
+
+    async def _hand_on(self, job_id: str, queue: asyncio.Queue[str]) -> None:
+        """Dispatch a new job, or queue it here."""
+        if self._dispatch is not None:
+            await self._dispatch(job_id)
+        else:
+            self._enqueue(job_id, queue)
 
     def _enqueue(self, job_id: str, queue: asyncio.Queue[str]) -> None:
         if job_id not in self._queued:
@@ -238,48 +276,60 @@ class JobRunner:
         while True:
             job_id = await queue.get()
             try:
-                await self._run(job_id)
+                await self.run_job(job_id)
             except Exception:  # a broken job must not take the worker down
                 log.exception("job %s failed unexpectedly", job_id)
             finally:
                 self._queued.discard(job_id)
                 queue.task_done()
 
-    async def _run(self, job_id: str) -> None:
-        record = await asyncio.to_thread(self._catalog.get_job, job_id)
+    async def run_job(self, job_id: str) -> bool:
+        """Claim the job and run it to its end; False, doing nothing, when it is finished, gone, or another runner's
+        (alive: it recorded progress within the lease)."""
+        record = await asyncio.to_thread(self._catalog.claim_job, job_id, self._owner, self._lease_s)
+        if record is None:
+            return False
+        heartbeat = asyncio.create_task(self._heartbeat(job_id), name=f"job-heartbeat-{job_id}")
+        try:
+            await self._run(record)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        return True
+
+    async def _heartbeat(self, job_id: str) -> None:
+        """Record that the job's runner is alive, every third of the lease, while it runs (a batch may take longer)."""
+        interval = (self._lease_s or self.settings.job_lease_s) / 3
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self._catalog.update_job, job_id)
+
+    async def _run(self, record: JobRecord) -> None:
         info = record.info
-        if info.status in FINISHED:
-            return
+        job_id = info.id
         target = reindex_target(record)
         if target is not None:
             await self._run_reindex(info, target)
             return
         payload = record.payload if isinstance(record.payload, dict) else {}
-        state = _JobState(
-            str(payload.get("file")), int(payload.get("offset", 0)), info.done, info.failed, list(info.errors)
-        )
-        path = self._jobs_dir / state.file
-        await asyncio.to_thread(self._catalog.update_job, job_id, status=JobStatus.running)
+        state = _JobState(int(payload.get("position", 0)), info.done, info.failed, list(info.errors))
         try:
-            if not path.is_file():
-                raise _JobStoppedError(f"the job's documents are gone ({path} is missing)")
-            await self._run_batches(job_id, info.collection, path, state)
+            await self._run_batches(job_id, info.collection, state)
         except _JobStoppedError as stopped:
             log.warning("job %s stopped: %s", job_id, stopped)
-            remaining = await asyncio.to_thread(_read_ids, path, state.offset) if path.is_file() else []
+            remaining = await asyncio.to_thread(self._catalog.job_document_ids, job_id, state.position)
             self._report(state, [DocumentError(doc_id=doc_id, error=str(stopped)) for doc_id in remaining])
             state.failed = info.total - state.done
-            await asyncio.to_thread(self._save, job_id, state, JobStatus.failed)
+            await asyncio.to_thread(self._finish, job_id, state, JobStatus.failed)
         else:
             status = JobStatus.succeeded if state.done else JobStatus.failed
-            await asyncio.to_thread(self._save, job_id, state, status)
-        path.unlink(missing_ok=True)
+            await asyncio.to_thread(self._finish, job_id, state, status)
         log.info("job %s finished: %d done, %d failed", job_id, state.done, state.failed)
 
     async def _run_reindex(self, info: JobInfo, target: ModelVersion) -> None:
         """Call the re-index's steps until one finishes, recording each one's progress."""
         job_id, done, total = info.id, info.done, info.total
-        await asyncio.to_thread(self._catalog.update_job, job_id, status=JobStatus.running)
         try:
             if self._reindex is None:
                 raise _JobStoppedError("this runner does not run re-index jobs")
@@ -302,26 +352,26 @@ class JobRunner:
             return
         log.info("re-index job %s finished: %r is pinned to version %s", job_id, info.collection, target.version)
 
-    async def _run_batches(self, job_id: str, collection: str, path: Path, state: _JobState) -> None:
-        """Settle the job's batches from ``state.offset`` on, up to ``pipeline_batches`` at once, recording
+    async def _run_batches(self, job_id: str, collection: str, state: _JobState) -> None:
+        """Settle the job's batches from ``state.position`` on, up to ``pipeline_batches`` at once, recording
         each one's outcome in order."""
         in_flight: collections.deque[tuple[asyncio.Task[tuple[int, list[DocumentError]]], int]] = collections.deque()
-        read_offset = state.offset
+        read_position = state.position
         try:
             while True:
                 while len(in_flight) < self.settings.pipeline_batches:
-                    batch, read_offset_after = await asyncio.to_thread(
-                        _read_batch, path, read_offset, self.settings.batch_documents
+                    batch = await asyncio.to_thread(
+                        self._catalog.job_documents, job_id, read_position, self.settings.batch_documents
                     )
                     if not batch:
                         break
-                    in_flight.append((asyncio.create_task(self._settle(collection, batch)), read_offset_after))
-                    read_offset = read_offset_after
+                    read_position += len(batch)
+                    in_flight.append((asyncio.create_task(self._settle(collection, batch)), read_position))
                 if not in_flight:
                     return
-                settling, next_offset = in_flight.popleft()
+                settling, next_position = in_flight.popleft()
                 done, errors = await settling
-                state.offset = next_offset
+                state.position = next_position
                 state.done += done
                 state.failed += len(errors)
                 self._report(state, errors)
@@ -345,6 +395,29 @@ class JobRunner:
             errors=state.errors,
             payload=state.payload(),
         )
+
+    def _finish(self, job_id: str, state: _JobState, status: JobStatus) -> None:
+        fields = {"done": state.done, "failed": state.failed, "errors": state.errors, "payload": state.payload()}
+        self._catalog.finish_job(job_id, status, **fields)
+
+    def _adopt_legacy_files(self, directory: Path) -> None:
+        """Move the unsettled documents of jobs from before 0.4 (``<directory>/<file>.jsonl`` from a byte offset)
+        into the catalog, and delete the files."""
+        for record in self._unfinished():
+            payload = record.payload
+            if not (isinstance(payload, dict) and "file" in payload):
+                continue
+            path, info = directory / str(payload["file"]), record.info
+            if path.is_file():
+                documents = _read_legacy_file(path, int(payload.get("offset", 0)))
+                self._catalog.attach_job_documents(info.id, documents, {"position": 0})
+            else:
+                error = DocumentError(doc_id="", error=f"the job's documents are gone ({path} is missing)")
+                failed = info.total - info.done
+                self._catalog.finish_job(info.id, JobStatus.failed, failed=failed, errors=[*info.errors, error])
+        if directory.is_dir():
+            for path in directory.glob("*.jsonl"):
+                path.unlink()
 
     async def _settle(self, collection: str, batch: Sequence[DocumentIn]) -> tuple[int, list[DocumentError]]:
         """Upsert ``batch``; on a failure that is not transient, split it to find the failing documents.
@@ -405,31 +478,8 @@ def _message(exc: Exception) -> str:
     return exc.message if isinstance(exc, TritonRagError) else f"{type(exc).__name__}: {exc}"
 
 
-def _write_payload(path: Path, documents: Sequence[DocumentIn]) -> None:
-    """One JSON document per line, flushed to disk before the job that names it is created."""
-    with path.open("w", encoding="utf-8") as out:
-        for document in documents:
-            out.write(document.model_dump_json())
-            out.write("\n")
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _read_batch(path: Path, offset: int, size: int) -> tuple[list[DocumentIn], int]:
-    """Up to ``size`` documents from byte ``offset``, and the offset after them."""
+def _read_legacy_file(path: Path, offset: int) -> list[DocumentIn]:
+    """The documents of a job file of a version before 0.4, one JSON document per line, from byte ``offset`` on."""
     with path.open("rb") as source:
         source.seek(offset)
-        documents = []
-        for _ in range(size):
-            line = source.readline()
-            if not line:
-                break
-            documents.append(DocumentIn.model_validate_json(line))
-        return documents, source.tell()
-
-
-def _read_ids(path: Path, offset: int) -> list[str]:
-    """The ids of the documents from byte ``offset`` on."""
-    with path.open("rb") as source:
-        source.seek(offset)
-        return [str(json.loads(line)["id"]) for line in source if line.strip()]
+        return [DocumentIn.model_validate_json(line) for line in source if line.strip()]

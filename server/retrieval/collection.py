@@ -216,12 +216,14 @@ class Collection:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def upsert(self, documents: Sequence[PreparedDocument], embedder: ModelVersion | None = None) -> None:
-        """Insert or replace ``documents``: each replaces all chunks of its id, atomically. ``embedder`` made their
-        vectors: it pins an unpinned collection, and `EmbedderChangedError` says the collection is pinned to
-        another version (a re-index switched it): embed again."""
-        self._store.upsert(documents, self._publishing, embedder)
+    def upsert(self, documents: Sequence[PreparedDocument], embedder: ModelVersion | None = None) -> int:
+        """Insert or replace ``documents``: each replaces all chunks of its id, atomically; returns the write's
+        revision (searches see it once this returns). ``embedder`` made their vectors: it pins an unpinned
+        collection, and `EmbedderChangedError` says the collection is pinned to another version (a re-index
+        switched it): embed again."""
+        change = self._store.upsert(documents, self._publishing, embedder)
         self._snapshot_if_due()
+        return change.revision
 
     def delete(self, doc_ids: Sequence[str]) -> int:
         """Delete the documents ``doc_ids``; returns how many existed."""

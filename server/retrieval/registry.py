@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -10,10 +12,14 @@ from pathlib import Path
 from tritonrag.clients.wire.schema import CollectionCreate, ModelVersion
 
 from ..config import IndexSettings
+from ..errors import NotFoundError
 from ..security.principal import DEFAULT_TENANT
 from ..security.tenancy import SEPARATOR, collection_key
 from ..store.catalog import Catalog
 from .collection import Collection
+from .following import follow_store
+
+log = logging.getLogger(__name__)
 
 
 class CollectionRegistry:
@@ -29,7 +35,12 @@ class CollectionRegistry:
     """
 
     def __init__(
-        self, data_dir: Path, catalog: Catalog, index: IndexSettings, dimension: Callable[[], Awaitable[int]]
+        self,
+        data_dir: Path,
+        catalog: Catalog,
+        index: IndexSettings,
+        dimension: Callable[[], Awaitable[int]],
+        follow_interval_s: float = 1.0,
     ) -> None:
         self.catalog = catalog
         self.location = catalog.location  # where the stores are: files under data_dir, or the shared database
@@ -39,6 +50,8 @@ class CollectionRegistry:
         self._open: dict[str, Collection] = {}
         self._created_at: dict[str, float] = {}
         self._lock = asyncio.Lock()
+        self._follow_interval_s = follow_interval_s
+        self._following: asyncio.Task[None] | None = None
         self._adopt_untenanted()
 
     def _adopt_untenanted(self) -> None:
@@ -138,8 +151,57 @@ class CollectionRegistry:
             await asyncio.to_thread(self.catalog.delete_collection, name)
             await asyncio.to_thread(shutil.rmtree, self._directory(name), True)
 
+    async def start(self) -> None:
+        """Over a shared store: open every collection (so that this replica is ready only once its indexes are
+        built) and start following the store (`following.follow_store`). Nothing to do over local files."""
+        if not self.location.shared or self._following is not None:
+            return
+        await self.open_all()
+        self._following = asyncio.create_task(
+            follow_store(self.follow_all, self.location.url, self._follow_interval_s), name="store-follower"
+        )
+
+    async def open_all(self) -> None:
+        """Open every collection of the catalog: each builds (or brings up to date) its derived indexes."""
+        for name in await self.names():
+            await self.get(name)
+
+    async def follow_all(self) -> None:
+        """Bring each open collection to its store's latest revision (`Collection.follow`); close and forget, here,
+        the collections that another process deleted or created again."""
+        names = set(await self.names())
+        for name, collection in list(self._open.items()):
+            created_at = self._created_at.get(name)
+            if name not in names or created_at != await asyncio.to_thread(self._created_at_in_catalog, name):
+                await self._forget(name, collection)
+                continue
+            try:
+                await asyncio.to_thread(collection.follow)
+            except Exception:  # e.g. its store dropped between the two reads: the next round forgets it
+                log.exception("following collection %s failed", name)
+
+    def _created_at_in_catalog(self, name: str) -> float | None:
+        try:
+            return self.catalog.collection_created_at(name)
+        except NotFoundError:
+            return None
+
+    async def _forget(self, name: str, collection: Collection) -> None:
+        """Close ``collection`` and delete its derived indexes here; its store is another process's business."""
+        async with self._lock:
+            if self._open.get(name) is collection:
+                self._open.pop(name)
+                self._created_at.pop(name, None)
+                await asyncio.to_thread(collection.close)
+                await asyncio.to_thread(shutil.rmtree, self._directory(name), True)
+
     async def close(self) -> None:
-        """Close every open collection (writing index snapshots)."""
+        """Stop following the store; close every open collection (writing index snapshots)."""
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
+            self._following = None
         for collection in self._open.values():
             await asyncio.to_thread(collection.close)
         self._open.clear()

@@ -89,7 +89,7 @@ def prepare_keys(keys: KeyStore, settings: AuthSettings) -> None:
 def _announce(created: ApiKeyCreated, keys: KeyStore) -> None:
     sys.stderr.write(
         f"\ntritonrag: made the admin key {created.id} of tenant {created.tenant!r}. It is shown this once; only\n"
-        f"its SHA-256 is kept, in {keys.path}. Send it as 'Authorization: Bearer <key>'\n"
+        f"its SHA-256 is kept, in {keys.where}. Send it as 'Authorization: Bearer <key>'\n"
         f"(the tritonrag CLI reads TRITONRAG_API_KEY):\n\n    {created.key}\n\n"
     )
     sys.stderr.flush()

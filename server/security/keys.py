@@ -1,4 +1,5 @@
-"""``KeyStore``: API keys in ``<data_dir>/keys.sqlite``, each stored as the SHA-256 of the key.
+"""``KeyStore``: API keys in ``<data_dir>/keys.sqlite`` or in the shared database (``store.url``, where every
+orchestrator replica knows every key), each stored as the SHA-256 of the key.
 
 A key made here is ``trk_`` and 43 URL-safe characters (256 random bits), so a plain SHA-256 is a
 safe hash (a slow hash such as argon2 guards low-entropy passwords; it adds nothing to a 256-bit
@@ -14,29 +15,34 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, Float, MetaData, Table, Text, insert, select, update
 
 from tritonrag.clients.wire.auth import ApiKeyCreated, ApiKeyInfo, Scope
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
-from tritonrag.server.store.sqlite import connect, transaction
+from tritonrag.server.store.database import StoreLocation
 
 KEYS_FILE = "keys.sqlite"  # in the data directory
+KEYS = "keys"  # the store's name (its schema, in a shared database)
 KEY_PREFIX = "trk_"
 MIN_KEY_CHARS = 32  # an operator's own key (auth.admin_key) is refused when shorter
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    hash TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    scopes TEXT NOT NULL,
-    name TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-"""
-_COLUMNS = "id, tenant, scopes, name, created_at, revoked_at"
+_TABLES = MetaData()
+_keys = Table(
+    "api_keys",
+    _TABLES,
+    Column("id", Text, primary_key=True),
+    Column("hash", Text, nullable=False),
+    Column("tenant", Text, nullable=False),
+    Column("scopes", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+)
+_INFO = (_keys.c.id, _keys.c.tenant, _keys.c.scopes, _keys.c.name, _keys.c.created_at, _keys.c.revoked_at)
 
 
 def _digest(key: str) -> str:
@@ -49,20 +55,24 @@ def new_key() -> str:
 
 
 class KeyStore:
-    """The API keys of one orchestrator (or of every one sharing the file); thread-safe."""
+    """The API keys of one orchestrator, or of every one sharing the file or the database; thread-safe."""
 
-    def __init__(self, path: Path) -> None:
-        """Open or create the store at ``path`` (readable by its owner alone)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._conn = connect(path)
-        path.chmod(0o600)
+    def __init__(self, path: Path, location: StoreLocation | None = None) -> None:
+        """Open or create the store at ``path`` (readable by its owner alone), or in ``location``'s shared database."""
+        location = location or StoreLocation()
+        if not location.shared:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._database = location.database(path, KEYS)
+        self.where = f"the shared store (schema {self._database.schema})" if location.shared else str(path)
+        with self._database.write() as conn:
+            self._database.create_tables(conn, _TABLES)
+        if not location.shared:
+            path.chmod(0o600)
         self._lock = threading.Lock()
-        self._conn.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._database.close()
 
     def create(self, tenant: str, scopes: Iterable[Scope], name: str = "") -> ApiKeyCreated:
         """Make and store a new key; the answer holds the key, which is not kept."""
@@ -76,49 +86,48 @@ class KeyStore:
             raise InvalidArgumentError(f"a key needs at least {MIN_KEY_CHARS} characters", field="key")
         digest = _digest(key)
         ordered = ",".join(sorted({Scope(scope) for scope in scopes}))
-        with self._lock, transaction(self._conn) as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO api_keys(id, hash, tenant, scopes, name, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (digest[:16], digest, tenant, ordered, name, time.time()),
-            )
+        row = {"id": digest[:16], "hash": digest, "tenant": tenant, "scopes": ordered, "name": name}
+        with self._lock, self._database.write() as conn:
+            if conn.execute(select(_keys.c.id).where(_keys.c.id == digest[:16])).first() is None:
+                conn.execute(insert(_keys).values(**row, created_at=time.time()))
         return self.get(digest[:16])
 
     def get(self, key_id: str) -> ApiKeyInfo:
         """The key ``key_id``; ``NotFoundError`` when there is none."""
-        with self._lock:
-            row = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        with self._database.read() as conn:
+            row = conn.execute(select(*_INFO).where(_keys.c.id == key_id)).first()
         if row is None:
             raise NotFoundError(f"key {key_id!r} does not exist", field="key_id")
         return _info(row)
 
     def list(self, tenant: str | None = None) -> list[ApiKeyInfo]:
         """Every key (of ``tenant`` when given), oldest first, revoked ones included."""
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM api_keys WHERE ?1 IS NULL OR tenant = ?1 ORDER BY created_at, id", (tenant,)
-            ).fetchall()
-        return [_info(row) for row in rows]
+        query = select(*_INFO).order_by(_keys.c.created_at, _keys.c.id)
+        if tenant is not None:
+            query = query.where(_keys.c.tenant == tenant)
+        with self._database.read() as conn:
+            return [_info(row) for row in conn.execute(query)]
 
     def revoke(self, key_id: str) -> ApiKeyInfo:
         """Revoke the key ``key_id`` from now on (revoking twice keeps the first time); ``NotFoundError``."""
-        with self._lock:
-            self._conn.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id)
+        with self._lock, self._database.write() as conn:
+            conn.execute(
+                update(_keys).where(_keys.c.id == key_id, _keys.c.revoked_at.is_(None)).values(revoked_at=time.time())
             )
         return self.get(key_id)
 
     def verify(self, key: str) -> ApiKeyInfo | None:
         """The stored key that ``key`` is, unless unknown or revoked."""
         digest = _digest(key)
-        with self._lock:
-            row = self._conn.execute(f"SELECT hash, {_COLUMNS} FROM api_keys WHERE id = ?", (digest[:16],)).fetchone()
+        with self._database.read() as conn:
+            row = conn.execute(select(_keys.c.hash, *_INFO).where(_keys.c.id == digest[:16])).first()
         if row is None or not hmac.compare_digest(row[0], digest):
             return None
         info = _info(row[1:])
         return info if info.revoked_at is None else None
 
 
-def _info(row: tuple[object, ...]) -> ApiKeyInfo:
+def _info(row: Sequence[Any]) -> ApiKeyInfo:
     key_id, tenant, scopes, name, created_at, revoked_at = row
     return ApiKeyInfo.model_validate(
         {

@@ -12,6 +12,7 @@ from tritonrag.clients.wire.schema import (
     CollectionCreate,
     CollectionInfo,
     DeleteByFilterRequest,
+    DeleteByFilterResponse,
     Document,
     DocumentIn,
     JobInfo,
@@ -24,7 +25,7 @@ from tritonrag.clients.wire.schema import (
 from ..config import IngestSettings
 from ..errors import InvalidArgumentError, NotFoundError, PayloadTooLargeError, UnavailableError
 from ..ingest.chunking import DocumentChunks
-from ..ingest.jobs import JobRunner, ReindexStep
+from ..ingest.jobs import Dispatch, JobRunner, ReindexStep
 from ..retrieval.collection import Collection, EmbedderChangedError, PreparedDocument
 from ..retrieval.registry import CollectionRegistry
 from ..retrieval.stages import Embedding
@@ -57,14 +58,22 @@ class CollectionService:
         models: ModelService,
         embedding: Embedding,
         ingest: IngestSettings,
-        jobs_dir: Path,
+        legacy_jobs_dir: Path | None = None,
+        dispatch: Dispatch | None = None,
     ) -> None:
+        """``dispatch`` hands jobs to Celery workers (else they run here); ``legacy_jobs_dir``: see `JobRunner`."""
         self._registry = registry
         self._models = models
         self._embedding = embedding
         self._ingest = ingest
         self.jobs = JobRunner(
-            registry.catalog, self._upsert_now, jobs_dir, ingest, self._embedder_ready, reindex=self._reindex_step
+            registry.catalog,
+            self._upsert_now,
+            ingest,
+            self._embedder_ready,
+            reindex=self._reindex_step,
+            dispatch=dispatch,
+            legacy_jobs_dir=legacy_jobs_dir,
         )
 
     async def _embedder_ready(self) -> bool:
@@ -229,23 +238,29 @@ class CollectionService:
             start += len(spans)
         return prepared
 
-    async def _upsert_now(
+    async def _upsert_now(self, collection_name: str, documents: Sequence[DocumentIn]) -> int:
+        """A job's upsert of a batch (`_write`); returns the chunks written."""
+        chunks, _ = await self._write(collection_name, documents)
+        return chunks
+
+    async def _write(
         self, collection_name: str, documents: Sequence[DocumentIn], chunked: Chunked | None = None
-    ) -> int:
+    ) -> tuple[int, int]:
         """Chunk (unless ``chunked`` is given), embed and store ``documents`` with the collection's pinned version;
-        returns the chunks written. A re-index that switches the collection meanwhile makes it start again."""
+        returns the chunks written and the write's revision. A re-index that switches the collection meanwhile
+        makes it start again."""
         collection = await self._registry.get(collection_name)
         while True:
             if chunked is None or chunked[0] != collection.embedder:
                 chunked = await self._chunk(collection, documents)
             prepared = await self._prepare(documents, chunked)
             try:
-                await asyncio.to_thread(collection.upsert, prepared, chunked[0])
+                revision = await asyncio.to_thread(collection.upsert, prepared, chunked[0])
             except EmbedderChangedError:
                 log.info("collection %r switched embedder versions during an upsert; upserting again", collection_name)
                 chunked = None
                 continue
-            return sum(len(p.chunks) for p in prepared)
+            return sum(len(p.chunks) for p in prepared), revision
 
     async def upsert_documents(self, collection: str, request: UpsertRequest) -> UpsertResult:
         """Upsert inline, or as a job when the batch is too large to finish within a request."""
@@ -255,8 +270,8 @@ class CollectionService:
         if len(documents) <= self._ingest.inline_max_documents:
             chunked = await self._chunk(target, documents)
             if sum(len(spans) for _, spans in chunked[1]) <= self._ingest.inline_max_chunks:
-                chunks = await self._upsert_now(collection, documents, chunked)
-                return UpsertResult(collection=collection, documents=len(documents), chunks=chunks)
+                chunks, revision = await self._write(collection, documents, chunked)
+                return UpsertResult(collection=collection, documents=len(documents), chunks=chunks, revision=revision)
         job_id = await self.jobs.submit(collection, documents)
         return UpsertResult(collection=collection, documents=len(documents), chunks=0, job_id=job_id)
 
@@ -281,8 +296,12 @@ class CollectionService:
         if removed == 0:
             raise NotFoundError(f"document {doc_id!r} not found in collection {collection!r}")
 
-    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> int:
-        return await asyncio.to_thread((await self._registry.get(collection)).delete_by_filter, request.filters)
+    async def delete_by_filter(self, collection: str, request: DeleteByFilterRequest) -> DeleteByFilterResponse:
+        """Delete the documents whose metadata matches the filter; answers how many, and the collection's revision
+        then (the deletion's, or a later write's)."""
+        target = await self._registry.get(collection)
+        deleted = await asyncio.to_thread(target.delete_by_filter, request.filters)
+        return DeleteByFilterResponse(deleted=deleted, revision=target.revision)
 
     async def get_job(self, job_id: str) -> JobInfo:
         return await self.jobs.get(job_id)

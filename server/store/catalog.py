@@ -17,14 +17,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Column, Float, Index, Integer, MetaData, Row, Table, Text, delete, func, insert, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from tritonrag.clients.wire.schema import NO_HEADER, CollectionCreate, DocumentError, JobInfo, JobStatus, ModelVersion
+from tritonrag.clients.wire.schema import (
+    NO_HEADER,
+    CollectionCreate,
+    DocumentError,
+    DocumentIn,
+    JobInfo,
+    JobStatus,
+    ModelVersion,
+)
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
 from tritonrag.server.store.database import StoreLocation
 
 CATALOG = "catalog"  # the catalog's store name (its schema, in a shared database)
+_DOCUMENT_BATCH = 500  # job documents inserted per statement
+_INT32_MAX = 2**31 - 1
 _TABLES = MetaData()
 _collections = Table(
     "collections",
@@ -46,8 +72,16 @@ _jobs = Table(
     Column("errors", Text, nullable=False, server_default="[]"),
     Column("payload", Text, nullable=False, server_default="null"),
     Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),  # also the runner's heartbeat: see `claim_job`
+    Column("owner", Text),  # the runner that runs it (`claim_job`)
     Index("jobs_by_status", "status", "created_at"),
+)
+_job_documents = Table(  # an upsert job's documents, in order, until the job finishes
+    "job_documents",
+    _TABLES,
+    Column("job_id", Text, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("document", Text, nullable=False),
 )
 
 
@@ -82,10 +116,8 @@ class Catalog:
         self._lock = threading.Lock()  # one writer of this process at a time (SQLite's file lock queues others)
         self._closed = False
         with self._database.write() as conn:
-            if self._database.dialect == "sqlite" and self._database.exists("collections"):
-                columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(collections)")}
-                if "embedder" not in columns:  # a catalog from before pinning
-                    conn.exec_driver_sql("ALTER TABLE collections ADD COLUMN embedder TEXT")
+            if self._database.dialect == "sqlite":
+                _upgrade_sqlite(conn)
             self._database.create_tables(conn, _TABLES)
 
     def close(self) -> None:
@@ -177,8 +209,11 @@ class Catalog:
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def create_job(self, collection: str, total: int, payload: Any = None) -> JobRecord:
-        """Record a new ``queued`` job over ``total`` documents with its resumable ``payload`` (JSON)."""
+    def create_job(
+        self, collection: str, total: int, payload: Any = None, documents: Sequence[DocumentIn] = ()
+    ) -> JobRecord:
+        """Record a new ``queued`` job over ``total`` documents with its resumable ``payload`` (JSON) and, for an
+        upsert job, its ``documents`` (kept until `finish_job`), in one transaction."""
         job_id = uuid.uuid4().hex
         now = time.time()
         row = {
@@ -192,7 +227,49 @@ class Catalog:
         }
         with self._lock, self._database.write() as conn:
             conn.execute(insert(_jobs).values(row))
+            _insert_documents(conn, job_id, documents)
         return self.get_job(job_id)
+
+    def attach_job_documents(self, job_id: str, documents: Sequence[DocumentIn], payload: Any) -> None:
+        """Replace the job's documents by ``documents`` and its payload by ``payload``, in one transaction."""
+        with self._lock, self._database.write() as conn:
+            conn.execute(delete(_job_documents).where(_job_documents.c.job_id == job_id))
+            _insert_documents(conn, job_id, documents)
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(payload=json.dumps(payload)))
+
+    def job_documents(self, job_id: str, start: int, limit: int) -> list[DocumentIn]:
+        """Up to ``limit`` of the job's documents from position ``start`` on, in order."""
+        c = _job_documents.c
+        query = select(c.document).where(c.job_id == job_id, c.position >= start).order_by(c.position).limit(limit)
+        with self._database.read() as conn:
+            return [DocumentIn.model_validate_json(document) for document in conn.execute(query).scalars()]
+
+    def job_document_ids(self, job_id: str, start: int) -> list[str]:
+        """The ids of the job's documents from position ``start`` on, in order."""
+        return [document.id for document in self.job_documents(job_id, start, _INT32_MAX)]
+
+    def claim_job(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
+        """Make ``owner`` the runner of the unfinished job ``job_id`` and mark it ``running``, unless another runner
+        recorded progress on it within ``lease_s`` (0: take it regardless); the job, or None when it is finished,
+        gone or another runner's. Runners record progress (`update_job`) at least every ``lease_s``."""
+        now = time.time()
+        c = _jobs.c
+        claimable = (c.owner.is_(None)) | (c.owner == owner) | (c.updated_at < now - lease_s) | (lease_s <= 0)
+        statement = (
+            update(_jobs)
+            .where(c.id == job_id, c.status.in_([JobStatus.queued.value, JobStatus.running.value]), claimable)
+            .values(owner=owner, status=JobStatus.running.value, updated_at=now)
+        )
+        with self._lock, self._database.write() as conn:
+            claimed = conn.execute(statement).rowcount
+        return self.get_job(job_id) if claimed else None
+
+    def finish_job(self, job_id: str, status: JobStatus, **fields: Any) -> JobRecord:
+        """Record the job's end (``status`` and the fields `update_job` takes) and forget its documents."""
+        record = self.update_job(job_id, status=status, **fields)
+        with self._lock, self._database.write() as conn:
+            conn.execute(delete(_job_documents).where(_job_documents.c.job_id == job_id))
+        return record
 
     def get_job(self, job_id: str) -> JobRecord:
         """The job ``job_id``; `NotFoundError` if there is none."""
@@ -254,6 +331,23 @@ class Catalog:
             deleted = conn.execute(delete(_jobs).where(_jobs.c.id == job_id)).rowcount
         if not deleted:
             raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
+
+
+def _insert_documents(conn: Connection, job_id: str, documents: Sequence[DocumentIn]) -> None:
+    for start in range(0, len(documents), _DOCUMENT_BATCH):
+        rows = [
+            {"job_id": job_id, "position": start + i, "document": document.model_dump_json()}
+            for i, document in enumerate(documents[start : start + _DOCUMENT_BATCH])
+        ]
+        conn.execute(insert(_job_documents), rows)
+
+
+def _upgrade_sqlite(conn: Connection) -> None:
+    """Bring a catalog written by an earlier version to today's tables (new tables are created after)."""
+    for table, column in (("collections", "embedder"), ("jobs", "owner")):  # before pinning; before job claims
+        columns = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+        if columns and column not in columns:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
 
 def _job(row: Row[Any]) -> JobRecord:

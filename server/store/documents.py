@@ -116,6 +116,7 @@ _revisions = Table(
     Column("added", json_column(), nullable=False),
     Column("removed", json_column(), nullable=False),
 )
+REVISIONS_CHANNEL = "tritonrag_revisions"  # PostgreSQL's NOTIFY channel of committed writes
 DOC_METADATA = _doc_metadata  # what filters select from (server/retrieval/filters.py)
 _INT64_MAX = 2**63 - 1
 _READ_BATCH = 8192
@@ -427,7 +428,7 @@ class DocumentStore:
             keys = added[np.cumsum(counts)[counts > 0] - counts[counts > 0]] if len(added) else _ids([])
             document_texts = [with_header(p.header, p.document.text) for p in documents if p.chunks]
             change = Change(revision, len(documents), removed, added, matrix, texts, keys, document_texts)
-            _log(conn, change, "upsert")
+            _log(conn, change, "upsert", self.database.schema)
             self._commit(conn, change, publish, embedder=pinned)
         return change
 
@@ -459,7 +460,7 @@ class DocumentStore:
             return Change(revision, 0, empty, empty, self._no_vectors(), [], empty, [])
         removed = self._remove_documents(conn, doc_ids)
         change = Change(revision + 1, len(doc_ids), removed, empty, self._no_vectors(), [], empty, [])
-        _log(conn, change, "delete")
+        _log(conn, change, "delete", self.database.schema)
         self._commit(conn, change, publish)
         return change
 
@@ -540,7 +541,7 @@ class DocumentStore:
             _set_meta(conn, "vectors_revision", revision)
             empty = _ids([])
             change = Change(revision, 0, empty, empty, np.empty((0, dimension), np.float32), [], empty, [])
-            _log(conn, change, "switch")
+            _log(conn, change, "switch", self.database.schema)
             self._commit(conn, change, publish, dimension, embedder)
             self._vectors_revision = revision
         return change
@@ -751,9 +752,12 @@ def _lock_revision(conn: Connection) -> int:
     return int(conn.execute(query).scalar_one())
 
 
-def _log(conn: Connection, change: Change, kind: ChangeKind) -> None:
-    """Bump the revision to ``change.revision`` and append what it did to the revision log."""
+def _log(conn: Connection, change: Change, kind: ChangeKind, schema: str | None) -> None:
+    """Bump the revision to ``change.revision`` and append what it did to the revision log; in a shared database
+    (a ``schema``), notify the followers on `REVISIONS_CHANNEL` (delivered at the commit)."""
     _set_meta(conn, "revision", change.revision)
+    if schema is not None:
+        conn.execute(select(func.pg_notify(REVISIONS_CHANNEL, schema)))
     conn.execute(
         insert(_revisions).values(
             revision=change.revision,

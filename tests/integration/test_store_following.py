@@ -3,6 +3,8 @@ BM25 of chunks and of documents) and brings them to the store by following its r
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +13,13 @@ import pytest
 
 from tests.unit.test_reindex_store import NEXT_DIM, V1, V2, next_vector, reindex_all
 from tests.unit.test_retrieval_collection import open_collection
-from tests.unit.test_store_documents import prepared
-from tritonrag.clients.wire.schema import IndexType
+from tests.unit.test_store_documents import DIM, prepared
+from tritonrag.clients.wire.schema import CollectionCreate, IndexType
+from tritonrag.server.config import IndexSettings
+from tritonrag.server.errors import NotFoundError
 from tritonrag.server.retrieval.collection import Collection
+from tritonrag.server.retrieval.registry import CollectionRegistry
+from tritonrag.server.store.catalog import Catalog
 from tritonrag.server.store.database import StoreLocation
 
 
@@ -128,3 +134,48 @@ def test_an_hnsw_follower_never_hides_a_chunk_it_applies_twice(tmp_path: Path, l
     finally:
         first.close()
         second.close()
+
+
+def test_registries_follow_the_store_when_notified_and_forget_collections_deleted_elsewhere(
+    tmp_path: Path, location: StoreLocation
+) -> None:
+    """Two replicas' registries over one shared catalog and store: a write through one is searchable through the
+    other well within the polling interval (the notification wakes it); a collection deleted through one is closed
+    by the other."""
+
+    async def dimension() -> int:
+        return DIM
+
+    async def scenario() -> None:
+        registries = [
+            CollectionRegistry(
+                tmp_path / name, Catalog(tmp_path / name / "catalog.sqlite", location), IndexSettings(), dimension, 30.0
+            )
+            for name in ("a", "b")
+        ]
+        writer, reader = registries
+        await writer.create(CollectionCreate(name="notes").model_copy(update={"name": "t/notes"}))
+        for registry in registries:
+            await registry.start()
+        try:
+            assert await reader.names() == ["t/notes"]
+            written = await writer.get("t/notes")
+            following = await reader.get("t/notes")
+            await asyncio.to_thread(written.upsert, [prepared("owls", ["owls hunt at night"], seed=1)], V1)
+            started = time.monotonic()
+            while following.revision < written.revision:
+                assert time.monotonic() - started < 10, "the follower did not catch up"
+                await asyncio.sleep(0.01)
+            assert time.monotonic() - started < 5  # notified: well before the 30 s polling interval
+            assert sparse_docs(following, "owls") == {"owls"}
+            await writer.delete("t/notes")
+            await reader.follow_all()
+            assert following.closed and not (tmp_path / "b" / "collections" / "t" / "notes").exists()
+            with pytest.raises(NotFoundError):
+                await reader.get("t/notes")
+        finally:
+            for registry in registries:
+                await registry.close()
+                registry.catalog.close()
+
+    asyncio.run(scenario())

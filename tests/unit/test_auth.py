@@ -38,6 +38,7 @@ from tritonrag.server.security.auth import Authenticator, prepare_keys
 from tritonrag.server.security.keys import KeyStore
 from tritonrag.server.security.principal import DEFAULT_TENANT, Principal
 from tritonrag.server.security.ratelimit import RateLimiter
+from tritonrag.server.store.database import StoreLocation
 
 SECRET = "an-hs256-secret-of-enough-length-0123456789"
 ISSUER, AUDIENCE = "https://issuer.example", "tritonrag"
@@ -71,11 +72,24 @@ def run(coroutine: Any) -> Any:
 # The key store
 
 
+def test_a_key_made_by_one_process_is_known_to_every_process_over_the_same_store(
+    store_location: StoreLocation, tmp_path: Path
+) -> None:
+    """Orchestrator replicas over a shared database (or processes over one data directory) share their keys."""
+    first, second = (KeyStore(tmp_path / "keys.sqlite", store_location) for _ in range(2))
+    created = first.create("acme", [Scope.read], "replica a")
+    assert second.verify(created.key) == first.get(created.id)
+    second.revoke(created.id)
+    assert first.verify(created.key) is None and first.list("acme")[0].revoked_at is not None
+    first.close()
+    second.close()
+
+
 def test_only_the_hash_of_a_key_is_stored_and_a_revoked_key_is_refused(keys: KeyStore) -> None:
     created = keys.create("acme", [Scope.read, Scope.write], "ingest bot")
     assert created.key.startswith("trk_") and len(created.key) == 47
-    assert created.key.encode() not in keys.path.read_bytes()
-    assert keys.path.stat().st_mode & 0o777 == 0o600
+    assert created.key.encode() not in Path(keys.where).read_bytes()
+    assert Path(keys.where).stat().st_mode & 0o777 == 0o600
     auth = authenticator(keys)
     principal = run(auth.authenticate(f"Bearer {created.key}", None, None))
     assert (principal.tenant, principal.scopes, principal.subject) == (
@@ -123,7 +137,7 @@ def test_the_first_start_makes_one_admin_key_and_the_operators_key_is_stored(
     prepare_keys(keys, AuthSettings())
     printed = capsys.readouterr().err
     key = next(line.strip() for line in printed.splitlines() if line.strip().startswith("trk_"))
-    assert str(keys.path) in printed and key not in caplog.text
+    assert keys.where in printed and key not in caplog.text
     assert run(authenticator(keys).authenticate(f"Bearer {key}", None, None)).allows(Scope.admin)
     prepare_keys(keys, AuthSettings())  # a second start makes none
     assert capsys.readouterr().err == "" and len(keys.list()) == 1

@@ -1,6 +1,8 @@
 """deploy/docker, deploy/compose and deploy/kubernetes refer only to what the code defines: settings variables,
 ports, routes, commands, Triton's flags and series, pinned versions; Kubernetes objects validate against the API
-schema (kubernetes-validate's bundled schemas) and the Dockerfiles pass hadolint.
+schema (kubernetes-validate's bundled schemas) and the Dockerfiles pass hadolint. Both deployments run the
+scaled-out shape: orchestrator replicas behind a balancer and Celery workers, all over one PostgreSQL store and one
+Redis (cache, rate limits, broker).
 
 The expected values are derived from ``Settings``, the HTTP routers, the launcher (its Triton command, captured),
 the CLI and pyproject.toml, never written here a second time.
@@ -52,6 +54,10 @@ PREFIX = str(Settings.model_config["env_prefix"])
 DELIMITER = str(Settings.model_config["env_nested_delimiter"])
 SETTINGS_VARIABLE = re.compile(rf"\b{PREFIX}[A-Z0-9_]+")
 KUSTOMIZATION = "kustomization.yaml"
+# A pinned third-party image: a version tag, never latest nor none.
+PINNED_IMAGE = re.compile(r"[\w./-]+:v?\d[\w.-]*")
+# Compose's variable substitution: ${NAME}, ${NAME:?message}, ${NAME:-default} (and without the colon).
+COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?+][^}]*)?\}")
 
 
 # Settings
@@ -71,6 +77,16 @@ def secret_variables() -> set[str]:
     """The variables of ``SecretStr`` settings."""
     variables = settings_variables().items()
     return {name for name, annotation in variables if SecretStr in (annotation, *get_args(annotation))}
+
+
+def credential_variables() -> set[str]:
+    """The variables that may hold a credential: ``SecretStr`` settings and URLs (``user:password@host``)."""
+    return secret_variables() | {name for name in settings_variables() if name.endswith("_URL")}
+
+
+def cli_commands() -> set[str]:
+    """The commands of ``tritonrag`` (the images' ENTRYPOINT)."""
+    return {command.name or command.callback.__name__ for command in cli_app.registered_commands}  # type: ignore[union-attr]
 
 
 def settings_with(env: Mapping[str, str]) -> Settings:
@@ -250,13 +266,36 @@ def compose() -> dict[str, Any]:
     return doc
 
 
+def interpolated(value: str) -> str:
+    """``value`` with each Compose variable (``${NAME:?message}``) replaced by a stand-in, ``<NAME>``."""
+    return COMPOSE_VARIABLE.sub(lambda match: f"<{match[1]}>", value)
+
+
 def compose_env(service: str) -> dict[str, str]:
-    """A Compose service's variables over its image's ENV; a variable without a value (taken from the shell) is
-    left out."""
+    """A Compose service's variables over its image's ENV, Compose variables replaced by stand-ins; a variable
+    without a value (taken from the shell) is left out."""
     spec = compose()["services"][service]
     env = dict(image_env(REPO_ROOT / spec["build"]["dockerfile"]))
-    env.update({name: str(value) for name, value in spec.get("environment", {}).items() if value is not None})
+    env.update({k: interpolated(str(v)) for k, v in spec.get("environment", {}).items() if v is not None})
     return env
+
+
+def tritonrag_services() -> dict[str, list[str]]:
+    """The Compose services that run the orchestrator image, each with its ``tritonrag`` command (the image's CMD
+    where the service gives none)."""
+    cmd = only(dockerfile_stages(ORCHESTRATOR_DOCKERFILE)[-1], "CMD").json()
+    services = compose()["services"].items()
+    built_here = [(name, spec) for name, spec in services if spec.get("build", {}).get("dockerfile")]
+    return {
+        name: list(spec.get("command", cmd))
+        for name, spec in built_here
+        if REPO_ROOT / spec["build"]["dockerfile"] == ORCHESTRATOR_DOCKERFILE
+    }
+
+
+def compose_orchestrators() -> list[str]:
+    """The orchestrator replicas: the services of the orchestrator image that serve."""
+    return sorted(name for name, command in tritonrag_services().items() if command == ["serve"])
 
 
 def mounts(service: str) -> dict[str, Path]:
@@ -267,6 +306,12 @@ def mounts(service: str) -> dict[str, Path]:
         source, target = volume.split(":")[:2]
         found[target] = (COMPOSE / source).resolve() if source.startswith(".") else Path(source)
     return found
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """The variables an env file (kustomize's secretGenerator ``envs``) sets; comments left out."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))  # type: ignore[misc]
 
 
 def kustomization(folder: Path) -> dict[str, Any]:
@@ -281,6 +326,11 @@ def base_objects() -> list[dict[str, Any]]:
 def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     return found
+
+
+def workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Deployments and StatefulSets."""
+    return [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -322,12 +372,20 @@ def built(folder: Path) -> list[dict[str, Any]]:
     return objects
 
 
-def settings_of_kubernetes() -> Settings:
-    """The orchestrator's settings in the cluster: its image's ENV under the ConfigMap and Secret it takes."""
+def secret_envs() -> dict[str, dict[str, str]]:
+    """Each generated Secret's variables, by name: those of its env files."""
+    generators = kustomization(BASE)["secretGenerator"]
+    return {g["name"]: {k: v for path in g["envs"] for k, v in env_file(BASE / path).items()} for g in generators}
+
+
+def settings_of_kubernetes(deployment: str = "orchestrator") -> Settings:
+    """A tritonrag Deployment's settings in the cluster: its image's ENV under the ConfigMap and Secret it takes."""
     env = image_env(ORCHESTRATOR_DOCKERFILE)
-    for source in container(find(base_objects(), "Deployment", "orchestrator"))["envFrom"]:
+    for source in container(find(base_objects(), "Deployment", deployment))["envFrom"]:
         if "configMapRef" in source:
             env.update(find(base_objects(), "ConfigMap", source["configMapRef"]["name"])["data"])
+        else:
+            env.update(secret_envs()[source["secretRef"]["name"]])
     return settings_with(env)
 
 
@@ -360,18 +418,88 @@ def test_every_settings_variable_named_is_a_setting() -> None:
 
 
 def test_secrets_go_to_the_secret_and_only_there() -> None:
-    secrets = secret_variables()
-    assert "TRITONRAG_AUTH__ADMIN_KEY" in secrets
+    credentials = credential_variables()
+    assert {"TRITONRAG_AUTH__ADMIN_KEY", "TRITONRAG_STORE__URL", "TRITONRAG_INGEST__BROKER_URL"} <= credentials
     in_secret = set(SETTINGS_VARIABLE.findall((BASE / "secrets.env").read_text()))
-    assert in_secret and in_secret <= secrets
-    assert set(find(base_objects(), "ConfigMap", "orchestrator-config")["data"]).isdisjoint(secrets)
+    assert in_secret and in_secret <= credentials
+    assert set(find(base_objects(), "ConfigMap", "orchestrator-config")["data"]).isdisjoint(credentials)
+    assert not [name for name in env_file(BASE / "postgres.env") if name.startswith(PREFIX)]
 
 
 def test_the_orchestrator_settings_of_each_deployment_are_valid() -> None:
-    for settings in (settings_with(compose_env("orchestrator")), settings_of_kubernetes()):
+    orchestrators = [settings_with(compose_env(name)) for name in compose_orchestrators()]
+    for settings in (*orchestrators, settings_of_kubernetes()):
         assert settings.api.host == "0.0.0.0"  # reachable from other containers
         assert settings.data_dir.is_relative_to(settings.work_dir)  # both on the data volume
         assert settings.telemetry.metrics_port is not None
+        # Roll-outs run in each replica, from the state in its own data directory: not with several replicas.
+        assert not settings.rollout.enabled
+        # API keys are each replica's own: the admin key, the same in all, is given.
+        assert settings.auth.admin_key is not None
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Where a deployment's PostgreSQL and Redis are (host to port), and PostgreSQL's user and database."""
+
+    postgres: tuple[str, int]
+    redis: tuple[str, int]
+    user: str
+    database: str
+
+
+def check_store_and_broker(processes: dict[str, Settings], backends: Backends) -> None:
+    """Every tritonrag process of a deployment has the one store and broker, which are the deployment's."""
+    assert {"orchestrator", "worker"} <= {name.split("-")[0] for name in processes}
+    urls = {(s.store.url, s.ingest.broker_url, str(s.cache.redis_url)) for s in processes.values()}
+    assert len(urls) == 1, "one store, one broker, one cache for all"
+    settings = next(iter(processes.values()))
+    store = urlsplit(settings.store.url)
+    assert store.scheme == "postgresql" and (store.hostname, store.port) == backends.postgres
+    assert (store.username, store.path) == (backends.user, f"/{backends.database}") and store.password
+    assert settings.cache.redis_url is not None
+    broker, cache = urlsplit(settings.ingest.broker_url), urlsplit(settings.cache.redis_url.get_secret_value())
+    assert broker.scheme == "redis" and (broker.hostname, broker.port) == (cache.hostname, cache.port)
+    assert (cache.hostname, cache.port) == backends.redis
+    assert broker.path != cache.path  # Celery's keys in a database apart from the cache's, which a flush deletes
+
+
+def test_compose_gives_every_process_the_store_and_the_broker() -> None:
+    services = compose()["services"]
+    postgres = services["postgres"]
+    password = interpolated(postgres["environment"]["POSTGRES_PASSWORD"])
+    assert re.fullmatch(r"<\w+>", password)  # taken from the shell or .env: no password in the file
+    processes = {name: settings_with(compose_env(name)) for name in tritonrag_services()}
+    (redis,) = [name for name, spec in services.items() if spec["image"].startswith("redis:")]
+    env = postgres["environment"]
+    # 5432: the postgres image's port
+    check_store_and_broker(
+        processes, Backends(("postgres", 5432), (redis, 6379), env["POSTGRES_USER"], env["POSTGRES_DB"])
+    )
+    assert {urlsplit(s.store.url).password for s in processes.values()} == {password}
+    for name in processes:
+        depends = services[name]["depends_on"]
+        assert depends["postgres"] == {"condition": "service_healthy"} and redis in depends
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    (volume,) = [source for target, source in mounts("postgres").items() if target.startswith("/var/lib/postgresql")]
+    assert str(volume) in compose()["volumes"]
+
+
+def test_kubernetes_gives_every_process_the_store_and_the_broker() -> None:
+    objects = base_objects()
+    statefulset = find(objects, "StatefulSet", "postgres")
+    env = {item["name"]: item for item in container(statefulset)["env"]}
+    (postgres_port,) = find(objects, "Service", "postgres")["spec"]["ports"]
+    (redis_port,) = find(objects, "Service", "redis")["spec"]["ports"]
+    backends = Backends(
+        ("postgres", postgres_port["port"]),
+        ("redis", redis_port["port"]),
+        env["POSTGRES_USER"]["value"],
+        env["POSTGRES_DB"]["value"],
+    )
+    check_store_and_broker({name: settings_of_kubernetes(name) for name in ("orchestrator", "worker")}, backends)
+    password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password["key"] in secret_envs()[password["name"]]
 
 
 # Dockerfiles
@@ -400,9 +528,8 @@ def test_the_orchestrator_image_installs_only_the_wheel_and_serves_the_settings(
     user = only(final, "USER").args.split(":")[0]
     assert user not in ("0", "root")
     assert only(final, "ENTRYPOINT").json() == list(project["scripts"])
-    commands = {command.name or command.callback.__name__ for command in cli_app.registered_commands}  # type: ignore[union-attr]
     (command,) = only(final, "CMD").json()
-    assert command == "serve" and command in commands
+    assert command == "serve" and command in cli_commands()
 
     settings = settings_with(image_env(ORCHESTRATOR_DOCKERFILE))
     assert exposed(ORCHESTRATOR_DOCKERFILE) == {settings.api.http_port, settings.api.grpc_port}
@@ -464,29 +591,47 @@ def test_compose_builds_the_images_and_pins_the_others() -> None:
             assert images[service["image"]] == REPO_ROOT / service["build"]["dockerfile"], name
             assert (COMPOSE / service["build"]["context"]).resolve() == REPO_ROOT
         else:
-            assert re.fullmatch(r"[\w./-]+:v?\d[\w.-]*", service["image"]), f"{name}: pin a version"
+            assert PINNED_IMAGE.fullmatch(service["image"]), f"{name}: pin a version"
 
 
-def test_compose_wires_the_orchestrator_to_triton_redis_and_its_volumes() -> None:
+def test_compose_wires_the_orchestrators_to_triton_redis_and_their_volumes() -> None:
     services = compose()["services"]
-    settings = settings_with(compose_env("orchestrator"))
-    assert "replicas" not in services["orchestrator"].get("deploy", {})  # one replica: its own SQLite store
-    triton_port = Settings().triton.grpc_port
-    assert settings.routing.endpoints == [f"triton:{triton_port}"]
-    for url in (settings.cache.redis_url, settings.rate_limits.redis_url):
-        assert url is not None and urlsplit(url.get_secret_value()).hostname in services
+    orchestrators = compose_orchestrators()
+    assert len(orchestrators) >= 2
     repository = flags(only(dockerfile_stages(TRITON_DOCKERFILE)[0], "CMD").json())["--model-repository"][0]
     assert mounts("triton")[repository] == REPO_ROOT / "model_repository"
-    assert mounts("orchestrator")[str(settings.triton.repository)] == REPO_ROOT / "model_repository"
-    (volume,) = [source for target, source in mounts("orchestrator").items() if target == str(settings.work_dir)]
-    assert str(volume) in compose()["volumes"]  # a named volume: the data outlives the container
+    volumes = []
+    for name in orchestrators:
+        settings = settings_with(compose_env(name))
+        assert settings.routing.endpoints == [f"triton:{Settings().triton.grpc_port}"]
+        for url in (settings.cache.redis_url, settings.rate_limits.redis_url):
+            assert url is not None and urlsplit(url.get_secret_value()).hostname in services
+        assert mounts(name)[str(settings.triton.repository)] == REPO_ROOT / "model_repository"
+        volumes += [source for target, source in mounts(name).items() if target == str(settings.work_dir)]
+    # A named volume each: a replica's derived indexes outlive its container, and no two replicas share one.
+    assert len(volumes) == len(set(volumes)) == len(orchestrators)
+    assert {str(volume) for volume in volumes} <= set(compose()["volumes"])
+
+
+def test_compose_runs_the_worker_command_on_the_orchestrator_image() -> None:
+    services = compose()["services"]
+    workers = {name: command for name, command in tritonrag_services().items() if command != ["serve"]}
+    assert list(workers.values()) == [["worker"]]
+    assert "worker" in cli_commands(), "tritonrag worker is not a command of deploy/cli.py"
+    for name in workers:
+        spec = services[name]
+        assert "ports" not in spec and spec["healthcheck"] == {"disable": True}  # no HTTP port to ask
+        settings = settings_with(compose_env(name))
+        assert settings.routing.endpoints == settings_with(compose_env(compose_orchestrators()[0])).routing.endpoints
+        assert mounts(name)[str(settings.triton.repository)] == REPO_ROOT / "model_repository"
 
 
 def test_nginx_balances_the_orchestrator_apis() -> None:
     text = (COMPOSE / "nginx.conf").read_text()
-    api, routing = settings_with(compose_env("orchestrator")).api, Settings().routing
-    upstreams = set(re.findall(r"server (orchestrator):(\d+);", text))
-    assert upstreams == {("orchestrator", str(api.http_port)), ("orchestrator", str(api.grpc_port))}
+    orchestrators = compose_orchestrators()
+    api, routing = settings_with(compose_env(orchestrators[0])).api, Settings().routing
+    upstreams = set(re.findall(r"^\s*server ([\w.-]+):(\d+)\b[^;]*;", text, re.MULTILINE))
+    assert upstreams == {(name, str(port)) for name in orchestrators for port in (api.http_port, api.grpc_port)}
     published = {int(port.split(":")[1]) for port in compose()["services"]["nginx"]["ports"]}
     assert {int(port) for port in re.findall(r"listen (\d+);", text)} == published
     sizes = {int(size) * 1024 * 1024 for size in re.findall(r"client_max_body_size (\d+)m;", text)}
@@ -505,13 +650,16 @@ def test_compose_prometheus_scrapes_the_services_on_their_metrics_ports(launched
         assert prometheus[f"/etc/prometheus/{rule_file}"] == DEPLOY / "prometheus" / rule_file
     assert prometheus["/etc/prometheus/prometheus.yml"] == COMPOSE / "prometheus.yml"
 
-    orchestrator = settings_with(compose_env("orchestrator"))
+    orchestrators = {name: settings_with(compose_env(name)) for name in compose_orchestrators()}
     expected = {
-        "tritonrag": (f"orchestrator:{orchestrator.telemetry.metrics_port}", orchestrator_metrics_path()),
-        "triton": (f"triton:{Settings().triton.metrics_port}", urlsplit(launched.endpoints.metrics_url).path),
+        "tritonrag": (
+            [f"{n}:{s.telemetry.metrics_port}" for n, s in orchestrators.items()],
+            orchestrator_metrics_path(),
+        ),
+        "triton": ([f"triton:{Settings().triton.metrics_port}"], urlsplit(launched.endpoints.metrics_url).path),
     }
-    for name, (target, path) in expected.items():
-        assert jobs[name]["static_configs"] == [{"targets": [target]}]
+    for name, (targets, path) in expected.items():
+        assert jobs[name]["static_configs"] == [{"targets": targets}]
         assert jobs[name].get("metrics_path", "/metrics") == path
 
 
@@ -569,16 +717,18 @@ def test_overlay_patches_and_images_target_base_resources(overlay: Path) -> None
     for entry in spec.get("patches", []):
         for patch in documents(overlay / entry["path"]):
             find(objects, patch["kind"], patch["metadata"]["name"])
-    images = {container(o)["image"] for o in objects if o["kind"] == "Deployment"}
+    images = {container(o)["image"] for o in workloads(objects)}
     assert {image["name"] for image in spec.get("images", [])} <= images
 
 
-def test_every_image_is_built_by_a_dockerfile() -> None:
+def test_every_image_is_built_by_a_dockerfile_or_pinned() -> None:
     images = built_images()
     for objects in [base_objects(), *map(built, OVERLAYS)]:
-        for deployment in (o for o in objects if o["kind"] == "Deployment"):
-            assert container(deployment)["image"] in images
-    assert images[container(find(base_objects(), "Deployment", "orchestrator"))["image"]] == ORCHESTRATOR_DOCKERFILE
+        for workload in workloads(objects):
+            image = container(workload)["image"]
+            assert image in images or PINNED_IMAGE.fullmatch(image), f"{workload['metadata']['name']}: pin a version"
+    for name in ("orchestrator", "worker"):
+        assert images[container(find(base_objects(), "Deployment", name))["image"]] == ORCHESTRATOR_DOCKERFILE
     gpu = find(built(KUBERNETES / "overlays" / "gpu"), "Deployment", "triton")
     assert images[container(gpu)["image"]] == TRITON_DOCKERFILE
     assert container(gpu)["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -595,8 +745,15 @@ def test_the_orchestrator_deployment_matches_its_settings() -> None:
     deployment = find(objects, "Deployment", "orchestrator")
     settings = settings_of_kubernetes()
     item = container(deployment)
-    assert deployment["spec"]["replicas"] == 1  # its own SQLite store
-    assert find(objects, "HorizontalPodAutoscaler", "orchestrator")["spec"]["maxReplicas"] == 1
+    # Replicas over the shared store: two at least, one kept through a disruption, none down in a roll-out.
+    autoscaler = find(objects, "HorizontalPodAutoscaler", "orchestrator")["spec"]
+    assert deployment["spec"]["replicas"] >= 2 and 2 <= autoscaler["minReplicas"] <= autoscaler["maxReplicas"]
+    assert find(objects, "PodDisruptionBudget", "orchestrator")["spec"] == {
+        "minAvailable": 1,
+        "selector": deployment["spec"]["selector"],
+    }
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert settings.store.url and settings.ingest.broker_url
     assert port_numbers(item) == {
         "http": settings.api.http_port,
         "grpc": settings.api.grpc_port,
@@ -610,10 +767,46 @@ def test_the_orchestrator_deployment_matches_its_settings() -> None:
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == settings.telemetry.metrics_port
     assert annotations["prometheus.io/path"] == orchestrator_metrics_path()
-    mounted = {m["mountPath"] for m in item["volumeMounts"]}
-    assert {str(settings.work_dir), str(settings.triton.repository)} == mounted
+    mounted = {m["mountPath"]: m["name"] for m in item["volumeMounts"]}
+    assert {str(settings.work_dir), str(settings.triton.repository)} == set(mounted)
+    volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounted[str(settings.work_dir)]]  # derived indexes only: a new pod rebuilds them
     generators = {g["name"] for g in kustomization(BASE)["secretGenerator"]}
     assert {s["secretRef"]["name"] for s in item["envFrom"] if "secretRef" in s} <= generators
+
+
+def test_the_worker_deployment_runs_the_cli_worker_as_the_orchestrator_is_configured() -> None:
+    objects = base_objects()
+    worker, orchestrator = find(objects, "Deployment", "worker"), find(objects, "Deployment", "orchestrator")
+    item = container(worker)
+    assert item["args"] == ["worker"] and "command" not in item  # the image's ENTRYPOINT, tritonrag
+    assert "worker" in cli_commands(), "tritonrag worker is not a command of deploy/cli.py"
+    assert item["image"] == container(orchestrator)["image"]
+    assert item["envFrom"] == container(orchestrator)["envFrom"]
+    assert "ports" not in item
+    assert not any(probe in item for probe in ("readinessProbe", "livenessProbe", "startupProbe"))  # no HTTP
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    assert not [s for s in objects if s["kind"] == "Service" and s["spec"]["selector"].items() <= labels.items()]
+    settings = settings_of_kubernetes("worker")
+    assert str(settings.triton.repository) in {m["mountPath"] for m in item["volumeMounts"]}
+
+
+def test_postgres_runs_as_its_own_user_on_its_claim_with_pg_isready_probes() -> None:
+    statefulset = find(base_objects(), "StatefulSet", "postgres")
+    spec = statefulset["spec"]
+    item = container(statefulset)
+    assert spec["replicas"] == 1 and spec["serviceName"] == "postgres"
+    security = spec["template"]["spec"]["securityContext"]
+    assert security["runAsNonRoot"] and security["runAsUser"] != 0
+    (claim,) = spec["volumeClaimTemplates"]
+    (mount,) = item["volumeMounts"]
+    assert mount["name"] == claim["metadata"]["name"]
+    env = {variable["name"]: variable.get("value") for variable in item["env"]}
+    assert Path(env["PGDATA"]).parent == Path(mount["mountPath"])  # below the mount: not its lost+found
+    assert f"--pgdata={env['PGDATA']}" in item["lifecycle"]["preStop"]["exec"]["command"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        command = item[probe]["exec"]["command"]
+        assert command[0] == "pg_isready" and f"--username={env['POSTGRES_USER']}" in command
 
 
 def test_the_triton_deployment_matches_the_launcher(launched: LaunchedTriton) -> None:
@@ -636,22 +829,30 @@ def test_the_triton_deployment_matches_the_launcher(launched: LaunchedTriton) ->
     assert orchestrator.routing.endpoints == [f"{deployment['metadata']['name']}:{triton.grpc_port}"]
 
 
-def test_services_and_budgets_select_their_deployments() -> None:
+def test_services_budgets_and_autoscalers_select_their_workloads() -> None:
     objects = base_objects()
-    for deployment in (o for o in objects if o["kind"] == "Deployment"):
-        name, labels = deployment["metadata"]["name"], deployment["spec"]["template"]["metadata"]["labels"]
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        service = find(objects, "Service", name)
-        assert service["spec"]["selector"].items() <= labels.items()
-        ports = port_numbers(container(deployment))
-        assert {p["targetPort"]: p["port"] for p in service["spec"]["ports"]}.items() <= ports.items()
-        budget = find(objects, "PodDisruptionBudget", name)
-        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        autoscaler = find(objects, "HorizontalPodAutoscaler", name)
-        assert autoscaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
-        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+    by_name = {workload["metadata"]["name"]: workload for workload in workloads(objects)}
+    labels = {name: workload["spec"]["template"]["metadata"]["labels"] for name, workload in by_name.items()}
+    for name, workload in by_name.items():
+        assert workload["spec"]["selector"]["matchLabels"].items() <= labels[name].items()
+        for volume in workload["spec"]["template"]["spec"].get("volumes", []):
             if "persistentVolumeClaim" in volume:
                 find(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    for obj in (o for o in objects if o["kind"] in ("Service", "PodDisruptionBudget")):
+        name, selector = obj["metadata"]["name"], obj["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        # Each selects the workload of its name, and only it.
+        assert [n for n, found in labels.items() if selector.items() <= found.items()] == [name], obj["kind"]
+        if obj["kind"] == "Service":
+            ports = port_numbers(container(by_name[name]))
+            assert {p["targetPort"]: p["port"] for p in obj["spec"]["ports"]}.items() <= ports.items()
+    for autoscaler in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        name = autoscaler["metadata"]["name"]
+        assert autoscaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert by_name[name]["kind"] == "Deployment"
+    for name in ("orchestrator", "triton"):
+        for kind in ("Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
+            find(objects, kind, name)
 
 
 def test_triton_scales_on_its_queue_time_as_the_adapter_serves_it() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,13 +69,13 @@ def catalog(tmp_path: Path) -> Catalog:
 
 def test_job_runs_in_batches_and_reports_progress(catalog: Catalog, tmp_path: Path) -> None:
     upsert = FakeUpsert()
-    jobs_dir = tmp_path / "jobs"
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, jobs_dir, SETTINGS)
+        runner = JobRunner(catalog, upsert, SETTINGS)
         await runner.start()
         job_id = await runner.submit("col", docs(10))
         info = await runner.wait(job_id)
+        assert catalog.job_documents(job_id, 0, 100) == []  # the documents go once the job is finished
         assert info.status is JobStatus.succeeded
         assert (info.total, info.done, info.failed, info.errors) == (10, 10, 0, [])
         assert info.collection == "col" and info.updated_at >= info.created_at
@@ -85,14 +86,13 @@ def test_job_runs_in_batches_and_reports_progress(catalog: Catalog, tmp_path: Pa
     run(scenario())
     assert [len(ids) for _, ids in upsert.calls] == [3, 3, 3, 1]
     assert upsert.upserted() == [f"d{i}" for i in range(10)]
-    assert list(jobs_dir.iterdir()) == []  # the payload file goes once the job is finished
 
 
 def test_progress_is_visible_while_the_job_runs(catalog: Catalog, tmp_path: Path) -> None:
     upsert = FakeUpsert(gate_after=2)
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS)
+        runner = JobRunner(catalog, upsert, SETTINGS)
         await runner.start()
         job_id = await runner.submit("col", docs(10))
         await upsert.blocked.wait()  # two batches are recorded before the third call
@@ -107,7 +107,7 @@ def test_failing_documents_are_isolated_and_reported(catalog: Catalog, tmp_path:
     upsert = FakeUpsert()
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS)
+        runner = JobRunner(catalog, upsert, SETTINGS)
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(8, bad=[1, 6])))
         await runner.close()
@@ -124,7 +124,7 @@ def test_unexpected_exceptions_fail_only_their_document(catalog: Catalog, tmp_pa
     upsert = FakeUpsert(script=[RuntimeError("disk on fire")] * 3)
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS.model_copy(update={"batch_documents": 2}))
+        runner = JobRunner(catalog, upsert, SETTINGS.model_copy(update={"batch_documents": 2}))
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(4)))
         await runner.close()
@@ -142,7 +142,7 @@ def test_reported_errors_are_capped_but_counted(catalog: Catalog, tmp_path: Path
     settings = SETTINGS.model_copy(update={"max_reported_errors": 3})
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, FakeUpsert(), tmp_path / "jobs", settings)
+        runner = JobRunner(catalog, FakeUpsert(), settings)
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(12, bad=range(1, 12))))
         await runner.close()
@@ -154,7 +154,7 @@ def test_reported_errors_are_capped_but_counted(catalog: Catalog, tmp_path: Path
 
 def test_a_job_where_every_document_fails_has_failed(catalog: Catalog, tmp_path: Path) -> None:
     async def scenario() -> None:
-        runner = JobRunner(catalog, FakeUpsert(), tmp_path / "jobs", SETTINGS)
+        runner = JobRunner(catalog, FakeUpsert(), SETTINGS)
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(2, bad=[0, 1])))
         await runner.close()
@@ -167,7 +167,7 @@ def test_transient_errors_are_retried(catalog: Catalog, tmp_path: Path) -> None:
     upsert = FakeUpsert(script=[UnavailableError("triton down")] * 2)
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS)
+        runner = JobRunner(catalog, upsert, SETTINGS)
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(3)))
         await runner.close()
@@ -181,7 +181,7 @@ def test_persistent_unavailability_stops_the_job(catalog: Catalog, tmp_path: Pat
     upsert = FakeUpsert(outage_after=1)
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS)
+        runner = JobRunner(catalog, upsert, SETTINGS)
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(7)))
         await runner.close()
@@ -197,7 +197,7 @@ def test_a_deleted_collection_stops_the_job_without_retries(catalog: Catalog, tm
     upsert = FakeUpsert(script=[NotFoundError("collection 'col' does not exist")])
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS)
+        runner = JobRunner(catalog, upsert, SETTINGS)
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(5)))
         await runner.close()
@@ -209,13 +209,12 @@ def test_a_deleted_collection_stops_the_job_without_retries(catalog: Catalog, tm
 
 
 def test_jobs_resume_after_a_crash_where_they_stopped(tmp_path: Path) -> None:
-    jobs_dir = tmp_path / "jobs"
     first = FakeUpsert(gate_after=2)  # acknowledges two batches, then hangs until the "crash"
     second = FakeUpsert()
 
     async def before_crash() -> tuple[str, str]:
         catalog = Catalog(tmp_path / "catalog.sqlite")
-        runner = JobRunner(catalog, first, jobs_dir, SETTINGS)
+        runner = JobRunner(catalog, first, SETTINGS)
         await runner.start()
         running = await runner.submit("col", docs(10, bad=[7]))
         queued = await runner.submit("other", docs(2))
@@ -228,7 +227,7 @@ def test_jobs_resume_after_a_crash_where_they_stopped(tmp_path: Path) -> None:
         catalog = Catalog(tmp_path / "catalog.sqlite")
         assert catalog.get_job(running).info.status is JobStatus.running
         assert catalog.get_job(queued).info.status is JobStatus.queued
-        runner = JobRunner(catalog, second, jobs_dir, SETTINGS)
+        runner = JobRunner(catalog, second, SETTINGS)
         await runner.start()
         resumed, later = await runner.wait(running), await runner.wait(queued)
         await runner.close()
@@ -249,31 +248,81 @@ def test_jobs_resume_after_a_crash_where_they_stopped(tmp_path: Path) -> None:
         ["d8"],
         ["d9"],
     ]
-    assert list(jobs_dir.iterdir()) == []
 
 
-def test_orphaned_payloads_are_removed_and_lost_payloads_fail_their_job(catalog: Catalog, tmp_path: Path) -> None:
+def test_jobs_of_earlier_versions_files_move_into_the_catalog_and_lost_files_fail_their_job(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """Before 0.4 a job's documents were a file of JSON lines and its payload a byte offset into it."""
     jobs_dir = tmp_path / "jobs"
     jobs_dir.mkdir()
+    lines = [DocumentIn(id=f"d{i}", text=f"text {i}").model_dump_json() for i in range(5)]
+    (jobs_dir / "old.jsonl").write_text("".join(f"{line}\n" for line in lines))
     (jobs_dir / "orphan.jsonl").write_text('{"id": "x", "text": "y"}\n')  # written, but no job row
+    offset = len(lines[0]) + len(lines[1]) + 2  # two documents were settled
+    old = catalog.create_job("col", 5, {"file": "old.jsonl", "offset": offset}).info.id
+    catalog.update_job(old, status=JobStatus.running, done=2)
     lost = catalog.create_job("col", 4, {"file": "gone.jsonl", "offset": 0}).info.id
+    upsert = FakeUpsert()
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, FakeUpsert(), jobs_dir, SETTINGS)
+        runner = JobRunner(catalog, upsert, SETTINGS, legacy_jobs_dir=jobs_dir)
         await runner.start()
-        info = await runner.wait(lost)
+        resumed, failed = await runner.wait(old), await runner.wait(lost)
         await runner.close()
-        assert (info.status, info.done, info.failed) == (JobStatus.failed, 0, 4)
+        assert (resumed.status, resumed.done, resumed.failed) == (JobStatus.succeeded, 5, 0)
+        assert (failed.status, failed.done, failed.failed) == (JobStatus.failed, 0, 4)
+        assert "gone.jsonl is missing" in failed.errors[0].error
 
     run(scenario())
+    assert upsert.upserted() == ["d2", "d3", "d4"]
     assert list(jobs_dir.iterdir()) == []
+
+
+def test_a_job_is_run_by_one_runner_at_a_time_and_taken_over_once_its_runner_stops_recording_progress(
+    catalog: Catalog,
+) -> None:
+    job = catalog.create_job("col", 2, {"position": 0}, docs(2)).info.id
+    assert catalog.claim_job(job, "first", lease_s=60) is not None
+    assert catalog.claim_job(job, "second", lease_s=60) is None  # the first recorded progress just now
+    assert catalog.claim_job(job, "first", lease_s=60) is not None  # its own job again, after a restart
+    time.sleep(0.05)
+    claimed = catalog.claim_job(job, "second", lease_s=0.01)  # the first is silent for longer than the lease
+    assert claimed is not None and claimed.info.status is JobStatus.running
+    assert catalog.claim_job(job, "first", lease_s=60) is None
+    catalog.finish_job(job, JobStatus.succeeded, done=2)
+    assert catalog.claim_job(job, "second", lease_s=0) is None  # finished
+    assert catalog.job_documents(job, 0, 10) == []
+
+
+def test_with_a_dispatcher_jobs_are_handed_on_not_run(catalog: Catalog) -> None:
+    dispatched: list[str] = []
+    upsert = FakeUpsert()
+
+    async def dispatch(job_id: str) -> None:
+        dispatched.append(job_id)
+
+    async def scenario() -> None:
+        earlier = catalog.create_job("col", 1, {"position": 0}, docs(1)).info.id
+        runner = JobRunner(catalog, upsert, SETTINGS, dispatch=dispatch)
+        await runner.start()  # the unfinished jobs are handed on again
+        job_id = await runner.submit("col", docs(3))
+        assert dispatched == [earlier, job_id]
+        assert (await runner.get(job_id)).status is JobStatus.queued
+        other = JobRunner(catalog, upsert, SETTINGS)  # a worker's runner
+        assert await other.run_job(job_id) and not await other.run_job(job_id)
+        assert (await other.get(job_id)).status is JobStatus.succeeded
+        await runner.close()
+
+    run(scenario())
+    assert upsert.upserted() == ["d0", "d1", "d2"]
 
 
 def test_jobs_run_one_at_a_time_in_order(catalog: Catalog, tmp_path: Path) -> None:
     upsert = FakeUpsert()
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS)
+        runner = JobRunner(catalog, upsert, SETTINGS)
         ids = [await runner.submit(name, docs(4)) for name in ("a", "b", "c")]  # queued before the start
         await runner.start()
         for job_id in ids:
@@ -286,7 +335,7 @@ def test_jobs_run_one_at_a_time_in_order(catalog: Catalog, tmp_path: Path) -> No
 
 def test_bad_requests(catalog: Catalog, tmp_path: Path) -> None:
     async def scenario() -> None:
-        runner = JobRunner(catalog, FakeUpsert(), tmp_path / "jobs", SETTINGS)
+        runner = JobRunner(catalog, FakeUpsert(), SETTINGS)
         with pytest.raises(InvalidArgumentError, match="at least one document"):
             await runner.submit("col", [])
         with pytest.raises(NotFoundError):
@@ -315,7 +364,7 @@ def test_batches_are_pipelined_and_progress_is_recorded_in_order(catalog: Catalo
             in_flight -= 1
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", settings)
+        runner = JobRunner(catalog, upsert, settings)
         await runner.start()
         job_id = await runner.submit("col", docs(12))
         await asyncio.sleep(0.1)  # batches 2 and 3 have landed, batch 1 has not
@@ -335,13 +384,13 @@ def test_upserts_over_the_pending_limit_are_refused_and_nothing_is_written(catal
     upsert = FakeUpsert(gate_after=0)  # the first job stays pending
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", settings)
+        runner = JobRunner(catalog, upsert, settings)
         await runner.start()
         first = await runner.submit("col", docs(6))
         with pytest.raises(ResourceExhaustedError, match=r"over the limit of 10 \(ingest.max_pending_documents\)"):
             await runner.submit("col", docs(5))
         assert [job.id for job in await runner.list_jobs()] == [first]
-        assert len(list((tmp_path / "jobs").iterdir())) == 1
+        assert len(catalog.job_documents(first, 0, 100)) == 6
         await runner.submit("col", docs(4))  # within the limit
         await runner.close()
 
@@ -362,7 +411,7 @@ def test_a_job_pauses_while_the_embedder_is_not_ready_without_spending_attempts(
         return checks[-1]
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", SETTINGS, ready=ready)
+        runner = JobRunner(catalog, upsert, SETTINGS, ready=ready)
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(3)))
         await runner.close()
@@ -381,7 +430,7 @@ def test_a_pause_longer_than_max_pause_stops_the_job(catalog: Catalog, tmp_path:
         return False
 
     async def scenario() -> None:
-        runner = JobRunner(catalog, upsert, tmp_path / "jobs", settings, ready=never_ready)
+        runner = JobRunner(catalog, upsert, settings, ready=never_ready)
         await runner.start()
         info = await runner.wait(await runner.submit("col", docs(2)))
         await runner.close()

@@ -273,7 +273,7 @@ def test_a_reindex_job_records_its_progress_and_is_not_submitted_twice(tmp_path:
     async def scenario() -> None:
         catalog = Catalog(tmp_path / "catalog.sqlite")
         steps = Steps(total=10, per_step=4)
-        runner = JobRunner(catalog, no_upsert, tmp_path / "jobs", IngestSettings(), reindex=steps)
+        runner = JobRunner(catalog, no_upsert, IngestSettings(), reindex=steps)
         first = await runner.submit_reindex("t/c", V2)
         assert (await runner.submit_reindex("t/c", V2)).id == first.id
         assert [(info.id, target) for info, target in await runner.reindexes("t/c")] == [(first.id, V2)]
@@ -292,7 +292,7 @@ def test_a_reindex_job_of_a_deleted_collection_ends_failed_saying_so(tmp_path: P
         catalog = Catalog(tmp_path / "catalog.sqlite")
         steps = Steps(total=10, per_step=4)
         steps.gone = True
-        runner = JobRunner(catalog, no_upsert, tmp_path / "jobs", IngestSettings(), reindex=steps)
+        runner = JobRunner(catalog, no_upsert, IngestSettings(), reindex=steps)
         job = await runner.submit_reindex("t/c", V2)
         await runner.start()
         done = await asyncio.wait_for(runner.wait(job.id), 10)
@@ -306,11 +306,11 @@ def test_a_reindex_job_of_a_deleted_collection_ends_failed_saying_so(tmp_path: P
 def test_a_running_reindex_job_resumes_at_the_next_start(tmp_path: Path) -> None:
     async def scenario() -> None:
         catalog = Catalog(tmp_path / "catalog.sqlite")
-        job = await JobRunner(catalog, no_upsert, tmp_path / "jobs").submit_reindex("t/c", V2)
+        job = await JobRunner(catalog, no_upsert).submit_reindex("t/c", V2)
         catalog.update_job(job.id, status=JobStatus.running, total=10, done=4)  # as a killed runner left it
         steps = Steps(total=10, per_step=4)
         steps.done = 4
-        runner = JobRunner(catalog, no_upsert, tmp_path / "jobs", IngestSettings(), reindex=steps)
+        runner = JobRunner(catalog, no_upsert, IngestSettings(), reindex=steps)
         await runner.start()
         done = await asyncio.wait_for(runner.wait(job.id), 10)
         await runner.close()
@@ -406,7 +406,7 @@ def test_a_collection_from_before_pinning_is_pinned_at_start_and_searched_by_tha
         pool = StandInPool()
         triton = cast(TritonPool, pool)
         models = ModelService(triton, tmp_path, ModelSettings())
-        service = CollectionService(registry, models, Embedding(triton), IngestSettings(), tmp_path / "jobs")
+        service = CollectionService(registry, models, Embedding(triton), IngestSettings())
         await service.start()
         assert collection.embedder == V1 and catalog.collection_embedder("old") == V1
         assert (await service.get_collection("old")).embedder == V1

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any, cast
 from unittest.mock import ANY
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
-from tests.fakes import open_guard
+from tests.fakes import grpc_channel, open_guard
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
+from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import (
     NO_HEADER,
     CacheStats,
@@ -62,9 +65,12 @@ from tritonrag.server.errors import (
 from tritonrag.server.generation.extractive import NO_PASSAGES_ANSWER
 from tritonrag.server.generation.packing import ContextWindow
 from tritonrag.server.generation.prompts import SYSTEM_PROMPT, grounded_messages, passage_line
+from tritonrag.server.retrieval.collection import STORE_FILE
 from tritonrag.server.routing.triton_pool import TritonPool
 from tritonrag.server.security.keys import KeyStore
 from tritonrag.server.store.catalog import Catalog
+from tritonrag.server.store.database import sqlite_database
+from tritonrag.server.store.documents import ChunkSpan, DocumentStore, PreparedDocument
 
 DIMENSION = 16
 
@@ -649,9 +655,9 @@ def test_upserts_too_large_for_a_request_run_as_jobs_and_oversized_documents_are
             await services.collections.upsert_documents("c", UpsertRequest(documents=[DOCS[0], huge]))
         assert e.value.field == "documents.1.text"
         small = await services.collections.upsert_documents("c", UpsertRequest(documents=DOCS[:2]))
-        assert small.job_id is None and small.chunks == 2
+        assert small.job_id is None and small.chunks == 2 and small.revision == 1
         result = await services.collections.upsert_documents("c", UpsertRequest(documents=[long]))
-        assert result.job_id is not None
+        assert result.job_id is not None and result.revision is None  # a job's documents land later
         job = await services.collections.jobs.wait(result.job_id)
         info = await services.collections.get_collection("c")
         await services.close()
@@ -813,8 +819,8 @@ def test_keys_differ_for_every_parameter_that_changes_a_result(
         answers += [await keys.answer(query_request(base_sampling | s)) for s in SAMPLING_VARIANTS]
         assert len(set(searches)) == len(searches) and len(set(answers)) == len(answers)
         # What changes nothing shares the entry.
-        assert await keys.search(search_request(use_cache=False)) == searches[0]
-        assert await keys.answer(query_request(use_cache=False, stream=True)) == answers[0]
+        assert await keys.search(search_request(use_cache=False, min_revision=0)) == searches[0]
+        assert await keys.answer(query_request(use_cache=False, stream=True, min_revision=0)) == answers[0]
         # A write, a new collection of the same name (its revision counts from 0 again), a new model version.
         await c.collections.upsert_documents("d", UpsertRequest(documents=DOCS[:1]))
         assert await keys.search(search_request(collection="d")) != searches[1]
@@ -889,3 +895,112 @@ def test_the_cache_over_http(services_and_pool: tuple[Services, StandInPool]) ->
     assert [stats.levels["l1"][tier].hits for tier in ("search", "answer", "chat")] == [1, 1, 1]
     assert flushed == {"l1": sum(counts.entries or 0 for counts in stats.levels["l1"].values()), "l2": None}
     assert len(pool.generations) == 3  # the answer once, the ungrounded chat, the grounded chat once
+
+
+# -- read-your-writes ------------------------------------------------------------------------
+
+
+def another_replicas_write(services: Services, document: DocumentIn) -> None:
+    """Commit ``document`` to collection "c"'s store as another replica would: not in this replica's indexes."""
+
+    async def collection_store() -> tuple[Path, ModelVersion | None]:
+        collection = await services.registry.get("c")
+        return collection.directory / STORE_FILE, collection.embedder
+
+    path, embedder = asyncio.run(collection_store())
+    store = DocumentStore(sqlite_database(path), DIMENSION)
+    chunk = ChunkSpan(document.text, 0, len(document.text))
+    store.upsert([PreparedDocument(document, [chunk], vector(document.text)[None])], embedder=embedder)
+    store.close()
+
+
+def test_writes_return_their_revision_and_a_search_follows_the_store_to_min_revision(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, _ = services_and_pool
+    owl = DocumentIn(id="owl", text="Owls hunt at night.")
+    search = SearchRequest(collection="c", query="owls hunt at night", mode="sparse", top_k=1)
+
+    async def write() -> list[int | None]:
+        await services.collections.create_collection(CollectionCreate(name="c"))
+        revisions = []
+        for document in DOCS[:2]:
+            upserted = await services.collections.upsert_documents("c", UpsertRequest(documents=[document]))
+            revisions.append(upserted.revision)
+        stale = await services.search.search(search)
+        assert [hit.doc_id for hit in stale.hits] != ["owl"]
+        return revisions
+
+    async def read() -> tuple[SearchResponse, QueryResponse]:
+        found = await services.search.search(search.model_copy(update={"min_revision": 3}))
+        answered = await services.answers.query(query(top_k=1, query="owls hunt at night", min_revision=3))
+        for request in (search.model_copy(update={"min_revision": 4}), query(query="owls", min_revision=4)):
+            with pytest.raises(
+                InvalidArgumentError, match="min_revision 4 is ahead of the collection's revision 3"
+            ) as e:
+                if isinstance(request, SearchRequest):
+                    await services.search.search(request)
+                else:
+                    await services.answers.query(request)
+            assert e.value.field == "min_revision"
+        await services.close()
+        return found, answered
+
+    assert asyncio.run(write()) == [1, 2]
+    another_replicas_write(services, owl)  # revision 3, which this replica's indexes have not seen
+    found, answered = asyncio.run(read())
+    assert [hit.doc_id for hit in found.hits] == ["owl"]  # followed the store's log up to min_revision, not cached
+    assert [source.doc_id for source in answered.sources] == ["owl"]
+
+
+def test_read_your_writes_over_http(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, _ = services_and_pool
+    app = services.http_app(Settings(), Admission(LimitsSettings()), open_guard())
+    search = {"collection": "c", "query": "cats purr"}
+    with TestClient(app) as client:
+        client.post("/v1/collections", json={"name": "c"})
+        revisions = [
+            client.post("/v1/collections/c/documents", json={"documents": [d.model_dump()]}).json()["revision"]
+            for d in DOCS
+        ]
+        drink = {"filters": {"field": "kind", "op": "eq", "value": "drink"}}
+        deleted = client.post("/v1/collections/c/documents:delete", json=drink).json()
+        found = client.post("/v1/search", json=search | {"min_revision": 4})
+        ahead = [client.post(path, json=search | {"min_revision": 5}) for path in ("/v1/search", "/v1/query")]
+        negative = client.post("/v1/search", json=search | {"min_revision": -1})
+    asyncio.run(services.close())
+    assert revisions == [1, 2, 3] and deleted == {"deleted": 1, "revision": 4}
+    assert found.status_code == 200 and found.json()["hits"][0]["doc_id"] == "cats"
+    for response in ahead:
+        assert response.status_code == 422
+        assert response.json()["error"] == {
+            "code": "INVALID_ARGUMENT",
+            "message": "min_revision 5 is ahead of the collection's revision 4",
+            "field": "min_revision",
+        }
+    assert negative.status_code == 422 and negative.json()["error"]["field"] == "min_revision"
+
+
+def test_read_your_writes_over_grpc(services_and_pool: tuple[Services, StandInPool]) -> None:
+    services, _ = services_and_pool
+
+    async def scenario() -> None:
+        async with grpc_channel(services.collections, services.search, services.answers) as channel:
+            stub = pb_grpc.TritonRagStub(channel)
+            await stub.CreateCollection(pb.CreateCollectionRequest(name="c"))
+            documents = [pb.DocumentIn(id=d.id, text=d.text) for d in DOCS]
+            upserted = await stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="c", documents=documents))
+            assert upserted.HasField("revision") and upserted.revision == 1
+            found = await stub.Search(pb.SearchRequest(collection="c", query="cats purr", min_revision=1))
+            assert found.hits[0].doc_id == "cats"
+            for call in (
+                stub.Search(pb.SearchRequest(collection="c", query="cats purr", min_revision=2)),
+                stub.Query(pb.QueryRequest(collection="c", query="cats purr", min_revision=2)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert caught.value.details() == "min_revision 2 is ahead of the collection's revision 1"
+        await services.close()
+
+    asyncio.run(scenario())
