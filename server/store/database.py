@@ -56,7 +56,7 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A connection for reads; what it reads is one snapshot per statement (or per transaction on SQLite)."""
+        """A connection for reads; what it reads is one snapshot per statement."""
         with self.engine.connect() as conn:
             conn.execution_options(schema_translate_map={None: self.schema})
             yield conn
@@ -156,8 +156,10 @@ def _sqlite_connected(dbapi_connection: sqlite3.Connection, _record: object) -> 
 
 def _sqlite_begin(conn: Connection) -> None:
     # A writer takes the file's write lock at BEGIN, not at its first write: two writers never deadlock
-    # upgrading their read locks, and the busy timeout queues the second.
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+    # upgrading their read locks, and the busy timeout queues the second. Reads run in autocommit, one
+    # snapshot per statement (as on PostgreSQL), without BEGIN and ROLLBACK around each.
+    if conn.get_execution_options().get(_WRITE):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def postgresql_engine(url: str) -> Engine:

@@ -268,22 +268,38 @@ def stored_dimension(database: Database) -> int | None:
     return None if value is None else int(value)
 
 
-def _content_query(column: Content) -> Select[Any]:
-    """``(chunk_id, vector)`` of the live or next vectors, or ``(chunk_id, text, header)``."""
-    if column == "vector":
-        return select(_chunk_content.c.chunk_id, _chunk_content.c.vector)
-    if column == "next":
-        return select(_next_vectors.c.chunk_id, _next_vectors.c.vector)
-    return select(_chunk_content.c.chunk_id, _chunk_content.c.text, _documents.c.header).select_from(
-        _chunk_content.join(_chunks).join(_documents)
+# The statements of the reads, built once (building one costs more than running it on a few rows).
+_CONTENT: dict[Content, Select[Any]] = {  # (chunk_id, vector) of the live or next vectors, or (chunk_id, text, header)
+    "vector": select(_chunk_content.c.chunk_id, _chunk_content.c.vector).order_by(_chunk_content.c.chunk_id),
+    "next": select(_next_vectors.c.chunk_id, _next_vectors.c.vector).order_by(_next_vectors.c.chunk_id),
+    "text": select(_chunk_content.c.chunk_id, _chunk_content.c.text, _documents.c.header)
+    .select_from(_chunk_content.join(_chunks).join(_documents))
+    .order_by(_chunk_content.c.chunk_id),
+}
+_STORED_CHUNKS = select(
+    _chunks.c.chunk_id,
+    _chunks.c.doc_id,
+    _chunk_content.c.text,
+    _chunk_content.c.start_char,
+    _chunk_content.c.end_char,
+    _documents.c.metadata,
+    _chunk_content.c.vector,
+).select_from(_chunks.join(_chunk_content).join(_documents))
+_other = _chunks.alias("other")
+_DOCUMENT_TEXTS = (  # each document's first chunk id, header and text
+    select(_chunks.c.chunk_id, _documents.c.header, _documents.c.text)
+    .select_from(_chunks.join(_documents))
+    .where(
+        _chunks.c.chunk_id
+        == select(func.min(_other.c.chunk_id)).where(_other.c.doc_id == _chunks.c.doc_id).scalar_subquery()
     )
+    .order_by(_chunks.c.chunk_id)
+)
+_MISSING_NEXT = select(_chunks.c.chunk_id).where(~exists().where(_next_vectors.c.chunk_id == _chunks.c.chunk_id))
 
 
 def _content_id(column: Content) -> Any:
     return _next_vectors.c.chunk_id if column == "next" else _chunk_content.c.chunk_id
-
-
-_MISSING_NEXT = select(_chunks.c.chunk_id).where(~exists().where(_next_vectors.c.chunk_id == _chunks.c.chunk_id))
 
 
 class DocumentStore:
@@ -594,15 +610,11 @@ class DocumentStore:
 
     def chunks(self, chunk_ids: Sequence[int] | IdArray) -> list[StoredChunk]:
         """The chunks ``chunk_ids`` in that order; ids that are not stored are left out."""
-        c, cc, d = _chunks.c, _chunk_content.c, _documents.c
-        query = select(c.chunk_id, c.doc_id, cc.text, cc.start_char, cc.end_char, d.metadata, cc.vector).select_from(
-            _chunks.join(_chunk_content).join(_documents)
-        )
         found = {}
         with self.database.read() as conn:
             for batch in _batches(_ids(chunk_ids)):
                 for chunk_id, doc_id, text, start, end, metadata, blob in conn.execute(
-                    query.where(c.chunk_id.in_(batch))
+                    _STORED_CHUNKS.where(_chunks.c.chunk_id.in_(batch))
                 ):
                     vector = np.frombuffer(blob, dtype=np.float32)
                     found[chunk_id] = StoredChunk(chunk_id, doc_id, text, start, end, metadata, vector)
@@ -625,17 +637,9 @@ class DocumentStore:
     def iter_document_texts(self, keys: IdArray) -> Iterator[tuple[IdArray, list[str]]]:
         """``(keys, texts)`` batches of the documents keyed ``keys`` (first chunk ids; other ids are left out),
         ascending, each text as it is indexed (`with_header`)."""
-        other = _chunks.alias("other")
-        first = select(func.min(other.c.chunk_id)).where(other.c.doc_id == _chunks.c.doc_id).scalar_subquery()
-        query = (
-            select(_chunks.c.chunk_id, _documents.c.header, _documents.c.text)
-            .select_from(_chunks.join(_documents))
-            .where(_chunks.c.chunk_id == first)
-            .order_by(_chunks.c.chunk_id)
-        )
         for batch in _batches(np.sort(_ids(keys))):
             with self.database.read() as conn:
-                rows = conn.execute(query.where(_chunks.c.chunk_id.in_(batch))).all()
+                rows = conn.execute(_DOCUMENT_TEXTS.where(_chunks.c.chunk_id.in_(batch))).all()
             yield _ids([row[0] for row in rows]), [with_header(header, text) for _, header, text in rows]
 
     def document_of(self, chunk_ids: Sequence[int] | IdArray) -> dict[int, str]:
@@ -699,7 +703,7 @@ class DocumentStore:
         yield from self._iter_content("text", ids)
 
     def _iter_content(self, column: Content, ids: IdArray | None) -> Iterator[tuple[IdArray, list[Any]]]:
-        query = _content_query(column).order_by(_content_id(column))
+        query = _CONTENT[column]
         if ids is None:  # streamed: a server-side cursor on PostgreSQL, never every row at once
             with self.database.read() as conn:
                 result = conn.execute(query.execution_options(yield_per=_READ_BATCH))
