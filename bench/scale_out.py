@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx2
 from corpus import pydoc_documents
@@ -62,6 +63,8 @@ class Bench:
         self.triton = stack.enter_context(
             TritonServer(repository, TritonEndpoints.on_free_ports(), MODELS, work / "triton", log_stream=triton_log)
         )
+        for name in ("postgres", "redis"):
+            (work / name).mkdir()
         self.postgres = stack.enter_context(PostgresServer(work / "postgres"))
         self.redis = stack.enter_context(RedisServer(work / "redis"))
         self._count = 0
@@ -108,6 +111,26 @@ def client(orchestrator: Orchestrator) -> httpx2.Client:
     return httpx2.Client(base_url=orchestrator.http_url, timeout=120, headers=ADMIN_HEADERS)
 
 
+def info(http: httpx2.Client) -> dict[str, Any]:
+    """The collection's ``CollectionInfo``."""
+    response = http.get(f"/v1/collections/{COLLECTION}")
+    if response.status_code != 200:
+        raise RuntimeError(f"collection info: {response.status_code} {response.text}")
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def upsert_and_wait(http: httpx2.Client, documents: list[dict[str, str]]) -> None:
+    """Upsert ``documents``; when that makes a job, wait for it, which must succeed with no failures."""
+    answer = http.post(f"/v1/collections/{COLLECTION}/documents", json={"documents": documents}).json()
+    if answer.get("job_id") is None:
+        return
+    while (job := http.get(f"/v1/jobs/{answer['job_id']}").json())["status"] in ("queued", "running"):
+        time.sleep(0.2)
+    if job["status"] != "succeeded" or job["failed"]:
+        raise RuntimeError(f"the job ended {job}")
+
+
 def create(http: httpx2.Client) -> None:
     response = http.post("/v1/collections", json={"name": COLLECTION})
     if response.status_code != 201:
@@ -132,7 +155,7 @@ def staleness(bench: Bench, writes: int) -> list[float]:
             answer = a.post(f"/v1/collections/{COLLECTION}/documents", json={"documents": [document]})
             acknowledged = time.perf_counter()
             revision = answer.json()["revision"]
-            while b.get(f"/v1/collections/{COLLECTION}").json()["revision"] < revision:
+            while info(b)["revision"] < revision:
                 time.sleep(0.002)
             delays.append((time.perf_counter() - acknowledged) * 1e3)
             time.sleep(0.05)
@@ -157,13 +180,9 @@ def ingest(bench: Bench, documents: list[dict[str, str]], runner: str) -> tuple[
         http = stack.enter_context(client(orchestrator))
         create(http)
         started = time.perf_counter()
-        job_id = http.post(f"/v1/collections/{COLLECTION}/documents", json={"documents": documents}).json()["job_id"]
-        while (info := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
-            time.sleep(0.2)
+        upsert_and_wait(http, documents)
         seconds = time.perf_counter() - started
-        if info["status"] != "succeeded" or info["failed"]:
-            raise RuntimeError(f"the {runner} job ended {info}")
-        chunks = int(http.get(f"/v1/collections/{COLLECTION}").json()["chunks"])
+        chunks = int(info(http)["chunks"])
     return chunks / seconds, chunks, seconds
 
 
@@ -243,12 +262,10 @@ def balanced(bench: Bench, documents: list[dict[str, str]], queries: list[str], 
     rows = []
     with bench.orchestrators([bench.env(url), bench.env(url)]) as replicas, client(replicas[0]) as http:
         create(http)
-        job = http.post(f"/v1/collections/{COLLECTION}/documents", json={"documents": documents}).json()
-        while http.get(f"/v1/jobs/{job['job_id']}").json()["status"] in ("queued", "running"):
-            time.sleep(0.2)
-        chunks = http.get(f"/v1/collections/{COLLECTION}").json()["chunks"]
+        upsert_and_wait(http, documents)
+        chunks = info(http)["chunks"]
         wait_until(
-            lambda: client(replicas[1]).get(f"/v1/collections/{COLLECTION}").json()["chunks"] == chunks,
+            lambda: info(client(replicas[1]))["chunks"] == chunks,
             "replica 2 to follow",
             None,
             120,

@@ -260,7 +260,9 @@ def ingest_command(
     raise typer.Exit(code or int(progress.failed > 0))
 
 
-keys_app = typer.Typer(no_args_is_help=True, help="API keys in the local key store (<data_dir>/keys.sqlite).")
+keys_app = typer.Typer(
+    no_args_is_help=True, help="API keys in the key store (<data_dir>/keys.sqlite, or the shared store of store.url)."
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 

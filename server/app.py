@@ -60,13 +60,20 @@ class Services:
 
     @classmethod
     def build(
-        cls, settings: Settings, pool: TritonPool, catalog: Catalog, key_store: KeyStore, dispatch_jobs: bool = True
+        cls, settings: Settings, pool: TritonPool, catalog: Catalog, key_store: KeyStore, worker: bool = False
     ) -> Services:
         """The services, each given its own settings section, and the cache in front of them; nothing is started.
-        With ``ingest.broker_url`` jobs go to Celery workers, unless ``dispatch_jobs`` is False (a worker)."""
+        With ``ingest.broker_url`` jobs go to Celery workers. A ``worker``'s services run jobs and serve no searches:
+        its registry neither opens every collection at start nor follows the store (a write catches a collection's
+        indexes up first)."""
         models = ModelService(pool, settings.triton.repository, settings.models)
         registry = CollectionRegistry(
-            settings.data_dir, catalog, settings.index, models.embedding_dimension, settings.store.follow_interval_s
+            settings.data_dir,
+            catalog,
+            settings.index,
+            models.embedding_dimension,
+            settings.store.follow_interval_s,
+            follow=not worker,
         )
         cache = TwoLevelCache(settings.cache)
         keys = Keys(settings.cache.key_prefix, registry, models, settings.index, settings.query)
@@ -74,7 +81,7 @@ class Services:
         search = SearchService(registry, stages)
         legacy_jobs_dir = settings.data_dir / "jobs"
         dispatch = None
-        if settings.ingest.broker_url and dispatch_jobs:
+        if settings.ingest.broker_url and not worker:
             dispatch = dispatcher(celery_app(settings))
         collections = CollectionService(registry, models, stages.embedding, settings.ingest, legacy_jobs_dir, dispatch)
         rollouts = None
@@ -145,16 +152,16 @@ class Services:
 
 
 @contextlib.asynccontextmanager
-async def running_services(settings: Settings, dispatch_jobs: bool = True) -> AsyncIterator[Services]:
-    """The services with their Triton pool, catalog and job runner started; all closed on exit. ``dispatch_jobs``:
-    see `Services.build`."""
+async def running_services(settings: Settings, worker: bool = False) -> AsyncIterator[Services]:
+    """The services with their Triton pool, catalog and job runner started; all closed on exit. ``worker``: see
+    `Services.build`."""
     location = StoreLocation(settings.store.url)
     catalog = Catalog(settings.data_dir / "catalog.sqlite", location)
     key_store = KeyStore(settings.data_dir / KEYS_FILE, location)
     prepare_keys(key_store, settings.auth)
     pool = TritonPool.from_settings(settings)
     await pool.start()
-    services = Services.build(settings, pool, catalog, key_store, dispatch_jobs)
+    services = Services.build(settings, pool, catalog, key_store, worker)
     try:
         await services.start()
         yield services

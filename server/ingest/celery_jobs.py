@@ -91,7 +91,7 @@ def run_worker(settings: Settings) -> None:
     settings = settings.model_copy(update={"rollout": settings.rollout.model_copy(update={"enabled": False})})
     app = celery_app(settings)
     loop = _Loop()
-    services_context = running_services(settings, dispatch_jobs=False)
+    services_context = running_services(settings, worker=True)
     services = loop.call(services_context.__aenter__())
 
     @app.task(name=RUN_JOB, bind=True, max_retries=None)  # type: ignore[untyped-decorator]

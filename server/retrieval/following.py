@@ -32,7 +32,10 @@ async def follow_store(follow_all: Callable[[], Awaitable[None]], url: str, inte
             if listener is None or listener.closed:
                 listener = await _listen(url)
             await _wait(listener, interval_s)
-            await follow_all()
+            try:
+                await follow_all()
+            except Exception:  # the store unreachable for a while: searches go on at the last revision
+                log.exception("following the store failed; trying again in %g s", interval_s)
     finally:
         if listener is not None:
             await listener.close()

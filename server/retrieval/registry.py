@@ -41,6 +41,8 @@ class CollectionRegistry:
         index: IndexSettings,
         dimension: Callable[[], Awaitable[int]],
         follow_interval_s: float = 1.0,
+        *,
+        follow: bool = True,
     ) -> None:
         self.catalog = catalog
         self.location = catalog.location  # where the stores are: files under data_dir, or the shared database
@@ -51,6 +53,7 @@ class CollectionRegistry:
         self._created_at: dict[str, float] = {}
         self._lock = asyncio.Lock()
         self._follow_interval_s = follow_interval_s
+        self._follow = follow
         self._following: asyncio.Task[None] | None = None
         self._adopt_untenanted()
 
@@ -153,8 +156,9 @@ class CollectionRegistry:
 
     async def start(self) -> None:
         """Over a shared store: open every collection (so that this replica is ready only once its indexes are
-        built) and start following the store (`following.follow_store`). Nothing to do over local files."""
-        if not self.location.shared or self._following is not None:
+        built) and start following the store (`following.follow_store`). Nothing to do over local files, or when
+        told not to ``follow`` (a worker's registry, which serves no searches)."""
+        if not (self.location.shared and self._follow) or self._following is not None:
             return
         await self.open_all()
         self._following = asyncio.create_task(

@@ -434,7 +434,7 @@ def test_the_orchestrator_settings_of_each_deployment_are_valid() -> None:
         assert settings.telemetry.metrics_port is not None
         # Roll-outs run in each replica, from the state in its own data directory: not with several replicas.
         assert not settings.rollout.enabled
-        # API keys are each replica's own: the admin key, the same in all, is given.
+        # The admin key is given, not made at a first start and printed in one replica's log.
         assert settings.auth.admin_key is not None
 
 
