@@ -4,6 +4,7 @@ BM25 of chunks and of documents) and brings them to the store by following its r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +16,11 @@ from tests.unit.test_reindex_store import NEXT_DIM, V1, V2, next_vector, reindex
 from tests.unit.test_retrieval_collection import open_collection
 from tests.unit.test_store_documents import DIM, prepared
 from tritonrag.clients.wire.schema import CollectionCreate, IndexType
+from tritonrag.deploy.launcher import free_port
 from tritonrag.server.config import IndexSettings
 from tritonrag.server.errors import NotFoundError
 from tritonrag.server.retrieval.collection import Collection
+from tritonrag.server.retrieval.following import follow_store
 from tritonrag.server.retrieval.registry import CollectionRegistry
 from tritonrag.server.store.catalog import Catalog
 from tritonrag.server.store.database import StoreLocation
@@ -177,5 +180,38 @@ def test_registries_follow_the_store_when_notified_and_forget_collections_delete
             for registry in registries:
                 await registry.close()
                 registry.catalog.close()
+
+    asyncio.run(scenario())
+
+
+def test_without_notifications_a_registry_still_follows_every_interval(tmp_path: Path, location: StoreLocation) -> None:
+    """The polling fallback: a follower that cannot listen (here: the listener's database is unreachable) reads the
+    log every interval anyway."""
+
+    async def dimension() -> int:
+        return DIM
+
+    async def scenario() -> None:
+        catalog = Catalog(tmp_path / "catalog.sqlite", location)
+        registry = CollectionRegistry(tmp_path / "r", catalog, IndexSettings(), dimension)
+        await registry.create(CollectionCreate(name="notes").model_copy(update={"name": "t/notes"}))
+        following = await registry.get("t/notes")
+        writer = Collection.open(tmp_path / "writer", following.spec, DIM, location=location)  # another process
+        unreachable = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+        task = asyncio.create_task(follow_store(registry.follow_all, unreachable, 0.2))
+        try:
+            await asyncio.to_thread(writer.upsert, [prepared("owls", ["owls hunt at night"], seed=1)], V1)
+            started = time.monotonic()
+            while following.revision < 1:
+                assert time.monotonic() - started < 10, "the follower did not poll"
+                await asyncio.sleep(0.05)
+            assert sparse_docs(following, "owls") == {"owls"}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            writer.close()
+            await registry.close()
+            catalog.close()
 
     asyncio.run(scenario())
