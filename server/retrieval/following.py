@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import psycopg
@@ -22,18 +23,25 @@ from tritonrag.server.store.documents import REVISIONS_CHANNEL
 
 log = logging.getLogger(__name__)
 
+Follow = Callable[[set[str] | None], Awaitable[None]]
+"""``follow(schemas)``: bring the open collections whose stores are ``schemas`` (every one when None) up to date."""
 
-async def follow_store(follow_all: Callable[[], Awaitable[None]], url: str, interval_s: float) -> None:
-    """Call ``follow_all`` (`CollectionRegistry.follow_all`) whenever the shared store at ``url`` (an SQLAlchemy
-    PostgreSQL URL) notifies a write, and every ``interval_s`` at least, until cancelled."""
+
+async def follow_store(follow: Follow, url: str, interval_s: float) -> None:
+    """Call ``follow`` (`CollectionRegistry.follow_all`) with the stores whose writes the shared store at ``url``
+    (an SQLAlchemy PostgreSQL URL) notifies, and with None (every store) every ``interval_s`` at least, until
+    cancelled."""
     listener: psycopg.AsyncConnection[object] | None = None
+    last_round = time.monotonic()
     try:
         while True:
             if listener is None or listener.closed:
                 listener = await _listen(url)
-            await _wait(listener, interval_s)
+            notified = await _wait(listener, interval_s)
+            if time.monotonic() - last_round >= interval_s:
+                notified, last_round = None, time.monotonic()
             try:
-                await follow_all()
+                await follow(notified)
             except Exception:  # the store unreachable for a while: searches go on at the last revision
                 log.exception("following the store failed; trying again in %g s", interval_s)
     finally:
@@ -54,15 +62,16 @@ async def _listen(url: str) -> psycopg.AsyncConnection[object] | None:
     return connection
 
 
-async def _wait(listener: psycopg.AsyncConnection[object] | None, interval_s: float) -> None:
-    """Until a write is notified (the notifications already queued are taken too), or ``interval_s`` passes."""
+async def _wait(listener: psycopg.AsyncConnection[object] | None, interval_s: float) -> set[str] | None:
+    """The stores (schemas) of the first write notified, or None when ``interval_s`` passes without one."""
     if listener is None:
         await asyncio.sleep(interval_s)
-        return
+        return None
     try:
-        async for _ in listener.notifies(timeout=interval_s, stop_after=1):
-            pass
+        async for notification in listener.notifies(timeout=interval_s, stop_after=1):
+            return {notification.payload}
     except psycopg.Error as error:
         log.warning("the store's notifications stopped (%s); reconnecting", error)
         with contextlib.suppress(psycopg.Error):
             await listener.close()
+    return None

@@ -16,6 +16,7 @@ from ..errors import NotFoundError
 from ..security.principal import DEFAULT_TENANT
 from ..security.tenancy import SEPARATOR, collection_key
 from ..store.catalog import Catalog
+from ..store.database import schema_name
 from .collection import Collection
 from .following import follow_store
 
@@ -170,13 +171,18 @@ class CollectionRegistry:
         for name in await self.names():
             await self.get(name)
 
-    async def follow_all(self) -> None:
-        """Bring each open collection to its store's latest revision (`Collection.follow`); close and forget, here,
-        the collections that another process deleted or created again."""
-        names = set(await self.names())
+    async def follow_all(self, schemas: set[str] | None = None) -> None:
+        """Bring each open collection (of those whose stores are ``schemas``, when given: the notified writes) to its
+        store's latest revision (`Collection.follow`); in a round of them all, close and forget here the collections
+        that another process deleted or created again."""
+        names = set(await self.names()) if schemas is None else set()
         for name, collection in list(self._open.items()):
-            created_at = self._created_at.get(name)
-            if name not in names or created_at != await asyncio.to_thread(self._created_at_in_catalog, name):
+            if schemas is not None and schema_name(name) not in schemas:
+                continue
+            if schemas is None and (
+                name not in names
+                or self._created_at.get(name) != await asyncio.to_thread(self._created_at_in_catalog, name)
+            ):
                 await self._forget(name, collection)
                 continue
             try:
