@@ -46,11 +46,10 @@ from tritonrag.clients.wire.schema import (
     ModelVersion,
 )
 from tritonrag.server.errors import AlreadyExistsError, NotFoundError
-from tritonrag.server.store.database import StoreLocation
+from tritonrag.server.store.database import StoreLocation, add_missing_column
 
 CATALOG = "catalog"  # the catalog's store name (its schema, in a shared database)
 _DOCUMENT_BATCH = 500  # job documents inserted per statement
-_INT32_MAX = 2**31 - 1
 _TABLES = MetaData()
 _collections = Table(
     "collections",
@@ -189,6 +188,12 @@ class Catalog:
             raise NotFoundError(f"collection {name!r} does not exist", field="collection")
         return row[0]
 
+    def creation_times(self) -> dict[str, float]:
+        """When each collection was created, by name: together they say which collections exist and which were
+        created again under a name."""
+        with self._database.read() as conn:
+            return dict(conn.execute(select(_collections.c.name, _collections.c.created_at)).tuples().all())
+
     def list_collections(self) -> list[str]:
         """The names of every collection, sorted."""
         with self._database.read() as conn:
@@ -245,8 +250,11 @@ class Catalog:
             return [DocumentIn.model_validate_json(document) for document in conn.execute(query).scalars()]
 
     def job_document_ids(self, job_id: str, start: int) -> list[str]:
-        """The ids of the job's documents from position ``start`` on, in order."""
-        return [document.id for document in self.job_documents(job_id, start, _INT32_MAX)]
+        """The ids of the job's documents from position ``start`` on, in order (read a batch at a time)."""
+        ids: list[str] = []
+        while batch := self.job_documents(job_id, start + len(ids), _DOCUMENT_BATCH):
+            ids += [document.id for document in batch]
+        return ids
 
     def claim_job(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
         """Make ``owner`` the runner of the unfinished job ``job_id`` and mark it ``running``, unless another runner
@@ -344,10 +352,8 @@ def _insert_documents(conn: Connection, job_id: str, documents: Sequence[Documen
 
 def _upgrade_sqlite(conn: Connection) -> None:
     """Bring a catalog written by an earlier version to today's tables (new tables are created after)."""
-    for table, column in (("collections", "embedder"), ("jobs", "owner")):  # before pinning; before job claims
-        columns = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
-        if columns and column not in columns:
-            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+    add_missing_column(conn, "collections", "embedder", "TEXT")  # before pinning
+    add_missing_column(conn, "jobs", "owner", "TEXT")  # before job claims
 
 
 def _job(row: Row[Any]) -> JobRecord:

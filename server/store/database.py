@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspect, make_url, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.schema import CreateSchema, DropSchema
@@ -97,13 +97,9 @@ class StoreLocation:
     def __init__(self, url: str = "") -> None:
         """``url``: empty for SQLite files; else an SQLAlchemy URL, e.g. ``postgresql+psycopg://user@host/db``
         (``postgresql://`` means the same)."""
-        self.url = url
+        self.url = url  # checked by `StoreSettings`
         self._engine: Engine | None = None
         self._lock = threading.Lock()
-        if url:
-            parsed = make_url(url)
-            if parsed.get_backend_name() != "postgresql":
-                raise ValueError(f"store.url must be a postgresql:// URL, not {parsed.get_backend_name()}://")
 
     @property
     def shared(self) -> bool:
@@ -162,18 +158,20 @@ def _sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def add_missing_column(conn: Connection, table: str, column: str, definition: str) -> None:
+    """An SQLite upgrade of a file written by an earlier version: add ``column`` (``definition``: its type and
+    constraints) to ``table`` when the table exists without it."""
+    inspector = inspect(conn)
+    if inspector.has_table(table) and column not in {c["name"] for c in inspector.get_columns(table)}:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+
 def postgresql_engine(url: str) -> Engine:
     """An engine for the PostgreSQL database at ``url`` (``postgresql://`` uses psycopg 3)."""
     parsed = make_url(url)
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
-
-
-def ping(database: Database) -> None:
-    """Raise unless the database answers a query."""
-    with database.read() as conn:
-        conn.execute(text("SELECT 1"))
 
 
 class _NoAffinity(UserDefinedType[Any]):

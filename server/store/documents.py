@@ -51,7 +51,7 @@ from sqlalchemy import (
 
 from tritonrag.clients.wire.schema import Document, DocumentIn, Metadata, ModelVersion
 from tritonrag.server.errors import InvalidArgumentError, NotFoundError
-from tritonrag.server.store.database import Database, Scalar, json_column
+from tritonrag.server.store.database import Database, Scalar, add_missing_column, json_column
 
 FloatMatrix = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
@@ -323,10 +323,7 @@ class DocumentStore:
             for key, value in (("revision", 0), ("dimension", dimension)):
                 if _get_meta(conn, key) is None:
                     _set_meta(conn, key, value)
-            stored = int(_get_meta(conn, "dimension"))
-            self._revision = int(_get_meta(conn, "revision"))
-            self._embedder = _version(conn, "embedder")
-            self._vectors_revision = int(_get_meta(conn, "vectors_revision") or 0)
+            stored = self._read_state(conn)
         if stored != dimension:
             self.close()
             raise InvalidArgumentError(f"{self.where} holds {stored}-d vectors, not {dimension}-d", field="dimension")
@@ -355,11 +352,15 @@ class DocumentStore:
         """Read the revision, the pinned version and the width as committed (by any process); returns the
         revision."""
         with self.database.read() as conn:
-            self._revision = int(_get_meta(conn, "revision"))
-            self._embedder = _version(conn, "embedder")
-            self.dimension = int(_get_meta(conn, "dimension"))
-            self._vectors_revision = int(_get_meta(conn, "vectors_revision") or 0)
+            self.dimension = self._read_state(conn)
         return self._revision
+
+    def _read_state(self, conn: Connection) -> int:
+        """Read the revision, the pinned version and the revision of the last switch; returns the stored width."""
+        self._revision = int(_get_meta(conn, "revision"))
+        self._embedder = _version(conn, "embedder")
+        self._vectors_revision = int(_get_meta(conn, "vectors_revision") or 0)
+        return int(_get_meta(conn, "dimension"))
 
     def pin(self, embedder: ModelVersion) -> ModelVersion:
         """Pin an unpinned store to ``embedder``; returns the version it is pinned to (an earlier pin stays)."""
@@ -797,9 +798,7 @@ def _version(conn: Connection, key: str) -> ModelVersion | None:
 
 def _upgrade_sqlite(conn: Connection) -> None:
     """Bring an SQLite store written by an earlier version to today's tables (new tables are created after)."""
-    inspector = inspect(conn)
-    if not inspector.has_table("meta"):
+    if not inspect(conn).has_table("meta"):
         return
     conn.execute(update(_meta).where(_meta.c.key == "generation").values(key="revision"))  # the name before 0.2
-    if "header" not in {column["name"] for column in inspector.get_columns("documents")}:  # before 0.3
-        conn.exec_driver_sql("ALTER TABLE documents ADD COLUMN header TEXT NOT NULL DEFAULT ''")
+    add_missing_column(conn, "documents", "header", "TEXT NOT NULL DEFAULT ''")  # before 0.3

@@ -33,3 +33,11 @@ def test_missing_yaml_and_bad_values_are_clear_errors(tmp_path: Path) -> None:
     path.write_text("triton:\n  http_port: 70000\n")
     with pytest.raises(ValueError, match="http_port"):
         Settings.load(path)
+
+
+def test_the_shared_store_is_postgresql_and_celery_workers_need_it() -> None:
+    assert Settings.load(store={"url": "postgresql://rag@db:5432/rag"}).store.url == "postgresql://rag@db:5432/rag"
+    with pytest.raises(ValueError, match=r"store\.url must be empty \(SQLite files\) or a postgresql:// URL"):
+        Settings.load(store={"url": "mysql://rag@db/rag"})
+    with pytest.raises(ValueError, match=r"ingest\.broker_url needs store\.url"):
+        Settings.load(ingest={"broker_url": "redis://redis:6379/1"})
