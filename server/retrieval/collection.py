@@ -51,6 +51,7 @@ from tritonrag.server.store.documents import (
     ChunkSpan,
     DocumentStore,
     EmbedderChangedError,
+    FloatMatrix,
     IdArray,
     LoggedRevision,
     PreparedDocument,
@@ -254,13 +255,7 @@ class Collection:
                 except BaseException:
                     self._reconcile_lexical()
                     raise
-                self._dense.remove(change.removed)
-                self._dense.add(change.added, change.vectors)
-                if self._dense.needs_rebuild():
-                    self._dense.rebuild(self._store)
-                self._lexical.refresh()
-                self._documents.refresh()
-                self._revision, self._embedder = change.revision, self._store.embedder  # a first ingest pins
+                self._make_searchable(change.revision, change.removed, change.added, change.vectors)
 
     # --- re-index -----------------------------------------------------------------------------
 
@@ -353,19 +348,28 @@ class Collection:
         keys = np.concatenate([np.empty(0, np.int64), *(batch for batch, _ in key_batches)])
         self._lexical.write(np.union1d(entry.removed, chunk_ids), chunk_ids, texts)
         self._documents.write(np.union1d(entry.removed, keys), keys, [t for _, batch in key_batches for t in batch])
-        vector_batches = list(self._store.iter_vectors(entry.added))
+        batches = list(self._store.iter_vectors(entry.added))
         with self._lock.write():
-            present = self._dense.ids()
-            self._dense.remove(np.intersect1d(entry.removed, present, assume_unique=True))
-            for ids, vectors in vector_batches:
-                new = ~np.isin(ids, present)
-                if vectors.shape[1] == self._dense.dimension:  # else a switch follows, and rebuilds
-                    self._dense.add(ids[new], vectors[new])
-            if self._dense.needs_rebuild():
-                self._dense.rebuild(self._store)
-            self._lexical.refresh()
-            self._documents.refresh()
-            self._revision, self._embedder = entry.revision, self._store.embedder
+            present, width = self._dense.ids(), self._dense.dimension
+            ids_parts, vector_parts = [np.empty(0, np.int64)], [np.empty((0, width), np.float32)]
+            for ids, vectors in batches:
+                if vectors.shape[1] == width:  # else a switch made since, which a later entry applies (a rebuild)
+                    new = ~np.isin(ids, present)
+                    ids_parts.append(ids[new])
+                    vector_parts.append(vectors[new])
+            removed = np.intersect1d(entry.removed, present, assume_unique=True)
+            self._make_searchable(entry.revision, removed, np.concatenate(ids_parts), np.concatenate(vector_parts))
+
+    def _make_searchable(self, revision: int, removed: IdArray, added: IdArray, vectors: FloatMatrix) -> None:
+        """Under the write lock, once the lexical indexes have committed ``revision``: move FAISS to it, and searches
+        to the lexical commits and the revision (and the pinned version: a first ingest pins)."""
+        self._dense.remove(removed)
+        self._dense.add(added, vectors)
+        if self._dense.needs_rebuild():
+            self._dense.rebuild(self._store)
+        self._lexical.refresh()
+        self._documents.refresh()
+        self._revision, self._embedder = revision, self._store.embedder
 
     # --- reconciliation -----------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from tritonrag.clients.wire.schema import CollectionCreate, ModelVersion
 
 from ..config import IndexSettings
-from ..errors import NotFoundError
 from ..security.principal import DEFAULT_TENANT
 from ..security.tenancy import SEPARATOR, collection_key
 from ..store.catalog import Catalog
@@ -175,26 +174,17 @@ class CollectionRegistry:
         """Bring each open collection (of those whose stores are ``schemas``, when given: the notified writes) to its
         store's latest revision (`Collection.follow`); in a round of them all, close and forget here the collections
         that another process deleted or created again."""
-        names = set(await self.names()) if schemas is None else set()
+        created = await asyncio.to_thread(self.catalog.creation_times) if schemas is None else {}
         for name, collection in list(self._open.items()):
             if schemas is not None and schema_name(name) not in schemas:
                 continue
-            if schemas is None and (
-                name not in names
-                or self._created_at.get(name) != await asyncio.to_thread(self._created_at_in_catalog, name)
-            ):
+            if schemas is None and created.get(name) != self._created_at.get(name):
                 await self._forget(name, collection)
                 continue
             try:
                 await asyncio.to_thread(collection.follow)
             except Exception:  # e.g. its store dropped between the two reads: the next round forgets it
                 log.exception("following collection %s failed", name)
-
-    def _created_at_in_catalog(self, name: str) -> float | None:
-        try:
-            return self.catalog.collection_created_at(name)
-        except NotFoundError:
-            return None
 
     async def _forget(self, name: str, collection: Collection) -> None:
         """Close ``collection`` and delete its derived indexes here; its store is another process's business."""
