@@ -1,12 +1,14 @@
-"""Lexical retrieval libraries side by side, in process, on two known-item sets: which one serves BM25.
+"""Lexical retrieval libraries side by side, in process, on three known-item sets: which serves BM25.
 
-Sets (both built offline, both chunked by the server's own chunker with the default chunking, a
+Sets (all built offline, all chunked by the server's own chunker with the default chunking, a
 document ranked at its best chunk):
 
 * ``stdlib``: ``bench/retrieval_eval.py``'s labelled set: a module's docstring summary is the query, the
   rest of its docstring the one relevant document;
 * ``pydoc``: ``bench/corpus.py``'s long-document corpus: each page's summary (the first docstring sentence
-  of its module, class or function) is the query, the page itself the one relevant document.
+  of its module, class or function) is the query, the page itself the one relevant document;
+* ``modules``: ``bench/retrieval_eval.py``'s set of that corpus's module pages: a class or function summary
+  is the query, its module's page with that summary cut out the one relevant document.
 
 Indexes over the same chunk texts:
 
@@ -40,7 +42,7 @@ import numpy as np
 import Stemmer
 from corpus import pydoc_documents, sample_documents
 from embed import percentiles
-from retrieval_eval import document_ranking, examples
+from retrieval_eval import document_ranking, examples, module_examples
 from stack import machine, markdown_table, model_repository, progress, version_dir
 
 from tritonrag.clients.evaluation import ndcg_at, recall_at, reciprocal_rank_at
@@ -73,13 +75,18 @@ def build_sets(pydoc_count: int | None, seed: int) -> list[KnownItemSet]:
     stdlib = [(e.doc_id, e.document, e.query) for e in examples()]
     pages = sample_documents(pydoc_documents(), pydoc_count, seed)
     pydoc = [(d.id, d.text, d.summary) for d in pages if d.summary]
-    for name, documents in (("stdlib", stdlib), ("pydoc", pydoc)):
+    module_pages, module_queries = module_examples()
+    for name, documents, queries in (
+        ("stdlib", stdlib, [(query, doc_id) for doc_id, _, query in stdlib]),
+        ("pydoc", pydoc, [(query, doc_id) for doc_id, _, query in pydoc]),
+        ("modules", [(e.doc_id, e.document, "") for e in module_pages], [(e.query, e.doc_id) for e in module_queries]),
+    ):
         texts, docs = [], []
         for doc_id, text, _ in documents:
             for span in chunker.chunk(text):
                 texts.append(span.text)
                 docs.append(doc_id)
-        sets.append(KnownItemSet(name, texts, docs, [(query, doc_id) for doc_id, _, query in documents]))
+        sets.append(KnownItemSet(name, texts, docs, queries))
         progress(f"{name}: {len(documents)} documents, {len(texts)} chunks")
     return sets
 
@@ -205,8 +212,9 @@ def main() -> None:
     header = ["set", "index", "nDCG@10", "Recall@10", "MRR@10", "index s", "query p50 ms", "query p95 ms"]
     print(f"## Lexical indexes, known-item, in process ({machine()})\n")
     print(markdown_table(header, rows, labels=2))
-    scale = latency_at_scale(sets[-1], args.scale_chunks)
-    print(f"\nLatency at scale: the pydoc chunks repeated, {len(sets[-1].queries)} pydoc queries, top {TOP_CHUNKS}\n")
+    pydoc = next(known for known in sets if known.name == "pydoc")
+    scale = latency_at_scale(pydoc, args.scale_chunks)
+    print(f"\nLatency at scale: the pydoc chunks repeated, {len(pydoc.queries)} pydoc queries, top {TOP_CHUNKS}\n")
     print(markdown_table(["chunks", "index", "index s", "query p50 ms", "query p95 ms"], scale, labels=2))
 
 

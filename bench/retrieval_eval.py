@@ -1,6 +1,6 @@
-"""Retrieval quality of the search endpoint on two labelled sets: nDCG@10, Recall@10 and MRR@10 per configuration.
+"""Retrieval quality of the search endpoint on three labelled sets: nDCG@10, Recall@10 and MRR@10 per configuration.
 
-Both sets are built offline from text every machine has; each query has one relevant document:
+Every set is built offline from text every machine has; each query has one relevant document:
 
 - ``stdlib``: the documentation of Python's standard-library modules. A module's summary (the first
   sentence of its docstring) is the query, the rest of its docstring the document. Docstrings of Python
@@ -10,6 +10,11 @@ Both sets are built offline from text every machine has; each query has one rele
 - ``pydoc``: a sample (``--pydoc-documents``, seed ``--seed``) of ``bench/corpus.py``'s long documents, the
   ``help()`` pages of modules, classes and functions (a few KB to several hundred KB); a page's summary (the
   first sentence of its docstring) is the query, the page the document.
+- ``modules``: every module page of that corpus is a document; the summary of a class or function of the
+  corpus is a query, and its module's page, with that summary cut out (as ``stdlib`` cuts a module's), the
+  relevant document. Only summaries found word for word (white space aside) in their module's page and in no
+  other module page are queries, so that each names one document (in ``pydoc`` a class's summary is also in
+  its module's page, which no label counts).
 
 Every document is upserted over HTTP with its title in metadata (``title``: the module or object name) into
 two collections of a fresh stack: ``plain`` (no chunk headers) and ``headers`` (the default chunk header:
@@ -31,6 +36,7 @@ import argparse
 import importlib
 import inspect
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -61,6 +67,7 @@ SUMMARY_WORDS = (3, 40)
 MIN_DOCUMENT_WORDS = 20
 UPSERT_BATCH = 32
 PYDOC_DOCUMENTS = 600
+SETS = ["stdlib", "pydoc", "modules"]
 # A reranking may take longer than the default 10 s a Triton call may take on a loaded machine: quality is
 # measured here, so the orchestrator waits as long as it takes.
 PATIENT = {"TRITONRAG_ROUTING__ATTEMPT_TIMEOUT_S": "600", "TRITONRAG_ROUTING__REQUEST_TIMEOUT_S": "600"}
@@ -156,6 +163,29 @@ def pydoc_examples(count: int, seed: int) -> list[Example]:
     return sorted(chosen, key=lambda example: example.doc_id)
 
 
+def module_examples() -> tuple[list[Example], list[Example]]:
+    """The ``modules`` set: every module page (by id) with the summaries of its queries cut out, and the class
+    and function summaries that single out their module's page (by the id of the object they summarise)."""
+    documents = pydoc_documents()
+    pages = {page.id.split(":", 1)[1]: page for page in documents if page.kind == "module"}
+    flat = {name: " ".join(page.text.split()) for name, page in pages.items()}
+    queries = []
+    for page in documents:
+        if page.kind == "module" or not page.summary:
+            continue
+        parts = page.id.split(":", 1)[1].split(".")
+        owner = next((m for m in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if m in pages), None)
+        summary = " ".join(page.summary.split())
+        if owner is not None and [name for name, text in flat.items() if summary in text] == [owner]:
+            queries.append(Example(pages[owner].id, page.summary, "", page.id))
+    cut: dict[str, str] = {page.id: page.text for page in pages.values()}
+    for query in queries:  # the summary as the page wraps it: its words, any white space between them
+        pattern = r"\s+".join(re.escape(word) for word in query.query.split())
+        cut[query.doc_id] = re.sub(pattern, "", cut[query.doc_id])
+    labelled = [Example(page.id, "", cut[page.id], name) for name, page in sorted(pages.items())]
+    return labelled, sorted(queries, key=lambda example: example.title)
+
+
 def document_ranking(doc_ids: Sequence[str]) -> list[str]:
     """The distinct documents of the hits, in hit order (a document ranks at its best chunk)."""
     return list(dict.fromkeys(doc_ids))
@@ -233,11 +263,18 @@ def embedder_repository(
 def labelled_set(
     name: str, documents: int | None, queries: int | None, seed: int, pydoc_documents_count: int = PYDOC_DOCUMENTS
 ) -> tuple[list[Example], list[Example]]:
-    """The labelled documents of set ``name`` and the queries evaluated (``None``: all)."""
-    labelled = examples() if name == "stdlib" else pydoc_examples(pydoc_documents_count, seed)
+    """The documents of set ``name`` (``documents`` of them drawn, ``None``: all) and the queries evaluated
+    (``queries`` of those whose document is indexed, ``None``: all)."""
+    if name == "modules":
+        labelled, candidates = module_examples()
+    else:
+        labelled = examples() if name == "stdlib" else pydoc_examples(pydoc_documents_count, seed)
+        candidates = labelled
     if documents:
         labelled = sorted(random.Random(seed).sample(labelled, documents), key=lambda e: e.doc_id)
-    chosen = random.Random(seed).sample(labelled, queries) if queries else labelled
+    indexed = {example.doc_id for example in labelled}
+    candidates = [example for example in candidates if example.doc_id in indexed]
+    chosen = random.Random(seed).sample(candidates, queries) if queries else candidates
     return labelled, chosen
 
 
@@ -321,7 +358,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, help="model repository (default: a cached export, see stack.py)")
-    parser.add_argument("--sets", nargs="+", choices=["stdlib", "pydoc"], default=["stdlib", "pydoc"])
+    parser.add_argument("--sets", nargs="+", choices=SETS, default=SETS)
     parser.add_argument("--pydoc-documents", type=int, default=PYDOC_DOCUMENTS, help="pages drawn for the pydoc set")
     parser.add_argument("--documents", type=int, help="index only this many of a set, drawn at random (default: all)")
     parser.add_argument("--queries", type=int, help="evaluate only this many of them, drawn at random (default: all)")
