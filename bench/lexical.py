@@ -72,17 +72,16 @@ def build_sets(pydoc_count: int | None, seed: int) -> list[KnownItemSet]:
         version_dir(model_repository(None, ["embedder"]), "embedder"), chunking.chunk_tokens, chunking.overlap_tokens
     )
     sets = []
-    stdlib = [(e.doc_id, e.document, e.query) for e in examples()]
-    pages = sample_documents(pydoc_documents(), pydoc_count, seed)
-    pydoc = [(d.id, d.text, d.summary) for d in pages if d.summary]
+    stdlib = examples()
+    pydoc = [page for page in sample_documents(pydoc_documents(), pydoc_count, seed) if page.summary]
     module_pages, module_queries = module_examples()
-    for name, documents, queries in (
-        ("stdlib", stdlib, [(query, doc_id) for doc_id, _, query in stdlib]),
-        ("pydoc", pydoc, [(query, doc_id) for doc_id, _, query in pydoc]),
-        ("modules", [(e.doc_id, e.document, "") for e in module_pages], [(e.query, e.doc_id) for e in module_queries]),
+    for name, documents, queries in (  # (doc_id, text) and (query, relevant doc_id)
+        ("stdlib", [(e.doc_id, e.document) for e in stdlib], [(e.query, e.doc_id) for e in stdlib]),
+        ("pydoc", [(d.id, d.text) for d in pydoc], [(d.summary, d.id) for d in pydoc]),
+        ("modules", [(e.doc_id, e.document) for e in module_pages], [(e.query, e.doc_id) for e in module_queries]),
     ):
         texts, docs = [], []
-        for doc_id, text, _ in documents:
+        for doc_id, text in documents:
             for span in chunker.chunk(text):
                 texts.append(span.text)
                 docs.append(doc_id)
