@@ -124,7 +124,8 @@ class DenseParams(BaseModel):
 
 class IndexSettings(BaseModel):
     """The derived indexes of every collection: FAISS (dense) and its snapshots; the lexical index (sparse) is
-    tantivy's BM25 (k1 1.2, b 0.75), analysed in each collection's language."""
+    tantivy's BM25 (k1 1.2, b 0.75), analysed in each collection's language, with the query's words as an
+    exact phrase scored on top."""
 
     dense: DenseParams = DenseParams()
     snapshot_interval_s: float = Field(60.0, gt=0)  # index snapshots after writes, at most this often

@@ -5,8 +5,9 @@ write commits to tantivy after the store's commit, and a missing, unreadable or 
 back to the store's chunk ids (`Collection` reconciles by id; chunk ids are never reused). Texts are
 analysed per collection: the simple tokenizer, lower-casing, and for a language the Snowball stemmer
 and that language's stop words where tantivy has them (``none``: neither). Scores are tantivy's BM25
-(k1 1.2, b 0.75); filters arrive as the allowed chunk ids and restrict the matching documents before the
-top-k cut.
+(k1 1.2, b 0.75), plus the query's words as an exact phrase: a text that holds the query word for word (a
+pasted sentence or error message) scores that phrase's BM25 on top of its words'. Filters arrive as the
+allowed chunk ids and restrict the matching documents before the top-k cut.
 
 Chosen over SQLite FTS5 and the earlier hand-written index by measurement (docs/BENCHMARKS.md,
 "Lexical indexes"): stemming and stop words, block-max WAND top-k, segments on disk, deletes by term.
@@ -90,7 +91,8 @@ class LexicalIndex:
         except ValueError as exc:
             raise LexicalIndexError(f"{directory}: {exc}") from exc
         self._schema = self._index.schema
-        self._index.register_tokenizer(_ANALYZER, _analyzer(language))
+        self._analyzer = _analyzer(language)
+        self._index.register_tokenizer(_ANALYZER, self._analyzer)
         self.refresh()
 
     @classmethod
@@ -159,6 +161,9 @@ class LexicalIndex:
             parsed = self._index.parse_query(words, [_TEXT])
         except ValueError:  # nothing left to match once the analyzer is done (stop words only)
             return np.empty(0, np.float32), np.empty(0, np.int64)
+        if len(self._analyzer.analyze(words)) > 1:  # the phrase adds its score where the words come in order
+            phrase = self._index.parse_query(f'"{words}"', [_TEXT])
+            parsed = tantivy.Query.boolean_query([(tantivy.Occur.Should, parsed), (tantivy.Occur.Should, phrase)])
         if allowed is not None:
             only = tantivy.Query.const_score_query(self._id_query(allowed), 0.0)
             parsed = tantivy.Query.boolean_query([(tantivy.Occur.Must, parsed), (tantivy.Occur.Must, only)])

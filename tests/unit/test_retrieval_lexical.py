@@ -55,6 +55,23 @@ def test_english_stems_and_drops_stop_words(tmp_path: Path) -> None:
     np.testing.assert_allclose(scores, index.search("cat", 3)[0])  # "the" adds nothing
 
 
+def test_a_text_holding_the_query_word_for_word_ranks_first(tmp_path: Path) -> None:
+    # Twelve terms in each text, the query's eight among them: only their order tells the texts apart.
+    pasted = "maximum recursion depth exceeded while calling a Python object"
+    texts = [
+        "Python object calling while exceeded depth recursion maximum, as a log line of the worker said.",
+        "RecursionError: maximum recursion depth exceeded while calling a Python object, said the worker log.",
+        "Exceeded while calling maximum depth: the Python object recursion, a log line of the worker said.",
+    ]
+    index = index_of(tmp_path, texts)
+    scores, ids = index.search(pasted, 3)
+    assert ids[0] == 11 and scores[0] > 1.5 * scores[1]
+    np.testing.assert_allclose(scores[1], scores[2], rtol=1e-5)  # the other two: words alone, equal
+    # Stop words inside the phrase are gaps (stemmed and dropped as in the texts), and two words make a phrase.
+    assert ranked(index, "the Python object recursion", k=1) == [2]
+    assert ranked(index, "recursion maximum", k=1) == [0]
+
+
 def test_language_none_keeps_words_as_they_are(tmp_path: Path) -> None:
     index = index_of(tmp_path, language=Language.none)
     assert ranked(index, "chasing") == []
