@@ -19,11 +19,12 @@ from .convert import export_onnx, onnx_files, quantize_int8, quantize_weights, t
 from .errors import ExportError
 from .generation_parity import GenerationParity
 from .graphs import AUTO_CLASSES, OUTPUT_NAMES, DecoderGraph, Head, Task, build_graph, select_head
+from .group_query import builds_group_query, write_group_query_graph
 from .native import write_native
 from .parity import ParityCheck, ParityThresholds
 from .prompt import render_prompt
 from .repository import RUNTIME_PACKAGE, ensure_config, publish, staging_dir, write_json, write_runtime
-from .runtime.contract import METADATA_FILE, ONNX_FILE, TOKENIZER_FILE
+from .runtime.contract import GROUP_QUERY_ATTENTION, METADATA_FILE, ONNX_FILE, TOKENIZER_FILE
 from .runtime.decoding import CacheShape
 from .runtime.encoding import ModelTokenizer
 from .sources import ModelSource, resolve_source
@@ -85,7 +86,7 @@ def export_model(
     tokenizer = resolved.load_tokenizer()
     log.info("%s: loading the %s model (%s)", source, task, head)
     model = resolved.load_model(AUTO_CLASSES[head])
-    metadata = _metadata(resolved, task, head, tokenizer, config, max_sequence_length)
+    metadata = _metadata(resolved, task, head, tokenizer, config, max_sequence_length, quantize)
     graph = build_graph(head, model)
     model_dir = repository / name
 
@@ -96,7 +97,7 @@ def export_model(
         onnx_file = staging / ONNX_FILE
         parity: _Parity
         if isinstance(graph, DecoderGraph):
-            parity = _export_generator(source, graph, onnx_file, metadata)
+            parity = _export_generator(source, graph, tokenizer, onnx_file, metadata)
         else:
             parity = _export_text_model(source, task, graph, onnx_file, metadata, thresholds)
         reports = {"fp32": parity.check(onnx_file)}
@@ -146,11 +147,22 @@ def _export_text_model(
     return parity
 
 
-def _export_generator(source: str, graph: DecoderGraph, onnx_file: Path, metadata: dict[str, Any]) -> GenerationParity:
-    """Generator: write the KV-cache decoder graph; its greedy parity check."""
+def _export_generator(
+    source: str,
+    graph: DecoderGraph,
+    tokenizer: PreTrainedTokenizerFast,
+    onnx_file: Path,
+    metadata: dict[str, Any],
+) -> GenerationParity:
+    """Generator: write the KV-cache decoder graph (``GroupQueryAttention`` where the builder takes the
+    architecture, else traced from transformers' attention); its greedy parity check."""
     shape = CacheShape(metadata["num_layers"], metadata["num_kv_heads"], metadata["head_dim"])
     log.info("%s: greedy reference continuations in PyTorch", source)
     parity = GenerationParity(graph.model, onnx_file.parent, shape)
+    if metadata.get("attention") == GROUP_QUERY_ATTENTION:
+        log.info("%s: building the GroupQueryAttention decoder (onnxruntime-genai's model builder)", source)
+        write_group_query_graph(graph.model, tokenizer, onnx_file)
+        return parity
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     total, past = torch.export.Dim("total"), torch.export.Dim("past")
     dynamic_shapes = (
@@ -259,6 +271,7 @@ def _metadata(
     tokenizer: PreTrainedTokenizerFast,
     config: PretrainedConfig,
     max_sequence_length: int | None,
+    quantize: Quantization | None,
 ) -> dict[str, Any]:
     """``tritonrag.json`` before the export: what serving needs to tokenise for the graph."""
     inputs = ["input_ids", "attention_mask"]
@@ -278,20 +291,29 @@ def _metadata(
         metadata["prompt"] = render_prompt(tokenizer)
         metadata["inputs"] = ["input_ids", "attention_mask", "token_type_ids"]  # segment 1: the query's tokens
     if head == "causal_lm":
-        metadata.update(_generator_metadata(tokenizer, config))
+        metadata.update(_generator_metadata(tokenizer, config, quantize))
     return metadata
 
 
-def _generator_metadata(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> dict[str, Any]:
-    """What the generator's engine and the orchestrator's prompt packing need besides the graph."""
+def _generator_metadata(
+    tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig, quantize: Quantization | None
+) -> dict[str, Any]:
+    """What the generator's engine and the orchestrator's prompt packing need besides the graph.
+
+    A float32 generator of an architecture the builder takes gets the ``GroupQueryAttention`` graph. A quantised
+    one keeps the graph traced from transformers: with int8 weights the builder's graph (its fused projections
+    round differently) dropped the citation of tests/e2e/test_generation.py's grounded answer, which the traced
+    int8 graph keeps (docs/BENCHMARKS.md, "In-place KV cache")."""
     heads = int(config.num_attention_heads)
     stop_ids: set[int] = set()
     for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
         stop_ids.update([value] if isinstance(value, int) else value or [])
     if not stop_ids:
         raise ExportError("the model names no end-of-sequence token, so a generation could not stop by itself")
+    group_query = {"attention": GROUP_QUERY_ATTENTION} if quantize is None and builds_group_query(config) else {}
     return {
-        "inputs": ["input_ids", "attention_mask", "position_ids"],
+        **group_query,
+        "inputs": ["input_ids", "attention_mask", *([] if group_query else ["position_ids"])],
         "num_layers": int(config.num_hidden_layers),
         "num_kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
         "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),

@@ -17,6 +17,9 @@ ONNX_FILE: Final = "model.onnx"
 MODEL_FILE: Final = "model.py"  # the Python-backend model Triton loads
 RUNTIME_DIR: Final = "runtime"  # the version's copy of this folder, which model.py imports relatively
 CONFIG_FILE: Final = "config.pbtxt"  # beside the version directories
+# ``tritonrag.json``'s ``attention`` of a generator whose graph is built on ``GroupQueryAttention`` (its engine
+# keeps the KV cache in place); absent for the graph exported from transformers' attention.
+GROUP_QUERY_ATTENTION: Final = "group_query"
 
 
 class EmbedderTensors:

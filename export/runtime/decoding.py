@@ -1,5 +1,10 @@
 """One ONNX decoder with a KV cache, stepped for a changing batch of sequences.
 
+Two graphs, two decoders. ``SlotDecoder`` runs a ``GroupQueryAttention`` graph (onnxruntime-genai's
+model builder): the running sequences' caches stay in one buffer per layer that each step writes in place.
+``Decoder`` runs the graph exported from transformers' attention, described here, which copies the cache
+into each step's output.
+
 The exported graph takes ``input_ids``, ``attention_mask``, ``position_ids`` and, per layer,
 ``past_key_values.<i>.key`` / ``.value`` ``[batch, kv_heads, past, head_dim]``; it returns the last
 position's ``logits`` ``[batch, vocab]`` and ``present.<i>.key`` / ``.value`` (past + new tokens).
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -126,8 +132,14 @@ class Decoder:
         )
         return logits[0], KVBatch(present, mask, np.asarray([count], dtype=np.int64))
 
-    def step(self, batch: KVBatch, tokens: Sequence[int]) -> tuple[Floats, KVBatch]:
+    def join(self, batch: RunningBatch | None, cache: KVBatch) -> KVBatch:
+        """``batch``'s rows (none if None) and then the prefilled ``cache``'s."""
+        assert batch is None or isinstance(batch, KVBatch)
+        return cache if batch is None else batch.extend(cache)
+
+    def step(self, batch: RunningBatch, tokens: Sequence[int]) -> tuple[Floats, KVBatch]:
         """Feed one token per row; the logits ``[rows, vocab]`` and the grown cache."""
+        assert isinstance(batch, KVBatch)
         mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
         logits, past = self._run(
             np.asarray(tokens, dtype=np.int64)[:, None], mask, batch.positions[:, None], batch.past
@@ -139,3 +151,143 @@ class Decoder:
         feed.update(zip(self._past_names, past, strict=True))
         logits, *present = self.session.run(None, feed)
         return logits, present
+
+
+class RunningBatch(Protocol):
+    """The cache of the running sequences, one row each, as a decoder steps it."""
+
+    @property
+    def rows(self) -> int: ...
+
+    def select(self, rows: Sequence[int]) -> RunningBatch:
+        """Only ``rows``, in that order."""
+        ...
+
+
+class StepDecoder(Protocol):
+    """What the engine runs: prefill one prompt, join its cache to the batch, step the batch by one token."""
+
+    def prefill(
+        self, prompt_ids: Sequence[int], prefix: tuple[int, list[Floats]] | None = None
+    ) -> tuple[Floats, KVBatch]: ...
+
+    def join(self, batch: RunningBatch | None, cache: KVBatch) -> RunningBatch: ...
+
+    def step(self, batch: RunningBatch, tokens: Sequence[int]) -> tuple[Floats, RunningBatch]: ...
+
+
+class SlotBatch:
+    """The running sequences' caches in fixed rows of one buffer per layer ``[rows, kv_heads, tokens, head_dim]``.
+
+    Row ``r`` holds its sequence's keys and values at positions ``0 .. lengths[r] - 1`` (right-padded, as
+    ``GroupQueryAttention`` reads them); the graph writes each step's keys and values into the buffer in
+    place. A joining sequence is copied into the next free row, a leaving one is overwritten by the rows after
+    it, and the buffer grows (doubling, one copy) only when a row or a token no longer fits.
+    """
+
+    def __init__(self, shape: CacheShape) -> None:
+        self.shape = shape
+        self.buffers: list[Floats] = self._allocate(0, 0)
+        self.lengths: list[int] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def _allocate(self, rows: int, tokens: int) -> list[Floats]:
+        dims = (rows, self.shape.num_kv_heads, tokens, self.shape.head_dim)
+        return [np.zeros(dims, dtype=np.float32) for _ in self.shape.past_names()]
+
+    def reserve(self, rows: int, tokens: int) -> None:
+        """Room for ``rows`` sequences of ``tokens`` each; a larger buffer keeps every row's cache."""
+        have_rows, have_tokens = self.buffers[0].shape[0], self.buffers[0].shape[2]
+        if rows <= have_rows and tokens <= have_tokens:
+            return
+        grown = self._allocate(
+            have_rows if rows <= have_rows else max(rows, 2 * have_rows),
+            have_tokens if tokens <= have_tokens else max(tokens, 2 * have_tokens),
+        )
+        used = max(self.lengths, default=0)
+        for new, old in zip(grown, self.buffers, strict=True):
+            new[: self.rows, :, :used] = old[: self.rows, :, :used]
+        self.buffers = grown
+
+    def append(self, cache: KVBatch) -> None:
+        """Copy a one-row cache (a prefill's) into the next row."""
+        length = cache.length
+        self.reserve(self.rows + 1, length + 1)
+        for buffer, layer in zip(self.buffers, cache.past, strict=True):
+            buffer[self.rows, :, :length] = layer[0]
+        self.lengths.append(length)
+
+    def select(self, rows: Sequence[int]) -> SlotBatch:
+        """Keep only ``rows``, in that order, moved to the first rows of the buffer; the same batch."""
+        kept = [self.lengths[r] for r in rows]
+        if list(rows) != list(range(len(rows))):
+            index = np.asarray(rows, dtype=np.int64)
+            used = max(kept, default=0)
+            for buffer in self.buffers:
+                buffer[: len(rows), :, :used] = buffer[index, :, :used]  # fancy indexing copies first
+        self.lengths = kept
+        return self
+
+
+class SlotDecoder:
+    """A ``GroupQueryAttention`` decoder graph (past and present may be one buffer) under ONNX Runtime.
+
+    The graph takes ``input_ids``, ``attention_mask`` (``[batch, total]``, ones for each row's real tokens,
+    its new ones included; positions follow from it) and per layer ``past_key_values.<i>.key`` / ``.value``;
+    it returns the last position's ``logits`` ``[batch, 1, vocab]`` and ``present.<i>.key`` / ``.value``. A
+    prompt is prefilled on its own (past and present apart, as for the copying graph); a decode step binds
+    each layer's buffer of the running rows as both past and present, so no step copies the cache.
+    """
+
+    def __init__(self, session: ort.InferenceSession, shape: CacheShape) -> None:
+        self.session = session
+        self.shape = shape
+        self._past_names, self._present_names = shape.past_names(), shape.present_names()
+        names = {i.name for i in session.get_inputs()}
+        missing = {"input_ids", "attention_mask", *self._past_names} - names
+        if missing:
+            raise ValueError(f"the decoder graph lacks the inputs {sorted(missing)}")
+
+    def prefill(
+        self, prompt_ids: Sequence[int], prefix: tuple[int, list[Floats]] | None = None
+    ) -> tuple[Floats, KVBatch]:
+        """The next-token logits ``[vocab]`` after ``prompt_ids``, and a one-row cache holding them (as
+        `Decoder.prefill`; ``prefix``: the keys and values of the prompt's first tokens)."""
+        count = len(prompt_ids)
+        start, past = prefix if prefix is not None else (0, self.shape.empty(1))
+        mask = np.ones((1, count), dtype=np.int64)
+        feed: dict[str, npt.NDArray[np.generic]] = {
+            "input_ids": np.asarray([prompt_ids[start:]], dtype=np.int64),
+            "attention_mask": mask,
+        }
+        feed.update(zip(self._past_names, past, strict=True))
+        logits, *present = self.session.run(["logits", *self._present_names], feed)
+        return logits[0, -1], KVBatch(present, mask, np.asarray([count], dtype=np.int64))
+
+    def join(self, batch: RunningBatch | None, cache: KVBatch) -> SlotBatch:
+        """``batch`` (a new one if None) with the prefilled ``cache`` in its next row."""
+        slots = batch if isinstance(batch, SlotBatch) else SlotBatch(self.shape)
+        slots.append(cache)
+        return slots
+
+    def step(self, batch: RunningBatch, tokens: Sequence[int]) -> tuple[Floats, SlotBatch]:
+        """Feed one token per row, written into the rows' buffers in place; the logits ``[rows, vocab]``."""
+        assert isinstance(batch, SlotBatch)
+        rows, lengths = batch.rows, np.asarray(batch.lengths, dtype=np.int64)
+        batch.reserve(rows, int(lengths.max()) + 1)
+        mask = (np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]).astype(np.int64)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray(tokens, dtype=np.int64)[:, None])
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits")
+        for past, present, buffer in zip(self._past_names, self._present_names, batch.buffers, strict=True):
+            shared = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])
+            binding.bind_ortvalue_input(past, shared)
+            binding.bind_ortvalue_output(present, shared)
+        self.session.run_with_iobinding(binding)
+        batch.lengths = [n + 1 for n in batch.lengths]
+        logits: Floats = binding.get_outputs()[0].numpy()[:, -1]  # the logits alone: the cache stays where it is
+        return logits, batch

@@ -25,8 +25,8 @@ from typing import Any, Literal
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from .contract import ONNX_FILE, TOKENIZER_FILE
-from .decoding import CacheShape, Decoder, Floats, KVBatch
+from .contract import GROUP_QUERY_ATTENTION, ONNX_FILE, TOKENIZER_FILE
+from .decoding import CacheShape, Decoder, Floats, RunningBatch, SlotDecoder, StepDecoder
 from .encoding import InputError, ModelMetadata
 from .inference import execution_providers
 from .prefix_cache import PrefixCache
@@ -85,7 +85,7 @@ class GenerationEngine:
 
     def __init__(
         self,
-        decoder: Decoder,
+        decoder: StepDecoder,
         new_text_stream: Callable[[Sequence[str]], TextStream],
         stop_token_ids: Sequence[int],
         limits: EngineLimits,
@@ -97,7 +97,7 @@ class GenerationEngine:
         self._waiting: deque[GenerationRequest] = deque()
         self._running: list[GenerationRequest] = []
         self._prefilling: GenerationRequest | None = None  # admitted, its prompt partly prefilled
-        self._batch: KVBatch | None = None
+        self._batch: RunningBatch | None = None
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes) if limits.prefix_cache_bytes else None
         self._wake = threading.Condition()
         self.steps = 0  # decode steps run, for tests and metrics
@@ -124,8 +124,9 @@ class GenerationEngine:
         extra = metadata.extra
         shape = CacheShape(int(extra["num_layers"]), int(extra["num_kv_heads"]), int(extra["head_dim"]))
         tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
+        decoder = SlotDecoder if extra.get("attention") == GROUP_QUERY_ATTENTION else Decoder
         return cls(
-            Decoder(session, shape),
+            decoder(session, shape),
             lambda stop: TextStream(tokenizer, stop),
             [int(i) for i in extra["stop_token_ids"]],
             replace(EngineLimits(context_window=metadata.max_sequence_length), **limits),
@@ -276,7 +277,7 @@ class GenerationEngine:
         if self._advance(request, logits):
             return
         self._running.append(request)
-        self._batch = cache if self._batch is None else self._batch.extend(cache)
+        self._batch = self.decoder.join(self._batch, cache)
 
     def _decode(self) -> None:
         assert self._batch is not None

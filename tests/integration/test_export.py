@@ -413,8 +413,10 @@ def test_bad_choices_are_refused(embedder_dir: Path, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_generator_metadata_and_quantized_report(generative_dir: Path, tmp_path: Path, quantize: Quantization) -> None:
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_generator_metadata_graph_and_quantized_report(
+    generative_dir: Path, tmp_path: Path, quantize: Quantization | None
+) -> None:
     result = export_model(f"path:{generative_dir}", "generator", tmp_path, quantize=quantize, max_sequence_length=96)
     data = metadata(result)
     assert data["task"] == "generator" and data["head"] == "causal_lm"
@@ -422,6 +424,19 @@ def test_generator_metadata_and_quantized_report(generative_dir: Path, tmp_path:
     assert data["stop_token_ids"] == [1] and data["chat_template"].startswith("{% for message in messages %}")
     assert result.parity["fp32"] == data["parity"] and data["parity"]["value"] == 1.0
     assert data["parity"]["tokens_before_first_difference"] == data["parity"]["reference_tokens"] > 0
+    assert check_version_dir(result.version_dir, "generator") == data
+    graph = onnx.load(str(result.version_dir / "model.onnx"))
+    inputs = [i.name for i in graph.graph.input]
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output}
+    weights = {init.name for init in graph.graph.initializer}
+    if quantize is None:
+        # A llama in float32: onnxruntime-genai's builder wrote the graph, one GroupQueryAttention a layer, whose
+        # engine keeps the cache in place; only the last position is projected onto the vocabulary.
+        assert data["attention"] == "group_query" and data["quantization"] is None
+        assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == 2
+        assert inputs[:2] == ["input_ids", "attention_mask"] == data["inputs"] and len(inputs) == 2 + 2 * 2
+        assert outputs["logits"] == ["batch_size", 1, data["vocab_size"]] and "present.1.value" in outputs
+        return
     report = result.parity[quantize]
     assert report["metric"] == "greedy_identical" and report["threshold"] is None
     assert (
@@ -437,18 +452,16 @@ def test_generator_metadata_and_quantized_report(generative_dir: Path, tmp_path:
         "weights": quantize,
         "parity": report,
     }
-    assert check_version_dir(result.version_dir, "generator") == data
-    graph = onnx.load(str(result.version_dir / "model.onnx"))
     bits = {
         n.name: next(a.i for a in n.attribute if a.name == "bits")
         for n in graph.graph.node
         if n.op_type == "MatMulNBits"
     }
-    # Every projection, the tied output projection included (2 layers: q, k, v, o, gate, up, down; and the head).
+    # Quantised: the graph traced from transformers' attention (see _generator_metadata). Every projection, the
+    # tied output projection included (2 layers: q, k, v, o, gate, up, down; and the head).
+    assert "attention" not in data
     assert len(bits) == 2 * 7 + 1 and set(bits.values()) == {int(quantize[3:])}
-    weights = {init.name for init in graph.graph.initializer}
     assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and set(n.input) & weights]
-    inputs = [i.name for i in graph.graph.input]
     assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"] and len(inputs) == 3 + 2 * 2
     assert [o.name for o in graph.graph.output][:2] == ["logits", "present.0.key"]
 

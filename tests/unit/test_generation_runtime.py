@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tritonrag.export.runtime.decoding import KVBatch
+from tritonrag.export.runtime.decoding import CacheShape, KVBatch, SlotBatch
 from tritonrag.export.runtime.encoding import InputError
 from tritonrag.export.runtime.sampling import Sampler, SamplingParams
 
@@ -80,3 +80,30 @@ def test_kv_batch_extend_left_pads_and_select_trims() -> None:
     assert kept.length == 3 and kept.padded_tokens == 6
     assert kept.mask.tolist() == [[0, 0, 1], [1, 1, 1]]
     assert kept.past[1][0, 0, :, 0].tolist() == [0, 0, 2]
+
+
+def _prefilled(length: int, value: float, layers: int = 2) -> KVBatch:
+    """A one-row prefill cache of ``length`` tokens, every key and value ``value`` + its position / 100."""
+    positions = value + np.arange(length, dtype=np.float32) / 100
+    past = [np.broadcast_to(positions[None, None, :, None], (1, 1, length, 2)).copy() for _ in range(layers)]
+    return KVBatch(past, np.ones((1, length), dtype=np.int64), np.array([length], dtype=np.int64))
+
+
+def test_slot_batch_appends_compacts_and_grows_keeping_every_row() -> None:
+    shape = CacheShape(num_layers=1, num_kv_heads=1, head_dim=2)
+    slots = SlotBatch(shape)
+    for length, value in ((3, 1.0), (5, 2.0), (2, 3.0)):
+        slots.append(_prefilled(length, value))
+    assert slots.rows == 3 and slots.lengths == [3, 5, 2]
+    assert slots.buffers[0].shape[2] >= 6  # room for one more token after the longest row
+    assert slots.buffers[1][1, 0, :5, 0].tolist() == pytest.approx([2.0, 2.01, 2.02, 2.03, 2.04])
+    assert slots.select([0, 2]) is slots  # the same buffers: a leaving row costs no copy of the others' cache
+    assert slots.lengths == [3, 2] and slots.buffers[0][1, 0, :2, 0].tolist() == pytest.approx([3.0, 3.01])
+    before = slots.buffers[0]
+    slots.reserve(2, before.shape[2] + 1)  # a token past the end: a larger buffer, the rows kept
+    assert slots.buffers[0] is not before and slots.buffers[0].shape[2] >= 2 * before.shape[2]
+    assert slots.buffers[0][0, 0, :3, 0].tolist() == pytest.approx([1.0, 1.01, 1.02])
+    assert slots.buffers[1][1, 0, :2, 0].tolist() == pytest.approx([3.0, 3.01])
+    slots.select([1, 0])  # a reorder swaps the rows, through a copy of what moves
+    assert slots.lengths == [2, 3] and slots.buffers[0][0, 0, :2, 0].tolist() == pytest.approx([3.0, 3.01])
+    assert slots.buffers[0][1, 0, :3, 0].tolist() == pytest.approx([1.0, 1.01, 1.02])

@@ -1,0 +1,64 @@
+"""The generator's decoder graph built on ``GroupQueryAttention``, by onnxruntime-genai's model builder.
+
+The builder (ONNX Runtime's own, maintained with its contrib operators) writes a decoder whose attention is
+one ``GroupQueryAttention`` node per layer, rotary embedding inside, projections fused, and whose KV cache
+inputs and outputs may be one buffer: the engine's ``SlotDecoder`` keeps the running sequences' caches in
+place instead of copying them every step (docs/BENCHMARKS.md, "In-place KV cache"). Only the last position
+is projected onto the vocabulary (``prune_lm_head``). Architectures outside ``MODEL_TYPES`` keep the graph
+exported from transformers' attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from .convert import external_data_file
+from .errors import ExportError
+
+# The builder's architectures that the engine has been checked on (export parity: greedy identical).
+MODEL_TYPES = frozenset({"llama"})
+_BUILT_GRAPH = "model.onnx"
+
+
+def builds_group_query(config: PretrainedConfig) -> bool:
+    """Whether the generator of ``config`` is exported through the builder."""
+    return str(getattr(config, "model_type", "")) in MODEL_TYPES
+
+
+def write_group_query_graph(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, onnx_file: Path) -> None:
+    """Write ``model``'s float32 decoder to ``onnx_file`` (weights beside it), through a Hugging Face folder."""
+    from onnxruntime_genai.models.builder import create_model  # imports torch and transformers: export only
+
+    with tempfile.TemporaryDirectory(prefix="tritonrag-gqa-") as scratch:
+        folder, built = Path(scratch) / "model", Path(scratch) / "onnx"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        printed = io.StringIO()
+        try:
+            # The builder prints every tensor it reads and writes, and draws progress bars.
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                create_model(
+                    None,
+                    str(folder),
+                    str(built),
+                    "fp32",
+                    "cpu",
+                    str(Path(scratch) / "cache"),
+                    prune_lm_head=True,
+                    hf_remote=False,
+                    hf_token="false",
+                )
+        except Exception as exc:
+            raise ExportError(f"onnxruntime-genai's model builder failed: {exc}\n{printed.getvalue()[-2000:]}") from exc
+        for source, target in (
+            (built / _BUILT_GRAPH, onnx_file),
+            (external_data_file(built / _BUILT_GRAPH), external_data_file(onnx_file)),
+        ):
+            shutil.move(source, target)
+            target.chmod(0o644)  # the builder writes its weights readable by their owner alone
