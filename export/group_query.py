@@ -4,8 +4,8 @@ The builder (ONNX Runtime's own, maintained with its contrib operators) writes a
 one ``GroupQueryAttention`` node per layer, rotary embedding inside, projections fused, and whose KV cache
 inputs and outputs may be one buffer: the engine's ``SlotDecoder`` keeps the running sequences' caches in
 place instead of copying them every step (docs/BENCHMARKS.md, "In-place KV cache"). Only the last position
-is projected onto the vocabulary (``prune_lm_head``). Architectures outside ``MODEL_TYPES`` keep the graph
-exported from transformers' attention.
+is projected onto the vocabulary (``prune_lm_head``). Architectures outside ``MODEL_TYPES``, and exports on a
+machine with ONNX Runtime's CUDA provider, keep the graph traced from transformers' attention.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import onnxruntime as ort
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from .convert import external_data_file
@@ -27,8 +28,13 @@ _BUILT_GRAPH = "model.onnx"
 
 
 def builds_group_query(config: PretrainedConfig) -> bool:
-    """Whether the generator of ``config`` is exported through the builder."""
-    return str(getattr(config, "model_type", "")) in MODEL_TYPES
+    """Whether the generator of ``config`` is exported through the builder: an architecture it takes, exported
+    where ONNX Runtime has no CUDA provider (its CUDA ``GroupQueryAttention`` takes float16 only, so a float32
+    graph would run those nodes on the CPU; a GPU machine keeps the traced graph)."""
+    return (
+        str(getattr(config, "model_type", "")) in MODEL_TYPES
+        and "CUDAExecutionProvider" not in ort.get_available_providers()
+    )
 
 
 def write_group_query_graph(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, onnx_file: Path) -> None:

@@ -14,13 +14,22 @@ import onnxruntime as ort
 import pytest
 import torch
 from google.protobuf import text_format
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+)
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tests import tiny_models
 from tritonrag.export.errors import ExportError, SourceError
 from tritonrag.export.exporter import ExportResult, Quantization, _quantize, _quantizers, export_model
 from tritonrag.export.graphs import build_graph, select_head
+from tritonrag.export.group_query import builds_group_query
 from tritonrag.export.parity import ParityThresholds
 from tritonrag.export.repository import RUNTIME_PACKAGE, check_version_dir, publish, runtime_digest, staging_dir
 from tritonrag.export.runtime.encoding import ModelMetadata, ModelTokenizer
@@ -474,3 +483,11 @@ def test_generator_needs_a_causal_lm_and_has_no_native_target(
     with pytest.raises(ExportError, match="the generator has no native target"):
         export_model(f"path:{generative_dir}", "generator", tmp_path, target="native", native_repository=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_group_query_graph_is_for_llama_generators_exported_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    llama, bert = LlamaConfig(), BertConfig()  # type: ignore[no-untyped-call]
+    assert builds_group_query(llama) and not builds_group_query(bert)
+    # ONNX Runtime's CUDA GroupQueryAttention takes float16 only: a GPU machine keeps the traced float32 graph.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert not builds_group_query(llama)
