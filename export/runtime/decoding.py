@@ -221,13 +221,15 @@ class SlotBatch:
         self.lengths.append(length)
 
     def select(self, rows: Sequence[int]) -> SlotBatch:
-        """Keep only ``rows``, in that order, moved to the first rows of the buffer; the same batch."""
+        """Keep only ``rows``, in that order, moved to the first rows of the buffer; the same batch. Rows before
+        the first that moves stay where they are."""
         kept = [self.lengths[r] for r in rows]
-        if list(rows) != list(range(len(rows))):
-            index = np.asarray(rows, dtype=np.int64)
-            used = max(kept, default=0)
+        first = next((i for i, r in enumerate(rows) if r != i), len(rows))
+        if first < len(rows):
+            index = np.asarray(rows[first:], dtype=np.int64)
+            used = max(kept[first:])
             for buffer in self.buffers:
-                buffer[: len(rows), :, :used] = buffer[index, :, :used]  # fancy indexing copies first
+                buffer[first : len(rows), :, :used] = buffer[index, :, :used]  # fancy indexing copies first
         self.lengths = kept
         return self
 
