@@ -96,6 +96,13 @@ class KVBatch:
         )
 
 
+def _require_inputs(session: ort.InferenceSession, names: Sequence[str]) -> None:
+    """``ValueError`` unless the decoder graph of ``session`` takes every input of ``names``."""
+    missing = set(names) - {i.name for i in session.get_inputs()}
+    if missing:
+        raise ValueError(f"the decoder graph lacks the inputs {sorted(missing)}")
+
+
 def _left_pad(batch: KVBatch, length: int) -> KVBatch:
     extra = length - batch.length
     if extra == 0:
@@ -111,10 +118,7 @@ class Decoder:
         self.session = session
         self.shape = shape
         self._past_names = shape.past_names()
-        names = {i.name for i in session.get_inputs()}
-        missing = {"input_ids", "attention_mask", "position_ids", *self._past_names} - names
-        if missing:
-            raise ValueError(f"the decoder graph lacks the inputs {sorted(missing)}")
+        _require_inputs(session, ["input_ids", "attention_mask", "position_ids", *self._past_names])
 
     def prefill(
         self, prompt_ids: Sequence[int], prefix: tuple[int, list[Floats]] | None = None
@@ -248,10 +252,7 @@ class SlotDecoder:
         self.session = session
         self.shape = shape
         self._past_names, self._present_names = shape.past_names(), shape.present_names()
-        names = {i.name for i in session.get_inputs()}
-        missing = {"input_ids", "attention_mask", *self._past_names} - names
-        if missing:
-            raise ValueError(f"the decoder graph lacks the inputs {sorted(missing)}")
+        _require_inputs(session, ["input_ids", "attention_mask", *self._past_names])
 
     def prefill(
         self, prompt_ids: Sequence[int], prefix: tuple[int, list[Floats]] | None = None
@@ -279,8 +280,9 @@ class SlotDecoder:
         """Feed one token per row, written into the rows' buffers in place; the logits ``[rows, vocab]``."""
         assert isinstance(batch, SlotBatch)
         rows, lengths = batch.rows, np.asarray(batch.lengths, dtype=np.int64)
-        batch.reserve(rows, int(lengths.max()) + 1)
-        mask = (np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]).astype(np.int64)
+        total = int(lengths.max()) + 1  # the longest row with its new token
+        batch.reserve(rows, total)
+        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.asarray(tokens, dtype=np.int64)[:, None])
         binding.bind_cpu_input("attention_mask", mask)
