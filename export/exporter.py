@@ -21,10 +21,11 @@ from .generation_parity import GenerationParity
 from .graphs import AUTO_CLASSES, OUTPUT_NAMES, DecoderGraph, Head, Task, build_graph, select_head
 from .group_query import builds_group_query, write_group_query_graph
 from .native import write_native
+from .packed_weights import write_packed_graph
 from .parity import ParityCheck, ParityThresholds
 from .prompt import render_prompt
 from .repository import RUNTIME_PACKAGE, ensure_config, publish, staging_dir, write_json, write_runtime
-from .runtime.contract import GROUP_QUERY_ATTENTION, METADATA_FILE, ONNX_FILE, TOKENIZER_FILE
+from .runtime.contract import GROUP_QUERY_ATTENTION, METADATA_FILE, ONE_ROW_ONNX_FILE, ONNX_FILE, TOKENIZER_FILE
 from .runtime.decoding import CacheShape
 from .runtime.encoding import ModelTokenizer
 from .sources import ModelSource, resolve_source
@@ -155,13 +156,20 @@ def _export_generator(
     metadata: dict[str, Any],
 ) -> GenerationParity:
     """Generator: write the KV-cache decoder graph (``GroupQueryAttention`` where the builder takes the
-    architecture, else traced from transformers' attention); its greedy parity check."""
+    architecture, else traced from transformers' attention), and beside a ``GroupQueryAttention`` graph its
+    one-row twin with the weights that lie on a block grid packed (``packed_weights``); its greedy parity
+    check, which runs both."""
     shape = CacheShape(metadata["num_layers"], metadata["num_kv_heads"], metadata["head_dim"])
     log.info("%s: greedy reference continuations in PyTorch", source)
     parity = GenerationParity(graph.model, onnx_file.parent, shape)
     if metadata.get("attention") == GROUP_QUERY_ATTENTION:
         log.info("%s: building the GroupQueryAttention decoder (onnxruntime-genai's model builder)", source)
         write_group_query_graph(graph.model, tokenizer, onnx_file)
+        packed = write_packed_graph(onnx_file, onnx_file.with_name(ONE_ROW_ONNX_FILE))
+        log.info("%s: packed %d of %d MatMul weights for one-row steps", source, packed.packed, packed.matmuls)
+        if packed.packed:
+            metadata["one_row_graph"] = {"packed_matmuls": packed.packed, "matmuls": packed.matmuls}
+            write_json(onnx_file.parent / METADATA_FILE, metadata)
         return parity
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     total, past = torch.export.Dim("total"), torch.export.Dim("past")

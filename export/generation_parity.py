@@ -2,7 +2,8 @@
 
 The reference is transformers' ``generate()`` in PyTorch, each prompt alone. The candidate is the
 served decoding path itself: the continuous-batching engine over the ONNX graph, with every prompt
-in the batch at once, so left padding, per-row positions and rows joining and leaving are checked too.
+in the batch at once, so left padding, per-row positions and rows joining and leaving are checked too,
+and with each prompt alone, so decode steps of one row (a generator's one-row graph) are checked too.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class GenerationParity:
         cache = [torch.randn(cache_shape, generator=generator) for _ in self.shape.past_names()]
         return (ids, mask, positions, *cache)
 
-    def continuations(self, onnx_file: Path) -> list[list[int]]:
-        """The engine's greedy continuations of every prompt, all submitted at once."""
+    def continuations(self, onnx_file: Path, together: bool) -> list[list[int]]:
+        """The engine's greedy continuations of every prompt: all submitted at once, or each alone (decode
+        steps of one row, which run a generator's one-row graph where it has one)."""
         engine = GenerationEngine.from_version_dir(self.version_dir, onnx_file, max_sequences=len(QUESTIONS))
         requests = [
             GenerationRequest(list(ids), SamplingParams(max_tokens=MAX_NEW_TOKENS), emit=lambda *_: None)
@@ -96,15 +98,24 @@ class GenerationParity:
         ]
         for request in requests:
             engine.submit(request)
+            if not together:
+                engine.run_until_idle()
         engine.run_until_idle()
         return [request.generated for request in requests]
 
     def _report(self, onnx_file: Path) -> dict[str, Any]:
-        got = self.continuations(onnx_file)
-        same = [a == b for a, b in zip(self.reference, got, strict=True)]
+        """A prompt counts as identical when both its continuations, batched and alone, equal PyTorch's."""
+        runs = [self.continuations(onnx_file, together) for together in (True, False)]
+        same = [all(run[i] == reference for run in runs) for i, reference in enumerate(self.reference)]
         matching = sum(
-            next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-            for a, b in zip(self.reference, got, strict=True)
+            min(
+                next(
+                    (i for i, (x, y) in enumerate(zip(run[p], reference, strict=False)) if x != y),
+                    min(len(run[p]), len(reference)),
+                )
+                for run in runs
+            )
+            for p, reference in enumerate(self.reference)
         )
         return {
             "metric": "greedy_identical",

@@ -21,7 +21,15 @@ from typing import Any, BinaryIO
 
 from . import runtime
 from .errors import ExportError
-from .runtime.contract import CONFIG_FILE, METADATA_FILE, MODEL_FILE, ONNX_FILE, RUNTIME_DIR, TOKENIZER_FILE
+from .runtime.contract import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    ONE_ROW_ONNX_FILE,
+    ONNX_FILE,
+    RUNTIME_DIR,
+    TOKENIZER_FILE,
+)
 
 # The tracked config templates of this project: model_repository/<task>/config.pbtxt.
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
@@ -128,7 +136,8 @@ def check_version_dir(version_dir: Path, task: str) -> dict[str, Any]:
 
     Checked without loading anything: ``tritonrag.json`` parses and names ``task``; ``model.onnx``,
     ``tokenizer.json``, ``model.py`` and ``runtime/`` exist; the runtime's files hash to the metadata's
-    ``runtime`` entry; ``model.onnx`` is a whole ONNX model (``check_onnx_file``); every parity report passed.
+    ``runtime`` entry; ``model.onnx`` (and a generator's one-row graph, where the metadata names one) is a
+    whole ONNX model (``check_onnx_file``); every parity report passed.
     """
     metadata_file = version_dir / METADATA_FILE
     try:
@@ -139,7 +148,8 @@ def check_version_dir(version_dir: Path, task: str) -> dict[str, Any]:
         raise ExportError(f"{metadata_file} holds {type(metadata).__name__}, not an object")
     if metadata.get("task") != task:
         raise ExportError(f"{metadata_file}: the task is {metadata.get('task')!r}, expected {task!r}")
-    for name in (ONNX_FILE, TOKENIZER_FILE, MODEL_FILE):
+    one_row = [ONE_ROW_ONNX_FILE] if "one_row_graph" in metadata else []
+    for name in (ONNX_FILE, TOKENIZER_FILE, MODEL_FILE, *one_row):
         if not (version_dir / name).is_file():
             raise ExportError(f"{version_dir / name} is missing")
     runtime_dir = version_dir / RUNTIME_DIR
@@ -151,7 +161,8 @@ def check_version_dir(version_dir: Path, task: str) -> dict[str, Any]:
             f"{runtime_dir}/ hashes to {found}, but {metadata_file} records {metadata.get('runtime')}: "
             "the runtime was changed or not wholly copied"
         )
-    check_onnx_file(version_dir / ONNX_FILE)
+    for name in (ONNX_FILE, *one_row):
+        check_onnx_file(version_dir / name)
     quantization = metadata.get("quantization")
     reports = [("float32", metadata.get("parity"), True)]
     if quantization is not None:

@@ -93,6 +93,27 @@ def tiny_causal_lm(folder: Path) -> Path:
     return folder
 
 
+def on_gguf_grids(source: Path, folder: Path) -> Path:
+    """The causal LM in ``source`` with its weights rounded as a GGUF file stores SmolLM2's: every linear
+    layer's blocks of 32 inputs on 16 levels from their minimum (Q4_1), the tied embedding on 255 levels
+    around zero (Q8_0)."""
+    model = LlamaForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        table = model.model.embed_tokens.weight
+        blocks = table.view(table.shape[0], -1, 32)
+        scale = blocks.abs().amax(-1, keepdim=True) / 127
+        table.copy_((torch.round(blocks / scale) * scale).view_as(table))
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                blocks = module.weight.view(module.weight.shape[0], -1, 32)
+                low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+                step = (high - low) / 15
+                module.weight.copy_((low + torch.round((blocks - low) / step) * step).view_as(module.weight))
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
 def export_tiny_repository(repository: Path, tasks: Sequence[Task]) -> Path:
     """A model repository with a tiny ``embedder``, ``reranker`` (cross-encoder) and/or ``generator``, version 1."""
     builders: dict[str, Callable[[Path], Path]] = {

@@ -14,6 +14,9 @@ from typing import Final
 METADATA_FILE: Final = "tritonrag.json"  # what the exporter says about the version (task, limits, template)
 TOKENIZER_FILE: Final = "tokenizer.json"  # the fast tokenizer the model and the orchestrator both use
 ONNX_FILE: Final = "model.onnx"
+# A generator's graph for decode steps of one row: model.onnx with its weights packed as 4-bit blocks, exactly
+# (tritonrag.export.packed_weights); beside model.onnx where ``tritonrag.json`` names it (``one_row_graph``).
+ONE_ROW_ONNX_FILE: Final = "model.one_row.onnx"
 MODEL_FILE: Final = "model.py"  # the Python-backend model Triton loads
 RUNTIME_DIR: Final = "runtime"  # the version's copy of this folder, which model.py imports relatively
 CONFIG_FILE: Final = "config.pbtxt"  # beside the version directories

@@ -246,13 +246,20 @@ class SlotDecoder:
     it returns the last position's ``logits`` ``[batch, 1, vocab]`` and ``present.<i>.key`` / ``.value``. A
     prompt is prefilled on its own (past and present apart, as for the copying graph); a decode step binds
     each layer's buffer of the running rows as both past and present, so no step copies the cache.
+    ``one_row``, if given, is the same graph for decode steps of one row (its weights packed:
+    ``tritonrag.export.packed_weights``).
     """
 
-    def __init__(self, session: ort.InferenceSession, shape: CacheShape) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, shape: CacheShape, one_row: ort.InferenceSession | None = None
+    ) -> None:
         self.session = session
+        self.one_row = one_row
         self.shape = shape
         self._past_names, self._present_names = shape.past_names(), shape.present_names()
-        _require_inputs(session, ["input_ids", "attention_mask", *self._past_names])
+        for graph in (session, one_row):
+            if graph is not None:
+                _require_inputs(graph, ["input_ids", "attention_mask", *self._past_names])
 
     def prefill(
         self, prompt_ids: Sequence[int], prefix: tuple[int, list[Floats]] | None = None
@@ -283,7 +290,8 @@ class SlotDecoder:
         total = int(lengths.max()) + 1  # the longest row with its new token
         batch.reserve(rows, total)
         mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
-        binding = self.session.io_binding()
+        session = self.one_row if rows == 1 and self.one_row is not None else self.session
+        binding = session.io_binding()
         binding.bind_cpu_input("input_ids", np.asarray(tokens, dtype=np.int64)[:, None])
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits")
@@ -291,7 +299,7 @@ class SlotDecoder:
             shared = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])
             binding.bind_ortvalue_input(past, shared)
             binding.bind_ortvalue_output(present, shared)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         batch.lengths = [n + 1 for n in batch.lengths]
         logits: Floats = binding.get_outputs()[0].numpy()[:, -1]  # the logits alone: the cache stays where it is
         return logits, batch

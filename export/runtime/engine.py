@@ -25,7 +25,7 @@ from typing import Any, Literal
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from .contract import GROUP_QUERY_ATTENTION, ONNX_FILE, TOKENIZER_FILE
+from .contract import GROUP_QUERY_ATTENTION, ONE_ROW_ONNX_FILE, ONNX_FILE, TOKENIZER_FILE
 from .decoding import CacheShape, Decoder, Floats, RunningBatch, SlotDecoder, StepDecoder
 from .encoding import InputError, ModelMetadata
 from .inference import execution_providers
@@ -114,19 +114,29 @@ class GenerationEngine:
     ) -> GenerationEngine:
         """The engine of an exported generator version: its graph, tokenizer, stop tokens and context window.
 
+        ``onnx_file`` replaces the version's ``model.onnx`` (and then its one-row graph, if any, is not used).
         ``limits`` override ``EngineLimits`` fields; ``threads`` 0 lets ONNX Runtime choose.
         """
         metadata = ModelMetadata.read(version_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers = execution_providers(gpu_device or 0, gpu_device is not None, version_dir / "trt_cache")
-        session = ort.InferenceSession(str(onnx_file or version_dir / ONNX_FILE), options, providers=providers)
+
+        def load(path: Path) -> ort.InferenceSession:
+            return ort.InferenceSession(str(path), options, providers=providers)
+
+        graph = onnx_file or version_dir / ONNX_FILE
         extra = metadata.extra
         shape = CacheShape(int(extra["num_layers"]), int(extra["num_kv_heads"]), int(extra["head_dim"]))
         tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
-        decoder = SlotDecoder if extra.get("attention") == GROUP_QUERY_ATTENTION else Decoder
+        decoder: StepDecoder
+        if extra.get("attention") == GROUP_QUERY_ATTENTION:
+            own_graph = graph == version_dir / ONNX_FILE and "one_row_graph" in extra
+            decoder = SlotDecoder(load(graph), shape, load(version_dir / ONE_ROW_ONNX_FILE) if own_graph else None)
+        else:
+            decoder = Decoder(load(graph), shape)
         return cls(
-            decoder(session, shape),
+            decoder,
             lambda stop: TextStream(tokenizer, stop),
             [int(i) for i in extra["stop_token_ids"]],
             replace(EngineLimits(context_window=metadata.max_sequence_length), **limits),

@@ -32,7 +32,10 @@ from tritonrag.export.graphs import build_graph, select_head
 from tritonrag.export.group_query import builds_group_query
 from tritonrag.export.parity import ParityThresholds
 from tritonrag.export.repository import RUNTIME_PACKAGE, check_version_dir, publish, runtime_digest, staging_dir
+from tritonrag.export.runtime.contract import ONE_ROW_ONNX_FILE
+from tritonrag.export.runtime.decoding import CacheShape, SlotDecoder
 from tritonrag.export.runtime.encoding import ModelMetadata, ModelTokenizer
+from tritonrag.export.runtime.engine import GenerationEngine
 from tritonrag.export.sources import resolve_source
 
 PAIRS = [
@@ -445,6 +448,7 @@ def test_generator_metadata_graph_and_quantized_report(
         assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == 2
         assert inputs[:2] == ["input_ids", "attention_mask"] == data["inputs"] and len(inputs) == 2 + 2 * 2
         assert outputs["logits"] == ["batch_size", 1, data["vocab_size"]] and "present.1.value" in outputs
+        assert "one_row_graph" not in data  # random weights lie on no block grid: nothing to pack
         return
     report = result.parity[quantize]
     assert report["metric"] == "greedy_identical" and report["threshold"] is None
@@ -473,6 +477,36 @@ def test_generator_metadata_graph_and_quantized_report(
     assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and set(n.input) & weights]
     assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"] and len(inputs) == 3 + 2 * 2
     assert [o.name for o in graph.graph.output][:2] == ["logits", "present.0.key"]
+
+
+def test_a_generator_on_gguf_grids_decodes_one_row_on_packed_weights(generative_dir: Path, tmp_path: Path) -> None:
+    source = tiny_models.on_gguf_grids(generative_dir, tmp_path / "grids")
+    result = export_model(f"path:{source}", "generator", tmp_path / "repository", max_sequence_length=96)
+    data = metadata(result)
+    # 2 layers: fused qkv, o, gate, up, down; and the tied output projection.
+    assert data["one_row_graph"] == {"packed_matmuls": 11, "matmuls": 11}
+    # The export's parity check ran every prompt alone as well (one-row steps on the packed graph): identical.
+    assert data["parity"]["value"] == 1.0 and check_version_dir(result.version_dir, "generator") == data
+    assert (result.version_dir / f"{ONE_ROW_ONNX_FILE}.data").stat().st_mode & 0o777 == 0o644
+    packed = onnx.load(str(result.version_dir / ONE_ROW_ONNX_FILE))
+    assert [n.op_type for n in packed.graph.node].count("MatMulNBits") == 10 + 2  # the embedding: two digits
+    engine = GenerationEngine.from_version_dir(result.version_dir)
+    assert isinstance(engine.decoder, SlotDecoder) and engine.decoder.one_row is not None
+
+    # One decode step over the same cache: the same logits from either graph.
+    rng = np.random.default_rng(0)
+    feed: dict[str, npt.NDArray[np.generic]] = {
+        "input_ids": np.array([[42]], dtype=np.int64),
+        "attention_mask": np.ones((1, 6), dtype=np.int64),
+    }
+    feed.update({name: rng.normal(size=(1, 2, 5, 16)).astype(np.float32) for name in CacheShape(2, 2, 16).past_names()})
+    logits = [
+        ort.InferenceSession(str(result.version_dir / name), providers=["CPUExecutionProvider"]).run(["logits"], feed)[
+            0
+        ]
+        for name in ("model.onnx", ONE_ROW_ONNX_FILE)
+    ]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
 
 def test_generator_needs_a_causal_lm_and_has_no_native_target(
