@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import huggingface_hub.constants
@@ -35,7 +36,8 @@ from tritonrag.export.repository import RUNTIME_PACKAGE, check_version_dir, publ
 from tritonrag.export.runtime.contract import ONE_ROW_ONNX_FILE
 from tritonrag.export.runtime.decoding import CacheShape, SlotDecoder
 from tritonrag.export.runtime.encoding import ModelMetadata, ModelTokenizer
-from tritonrag.export.runtime.engine import GenerationEngine
+from tritonrag.export.runtime.engine import GenerationEngine, GenerationRequest
+from tritonrag.export.runtime.sampling import SamplingParams
 from tritonrag.export.sources import resolve_source
 
 PAIRS = [
@@ -492,6 +494,27 @@ def test_a_generator_on_gguf_grids_decodes_one_row_on_packed_weights(generative_
     assert [n.op_type for n in packed.graph.node].count("MatMulNBits") == 10 + 2  # the embedding: two digits
     engine = GenerationEngine.from_version_dir(result.version_dir)
     assert isinstance(engine.decoder, SlotDecoder) and engine.decoder.one_row is not None
+    # Steps of one row run the packed graph, steps of two the float32 one.
+    steps = {"float32": 0, "packed": 0}
+
+    def counted(session: ort.InferenceSession, name: str) -> Any:
+        def run_with_iobinding(binding: ort.IOBinding) -> None:
+            steps[name] += 1
+            session.run_with_iobinding(binding)
+
+        return SimpleNamespace(run=session.run, io_binding=session.io_binding, run_with_iobinding=run_with_iobinding)
+
+    engine.decoder.session = counted(engine.decoder.session, "float32")
+    engine.decoder.one_row = counted(engine.decoder.one_row, "packed")
+    alone = GenerationRequest([5, 6, 7], SamplingParams(max_tokens=6), lambda *_: None)
+    engine.submit(alone)
+    engine.run_until_idle()
+    assert steps == {"float32": 0, "packed": len(alone.generated) - 1}
+    pair = [GenerationRequest([5, 6, 7, 8], SamplingParams(max_tokens=6), lambda *_: None) for _ in range(2)]
+    for request in pair:
+        engine.submit(request)
+    engine.run_until_idle()
+    assert steps["float32"] >= 1 and pair[0].generated == pair[1].generated
 
     # One decode step over the same cache: the same logits from either graph.
     rng = np.random.default_rng(0)
