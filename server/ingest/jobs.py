@@ -269,8 +269,8 @@ class JobRunner:
             queue.put_nowait(job_id)
 
     def _unfinished(self) -> list[JobRecord]:
-        records = self._catalog.list_jobs(JobStatus.running) + self._catalog.list_jobs(JobStatus.queued)
-        return sorted(records, key=lambda r: (r.info.created_at, r.info.id))
+        # One read: with two, a job claimed between them (queued, then running) would be missed by both.
+        return self._catalog.list_jobs((JobStatus.running, JobStatus.queued))
 
     async def _work(self, queue: asyncio.Queue[str]) -> None:
         while True:

@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -315,11 +315,15 @@ class Catalog:
             raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
         return self.get_job(job_id)
 
-    def list_jobs(self, status: JobStatus | None = None, collection: str | None = None) -> list[JobRecord]:
-        """Jobs, oldest first, optionally only those with ``status`` and/or of ``collection``."""
+    def list_jobs(
+        self, status: JobStatus | Collection[JobStatus] | None = None, collection: str | None = None
+    ) -> list[JobRecord]:
+        """Jobs, oldest first, optionally only those with ``status`` (one, or any of several: read at once, so a
+        job that moves from one to another meanwhile is seen once) and/or of ``collection``."""
         query = select(_jobs).order_by(_jobs.c.created_at, _jobs.c.id)
         if status is not None:
-            query = query.where(_jobs.c.status == status.value)
+            statuses = [status] if isinstance(status, JobStatus) else list(status)
+            query = query.where(_jobs.c.status.in_([s.value for s in statuses]))
         if collection is not None:
             query = query.where(_jobs.c.collection == collection)
         with self._database.read() as conn:

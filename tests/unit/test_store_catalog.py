@@ -56,6 +56,9 @@ def test_jobs_crud_and_filters(catalog: Catalog) -> None:
     assert [job.info.id for job in catalog.list_jobs(status=JobStatus.running)] == [first.info.id]
     assert [job.info.id for job in catalog.list_jobs(collection="other")] == [second.info.id]
     assert catalog.list_jobs(status=JobStatus.failed) == []
+    both = catalog.list_jobs(status=(JobStatus.queued, JobStatus.running))  # one read of either status
+    assert [job.info.id for job in both] == [first.info.id, second.info.id]
+    assert [job.info.id for job in catalog.list_jobs(status=[JobStatus.failed, JobStatus.running])] == [first.info.id]
     catalog.delete_job(second.info.id)
     for call in (
         lambda: catalog.get_job(second.info.id),
