@@ -51,6 +51,13 @@ class PromptSet:
         return cls(texts, tuple(tuple(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts))
 
 
+def _tokens_before_difference(got: list[int], reference: list[int]) -> int:
+    """How many tokens ``got`` shares with ``reference`` before their first difference."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(got, reference, strict=False)) if x != y), min(len(got), len(reference))
+    )
+
+
 class GenerationParity:
     """Greedy reference continuations from PyTorch, compared with the engine's over an ONNX file."""
 
@@ -108,13 +115,7 @@ class GenerationParity:
         runs = [self.continuations(onnx_file, together) for together in (True, False)]
         same = [all(run[i] == reference for run in runs) for i, reference in enumerate(self.reference)]
         matching = sum(
-            min(
-                next(
-                    (i for i, (x, y) in enumerate(zip(run[p], reference, strict=False)) if x != y),
-                    min(len(run[p]), len(reference)),
-                )
-                for run in runs
-            )
+            min(_tokens_before_difference(run[p], reference) for run in runs)
             for p, reference in enumerate(self.reference)
         )
         return {

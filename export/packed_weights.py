@@ -109,7 +109,7 @@ class PackedGraph:
 def write_packed_graph(source: Path, target: Path) -> PackedGraph:
     """Write ``source`` to ``target`` with each MatMul whose constant weight lies on a block grid packed (module
     docstring); other MatMuls stay float32. Weights in ``<target>.data``; nothing is written where no weight
-    lies on a grid."""
+    lies on a grid. The block sums take activations ``[batch, sequence, K]``, as a decoder graph's are."""
     model = onnx.load(str(source))
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
