@@ -19,7 +19,7 @@ from .convert import export_onnx, onnx_files, quantize_int8, quantize_weights, t
 from .errors import ExportError
 from .generation_parity import GenerationParity
 from .graphs import AUTO_CLASSES, OUTPUT_NAMES, DecoderGraph, Head, Task, build_graph, select_head
-from .group_query import builds_group_query, write_group_query_graph
+from .group_query import add_position_logits, builds_group_query, write_group_query_graph
 from .native import write_native
 from .packed_weights import write_packed_graph
 from .parity import ParityCheck, ParityThresholds
@@ -167,6 +167,7 @@ def _export_generator(
         write_group_query_graph(graph.model, tokenizer, onnx_file)
         packed = write_packed_graph(onnx_file, onnx_file.with_name(ONE_ROW_ONNX_FILE))
         log.info("%s: packed %d of %d MatMul weights for one-row steps", source, packed.packed, packed.matmuls)
+        add_position_logits(onnx_file)  # after packing: the one-row graph checks no drafts
         if packed.packed:
             metadata["one_row_graph"] = {"packed_matmuls": packed.packed, "matmuls": packed.matmuls}
             write_json(onnx_file.parent / METADATA_FILE, metadata)

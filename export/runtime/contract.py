@@ -70,6 +70,8 @@ class Parameters:
     TRUNCATE_PROMPT: Final = "truncate_prompt"  # generator: drop an over-long prompt's first tokens, or reject it
     PREFIX_CACHE_MB: Final = "prefix_cache_mb"  # generator: MB of recent prompts' KV cache kept for reuse; 0: none
     PREFILL_CHUNK_TOKENS: Final = "prefill_chunk_tokens"  # generator: prompt tokens per step between decodes; 0: all
+    # generator: draft tokens (prompt lookup) checked per step of a sequence running alone; 0: no speculation
+    SPECULATIVE_TOKENS: Final = "speculative_tokens"
     # text models: the (estimated) tokens the orchestrator puts in one request, so that no request outlives
     # its timeout however long the work it is part of
     MAX_REQUEST_TOKENS: Final = "max_request_tokens"
@@ -90,6 +92,9 @@ class GeneratorMetrics:
     PREFIX_HITS: Final = "tritonrag_generator_prefix_cache_hits"
     PREFIX_MISSES: Final = "tritonrag_generator_prefix_cache_misses"
     PREFIX_SAVED_TOKENS: Final = "tritonrag_generator_prefix_cache_saved_tokens"
+    # counters: draft tokens that speculative decoding checked (prompt lookup), and those it took
+    DRAFT_TOKENS: Final = "tritonrag_generator_draft_tokens"
+    ACCEPTED_DRAFT_TOKENS: Final = "tritonrag_generator_accepted_draft_tokens"
 
 
 class Priority:

@@ -27,6 +27,11 @@ import onnxruntime as ort
 Floats = npt.NDArray[np.float32]
 Ints = npt.NDArray[np.int64]
 
+# A GroupQueryAttention graph may also return the logits of every fed position, ``[batch, sequence, vocab]``, when
+# its boolean input ``ALL_POSITIONS`` (false by default) is true: what checking a draft of several tokens needs.
+POSITION_LOGITS = "position_logits"
+ALL_POSITIONS = "all_positions"
+
 
 @dataclass(frozen=True)
 class CacheShape:
@@ -224,6 +229,11 @@ class SlotBatch:
             buffer[self.rows, :, :length] = layer[0]
         self.lengths.append(length)
 
+    def rewind(self, row: int, tokens: int) -> None:
+        """Forget the last ``tokens`` keys and values of ``row`` (a draft's that was not taken); later steps write
+        over them."""
+        self.lengths[row] -= tokens
+
     def select(self, rows: Sequence[int]) -> SlotBatch:
         """Keep only ``rows``, in that order, moved to the first rows of the buffer; the same batch. Rows before
         the first that moves stay where they are."""
@@ -283,23 +293,45 @@ class SlotDecoder:
         slots.append(cache)
         return slots
 
+    @property
+    def verifies(self) -> bool:
+        """Whether the graph returns the logits of every fed position on request (``verify``)."""
+        return POSITION_LOGITS in {o.name for o in self.session.get_outputs()}
+
     def step(self, batch: RunningBatch, tokens: Sequence[int]) -> tuple[Floats, SlotBatch]:
         """Feed one token per row, written into the rows' buffers in place; the logits ``[rows, vocab]``."""
         assert isinstance(batch, SlotBatch)
-        rows, lengths = batch.rows, np.asarray(batch.lengths, dtype=np.int64)
-        total = int(lengths.max()) + 1  # the longest row with its new token
+        session = self.one_row if batch.rows == 1 and self.one_row is not None else self.session
+        logits = self._run_in_place(session, batch, np.asarray(tokens, dtype=np.int64)[:, None], "logits")
+        return logits[:, -1], batch  # the logits alone: the cache stays where it is
+
+    def verify(self, batch: RunningBatch, tokens: Sequence[int]) -> tuple[Floats, SlotBatch]:
+        """Feed ``tokens`` (a draft after its last token) to the one running row in one run of the float32 graph,
+        their keys and values written in place; the logits after each ``[len(tokens), vocab]``. ``SlotBatch.rewind``
+        forgets the tokens of a draft that was not taken."""
+        assert isinstance(batch, SlotBatch) and batch.rows == 1
+        logits = self._run_in_place(self.session, batch, np.asarray([tokens], dtype=np.int64), POSITION_LOGITS)
+        return logits[0], batch
+
+    def _run_in_place(self, session: ort.InferenceSession, batch: SlotBatch, ids: Ints, output: str) -> Floats:
+        """Run ``ids`` ``[rows, tokens]`` after the rows' caches, each layer's buffer bound as both past and present;
+        ``output``'s value (``POSITION_LOGITS``: asked for)."""
+        rows, fed = ids.shape
+        lengths = np.asarray(batch.lengths, dtype=np.int64)
+        total = int(lengths.max()) + fed  # the longest row with its new tokens
         batch.reserve(rows, total)
-        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
-        session = self.one_row if rows == 1 and self.one_row is not None else self.session
         binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", np.asarray(tokens, dtype=np.int64)[:, None])
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_output("logits")
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", (np.arange(total)[None, :] < lengths[:, None] + fed).astype(np.int64))
+        if output == POSITION_LOGITS:
+            # An initializer's default (``add_position_logits``): binding it as a NumPy array finds no such input.
+            binding.bind_ortvalue_input(ALL_POSITIONS, ort.OrtValue.ortvalue_from_numpy(np.array(True)))
+        binding.bind_output(output)
         for past, present, buffer in zip(self._past_names, self._present_names, batch.buffers, strict=True):
             shared = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])
             binding.bind_ortvalue_input(past, shared)
             binding.bind_ortvalue_output(present, shared)
         session.run_with_iobinding(binding)
-        batch.lengths = [n + 1 for n in batch.lengths]
-        logits: Floats = binding.get_outputs()[0].numpy()[:, -1]  # the logits alone: the cache stays where it is
-        return logits, batch
+        batch.lengths = [n + fed for n in batch.lengths]
+        logits: Floats = binding.get_outputs()[0].numpy()
+        return logits

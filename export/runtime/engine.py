@@ -4,7 +4,9 @@ A submitted sequence waits in a bounded queue until a slot and enough KV-cache r
 then its prompt is prefilled, from the end of the longest prefix a recent prompt shares with it (whose
 keys and values ``PrefixCache`` kept), in chunks of ``prefill_chunk_tokens``: one chunk per step, each
 followed by a decode step of the running sequences, so a long prompt never stalls the streams already
-running. Once its whole prompt is in, it joins the batch. Sequences that finish (a stop token or string, ``max_tokens``)
+running. Once its whole prompt is in, it joins the batch. While one sequence runs alone, a step feeds it a draft
+of up to ``speculative_tokens`` tokens after its last one (``prompt_lookup``) and takes as many as the sampler
+confirms, the same tokens as one at a time. Sequences that finish (a stop token or string, ``max_tokens``)
 or are cancelled leave the batch at once, and their cache rows are freed.
 
 The engine is plain Python over a ``Decoder``: the Triton model runs ``serve_forever`` in a
@@ -30,6 +32,7 @@ from .decoding import CacheShape, Decoder, Floats, RunningBatch, SlotDecoder, St
 from .encoding import InputError, ModelMetadata
 from .inference import execution_providers
 from .prefix_cache import PrefixCache
+from .prompt_lookup import draft_tokens
 from .sampling import Sampler, SamplingParams
 from .text_stream import TextStream
 
@@ -55,6 +58,7 @@ class EngineLimits:
     truncate_prompt: bool = True  # cut an over-long prompt from the start, or reject it
     prefix_cache_bytes: int = 256 * 2**20  # KV caches of recent prompts kept for reuse; 0: none
     prefill_chunk_tokens: int = 256  # prompt tokens prefilled per step, between decode steps; 0: a whole prompt
+    speculative_tokens: int = 8  # draft tokens checked per step of a sequence running alone; 0: none
 
 
 @dataclass(eq=False)
@@ -102,6 +106,9 @@ class GenerationEngine:
         self._wake = threading.Condition()
         self.steps = 0  # decode steps run, for tests and metrics
         self.max_batch_rows = 0  # the most sequences ever stepped together
+        self._verifier = decoder if isinstance(decoder, SlotDecoder) and decoder.verifies else None
+        self.drafted_tokens = 0  # draft tokens checked, and of them accepted (``speculative_tokens``)
+        self.accepted_tokens = 0
 
     @classmethod
     def from_version_dir(
@@ -296,6 +303,8 @@ class GenerationEngine:
 
     def _decode(self) -> None:
         assert self._batch is not None
+        if len(self._running) == 1 and self._speculate(self._running[0]):
+            return
         tokens = [r.generated[-1] for r in self._running]
         logits, self._batch = self.decoder.step(self._batch, tokens)
         self.steps += 1
@@ -303,6 +312,33 @@ class GenerationEngine:
         finished = {i for i, r in enumerate(self._running) if self._advance(r, logits[i])}
         if finished:
             self._keep([i for i in range(len(self._running)) if i not in finished])
+
+    def _speculate(self, request: GenerationRequest) -> bool:
+        """One step of the only running sequence over a draft after its last token (``prompt_lookup``): its tokens
+        for as long as the sampler chooses them, and the sampler's next; False where there is no draft."""
+        room = min(self.limits.speculative_tokens, request.max_tokens - len(request.generated) - 1)
+        if self._verifier is None or room <= 0:
+            return False
+        draft = draft_tokens([*request.prompt_ids, *request.generated], room)
+        if not draft:
+            return False
+        assert self._batch is not None
+        logits, batch = self._verifier.verify(self._batch, [request.generated[-1], *draft])
+        self.steps += 1
+        self.drafted_tokens += len(draft)
+        self.max_batch_rows = max(self.max_batch_rows, 1)
+        accepted = 0  # draft tokens the sampler chose: the logits after each are right
+        while True:
+            finished = self._advance(request, logits[accepted])
+            if finished or accepted == len(draft) or request.generated[-1] != draft[accepted]:
+                break
+            accepted += 1
+        self.accepted_tokens += accepted
+        if finished:
+            self._keep([])
+        else:
+            batch.rewind(0, len(draft) - accepted)  # the keys and values of the draft's tokens after the first miss
+        return True
 
     def _keep(self, rows: list[int]) -> None:
         """Keep only these running sequences (and their cache rows)."""

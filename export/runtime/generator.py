@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from .chat import ChatTemplate
 from .contract import BUSY_ERROR, INPUT_ERROR, TOKENIZER_FILE, GeneratorMetrics, GeneratorTensors, Parameters
 from .encoding import InputError, ModelMetadata
 from .engine import BusyError, FinishReason, GenerationEngine, GenerationRequest
-from .prefix_cache import PrefixStats
 from .sampling import SamplingParams
 from .text_model import decode_strings, model_parameter
 
@@ -104,31 +104,24 @@ class _LoadGauges:
                 gauge.set(value)
 
 
-class _PrefixCounters:
-    """The prefix cache's hits, misses and saved prompt tokens as Triton custom counters."""
+class _Counters:
+    """Totals the engine keeps (``families``: name and description) as Triton custom counters."""
 
-    def __init__(self, model: str, version: str) -> None:
-        families = {
-            GeneratorMetrics.PREFIX_HITS: "Prompts whose beginning was found in the prefix cache",
-            GeneratorMetrics.PREFIX_MISSES: "Prompts whose beginning was not in the prefix cache",
-            GeneratorMetrics.PREFIX_SAVED_TOKENS: "Prompt tokens not prefilled thanks to the prefix cache",
-        }
+    def __init__(self, model: str, version: str, families: dict[str, str]) -> None:
         self._families = [  # kept for the model's life, as _LoadGauges' are
             pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
             for name, text in families.items()
         ]
         labels = {"model": model, "version": version}
         self._counters = [family.Metric(labels=labels) for family in self._families]
-        self._last = PrefixStats()
+        self._last = [0] * len(families)
 
-    def update(self, stats: PrefixStats) -> None:
-        """Add what ``stats`` counted since the last update."""
-        now = (stats.hits, stats.misses, stats.saved_tokens)
-        before = (self._last.hits, self._last.misses, self._last.saved_tokens)
-        for counter, value, last in zip(self._counters, now, before, strict=True):
+    def update(self, totals: Sequence[int]) -> None:
+        """Add what the totals (in ``families``' order) counted since the last update."""
+        for counter, value, last in zip(self._counters, totals, self._last, strict=True):
             if value > last:
                 counter.increment(value - last)
-        self._last = PrefixStats(*now)
+        self._last = list(totals)
 
 
 class TritonPythonModel:
@@ -152,6 +145,7 @@ class TritonPythonModel:
             truncate_prompt=model_parameter(config, Parameters.TRUNCATE_PROMPT, "true").lower() == "true",
             prefix_cache_bytes=int(model_parameter(config, Parameters.PREFIX_CACHE_MB, "256")) * 2**20,
             prefill_chunk_tokens=int(model_parameter(config, Parameters.PREFILL_CHUNK_TOKENS, "256")),
+            speculative_tokens=int(model_parameter(config, Parameters.SPECULATIVE_TOKENS, "8")),
         )
         self.tokenizer = Tokenizer.from_file(str(version_dir / TOKENIZER_FILE))
         template = metadata.extra.get("chat_template")
@@ -159,7 +153,24 @@ class TritonPythonModel:
         self.chat = ChatTemplate(template, extra.get("bos_token", ""), extra.get("eos_token", "")) if template else None
         self._stop = threading.Event()
         self._load = _LoadGauges(args["model_name"], args["model_version"], self.engine.limits.max_queue)
-        self._prefix = _PrefixCounters(args["model_name"], args["model_version"])
+        model, version = args["model_name"], args["model_version"]
+        self._prefix = _Counters(
+            model,
+            version,
+            {
+                GeneratorMetrics.PREFIX_HITS: "Prompts whose beginning was found in the prefix cache",
+                GeneratorMetrics.PREFIX_MISSES: "Prompts whose beginning was not in the prefix cache",
+                GeneratorMetrics.PREFIX_SAVED_TOKENS: "Prompt tokens not prefilled thanks to the prefix cache",
+            },
+        )
+        self._drafts = _Counters(
+            model,
+            version,
+            {
+                GeneratorMetrics.DRAFT_TOKENS: "Draft tokens checked by speculative decoding (prompt lookup)",
+                GeneratorMetrics.ACCEPTED_DRAFT_TOKENS: "Draft tokens that speculative decoding took",
+            },
+        )
         self._loop = threading.Thread(
             target=self.engine.serve_forever, args=(self._stop, self._on_step), name="generator-loop"
         )
@@ -168,7 +179,9 @@ class TritonPythonModel:
     def _on_step(self, waiting: int, running: int) -> None:
         self._load.set(waiting, running)
         if self.engine.prefix_cache is not None:
-            self._prefix.update(self.engine.prefix_cache.stats)
+            stats = self.engine.prefix_cache.stats
+            self._prefix.update((stats.hits, stats.misses, stats.saved_tokens))
+        self._drafts.update((self.engine.drafted_tokens, self.engine.accepted_tokens))
 
     def _prompt_ids(self, request: Any) -> list[int]:
         prompt, messages = (

@@ -34,7 +34,7 @@ from tritonrag.export.group_query import builds_group_query
 from tritonrag.export.parity import ParityThresholds
 from tritonrag.export.repository import RUNTIME_PACKAGE, check_version_dir, publish, runtime_digest, staging_dir
 from tritonrag.export.runtime.contract import ONE_ROW_ONNX_FILE
-from tritonrag.export.runtime.decoding import CacheShape, SlotDecoder
+from tritonrag.export.runtime.decoding import ALL_POSITIONS, POSITION_LOGITS, CacheShape, SlotDecoder
 from tritonrag.export.runtime.encoding import ModelMetadata, ModelTokenizer
 from tritonrag.export.runtime.engine import GenerationEngine, GenerationRequest
 from tritonrag.export.runtime.sampling import SamplingParams
@@ -445,11 +445,14 @@ def test_generator_metadata_graph_and_quantized_report(
     weights = {init.name for init in graph.graph.initializer}
     if quantize is None:
         # A llama in float32: onnxruntime-genai's builder wrote the graph, one GroupQueryAttention a layer, whose
-        # engine keeps the cache in place; only the last position is projected onto the vocabulary.
+        # engine keeps the cache in place; only the last position is projected onto the vocabulary, every position
+        # when ALL_POSITIONS (an input with a default: false) asks for it.
         assert data["attention"] == "group_query" and data["quantization"] is None
         assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == 2
-        assert inputs[:2] == ["input_ids", "attention_mask"] == data["inputs"] and len(inputs) == 2 + 2 * 2
+        assert inputs[:2] == ["input_ids", "attention_mask"] == data["inputs"] and len(inputs) == 2 + 2 * 2 + 1
+        assert inputs[-1] == ALL_POSITIONS and ALL_POSITIONS in weights
         assert outputs["logits"] == ["batch_size", 1, data["vocab_size"]] and "present.1.value" in outputs
+        assert outputs[POSITION_LOGITS] == ["batch_size", "sequence_length", data["vocab_size"]]
         assert "one_row_graph" not in data  # random weights lie on no block grid: nothing to pack
         return
     report = result.parity[quantize]
@@ -492,8 +495,10 @@ def test_a_generator_on_gguf_grids_decodes_one_row_on_packed_weights(generative_
     assert (result.version_dir / f"{ONE_ROW_ONNX_FILE}.data").stat().st_mode & 0o777 == 0o644
     packed = onnx.load(str(result.version_dir / ONE_ROW_ONNX_FILE))
     assert [n.op_type for n in packed.graph.node].count("MatMulNBits") == 10 + 2  # the embedding: two digits
-    engine = GenerationEngine.from_version_dir(result.version_dir)
+    engine = GenerationEngine.from_version_dir(result.version_dir, speculative_tokens=0)  # no drafts: one token a step
     assert isinstance(engine.decoder, SlotDecoder) and engine.decoder.one_row is not None
+    # The float32 graph checks drafts (the logits of every position, on request); the one-row graph does not.
+    assert engine.decoder.verifies and POSITION_LOGITS not in [o.name for o in packed.graph.output]
     # Steps of one row run the packed graph, steps of two the float32 one.
     steps = {"float32": 0, "packed": 0}
 

@@ -221,7 +221,8 @@ def test_the_prefix_cache_stays_within_its_bytes(version_dir: Path, tokenizer: T
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(version_dir: Path, tokenizer: Tokenizer) -> None:
     long_prompt = INSTRUCTIONS + " ".join(PASSAGES) * 3 + "\nQuestion: what does the prefix cache keep?\nAnswer:"
-    chunked = engine(version_dir, prefill_chunk_tokens=16, prefix_cache_bytes=0)
+    # No drafts: a stream running alone during the prefill would take several tokens in a step.
+    chunked = engine(version_dir, prefill_chunk_tokens=16, prefix_cache_bytes=0, speculative_tokens=0)
     running, running_out = request(tokenizer, "Tell me a long story", max_tokens=60)
     chunked.submit(running)
     chunked.step()
@@ -241,3 +242,29 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(version_dir: 
     whole = engine(version_dir, prefill_chunk_tokens=0, prefix_cache_bytes=0)
     assert generate_each(whole, tokenizer, [long_prompt]) == [arriving.generated]
     assert arriving_out.reason == running_out.reason == "length"
+
+
+def test_speculative_steps_give_the_tokens_of_one_at_a_time(version_dir: Path, tokenizer: Tokenizer) -> None:
+    # A running sequence alone checks drafts of earlier tokens (prompt lookup) in one run of the graph: the same
+    # tokens greedy, sampled with a seed, with a repetition penalty, and up to a stop string.
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("la la la " * 12, {"max_tokens": 40}),
+        (" ".join(PASSAGES) * 2, {"max_tokens": 30, "temperature": 0.9, "seed": 4}),
+        ("one two three one two three one two", {"max_tokens": 25, "repetition_penalty": 1.2}),
+        ("A B C A B C A B", {"max_tokens": 40, "stop": ["C A"]}),
+    ]
+    speculative, plain = engine(version_dir, prefix_cache_bytes=0), engine(version_dir, speculative_tokens=0)
+    assert speculative.limits.speculative_tokens == 8
+    for prompt, params in cases:
+        outputs = []
+        for loop in (speculative, plain):
+            item, out = request(tokenizer, prompt, **params)
+            loop.submit(item)
+            loop.run_until_idle()
+            outputs.append((item.generated, out.text, out.reason, out.counts))
+        assert outputs[0] == outputs[1]
+    assert plain.drafted_tokens == 0
+    assert 0 < speculative.accepted_tokens <= speculative.drafted_tokens
+    # Each step that took drafts gave several tokens: fewer steps than tokens.
+    generated = sum(min(params["max_tokens"], 40) for _, params in cases)
+    assert speculative.steps < plain.steps <= generated

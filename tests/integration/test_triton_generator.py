@@ -446,9 +446,11 @@ def test_the_generator_reports_its_queue_on_tritons_metrics(tiny_triton: TritonS
     assert exposed >= TRITON_SERIES, "a series of Triton's that the dashboard reads is gone"
 
 
-def generator_counters(triton: TritonServer) -> dict[str, float]:
-    """The prefix cache's counters of the tiny ``generator`` version 1, read from the exposition as it is."""
-    names = (GeneratorMetrics.PREFIX_HITS, GeneratorMetrics.PREFIX_MISSES, GeneratorMetrics.PREFIX_SAVED_TOKENS)
+PREFIX_COUNTERS = (GeneratorMetrics.PREFIX_HITS, GeneratorMetrics.PREFIX_MISSES, GeneratorMetrics.PREFIX_SAVED_TOKENS)
+
+
+def generator_counters(triton: TritonServer, names: tuple[str, ...] = PREFIX_COUNTERS) -> dict[str, float]:
+    """The counters ``names`` of the tiny ``generator`` version 1, read from the exposition as it is."""
     values = {}
     for line in triton_metrics(triton).splitlines():
         name, _, rest = line.partition("{")
@@ -471,3 +473,17 @@ def test_the_generator_counts_its_prefix_cache_hits_on_tritons_metrics(tiny_trit
         return hits == 1 and saved >= 32  # the prompt's whole blocks of 16 tokens but the last
 
     wait_until(counted, "a hit of the second identical prompt")
+
+
+def test_the_generator_counts_its_draft_tokens_on_tritons_metrics(tiny_triton: TritonServer) -> None:
+    names = (GeneratorMetrics.DRAFT_TOKENS, GeneratorMetrics.ACCEPTED_DRAFT_TOKENS)
+    # A prompt whose last three tokens occurred before: the first step after it checks a draft.
+    served(tiny_triton, SamplingParams(max_tokens=12), prompt="la la la " * 12)
+
+    def counted() -> bool:
+        counters = generator_counters(tiny_triton, names)
+        return len(counters) == 2 and counters[names[0]] > 0
+
+    wait_until(counted, "the draft tokens of a repetitive prompt")
+    counters = generator_counters(tiny_triton, names)
+    assert 0 <= counters[names[1]] <= counters[names[0]]
