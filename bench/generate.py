@@ -11,7 +11,9 @@ tokens, side by side in one run:
   the same prompt token ids; eager and SDPA attention in turn on the first ``--attention-probe``
   prompts, the faster on the rest (it is the baseline);
 * llama.cpp: ``llama-cpp-python`` (built into a scratch environment, see ``llama_baseline.py``) on the same
-  GGUF file (Q4_1 weights), the same prompt token ids, as many threads as cores, one prompt at a time;
+  GGUF file (Q4_1 weights), the same prompt token ids, as many threads as cores, one prompt at a time; and
+  again with its prompt lookup decoding (drafts of ``LOOKUP_TOKENS`` from the prompt, as the served engine
+  speculates while one sequence runs), compared beside the target, which is against plain llama.cpp;
 * served, one stream, for each model of ``--generators`` (the float32 export, ``generator``, and the
   int8 one, ``generator_int8``, exported when missing): Triton with that model alone, one request at a
   time over Triton's gRPC stream (``TritonPool.generate``, chat messages in, the model renders them);
@@ -79,6 +81,7 @@ TARGET_VS_TORCH = 1.5
 TARGET_VS_LLAMA_CPP = 1.3
 TARGET_STREAMS = 3.0
 TARGET_TTFT = 2.0  # TTFT p95 at --streams streams over TTFT p50 at one stream, at most
+LOOKUP_TOKENS = 8  # llama.cpp's prompt lookup drafts, as many as the served engine's (speculative_tokens)
 QUANTIZED: dict[str, Literal["int8", "int4"]] = {
     "generator_int4": "int4",
     "generator_int8": "int8",
@@ -305,24 +308,32 @@ def seconds(generations: Sequence[Generation]) -> float:
 
 
 def measure_llama_cpp(
-    window: ContextWindow, prompts: Sequence[Prompt], max_tokens: int, stop_ids: Sequence[int]
+    window: ContextWindow, prompts: Sequence[Prompt], max_tokens: int, stop_ids: Sequence[int], lookup: int = 0
 ) -> Row:
-    """The prompts one at a time through llama.cpp on the GGUF file the generator was exported from."""
+    """The prompts one at a time through llama.cpp on the GGUF file the generator was exported from; with
+    ``lookup``, speculative decoding on drafts of that many tokens from the prompt."""
     from tritonrag.export.sources import resolve_source
 
     source = resolve_source(SOURCES["generator"])
     assert source.gguf_file is not None, f"{SOURCES['generator']} is not a GGUF model"
-    progress("llama.cpp: generating")
+    progress(f"llama.cpp: generating{' with prompt lookup' if lookup else ''}")
     threads = os.cpu_count() or 1
     done = llama_baseline.generate(
-        source.folder / source.gguf_file, [p.ids for p in prompts], max_tokens, stop_ids, threads, window.context_tokens
+        source.folder / source.gguf_file,
+        [p.ids for p in prompts],
+        max_tokens,
+        stop_ids,
+        threads,
+        window.context_tokens,
+        lookup,
     )
     generations = []
     for result in done:
         times = result.times or [0.0]
         shown = times[: len(times) - 1] if result.tokens[-1:] and result.tokens[-1] in stop_ids else times
         generations.append(Generation(result.text, len(result.tokens), 0.0, tuple(shown), times[-1]))
-    return Row(f"llama.cpp (Q4_1 GGUF, {threads} threads)", 1, seconds(generations), generations)
+    label = f"llama.cpp (Q4_1 GGUF, {threads} threads{f', prompt lookup {lookup}' if lookup else ''})"
+    return Row(label, 1, seconds(generations), generations)
 
 
 # Served
@@ -530,13 +541,15 @@ def report(
     args: argparse.Namespace,
     prompts: Sequence[Prompt],
     torch_rows: Sequence[Row],
-    llama: Row,
+    llama_rows: Sequence[Row],
     served: dict[str, list[Row]],
     queries: Sequence[Row],
     load: float,
     elapsed_s: float,
 ) -> str:
-    """The markdown report; ``load`` is the 1-minute load average at the start, ``elapsed_s`` the run's time."""
+    """The markdown report; ``llama_rows``: plain llama.cpp (the targets' baseline), then with prompt lookup;
+    ``load`` is the 1-minute load average at the start, ``elapsed_s`` the run's time."""
+    llama, llama_lookup = llama_rows
     lengths = [len(p.ids) for p in prompts]
     low, p50, high = percentiles(lengths, [0, 50, 100])
     header = ["run", "requests", "completion tokens", "tokens/s", "tokens/s per stream (p50)"]
@@ -549,9 +562,12 @@ def report(
         "latency p95 ms",
     ]
     served_rows = [row for rows in served.values() for row in rows]
-    streamed = [*torch_rows, llama, *served_rows]
+    streamed = [*torch_rows, *llama_rows, *served_rows]
     table = [row_cells(row, True) for row in streamed] + [row_cells(row, False) for row in queries]
     targets = served_targets(served, llama)
+    for model, (one, *_) in served.items():  # beside the targets: llama.cpp speculating as well
+        ratio = one.tokens_per_s / llama_lookup.tokens_per_s
+        targets.append([f"{model}, 1 stream, against {llama_lookup.label}", f"{ratio:.2f}x", "(no target)"])
     full = [row for row in torch_rows if len(row.generations) == len(prompts)]
     reference = max(full, key=lambda row: row.tokens_per_s) if full else llama  # PyTorch's faster attention
     if full:
@@ -624,6 +640,7 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
         torch_rows = measure_torch(model, generate, args.attention, prompts, args.max_tokens, probe)
         del model, generate
     llama = measure_llama_cpp(window, prompts, args.max_tokens, stop_ids)
+    llama_lookup = measure_llama_cpp(window, prompts, args.max_tokens, stop_ids, LOOKUP_TOKENS)
     served: dict[str, list[Row]] = {}
     for name in args.generators:
         with (
@@ -645,7 +662,7 @@ async def benchmark(args: argparse.Namespace, work_dir: Path) -> str:
             queries = await measure_queries(
                 stack.orchestrator.http_url, documents, questions, sorted({1, args.streams}), args.max_tokens
             )
-    return report(args, prompts, torch_rows, llama, served, queries, load, time.monotonic() - started)
+    return report(args, prompts, torch_rows, [llama, llama_lookup], served, queries, load, time.monotonic() - started)
 
 
 def window_extra(generator: Path) -> tuple[list[int], int]:

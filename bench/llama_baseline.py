@@ -77,9 +77,16 @@ def python() -> Path:
 
 
 def generate(
-    gguf: Path, prompts: Sequence[Sequence[int]], max_tokens: int, stop_ids: Sequence[int], threads: int, n_ctx: int
+    gguf: Path,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    stop_ids: Sequence[int],
+    threads: int,
+    n_ctx: int,
+    prompt_lookup_tokens: int = 0,
 ) -> list[LlamaGeneration]:
-    """Greedy completions of ``prompts`` (token ids), one after another, with ``threads`` threads."""
+    """Greedy completions of ``prompts`` (token ids), one after another, with ``threads`` threads; with
+    ``prompt_lookup_tokens``, speculative decoding on drafts of that many tokens from the prompt."""
     job: dict[str, Any] = {
         "model": str(gguf),
         "prompts": [list(p) for p in prompts],
@@ -87,6 +94,7 @@ def generate(
         "stop_ids": list(stop_ids),
         "threads": threads,
         "n_ctx": n_ctx,
+        "prompt_lookup_tokens": prompt_lookup_tokens,
     }
     done = subprocess.run([python(), RUNNER], input=json.dumps(job), capture_output=True, text=True, check=False)
     if done.returncode != 0:

@@ -1,7 +1,8 @@
 """Greedy generations with llama.cpp, run by bench/llama_baseline.py inside its scratch environment.
 
 Reads a JSON job on stdin (``model``: a GGUF file, ``prompts``: token ids, ``max_tokens``, ``stop_ids``,
-``threads``, ``n_ctx``) and writes one JSON result per prompt on stdout: the completion's token ids, its
+``threads``, ``n_ctx``, ``prompt_lookup_tokens``: draft tokens of llama-cpp-python's prompt lookup decoding, 0 for
+none) and writes one JSON result per prompt on stdout: the completion's token ids, its
 text (without the stop token) and the times of each token after the start, in seconds. Imports only the
 standard library and ``llama_cpp``: the project is not installed there.
 """
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 from llama_cpp import Llama
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 
 def generate(llm: Llama, prompt: list[int], max_tokens: int, stop_ids: set[int]) -> dict[str, Any]:
@@ -33,6 +35,7 @@ def generate(llm: Llama, prompt: list[int], max_tokens: int, stop_ids: set[int])
 
 def main() -> None:
     job = json.load(sys.stdin)
+    lookup = job.get("prompt_lookup_tokens", 0)
     llm = Llama(
         model_path=job["model"],
         n_ctx=job["n_ctx"],
@@ -40,6 +43,10 @@ def main() -> None:
         n_threads_batch=job["threads"],
         n_batch=512,
         verbose=False,
+        # Speculative decoding with drafts from the prompt, as the served engine's (tails of 3 tokens). It needs
+        # every position's logits, and llama-cpp-python 0.3.36 sizes their buffer for that only when asked here.
+        draft_model=LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=lookup) if lookup else None,
+        logits_all=bool(lookup),
     )
     stop_ids = set(job["stop_ids"])
     generate(llm, job["prompts"][0], 8, stop_ids)  # warm-up
