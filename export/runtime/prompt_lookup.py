@@ -5,9 +5,11 @@ sequence (prompt and generated) occurred earlier in it, the tokens that followed
 continuation now. The engine feeds such a draft after the sequence's last token in one run of the decoder
 (``SlotDecoder.verify``) and takes the tokens that the sampler chooses from those logits for as long as they
 match the draft, plus the first that does not: one call of the sampler per token, in order, so the output is
-the one decoding token by token gives, greedy or sampled with a seed (vLLM's "ngram" speculative decoding,
-transformers' ``prompt_lookup_num_tokens``). A run over several tokens costs little more than a step of one
-while a step is bound by reading the weights, so each accepted token saves most of a step.
+the one decoding token by token gives, greedy or sampled with a seed, up to float rounding (the run over the
+draft takes the float32 graph, whose logits differ from the one-row graph's by under 1e-4). This is vLLM's
+"ngram" speculative decoding and transformers' ``prompt_lookup_num_tokens``. A run over several tokens costs
+little more than a step of one while a step is bound by reading the weights, so each accepted token saves most
+of a step.
 """
 
 from __future__ import annotations
