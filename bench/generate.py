@@ -488,8 +488,9 @@ def verdict(ratio: float, needed: float) -> str:
     return "pass" if ratio >= needed else f"miss by {1 - ratio / needed:.0%}"
 
 
-def first_difference(a: str, b: str) -> int:
-    """The first index where ``a`` and ``b`` differ (the shorter's length if one starts the other)."""
+def first_difference(a: Sequence[object], b: Sequence[object]) -> int:
+    """The first index where ``a`` and ``b`` (texts, or token ids) differ (the shorter's length if one starts the
+    other)."""
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corpus import passage_pools
-from generate import build_prompts, topics
+from generate import build_prompts, first_difference, topics
 from stack import machine, markdown_table, model_repository, progress, version_dir
 
 from tritonrag.export.convert import quantize_weights
@@ -64,10 +64,7 @@ def run(
 def agreement(candidate: list[list[int]], reference: list[list[int]]) -> tuple[int, int, int]:
     """Identical outputs, tokens before the first difference (summed), reference tokens (summed)."""
     same = sum(a == b for a, b in zip(candidate, reference, strict=True))
-    before = sum(
-        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        for a, b in zip(candidate, reference, strict=True)
-    )
+    before = sum(first_difference(a, b) for a, b in zip(candidate, reference, strict=True))
     return same, before, sum(len(r) for r in reference)
 
 
