@@ -58,6 +58,7 @@ from tritonrag.clients.wire.schema import (
     DocumentIn,
     Fusion,
     FusionMethod,
+    FusionWeights,
     SearchMode,
     SearchRequest,
 )
@@ -100,9 +101,11 @@ class Mode:
 
 
 CHUNKS_ONLY = Fusion(document=0.0)
+FIXED_WEIGHTS = Fusion(**FusionWeights().model_dump())  # the default weights for every query, verbatim ones too
 MODES = (
     Mode("dense", "plain", SearchMode.dense),
     Mode("sparse, chunks only", "plain", SearchMode.sparse, CHUNKS_ONLY),
+    Mode("sparse, fixed weights", "plain", SearchMode.sparse, FIXED_WEIGHTS),
     Mode("sparse", "plain", SearchMode.sparse),
     # The baseline of the targets: reciprocal rank fusion of dense and chunk BM25, as before this version.
     Mode(
@@ -114,9 +117,11 @@ MODES = (
     Mode("hybrid RRF", "plain", SearchMode.hybrid, Fusion(method=FusionMethod.rrf, dense=1, sparse=1, document=1)),
     Mode("hybrid minmax", "plain", SearchMode.hybrid, Fusion(method=FusionMethod.minmax)),
     Mode("hybrid, chunks only", "plain", SearchMode.hybrid, CHUNKS_ONLY),
+    Mode("hybrid, fixed weights", "plain", SearchMode.hybrid, FIXED_WEIGHTS),
     Mode("hybrid", "plain", SearchMode.hybrid),
     Mode("dense, headers", "headers", SearchMode.dense),
     Mode("sparse, headers", "headers", SearchMode.sparse),
+    Mode("default, fixed weights", "headers", SearchMode.hybrid, FIXED_WEIGHTS),
     Mode("default", "headers", SearchMode.hybrid),
     Mode("default+rerank", "headers", SearchMode.hybrid, rerank=True),
 )

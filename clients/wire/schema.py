@@ -387,22 +387,48 @@ class FusionMethod(StrEnum):
     zscore = "zscore"
 
 
-class Fusion(Strict):
-    """The fusion method and each ranking's weight: ``dense`` (vector similarity), ``sparse`` (BM25 of
-    chunks) and ``document`` (BM25 of whole documents, each chunk ranked as its document). A weight of 0
-    leaves its ranking out; a dense search uses its one ranking, a sparse one the two lexical rankings.
-    The defaults were chosen on two evaluation sets (docs/BENCHMARKS.md, "Retrieval quality")."""
+class FusionWeights(Strict):
+    """Each ranking's weight: ``dense`` (vector similarity), ``sparse`` (BM25 of chunks) and ``document`` (BM25
+    of whole documents, each chunk ranked as its document). A weight of 0 leaves its ranking out."""
 
-    method: FusionMethod = FusionMethod.zscore
-    dense: float = Field(0.6, ge=0.0, le=1.0)
-    sparse: float = Field(0.4, ge=0.0, le=1.0)
+    dense: float = Field(0.7, ge=0.0, le=1.0)
+    sparse: float = Field(0.3, ge=0.0, le=1.0)
     document: float = Field(0.2, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _some_weight(self) -> Fusion:
+    def _some_weight(self) -> FusionWeights:
         if self.dense + self.sparse + self.document <= 0:
             raise ValueError("at least one fusion weight must be above 0")
         return self
+
+
+VERBATIM_WEIGHTS = FusionWeights(dense=0.1, sparse=0.2, document=0.4)
+
+
+class Fusion(FusionWeights):
+    """The fusion method and the rankings' weights. A dense search uses its one ranking, a sparse one the two
+    lexical rankings.
+
+    ``verbatim``: the weights used instead when some text of the collection (among those the filters allow)
+    holds the query's words in order, at least 3 of them after stop words (a pasted sentence, error message or
+    name): such a query is answered by its words more than by its meaning. By default it weighs the lexical
+    rankings; a request that sets any of ``dense``, ``sparse`` or ``document`` and not ``verbatim`` gets its
+    weights for every query (``verbatim: null`` too). The defaults were chosen on three evaluation sets
+    (docs/BENCHMARKS.md, "Retrieval quality")."""
+
+    method: FusionMethod = FusionMethod.zscore
+    verbatim: FusionWeights | None = VERBATIM_WEIGHTS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_weights_throughout(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "verbatim" not in data and data.keys() & {"dense", "sparse", "document"}:
+            return {**data, "verbatim": None}
+        return data
+
+    def weights(self, verbatim: bool) -> FusionWeights:
+        """The weights for a query found word for word in the collection (``verbatim``), or for any other."""
+        return self.verbatim if verbatim and self.verbatim is not None else self
 
 
 class Mmr(Strict):

@@ -432,6 +432,13 @@ class Collection:
             scores, ids = self._lexical.search(query, k, allowed)
         return [ScoredChunk(int(i), float(s)) for s, i in zip(scores, ids, strict=True)]
 
+    def holds_phrase(self, query: str, filter: Filter | None = None) -> bool:
+        """Whether some chunk matching ``filter`` holds the query's words in order (`LexicalIndex.holds_phrase`)."""
+        doc_query = None if filter is None else compile_filter(filter)
+        with self._lock.read():
+            allowed = None if doc_query is None else self._store.chunk_ids(doc_query)
+            return self._lexical.holds_phrase(query, allowed)
+
     def search_documents(self, query: str, k: int, filter: Filter | None = None) -> dict[str, float]:
         """The ``k`` best documents for ``query`` by BM25 of their whole text, among those matching ``filter``:
         document id → score."""

@@ -6,8 +6,9 @@ back to the store's chunk ids (`Collection` reconciles by id; chunk ids are neve
 analysed per collection: the simple tokenizer, lower-casing, and for a language the Snowball stemmer
 and that language's stop words where tantivy has them (``none``: neither). Scores are tantivy's BM25
 (k1 1.2, b 0.75), plus the query's words as an exact phrase: a text that holds the query word for word (a
-pasted sentence or error message) scores that phrase's BM25 on top of its words'. Filters arrive as the
-allowed chunk ids and restrict the matching documents before the top-k cut.
+pasted sentence or error message) scores that phrase's BM25 on top of its words'; `holds_phrase` tells
+whether any text does (the search then fuses with its ``verbatim`` weights). Filters arrive as the allowed
+chunk ids and restrict the matching documents before the top-k cut.
 
 Chosen over SQLite FTS5 and the earlier hand-written index by measurement (docs/BENCHMARKS.md,
 "Lexical indexes"): stemming and stop words, block-max WAND top-k, segments on disk, deletes by term.
@@ -36,10 +37,18 @@ _NOT_A_WORD = re.compile(r"[^\w]+")
 _MAX_TOKEN_CHARS = 40  # longer tokens (hashes, base64) are dropped, as Lucene's standard analyzer does
 _WRITER_HEAP_BYTES = 32_000_000
 _WRITER_WAIT_S = 30.0
+# A phrase of fewer words than this is common by chance ("thread pool"); one of more, found in a text, is
+# most likely copied from it (docs/BENCHMARKS.md, "Retrieval quality").
+VERBATIM_MIN_TERMS = 3
 
 
 class LexicalIndexError(Exception):
     """The index directory holds no usable index (another schema, or damaged files)."""
+
+
+def _words(query: str) -> str:
+    """The query's words, lower-cased, one space apart: what is left once operator characters go."""
+    return _NOT_A_WORD.sub(" ", query).lower().strip()
 
 
 def _analyzer(language: Language) -> Any:
@@ -154,7 +163,7 @@ class LexicalIndex:
         """Up to ``k`` ``(scores, ids)`` by BM25, best first (ties by id), among ``allowed`` ids when given."""
         if k < 1:
             raise InvalidArgumentError("k must be at least 1", field="top_k")
-        words = _NOT_A_WORD.sub(" ", query).lower().strip()
+        words = _words(query)
         if not words or (allowed is not None and not len(allowed)):
             return np.empty(0, np.float32), np.empty(0, np.int64)
         try:
@@ -164,15 +173,28 @@ class LexicalIndex:
         if len(self._analyzer.analyze(words)) > 1:  # the phrase adds its score where the words come in order
             phrase = self._index.parse_query(f'"{words}"', [_TEXT])
             parsed = tantivy.Query.boolean_query([(tantivy.Occur.Should, parsed), (tantivy.Occur.Should, phrase)])
-        if allowed is not None:
-            only = tantivy.Query.const_score_query(self._id_query(allowed), 0.0)
-            parsed = tantivy.Query.boolean_query([(tantivy.Occur.Must, parsed), (tantivy.Occur.Must, only)])
         searcher = self._searcher
-        hits = searcher.search(parsed, k, count=False).hits
+        hits = searcher.search(self._among(parsed, allowed), k, count=False).hits
         scores = np.asarray([score for score, _ in hits], np.float32)
         ids = np.asarray(searcher.fast_field_values(_ID, [address for _, address in hits]), np.int64)
         order = np.lexsort((ids, -scores))
         return scores[order], ids[order]
+
+    def holds_phrase(self, query: str, allowed: IdArray | None = None, min_terms: int = VERBATIM_MIN_TERMS) -> bool:
+        """Whether some text (among ``allowed`` ids when given) holds the query's words in order, at least
+        ``min_terms`` of them once the analyzer is done (stop words leave gaps: "the" matches any one word)."""
+        words = _words(query)
+        if len(self._analyzer.analyze(words)) < min_terms or (allowed is not None and not len(allowed)):
+            return False
+        phrase = self._index.parse_query(f'"{words}"', [_TEXT])
+        return bool(self._searcher.search(self._among(phrase, allowed), 1, count=False).hits)
+
+    def _among(self, query: Any, allowed: IdArray | None) -> Any:
+        """``query`` restricted to the ``allowed`` ids (all when ``None``), their scores unchanged."""
+        if allowed is None:
+            return query
+        only = tantivy.Query.const_score_query(self._id_query(allowed), 0.0)
+        return tantivy.Query.boolean_query([(tantivy.Occur.Must, query), (tantivy.Occur.Must, only)])
 
     def _id_query(self, ids: IdArray) -> Any:
         return tantivy.Query.term_set_query(self._schema, _ID, [int(i) for i in ids])

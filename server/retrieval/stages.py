@@ -1,5 +1,5 @@
-"""The stages of a search, each a small object with one ``run`` method: embed → dense / sparse / document → fuse →
-rerank → MMR.
+"""The stages of a search, each a small object with one ``run`` method: embed → verbatim check → dense / sparse /
+document → fuse → rerank → MMR.
 
 ``SearchService`` chains them; a cache or a metric wraps one stage without touching the others.
 Stages that call Triton raise its errors (``UnavailableError``, ``DeadlineExceededError``); the
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from tritonrag.clients.wire.schema import Filter, Fusion, FusionMethod, GroupBy, SearchHit
+from tritonrag.clients.wire.schema import Filter, FusionMethod, FusionWeights, GroupBy, SearchHit
 
 from ..routing.triton_pool import TritonPool
 from .collection import Collection, ScoredChunk, StoredChunk
@@ -36,6 +36,14 @@ class Embedding:
         """``[len(texts), dimension]`` float32, in the order of ``texts``, from embedder ``version`` (default: the
         route's stable version); ``bulk`` (ingestion) yields to searches."""
         return await self._pool.embed(texts, request_id=request_id, bulk=bulk, version=version)
+
+
+class VerbatimCheck:
+    """Whether a query is found word for word in the collection (among the chunks the filters allow): such a query
+    is fused with its request's ``verbatim`` weights."""
+
+    async def run(self, collection: Collection, query: str, filters: Filter | None) -> bool:
+        return await asyncio.to_thread(collection.holds_phrase, query, filters)
 
 
 class DenseRetrieval:
@@ -71,23 +79,25 @@ class DocumentRetrieval:
 
 
 class RankFusion:
-    """Rankings → one, by the request's method and weights (`Fusion`); one ranking is kept as it is."""
+    """Rankings → one, by a method and the rankings' weights; one ranking is kept as it is."""
 
     def __init__(self, k: int = 60) -> None:
         self.k = k
 
-    def run(self, rankings: dict[str, list[ScoredChunk]], fusion: Fusion, depth: int) -> list[ScoredChunk]:
+    def run(
+        self, rankings: dict[str, list[ScoredChunk]], method: FusionMethod, weights: FusionWeights, depth: int
+    ) -> list[ScoredChunk]:
         """The fused top ``depth`` of the rankings named ``dense``, ``sparse`` and ``document``."""
         if len(rankings) == 1:
             return next(iter(rankings.values()))
         lists = list(rankings.values())
-        weights = [getattr(fusion, name) for name in rankings]
-        if fusion.method is FusionMethod.minmax:
-            fused = normalised_fusion(lists, weights, "minmax")
-        elif fusion.method is FusionMethod.zscore:
-            fused = normalised_fusion(lists, weights, "zscore")
+        weighting = [getattr(weights, name) for name in rankings]
+        if method is FusionMethod.minmax:
+            fused = normalised_fusion(lists, weighting, "minmax")
+        elif method is FusionMethod.zscore:
+            fused = normalised_fusion(lists, weighting, "zscore")
         else:
-            fused = reciprocal_rank_fusion(lists, weights, self.k)
+            fused = reciprocal_rank_fusion(lists, weighting, self.k)
         return [ScoredChunk(chunk_id, score) for chunk_id, score in fused[:depth]]
 
 
@@ -116,6 +126,7 @@ class SearchStages:
     """The stages ``SearchService`` chains."""
 
     embedding: Embedding
+    verbatim: VerbatimCheck
     dense: DenseRetrieval
     sparse: SparseRetrieval
     documents: DocumentRetrieval
@@ -128,6 +139,7 @@ class SearchStages:
         """Every stage, calling Triton through ``pool``."""
         return cls(
             Embedding(pool),
+            VerbatimCheck(),
             DenseRetrieval(),
             SparseRetrieval(),
             DocumentRetrieval(),

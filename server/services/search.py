@@ -118,8 +118,9 @@ class SearchService:
     ) -> Candidates:
         """The top ``depth`` of the rankings the mode and fusion weights ask for (dense, the query embedded by
         ``embedder``, the collection's; BM25 of chunks; BM25 of whole documents, given to the chunks the others
-        found), fused when there are several; the lexical ones alone when the embedder is down."""
-        stages, found, mode, weights = self._stages, Candidates(), request.mode, request.fusion
+        found), fused when there are several; the lexical ones alone when the embedder is down. A query found
+        word for word in the collection takes the fusion's ``verbatim`` weights."""
+        stages, found, mode, fusion = self._stages, Candidates(), request.mode, request.fusion
         if mode != SearchMode.sparse:
             started = time.perf_counter()
             version = None if embedder is None else embedder.version  # unpinned (no vectors yet): the default route
@@ -131,6 +132,11 @@ class SearchService:
             timer.stage("embed", started)
         started = time.perf_counter()
         lexical = mode != SearchMode.dense
+        weights = fusion.weights(verbatim=False)
+        if lexical and fusion.verbatim is not None:
+            part = time.perf_counter()
+            weights = fusion.weights(await stages.verbatim.run(collection, request.query, request.filters))
+            timer.stage("verbatim", part)
         rankings: dict[str, list[ScoredChunk]] = {}
         if found.query_vector is not None and (mode == SearchMode.dense or weights.dense > 0):
             part = time.perf_counter()
@@ -150,7 +156,7 @@ class SearchService:
         for stage, ranking in rankings.items():
             found.record(stage, ranking)
         part = time.perf_counter()
-        fused = stages.fusion.run(rankings, weights, depth)
+        fused = stages.fusion.run(rankings, fusion.method, weights, depth)
         timer.stage("fuse", part)
         if len(rankings) > 1:
             found.record("fused", fused)

@@ -19,8 +19,10 @@ from tests.fakes import FakeAnswers, FakeCollections, FakeSearch, FakeServices, 
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import (
+    VERBATIM_WEIGHTS,
     DeltaEvent,
     DoneEvent,
+    Fusion,
     Mmr,
     QueryEvent,
     QueryRequest,
@@ -183,6 +185,18 @@ async def test_delete_by_filter_and_search(
     )
     assert (search.searches[-1].mode, search.searches[-1].mmr) == (SearchMode.dense, Mmr(**{"lambda": 0.25}))
 
+    for fusion, expected in (
+        (
+            pb.Fusion(dense=1, verbatim=pb.FusionWeights(dense=0, sparse=1)),
+            {"dense": 1, "verbatim": {"dense": 0, "sparse": 1}},
+        ),
+        (pb.Fusion(method="rrf"), {"method": "rrf"}),  # the default weights, the verbatim ones included
+        (pb.Fusion(sparse=0.5), {"sparse": 0.5}),  # a weight set, no verbatim: those weights throughout
+    ):
+        await stub.Search(pb.SearchRequest(collection="news", query="text", fusion=fusion))
+        assert search.searches[-1].fusion == Fusion.model_validate(expected)
+    assert search.searches[-2].fusion.verbatim == VERBATIM_WEIGHTS and search.searches[-1].fusion.verbatim is None
+
     deleted = await stub.DeleteByFilter(
         pb.DeleteByFilterRequest(collection="news", filters=struct({"field": "lang", "op": "eq", "value": "en"}))
     )
@@ -221,6 +235,14 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str, Message]] = [
         {"collection": "news", "query": "q", "filters": {"field": "year", "op": "gt", "value": "x"}},
         "Search",
         pb.SearchRequest(collection="news", query="q", filters=struct({"field": "year", "op": "gt", "value": "x"})),
+    ),
+    (
+        "/v1/search",
+        {"collection": "news", "query": "q", "fusion": {"verbatim": {"dense": 0, "sparse": 0, "document": 0}}},
+        "Search",
+        pb.SearchRequest(
+            collection="news", query="q", fusion=pb.Fusion(verbatim=pb.FusionWeights(dense=0, sparse=0, document=0))
+        ),
     ),
     (
         "/v1/collections/news/documents:delete",

@@ -72,6 +72,22 @@ def test_a_text_holding_the_query_word_for_word_ranks_first(tmp_path: Path) -> N
     assert ranked(index, "recursion maximum", k=1) == [0]
 
 
+def test_a_query_of_three_words_or_more_in_order_is_held_verbatim(tmp_path: Path) -> None:
+    index = index_of(tmp_path)
+    assert index.holds_phrase("garbage collector frees objects")
+    assert index.holds_phrase("Rates TO slow down!")  # case, punctuation; a stop word is a gap where it was
+    assert index.holds_phrase("raising interest rate")  # stemmed as the texts are
+    assert not index.holds_phrase("frees garbage collector objects")  # the words, out of order
+    assert not index.holds_phrase("rates slow down")  # the stop word's place is kept
+    assert not index.holds_phrase("interest rates")  # two words: common by chance, not taken as copied
+    assert not index.holds_phrase("the and of on")  # stop words alone
+    assert not index.holds_phrase("")
+    python, bank = np.array([15], np.int64), np.array([13], np.int64)
+    assert index.holds_phrase("garbage collector frees", python)
+    assert not index.holds_phrase("garbage collector frees", bank)  # only the allowed texts count
+    assert not index.holds_phrase("garbage collector frees", NONE)
+
+
 def test_language_none_keeps_words_as_they_are(tmp_path: Path) -> None:
     index = index_of(tmp_path, language=Language.none)
     assert ranked(index, "chasing") == []

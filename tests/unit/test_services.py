@@ -302,6 +302,38 @@ def test_fusion_weights_choose_the_rankings_and_the_method_combines_them(
     assert {"dense", "sparse", "document", "fuse"} <= set(fused.timings_ms)
 
 
+def test_a_query_found_word_for_word_takes_the_verbatim_weights(
+    services_and_pool: tuple[Services, StandInPool],
+) -> None:
+    services, _ = services_and_pool
+    dense_else_sparse = {"dense": 1, "sparse": 0, "document": 0, "verbatim": {"dense": 0, "sparse": 1, "document": 0}}
+    drinks = {"field": "kind", "op": "eq", "value": "drink"}
+    searches = [
+        ("Dogs bark and fetch sticks", dense_else_sparse, None),  # in the dogs' text, word for word
+        ("sticks fetch bark dogs", dense_else_sparse, None),  # its words, out of order
+        ("Dogs bark and fetch sticks", dense_else_sparse, drinks),  # the text holding it is filtered out
+        ("Dogs bark and fetch sticks", {"dense": 1, "sparse": 0, "document": 0}, None),  # own weights throughout
+    ]
+
+    async def scenario() -> list[SearchResponse]:
+        await services.collections.create_collection(CollectionCreate(name="c"))
+        await services.collections.upsert_documents("c", UpsertRequest(documents=DOCS))
+        responses = []
+        for text, fusion, filters in searches:
+            request = {"collection": "c", "query": text, "top_k": 3, "fusion": fusion, "filters": filters}
+            responses.append(await services.search.search(SearchRequest.model_validate(request)))
+        await services.close()
+        return responses
+
+    verbatim, shuffled, filtered, own = asyncio.run(scenario())
+    assert [set(h.scores) for h in verbatim.hits] == [{"sparse"}] and verbatim.hits[0].doc_id == "dogs"
+    assert "verbatim" in verbatim.timings_ms and "dense" not in verbatim.timings_ms
+    for response in (shuffled, filtered):
+        assert {frozenset(h.scores) for h in response.hits} == {frozenset({"dense"})}
+    assert [h.doc_id for h in filtered.hits] == ["tea"]
+    assert {frozenset(h.scores) for h in own.hits} == {frozenset({"dense"})} and "verbatim" not in own.timings_ms
+
+
 def test_chunks_are_embedded_and_indexed_with_their_header_and_returned_without(
     services_and_pool: tuple[Services, StandInPool],
 ) -> None:
@@ -406,7 +438,7 @@ def test_group_by_document_returns_k_documents_each_at_its_best_chunk(
 # -- answers ---------------------------------------------------------------------------------
 
 # The stages a grounded answer times with the default search (hybrid: dense, chunk and document BM25).
-ANSWER_STAGES = {"embed", "dense", "sparse", "document", "fuse", "search", "pack", "generate", "total"}
+ANSWER_STAGES = {"embed", "verbatim", "dense", "sparse", "document", "fuse", "search", "pack", "generate", "total"}
 
 
 def answer(services: Services, scenario: Callable[[Services], Awaitable[Any]]) -> Any:
