@@ -223,9 +223,10 @@ def main() -> None:
         for name in INDEXES:
             with tempfile.TemporaryDirectory(prefix="lexical-") as work_dir:
                 rows.append(evaluate(known, name, Path(work_dir)))
-    header = ["set", "index", "nDCG@10", "Recall@10", "MRR@10", "index s", "query p50 ms", "query p95 ms"]
     print(f"## Lexical indexes, known-item, in process ({machine()})\n")
-    print(markdown_table(header, rows, labels=2))
+    if rows:
+        header = ["set", "index", "nDCG@10", "Recall@10", "MRR@10", "index s", "query p50 ms", "query p95 ms"]
+        print(markdown_table(header, rows, labels=2))
     pydoc = next(known for known in sets if known.name == "pydoc")
     scale = latency_at_scale(pydoc, args.scale_chunks)
     print(f"\nLatency at scale: the pydoc chunks repeated, {len(pydoc.queries)} pydoc queries, top {TOP_CHUNKS}\n")
