@@ -402,7 +402,13 @@ class FusionWeights(Strict):
         return self
 
 
-VERBATIM_WEIGHTS = FusionWeights(dense=0.1, sparse=0.2, document=0.4)
+class VerbatimWeights(FusionWeights):
+    """The weights of a query found word for word in the collection (`Fusion.verbatim`): the lexical rankings
+    lead."""
+
+    dense: float = Field(0.1, ge=0.0, le=1.0)
+    sparse: float = Field(0.2, ge=0.0, le=1.0)
+    document: float = Field(0.4, ge=0.0, le=1.0)
 
 
 class Fusion(FusionWeights):
@@ -417,7 +423,7 @@ class Fusion(FusionWeights):
     (docs/BENCHMARKS.md, "Retrieval quality")."""
 
     method: FusionMethod = FusionMethod.zscore
-    verbatim: FusionWeights | None = VERBATIM_WEIGHTS
+    verbatim: VerbatimWeights | None = VerbatimWeights()
 
     @model_validator(mode="before")
     @classmethod

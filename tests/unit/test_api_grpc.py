@@ -19,7 +19,6 @@ from tests.fakes import FakeAnswers, FakeCollections, FakeSearch, FakeServices, 
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2 as pb
 from tritonrag.clients.wire.proto.tritonrag.v1 import tritonrag_pb2_grpc as pb_grpc
 from tritonrag.clients.wire.schema import (
-    VERBATIM_WEIGHTS,
     DeltaEvent,
     DoneEvent,
     Fusion,
@@ -31,6 +30,7 @@ from tritonrag.clients.wire.schema import (
     SearchMode,
     SearchRequest,
     SourcesEvent,
+    VerbatimWeights,
 )
 from tritonrag.deploy.launcher import free_port
 from tritonrag.server.api.grpc_service import SERVICE_NAME
@@ -187,7 +187,7 @@ async def test_delete_by_filter_and_search(
 
     for fusion, expected in (
         (
-            pb.Fusion(dense=1, verbatim=pb.FusionWeights(dense=0, sparse=1)),
+            pb.Fusion(dense=1, verbatim=pb.VerbatimWeights(dense=0, sparse=1)),
             {"dense": 1, "verbatim": {"dense": 0, "sparse": 1}},
         ),
         (pb.Fusion(method="rrf"), {"method": "rrf"}),  # the default weights, the verbatim ones included
@@ -195,7 +195,9 @@ async def test_delete_by_filter_and_search(
     ):
         await stub.Search(pb.SearchRequest(collection="news", query="text", fusion=fusion))
         assert search.searches[-1].fusion == Fusion.model_validate(expected)
-    assert search.searches[-2].fusion.verbatim == VERBATIM_WEIGHTS and search.searches[-1].fusion.verbatim is None
+    own, default, throughout = (request.fusion for request in search.searches[-3:])
+    assert own.verbatim == VerbatimWeights(dense=0, sparse=1, document=0.4)  # unset: the verbatim default
+    assert (default.verbatim, default.dense, throughout.verbatim) == (VerbatimWeights(), 0.7, None)
 
     deleted = await stub.DeleteByFilter(
         pb.DeleteByFilterRequest(collection="news", filters=struct({"field": "lang", "op": "eq", "value": "en"}))
@@ -241,7 +243,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str, Message]] = [
         {"collection": "news", "query": "q", "fusion": {"verbatim": {"dense": 0, "sparse": 0, "document": 0}}},
         "Search",
         pb.SearchRequest(
-            collection="news", query="q", fusion=pb.Fusion(verbatim=pb.FusionWeights(dense=0, sparse=0, document=0))
+            collection="news", query="q", fusion=pb.Fusion(verbatim=pb.VerbatimWeights(dense=0, sparse=0, document=0))
         ),
     ),
     (
