@@ -303,15 +303,15 @@ class GenerationEngine:
 
     def _decode(self) -> None:
         assert self._batch is not None
-        if len(self._running) == 1 and self._speculate(self._running[0]):
-            return
-        tokens = [r.generated[-1] for r in self._running]
-        logits, self._batch = self.decoder.step(self._batch, tokens)
+        rows = len(self._running)
+        if rows > 1 or not self._speculate(self._running[0]):
+            tokens = [r.generated[-1] for r in self._running]
+            logits, self._batch = self.decoder.step(self._batch, tokens)
+            finished = {i for i, r in enumerate(self._running) if self._advance(r, logits[i])}
+            if finished:
+                self._keep([i for i in range(rows) if i not in finished])
         self.steps += 1
-        self.max_batch_rows = max(self.max_batch_rows, len(tokens))
-        finished = {i for i, r in enumerate(self._running) if self._advance(r, logits[i])}
-        if finished:
-            self._keep([i for i in range(len(self._running)) if i not in finished])
+        self.max_batch_rows = max(self.max_batch_rows, rows)
 
     def _speculate(self, request: GenerationRequest) -> bool:
         """One step of the only running sequence over a draft after its last token (``prompt_lookup``): its tokens
@@ -324,9 +324,7 @@ class GenerationEngine:
             return False
         assert self._batch is not None
         logits, batch = self._verifier.verify(self._batch, [request.generated[-1], *draft])
-        self.steps += 1
         self.drafted_tokens += len(draft)
-        self.max_batch_rows = max(self.max_batch_rows, 1)
         accepted = 0  # draft tokens the sampler chose: the logits after each are right
         while True:
             finished = self._advance(request, logits[accepted])
