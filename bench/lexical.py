@@ -91,11 +91,17 @@ def build_sets(pydoc_count: int | None, seed: int) -> list[KnownItemSet]:
     return sets
 
 
-def tantivy_index(texts: Sequence[str], work_dir: Path) -> Search:
-    """The server's own lexical index (``server/retrieval/lexical.py``), English."""
+def served_index(texts: Sequence[str], work_dir: Path) -> LexicalIndex:
+    """The server's own lexical index (``server/retrieval/lexical.py``), English, over ``texts`` by position."""
     index = LexicalIndex(work_dir / "tantivy", Language.english)
     index.write(np.empty(0, np.int64), np.arange(len(texts), dtype=np.int64), texts)
     index.refresh()
+    return index
+
+
+def tantivy_index(texts: Sequence[str], work_dir: Path) -> Search:
+    """``served_index``'s ranking."""
+    index = served_index(texts, work_dir)
 
     def search(query: str, k: int) -> list[int]:
         return [int(i) for i in index.search(query, k)[1]]
@@ -143,9 +149,7 @@ def bm25s_index(texts: Sequence[str], _: Path) -> Search:
 
 def verbatim_checked_index(texts: Sequence[str], work_dir: Path) -> Search:
     """``tantivy`` as a served search uses it: whether a text holds the query verbatim, then the ranking."""
-    index = LexicalIndex(work_dir / "tantivy", Language.english)
-    index.write(np.empty(0, np.int64), np.arange(len(texts), dtype=np.int64), texts)
-    index.refresh()
+    index = served_index(texts, work_dir)
 
     def search(query: str, k: int) -> list[int]:
         index.holds_phrase(query)
